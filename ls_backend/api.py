@@ -1,0 +1,208 @@
+"""The Flask app: Label Studio's ML-backend protocol, operator routes, auth, errors as JSON."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import time
+from typing import Any
+
+from flask import Blueprint, Flask, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from . import __version__
+from .predictor import Predictor
+from .registry import ModelRegistry
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+protocol = Blueprint("protocol", __name__)
+
+WEBHOOK_AUTH_HELP = (
+    "this backend requires HTTP basic auth, and Label Studio sends its automatic webhook without it; "
+    "add the header once in Label Studio: PATCH /api/webhooks/<id> with "
+    '{"headers": {"Authorization": "Basic <base64 of user:password>"}} (see the README, "Basic auth")'
+)
+
+
+class BadRequest(Exception):
+    """A request we understood to be wrong: answered 400 with a message saying what to fix."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def services() -> "Services":
+    return current_app.extensions["ls_backend"]
+
+
+class Services:
+    """What the routes use, built once per process."""
+
+    def __init__(self, settings: Settings, predictor: Predictor | None = None):
+        self.settings = settings
+        self.registry = ModelRegistry(settings.model_dir)
+        self._predictor = predictor
+
+    @property
+    def predictor(self) -> Predictor:
+        if self._predictor is None:
+            self._predictor = Predictor(self.settings, self.registry)
+        return self._predictor
+
+
+def json_body() -> dict:
+    if not request.data:
+        raise BadRequest("empty body: send a JSON object")
+    payload = request.get_json(silent=True, force=True)
+    if payload is None:
+        raise BadRequest("the body is not valid JSON")
+    if not isinstance(payload, dict):
+        raise BadRequest(f"the body must be a JSON object, not {type(payload).__name__}")
+    return payload
+
+
+def require_str(payload: dict, *names: str) -> str:
+    for name in names:
+        value = payload.get(name)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value.strip():
+            raise BadRequest(f"'{name}' must be a non-empty string")
+        return value
+    raise BadRequest(f"missing field '{names[0]}'" + (f" (or '{names[1]}')" if len(names) > 1 else ""))
+
+
+def label_config_of(payload: dict) -> str:
+    params = payload.get("params") if isinstance(payload.get("params"), dict) else {}
+    for source in (payload, params):
+        for name in ("label_config", "schema"):
+            if source.get(name):
+                if not isinstance(source[name], str):
+                    raise BadRequest(f"'{name}' must be a string holding the label config XML")
+                return source[name]
+    raise BadRequest("missing field 'label_config' (the project's label config XML)")
+
+
+# -- protocol routes -----------------------------------------------------------------
+@protocol.get("/")
+@protocol.get("/health")
+def health():
+    return jsonify({"status": "UP", "model_class": "ls-backend", "version": __version__})
+
+
+@protocol.post("/setup")
+def setup():
+    payload = json_body()
+    project = require_str(payload, "project")
+    schema = label_config_of(payload)
+    version = services().predictor.setup(project, schema)
+    return jsonify({"model_version": version})
+
+
+@protocol.post("/predict")
+def predict():
+    payload = json_body()
+    tasks = payload.get("tasks")
+    if tasks is None:
+        raise BadRequest("missing field 'tasks' (a list of Label Studio task objects)")
+    if not isinstance(tasks, list):
+        raise BadRequest("'tasks' must be a list of task objects")
+    limit = services().settings.max_tasks_per_request
+    if len(tasks) > limit:
+        raise BadRequest(f"{len(tasks)} tasks in one request; at most {limit} (MAX_TASKS_PER_REQUEST)", 413)
+    project = require_str(payload, "project")
+    config = label_config_of(payload)
+    results = services().predictor.predict(project, config, tasks)
+    return jsonify({"results": results})
+
+
+@protocol.post("/webhook")
+def webhook():
+    payload = json_body()
+    action = payload.get("action")
+    if not isinstance(action, str) or not action:
+        raise BadRequest("missing field 'action' (a Label Studio webhook event name)")
+    log.debug("webhook %s", action)
+    return jsonify({"status": "ok", "action": action})
+
+
+@protocol.get("/versions")
+def versions():
+    registry = services().registry
+    project = request.args.get("project")
+    keys = [project] if project else registry.projects()
+    names = [v.name for key in keys for v in registry.versions(key)]
+    return jsonify({"versions": names})
+
+
+# -- auth and errors -----------------------------------------------------------------
+def _credentials_ok(settings: Settings) -> bool:
+    header = request.headers.get("Authorization", "")
+    if not header.lower().startswith("basic "):
+        return False
+    try:
+        user, _, password = base64.b64decode(header[6:].strip()).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return hmac.compare_digest(user, settings.basic_auth_user) & hmac.compare_digest(
+        password, settings.basic_auth_pass
+    )
+
+
+def _error(status: int, error: str, message: str, **extra: Any):
+    body = {"error": error, "message": message, **extra}
+    response = jsonify(body)
+    response.status_code = status
+    return response
+
+
+def create_app(settings: Settings | None = None, predictor: Predictor | None = None, preload: bool = True) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask("ls_backend")
+    app.config["MAX_CONTENT_LENGTH"] = 512 * 1024 * 1024
+    app.json.sort_keys = False
+    app.extensions["ls_backend"] = Services(settings, predictor)
+    app.register_blueprint(protocol)
+
+    if preload:
+        services_ = app.extensions["ls_backend"]
+        services_.predictor  # load the encoder now, never inside a request
+
+    @app.before_request
+    def authenticate():
+        g.started = time.perf_counter()
+        if not settings.auth_enabled or _credentials_ok(settings):
+            return None
+        if request.endpoint == "protocol.webhook":
+            log.warning("unauthenticated webhook refused: %s", WEBHOOK_AUTH_HELP)
+            return _error(401, "unauthorized", WEBHOOK_AUTH_HELP)
+        response = _error(401, "unauthorized", "HTTP basic auth required (BASIC_AUTH_USER / BASIC_AUTH_PASS)")
+        response.headers["WWW-Authenticate"] = 'Basic realm="ls-backend"'
+        return response
+
+    @app.errorhandler(BadRequest)
+    def bad_request(exc: BadRequest):
+        log.info("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
+        return _error(exc.status, "bad_request", exc.message)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        message = exc.description or exc.name
+        if exc.code == 413:
+            message = "request body too large"
+        return _error(exc.code or 500, exc.name.lower().replace(" ", "_"), message)
+
+    @app.errorhandler(Exception)
+    def internal_error(exc: Exception):
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(500, "internal_error", f"{type(exc).__name__}: {exc}; see the backend log for the traceback")
+
+    return app

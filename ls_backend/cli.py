@@ -1,0 +1,94 @@
+"""``ls-backend`` command line: serve and the operator commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .settings import Settings, SettingsError
+
+
+def web_workers(settings: Settings) -> int:
+    if settings.web_workers:
+        return settings.web_workers
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def torch_threads(settings: Settings, workers: int) -> int:
+    if settings.torch_threads:
+        return settings.torch_threads
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def serve(settings: Settings, host: str, port: int) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    workers = web_workers(settings)
+    threads = torch_threads(settings, workers)
+    settings.model_dir.mkdir(parents=True, exist_ok=True)
+
+    class Application(BaseApplication):
+        def load_config(self) -> None:
+            config = {
+                "bind": f"{host}:{port}",
+                "workers": workers,
+                "worker_class": "gthread",
+                "threads": 4,
+                "timeout": settings.web_timeout,
+                "graceful_timeout": 10,
+                "loglevel": settings.log_level.lower(),
+                "accesslog": "-" if settings.log_level == "DEBUG" else None,
+                "post_worker_init": lambda worker: _limit_threads(threads),
+            }
+            for key, value in config.items():
+                if value is not None:
+                    self.cfg.set(key, value)
+
+        def load(self):
+            from .logs import configure
+
+            configure(settings.log_level)
+            from .api import create_app
+
+            return create_app(settings)
+
+    print(
+        f"ls-backend serving on http://{host}:{port} ({workers} web workers x {threads} torch threads, "
+        f"models in {settings.model_dir.resolve()})",
+        flush=True,
+    )
+    Application().run()
+    return 0
+
+
+def _limit_threads(count: int) -> None:
+    import torch
+
+    torch.set_num_threads(count)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ls-backend", description="Label Studio ML backend with transfer learning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="start the web backend (gunicorn)")
+    p_serve.add_argument("--host", default="0.0.0.0")
+    p_serve.add_argument("--port", type=int, default=9090)
+    sub.add_parser("settings", help="print the settings in force (secrets masked)")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"ls-backend: bad setting: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return serve(settings, args.host, args.port)
+    if args.command == "settings":
+        print(json.dumps(settings.describe(), indent=2))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Label config -> what we predict.
+
+The config is parsed with ``label_studio_sdk.label_interface.LabelInterface``; this
+module turns it into a small, hashable description of every control we can serve
+(``ControlSpec``) and the reasons for the ones we skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from label_studio_sdk.label_interface import LabelInterface
+
+log = logging.getLogger(__name__)
+
+CHOICES = "choices"
+LABELS = "labels"
+
+
+class UnsupportedConfig(ValueError):
+    """A label config with nothing we can predict."""
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """One choice or label of a control."""
+
+    value: str  # what Label Studio stores in results (the alias where one is set)
+    name: str  # the human-readable name (the `value` attribute)
+    hint: str = ""
+
+    @property
+    def prompt(self) -> str:
+        """The text embedded for zero-shot: the hint where set, else the name."""
+        return self.hint or self.name
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    name: str  # from_name
+    kind: str  # CHOICES or LABELS
+    to_name: str  # the object tag's name
+    field: str  # the task data key the object reads (`value="$field"`)
+    labels: tuple[LabelSpec, ...]
+    multiple: bool = False
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        return tuple(label.value for label in self.labels)
+
+    def signature(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "to_name": self.to_name,
+            "field": self.field,
+            "multiple": self.multiple,
+            "labels": [[label.value, label.name, label.hint] for label in self.labels],
+        }
+
+
+@dataclass(frozen=True)
+class LabelingPlan:
+    """The controls of a config we serve, and why the others are skipped."""
+
+    controls: tuple[ControlSpec, ...]
+    skipped: tuple[tuple[str, str], ...] = field(default=())
+    interface: LabelInterface | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def signature(self) -> str:
+        """A short hash of everything about the served controls that a model depends on."""
+        payload = json.dumps([c.signature() for c in self.controls], sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def control(self, name: str) -> ControlSpec:
+        for control in self.controls:
+            if control.name == name:
+                return control
+        raise KeyError(name)
+
+
+def _object_field(value: str) -> str | None:
+    value = (value or "").strip()
+    if value.startswith("$") and len(value) > 1:
+        return value[1:]
+    return None
+
+
+def _labels_of(control) -> tuple[LabelSpec, ...]:
+    specs = []
+    seen = set()
+    for value, label in (control.labels_attrs or {}).items():
+        attr = getattr(label, "attr", None) or {}
+        if value in seen:
+            continue
+        seen.add(value)
+        specs.append(LabelSpec(value=value, name=attr.get("value", value), hint=attr.get("hint", "") or ""))
+    return tuple(specs)
+
+
+def _plan(config: str) -> LabelingPlan:
+    try:
+        interface = LabelInterface(config)
+    except Exception as exc:  # the SDK raises several kinds for broken XML
+        raise UnsupportedConfig(f"label config does not parse: {exc}") from exc
+    controls: list[ControlSpec] = []
+    skipped: list[tuple[str, str]] = []
+    for control in interface.controls:
+        tag = (control.tag or "").lower()
+        if tag not in (CHOICES, LABELS):
+            skipped.append((control.name, f"<{control.tag}> controls are not predicted"))
+            continue
+        text_objects = [o for o in control.objects if (o.tag or "").lower() in ("text", "hypertext")]
+        if len(control.objects) != 1 or len(text_objects) != 1:
+            skipped.append((control.name, "only controls over exactly one <Text> object are predicted"))
+            continue
+        obj = text_objects[0]
+        if tag == LABELS and (obj.tag or "").lower() != "text":
+            skipped.append((control.name, "<Labels> are predicted over <Text> only"))
+            continue
+        data_field = _object_field(obj.value)
+        if data_field is None:
+            skipped.append((control.name, f"object {obj.name!r} has no value=\"$field\""))
+            continue
+        labels = _labels_of(control)
+        multiple = tag == CHOICES and (control.attr.get("choice") or "single") == "multiple"
+        if len(labels) < (2 if tag == CHOICES and not multiple else 1):
+            skipped.append((control.name, f"too few labels to predict ({len(labels)})"))
+            continue
+        controls.append(
+            ControlSpec(
+                name=control.name,
+                kind=tag,
+                to_name=obj.name,
+                field=data_field,
+                labels=labels,
+                multiple=multiple,
+            )
+        )
+    return LabelingPlan(controls=tuple(controls), skipped=tuple(skipped), interface=interface)
+
+
+@lru_cache(maxsize=256)
+def plan_for(config: str) -> LabelingPlan:
+    """Parse a label config (cached: Label Studio sends the same config with every call).
+
+    Raises :class:`UnsupportedConfig` when nothing in it can be predicted.
+    """
+    plan = _plan(config)
+    for name, reason in plan.skipped:
+        log.info("control %s skipped: %s", name, reason)
+    if not plan.controls:
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in plan.skipped) or "no control tags"
+        raise UnsupportedConfig(
+            "nothing to predict in this label config (supported: <Choices> or <Labels> over one <Text>); " + reasons
+        )
+    return plan

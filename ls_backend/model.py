@@ -1,0 +1,253 @@
+"""The one model shape every version has.
+
+A served version = an :class:`Encoder` (a transformer with mean pooling and L2
+normalisation) plus one :class:`ClassifierHead` per classification control: a
+linear layer over the pooled embedding, read through a softmax (single choice)
+or a sigmoid (``choice="multiple"``) after dividing by a temperature.
+
+The cold start builds each head from the embeddings of its label names (rows =
+unit vectors, bias 0), so the logits are cosine similarities: zero-shot.  Trained
+versions change the rows, the biases, the temperature and possibly the encoder;
+the predictor never needs to know which.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .labeling import ControlSpec, LabelingPlan
+
+log = logging.getLogger(__name__)
+
+#: For multi-label zero-shot heads: the cosine similarity at which a label's
+#: probability is 0.5.  Measured with the bundled encoder on 600 AG News texts:
+#: the right label's name sits at 0.13 on average, the others at 0.05.
+ZERO_SHOT_MULTI_MIDPOINT = 0.09
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("DEVICE=cuda but no CUDA device is visible to torch")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Encoder:
+    """A transformer encoder with mean pooling, loaded once per process.
+
+    ``encode`` tokenizes a whole list in one fast-tokenizer call, sorts the texts
+    by token length, and runs batches padded only to their own longest text.
+    Thread safe: forward passes are serialised by a lock (on a CPU the cores are
+    already shared; on a GPU one stream is used).
+    """
+
+    def __init__(self, path: str, device: torch.device | str = "cpu", max_length: int = 256):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.path = str(path)
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise RuntimeError(f"{self.path}: a fast tokenizer is required (offset mapping)")
+        self.model = AutoModel.from_pretrained(self.path).to(self.device).eval()
+        model_max = getattr(self.model.config, "max_position_embeddings", 512) or 512
+        self.max_length = int(min(max_length, model_max))
+        self.dim = int(self.model.config.hidden_size)
+        self._lock = threading.Lock()
+
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        limit = max_length or self.max_length
+        # A token covers at least one character, so cutting absurdly long texts
+        # before tokenizing loses nothing that truncation would have kept.
+        clipped = [t if len(t) <= limit * 32 else t[: limit * 32] for t in texts]
+        out = self.tokenizer(list(clipped), truncation=True, max_length=limit, add_special_tokens=True)
+        return out["input_ids"]
+
+    def _batches(self, ids: list[list[int]], batch_size: int):
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        pad = self.tokenizer.pad_token_id or 0
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(ids[i]) for i in chunk)
+            input_ids = np.full((len(chunk), width), pad, dtype=np.int64)
+            mask = np.zeros((len(chunk), width), dtype=np.int64)
+            for row, i in enumerate(chunk):
+                seq = ids[i]
+                input_ids[row, : len(seq)] = seq
+                mask[row, : len(seq)] = 1
+            yield chunk, torch.from_numpy(input_ids), torch.from_numpy(mask)
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled, L2-normalised embeddings (differentiable; used by training too)."""
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        summed = (hidden * mask).sum(dim=1)
+        counts = mask.sum(dim=1).clamp(min=1.0)
+        return torch.nn.functional.normalize(summed / counts, dim=-1)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Unit-length embeddings, one row per text, in the order given."""
+        result = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return result
+        ids = self.tokenize(texts)
+        non_blocking = self.device.type == "cuda"
+        with self._lock, torch.inference_mode():
+            for chunk, input_ids, mask in self._batches(ids, batch_size):
+                if non_blocking:
+                    input_ids = input_ids.pin_memory()
+                    mask = mask.pin_memory()
+                input_ids = input_ids.to(self.device, non_blocking=non_blocking)
+                mask = mask.to(self.device, non_blocking=non_blocking)
+                if self.device.type == "cuda":
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        emb = self.pooled(input_ids, mask)
+                else:
+                    emb = self.pooled(input_ids, mask)
+                result[chunk] = emb.float().cpu().numpy()
+        return result
+
+
+@dataclass
+class ClassifierHead:
+    """A linear head over unit embeddings: ``p = softmax|sigmoid((E @ W.T + b) / T)``."""
+
+    labels: list[str]  # result values (aliases where set), one per row
+    weight: np.ndarray  # (n_labels, dim)
+    bias: np.ndarray  # (n_labels,)
+    multiple: bool = False
+    temperature: float = 1.0
+    threshold: float = 0.5
+    trained: bool = False  # False: zero-shot rows only
+    zero_shot_rows: list[str] = field(default_factory=list)  # labels whose rows are still zero-shot
+
+    def probabilities(self, embeddings: np.ndarray) -> np.ndarray:
+        logits = (embeddings @ self.weight.T + self.bias) / self.temperature
+        if self.multiple:
+            return 1.0 / (1.0 + np.exp(-logits))
+        logits = logits - logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def to_meta(self) -> dict:
+        return {
+            "labels": list(self.labels),
+            "multiple": self.multiple,
+            "temperature": float(self.temperature),
+            "threshold": float(self.threshold),
+            "trained": self.trained,
+            "zero_shot_rows": list(self.zero_shot_rows),
+        }
+
+    @classmethod
+    def from_meta(cls, meta: dict, weight: np.ndarray, bias: np.ndarray) -> "ClassifierHead":
+        return cls(
+            labels=list(meta["labels"]),
+            weight=np.asarray(weight, dtype=np.float32),
+            bias=np.asarray(bias, dtype=np.float32),
+            multiple=bool(meta.get("multiple", False)),
+            temperature=float(meta.get("temperature", 1.0)),
+            threshold=float(meta.get("threshold", 0.5)),
+            trained=bool(meta.get("trained", False)),
+            zero_shot_rows=list(meta.get("zero_shot_rows", [])),
+        )
+
+
+def label_prompts(control: ControlSpec, template: str) -> list[str]:
+    return [template.format(label=label.prompt) for label in control.labels]
+
+
+def zero_shot_head(
+    control: ControlSpec,
+    encoder: Encoder,
+    template: str,
+    temperature: float,
+    threshold: float,
+) -> ClassifierHead:
+    """A head whose rows are the embeddings of the label names (or hints)."""
+    rows = encoder.encode(label_prompts(control, template))
+    bias = np.zeros(len(rows), dtype=np.float32)
+    if control.multiple:
+        bias -= ZERO_SHOT_MULTI_MIDPOINT
+    return ClassifierHead(
+        labels=list(control.values),
+        weight=rows.astype(np.float32),
+        bias=bias,
+        multiple=control.multiple,
+        temperature=temperature,
+        threshold=threshold,
+        trained=False,
+        zero_shot_rows=list(control.values),
+    )
+
+
+def adapt_head(
+    head: ClassifierHead,
+    control: ControlSpec,
+    encoder: Encoder,
+    template: str,
+    threshold: float,
+) -> ClassifierHead:
+    """The head re-shaped to the control's current labels.
+
+    Rows of labels that still exist are kept (what was learned for them stays);
+    labels new to the config get zero-shot rows (the learned rows' scale is matched
+    so new labels compete fairly); removed labels lose their rows.
+    """
+    keep = {label: i for i, label in enumerate(head.labels)}
+    new = [label for label in control.labels if label.value not in keep]
+    new_rows = encoder.encode([template.format(label=label.prompt) for label in new]) if new else None
+    kept_rows = [head.weight[keep[label.value]] for label in control.labels if label.value in keep]
+    scale = float(np.mean([np.linalg.norm(r) for r in kept_rows])) if kept_rows else 1.0
+    weight, bias, zero_rows = [], [], []
+    new_iter = iter(range(len(new)))
+    for label in control.labels:
+        if label.value in keep:
+            weight.append(head.weight[keep[label.value]])
+            bias.append(head.bias[keep[label.value]])
+            if label.value in head.zero_shot_rows:
+                zero_rows.append(label.value)
+        else:
+            weight.append(new_rows[next(new_iter)] * scale)
+            bias.append(float(np.mean(head.bias)) if len(head.bias) else 0.0)
+            zero_rows.append(label.value)
+    return ClassifierHead(
+        labels=list(control.values),
+        weight=np.asarray(weight, dtype=np.float32),
+        bias=np.asarray(bias, dtype=np.float32),
+        multiple=control.multiple,
+        temperature=head.temperature,
+        threshold=threshold if control.multiple != head.multiple else head.threshold,
+        trained=head.trained,
+        zero_shot_rows=zero_rows,
+    )
+
+
+def heads_for_plan(
+    plan: LabelingPlan,
+    previous: dict[str, ClassifierHead],
+    encoder: Encoder,
+    template: str,
+    temperature: float,
+    threshold: float,
+) -> dict[str, ClassifierHead]:
+    """Heads for every classification control of ``plan``, reusing ``previous`` where it fits."""
+    heads: dict[str, ClassifierHead] = {}
+    for control in plan.controls:
+        if control.kind != "choices":
+            continue
+        old = previous.get(control.name)
+        if old is None or old.multiple != control.multiple:
+            heads[control.name] = zero_shot_head(control, encoder, template, temperature, threshold)
+        elif old.labels == list(control.values):
+            heads[control.name] = old
+        else:
+            heads[control.name] = adapt_head(old, control, encoder, template, threshold)
+    return heads

@@ -1,0 +1,279 @@
+"""Load a project's current version, run it on tasks, decode Label Studio results.
+
+One :class:`Predictor` per process.  The base encoder is loaded once when the
+predictor is built; a fine-tuned encoder is loaded once per version, in a
+background thread, while the previous version keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .labeling import CHOICES, LabelingPlan, UnsupportedConfig, plan_for
+from .model import ClassifierHead, Encoder, heads_for_plan, resolve_device
+from .registry import LoadedHeads, ModelRegistry, version_prefix
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Serving:
+    """What one project is served with right now in this process."""
+
+    version: str
+    heads: dict[str, ClassifierHead]
+    encoder: Encoder
+    signature: str | None
+    checked_at: float = 0.0
+    loading: str | None = None  # a version being loaded in the background
+
+
+@dataclass
+class TaskText:
+    """The text a control reads from one task, or why it cannot."""
+
+    text: str | None
+    problem: str | None = None
+
+
+def read_text(task: Any, data_field: str) -> TaskText:
+    if not isinstance(task, dict):
+        return TaskText(None, "task is not a JSON object")
+    data = task.get("data")
+    if not isinstance(data, dict):
+        return TaskText(None, "task has no 'data' object")
+    if data_field not in data:
+        return TaskText(None, f"task data has no field {data_field!r}")
+    value = data[data_field]
+    if not isinstance(value, str):
+        return TaskText(None, f"task data field {data_field!r} is not a string")
+    if not value.strip():
+        return TaskText(None, f"task data field {data_field!r} is empty")
+    return TaskText(value)
+
+
+def choices_result(control, head: ClassifierHead, probs: np.ndarray) -> tuple[dict, float]:
+    """One Label Studio ``choices`` result and its score, from one row of probabilities."""
+    if head.multiple:
+        picked = [i for i, p in enumerate(probs) if p >= head.threshold]
+        if not picked:  # always suggest something; the low score says how unsure it is
+            picked = [int(np.argmax(probs))]
+        # probability that the whole set is right, labels taken as independent
+        score = float(np.prod(np.maximum(probs, 1.0 - probs)))
+        if len(picked) == 1 and probs[picked[0]] < head.threshold:
+            score = float(probs[picked[0]])
+    else:
+        picked = [int(np.argmax(probs))]
+        score = float(probs[picked[0]])
+    value = {"choices": [head.labels[i] for i in picked]}
+    item = {
+        "from_name": control.name,
+        "to_name": control.to_name,
+        "type": "choices",
+        "value": value,
+        "score": round(score, 6),
+    }
+    return item, score
+
+
+class Predictor:
+    def __init__(self, settings: Settings, registry: ModelRegistry | None = None, encoder: Encoder | None = None):
+        self.settings = settings
+        self.registry = registry or ModelRegistry(settings.model_dir)
+        self.device = resolve_device(settings.device)
+        self.base_encoder = encoder or Encoder(settings.encoder_path, self.device, settings.max_length)
+        self._encoders: dict[str, Encoder] = {}
+        self._serving: dict[str, Serving] = {}
+        self._lock = threading.RLock()
+
+    # -- versions ------------------------------------------------------------------
+    def unsupported_version(self, project_key: str) -> str:
+        return f"{version_prefix(project_key)}-unsupported"
+
+    def encoder_for(self, path: str | None) -> Encoder:
+        if path is None:
+            return self.base_encoder
+        with self._lock:
+            encoder = self._encoders.get(path)
+        if encoder is None:
+            encoder = Encoder(path, self.device, self.settings.max_length)
+            with self._lock:
+                encoder = self._encoders.setdefault(path, encoder)
+        return encoder
+
+    def ensure_version(self, project_key: str, plan: LabelingPlan) -> str:
+        """The project's current version, creating the cold start (``v0``) or a version
+        re-shaped to a changed label config when needed.  Cheap when nothing changed."""
+        serving = self._current_serving(project_key)
+        if serving is not None and serving.signature == plan.signature:
+            return serving.version
+        with self.registry.lock(project_key):
+            current = self.registry.current(project_key)
+            loaded = self.registry.load(project_key, current) if current else None
+            if loaded is None or loaded.meta.get("plan_signature") != plan.signature:
+                loaded = self._write_version_for_plan(project_key, plan, loaded)
+        self._install(project_key, loaded)
+        return loaded.version
+
+    def _write_version_for_plan(self, project_key: str, plan: LabelingPlan, parent: LoadedHeads | None) -> LoadedHeads:
+        encoder = self.encoder_for(parent.encoder_path if parent else None)
+        heads = heads_for_plan(
+            plan,
+            parent.heads if parent else {},
+            encoder,
+            self.settings.zero_shot_template,
+            self.settings.zero_shot_temperature,
+            self.settings.multi_label_threshold,
+        )
+        meta = {
+            "parent": parent.version if parent else None,
+            "kind": "config-change" if parent else "cold-start",
+            "encoder": parent.meta.get("encoder") if parent else None,
+            "base_model": self.settings.encoder_path,
+            "plan_signature": plan.signature,
+            "plan": [c.signature() for c in plan.controls],
+            "metrics": {},
+        }
+        name = self.registry.create_version(project_key, heads, meta)
+        self.registry.promote(project_key, name)
+        return self.registry.load(project_key, name)
+
+    def _install(self, project_key: str, loaded: LoadedHeads) -> None:
+        encoder = self.encoder_for(loaded.encoder_path)
+        serving = Serving(
+            version=loaded.version,
+            heads=loaded.heads,
+            encoder=encoder,
+            signature=loaded.meta.get("plan_signature"),
+            checked_at=time.monotonic(),
+        )
+        with self._lock:
+            self._serving[project_key] = serving
+        log.info("project %s: serving %s", project_key, loaded.version)
+
+    def _load_in_background(self, project_key: str, version: str) -> None:
+        def run() -> None:
+            try:
+                self._install(project_key, self.registry.load(project_key, version))
+            except Exception:
+                log.exception("project %s: could not load version %s; keeping the previous one", project_key, version)
+            finally:
+                with self._lock:
+                    serving = self._serving.get(project_key)
+                    if serving is not None and serving.loading == version:
+                        serving.loading = None
+
+        threading.Thread(target=run, name=f"load-{version}", daemon=True).start()
+
+    def _current_serving(self, project_key: str) -> Serving | None:
+        """What to serve now; notices a new current version at most every
+        ``version_check_interval`` seconds (one small file read)."""
+        with self._lock:
+            serving = self._serving.get(project_key)
+        now = time.monotonic()
+        if serving is not None and now - serving.checked_at < self.settings.version_check_interval:
+            return serving
+        current = self.registry.current(project_key)
+        if current is None:
+            return None
+        if serving is not None:
+            serving.checked_at = now
+            if serving.version == current or serving.loading == current:
+                return serving
+        try:
+            loaded = self.registry.load(project_key, current)
+        except Exception:
+            log.exception("project %s: current version %s is unreadable", project_key, current)
+            return serving
+        if serving is None or loaded.encoder_path is None or loaded.encoder_path in self._encoders:
+            self._install(project_key, loaded)  # heads only: milliseconds
+        else:
+            serving.loading = current
+            self._load_in_background(project_key, current)
+            return serving
+        with self._lock:
+            return self._serving[project_key]
+
+    # -- prediction ----------------------------------------------------------------
+    def setup(self, project_key: str, label_config: str) -> str:
+        try:
+            plan = plan_for(label_config)
+        except UnsupportedConfig as exc:
+            log.warning("project %s: %s", project_key, exc)
+            return self.unsupported_version(project_key)
+        return self.ensure_version(project_key, plan)
+
+    def predict(self, project_key: str, label_config: str, tasks: Sequence[Any]) -> list[dict]:
+        try:
+            plan = plan_for(label_config)
+        except UnsupportedConfig as exc:
+            log.warning("project %s: empty predictions for %d tasks: %s", project_key, len(tasks), exc)
+            version = self.unsupported_version(project_key)
+            return [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
+        self.ensure_version(project_key, plan)
+        serving = self._current_serving(project_key)
+        assert serving is not None
+        return self.predict_with(serving, plan, tasks, project_key)
+
+    def predict_with(self, serving: Serving, plan: LabelingPlan, tasks: Sequence[Any], project_key: str = "") -> list[dict]:
+        started = time.perf_counter()
+        controls = [c for c in plan.controls if c.kind == CHOICES and c.name in serving.heads]
+        # one encoder pass over every distinct (field, task) text
+        fields = sorted({c.field for c in controls})
+        texts: list[str] = []
+        slot: dict[tuple[str, int], int] = {}
+        problems: dict[int, str] = {}
+        for i, task in enumerate(tasks):
+            for data_field in fields:
+                read = read_text(task, data_field)
+                if read.text is None:
+                    problems.setdefault(i, read.problem or "unreadable")
+                    continue
+                slot[(data_field, i)] = len(texts)
+                texts.append(read.text)
+        embeddings = serving.encoder.encode(texts, self.settings.batch_size)
+        probabilities = {}
+        for control in controls:
+            rows = [slot.get((control.field, i), -1) for i in range(len(tasks))]
+            valid = [r for r in rows if r >= 0]
+            probs = serving.heads[control.name].probabilities(embeddings[valid]) if valid else np.zeros((0, 0))
+            lookup = {r: probs[k] for k, r in enumerate(valid)}
+            probabilities[control.name] = [lookup.get(r) if r >= 0 else None for r in rows]
+        out = []
+        for i in range(len(tasks)):
+            result, scores = [], []
+            for control in controls:
+                probs = probabilities[control.name][i]
+                if probs is None:
+                    continue
+                item, score = choices_result(control, serving.heads[control.name], probs)
+                result.append(item)
+                scores.append(score)
+            if i in problems and not result:
+                log.info("project %s: task %s gets an empty prediction: %s", project_key, _task_id(tasks[i]), problems[i])
+            out.append(
+                {
+                    "result": result,
+                    "score": round(min(scores), 6) if scores else 0.0,
+                    "model_version": serving.version,
+                }
+            )
+        log.info(
+            "project %s version %s: predicted %d tasks in %.1f ms",
+            project_key,
+            serving.version,
+            len(tasks),
+            (time.perf_counter() - started) * 1000,
+        )
+        return out
+
+
+def _task_id(task: Any) -> Any:
+    return task.get("id") if isinstance(task, dict) else None

@@ -1,0 +1,237 @@
+"""Versioned model folders per project, with an atomically switched ``current`` pointer.
+
+Layout under ``MODEL_DIR``::
+
+    projects/<project key>/
+        current                  # one line: the served version's name
+        versions/<name>/         # immutable once renamed into place
+            meta.json            # version, number, project, parent, created_at, encoder,
+                                 # plan signature, controls (labels, temperature, ...), metrics
+            heads.safetensors    # <control>.weight (labels x dim), <control>.bias (labels)
+            encoder/             # only when this version fine-tuned the encoder
+        .lock                    # flock(2) lock file for writers of this project
+
+Version names are ``p<project id>-v<N>``, N monotonic per project (``v0`` = cold
+start).  A version folder is written under a temporary name in ``versions/`` and
+renamed into place; ``current`` is replaced with ``os.replace``.  Readers never see
+a half-written version: a folder without ``meta.json`` or with an unreadable one is
+ignored.  Everything is plain files and ``rename``, so several machines can share
+the folder (a shared volume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from .model import ClassifierHead
+
+log = logging.getLogger(__name__)
+
+_KEY_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_VERSION = re.compile(r"^(?P<prefix>.+)-v(?P<number>\d+)$")
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+def safe_key(project_key: str) -> str:
+    """A project key made safe as one path component."""
+    key = _KEY_SAFE.sub("_", str(project_key).strip())[:120]
+    if not key or key.strip(".") == "":
+        raise RegistryError(f"unusable project key {project_key!r}")
+    if key.startswith("."):
+        key = "_" + key[1:]
+    return key
+
+
+def version_prefix(project_key: str) -> str:
+    head = str(project_key).split(".", 1)[0]
+    return f"p{head}" if head.isdigit() else f"p{safe_key(project_key)}"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    number: int
+    path: Path
+    meta: dict
+
+
+@dataclass
+class LoadedHeads:
+    version: str
+    meta: dict
+    heads: dict[str, ClassifierHead]
+    encoder_path: str | None  # a fine-tuned encoder folder, or None for the base encoder
+
+
+class ModelRegistry:
+    def __init__(self, model_dir: Path | str):
+        self.root = Path(model_dir)
+        self.projects_dir = self.root / "projects"
+
+    # -- paths ---------------------------------------------------------------------
+    def project_dir(self, project_key: str) -> Path:
+        return self.projects_dir / safe_key(project_key)
+
+    def versions_dir(self, project_key: str) -> Path:
+        return self.project_dir(project_key) / "versions"
+
+    def version_dir(self, project_key: str, version: str) -> Path:
+        if "/" in version or version.startswith("."):
+            raise RegistryError(f"bad version name {version!r}")
+        return self.versions_dir(project_key) / version
+
+    @contextlib.contextmanager
+    def lock(self, project_key: str) -> Iterator[None]:
+        """An exclusive lock for one project's writers (across processes)."""
+        directory = self.project_dir(project_key)
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / ".lock", "a+") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    # -- reading -------------------------------------------------------------------
+    def projects(self) -> list[str]:
+        if not self.projects_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.projects_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def current(self, project_key: str) -> str | None:
+        try:
+            name = (self.project_dir(project_key) / "current").read_text().strip()
+        except FileNotFoundError:
+            return None
+        return name or None
+
+    def meta(self, project_key: str, version: str) -> dict:
+        path = self.version_dir(project_key, version) / "meta.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RegistryError(f"version {version} of project {project_key} does not exist") from None
+
+    def versions(self, project_key: str) -> list[VersionInfo]:
+        directory = self.versions_dir(project_key)
+        if not directory.is_dir():
+            return []
+        found = []
+        for path in directory.iterdir():
+            match = _VERSION.match(path.name)
+            if not match or not path.is_dir():
+                continue
+            try:
+                meta = json.loads((path / "meta.json").read_text())
+            except (OSError, ValueError):
+                continue
+            found.append(VersionInfo(path.name, int(match["number"]), path, meta))
+        return sorted(found, key=lambda v: v.number)
+
+    def load(self, project_key: str, version: str) -> LoadedHeads:
+        directory = self.version_dir(project_key, version)
+        meta = self.meta(project_key, version)
+        tensors = load_file(str(directory / "heads.safetensors")) if meta.get("controls") else {}
+        heads = {}
+        for name, control_meta in meta.get("controls", {}).items():
+            heads[name] = ClassifierHead.from_meta(control_meta, tensors[f"{name}.weight"], tensors[f"{name}.bias"])
+        encoder_path = None
+        if meta.get("encoder"):
+            encoder_path = str(self.version_dir(project_key, meta["encoder"]) / "encoder")
+        return LoadedHeads(version=version, meta=meta, heads=heads, encoder_path=encoder_path)
+
+    # -- writing -------------------------------------------------------------------
+    def _next_number(self, project_key: str) -> int:
+        numbers = [v.number for v in self.versions(project_key)]
+        directory = self.versions_dir(project_key)
+        if directory.is_dir():  # also count folders whose meta is unreadable: names are never reused
+            for path in directory.iterdir():
+                match = _VERSION.match(path.name)
+                if match:
+                    numbers.append(int(match["number"]))
+        return max(numbers) + 1 if numbers else 0
+
+    def create_version(
+        self,
+        project_key: str,
+        heads: dict[str, ClassifierHead],
+        meta: dict,
+        write_encoder: Callable[[Path], None] | None = None,
+    ) -> str:
+        """Write a new immutable version and return its name (it is not made current).
+
+        ``write_encoder(folder)``, when given, saves a fine-tuned encoder into
+        ``folder``; otherwise ``meta["encoder"]`` may name an earlier version whose
+        encoder this one shares (None: the base encoder).
+        """
+        versions = self.versions_dir(project_key)
+        versions.mkdir(parents=True, exist_ok=True)
+        tmp = versions / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            tensors: dict[str, np.ndarray] = {}
+            controls = {}
+            for name, head in heads.items():
+                tensors[f"{name}.weight"] = np.ascontiguousarray(head.weight, dtype=np.float32)
+                tensors[f"{name}.bias"] = np.ascontiguousarray(head.bias, dtype=np.float32)
+                controls[name] = head.to_meta()
+            if tensors:
+                save_file(tensors, str(tmp / "heads.safetensors"))
+            if write_encoder is not None:
+                write_encoder(tmp / "encoder")
+            for attempt in range(1000):
+                number = self._next_number(project_key)
+                name = f"{version_prefix(project_key)}-v{number}"
+                body = dict(meta)
+                body.update(
+                    version=name,
+                    number=number,
+                    project=project_key,
+                    created_at=body.get("created_at") or time.time(),
+                    controls=controls,
+                )
+                if write_encoder is not None:
+                    body["encoder"] = name
+                write_atomic(tmp / "meta.json", json.dumps(body, indent=2, sort_keys=True).encode())
+                try:
+                    os.rename(tmp, versions / name)  # fails if another writer took the name
+                except OSError:
+                    continue
+                log.info("project %s: wrote version %s", project_key, name)
+                return name
+            raise RegistryError(f"could not allocate a version name for {project_key}")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def promote(self, project_key: str, version: str) -> None:
+        """Make ``version`` the served one (an atomic pointer switch)."""
+        self.meta(project_key, version)  # must exist and be complete
+        write_atomic(self.project_dir(project_key) / "current", (version + "\n").encode())
+        log.info("project %s: current version is now %s", project_key, version)
