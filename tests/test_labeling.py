@@ -1,0 +1,64 @@
+import pytest
+
+from ls_backend.labeling import CHOICES, LABELS, UnsupportedConfig, plan_for
+
+from .conftest import TOPIC_CONFIG
+
+
+def test_single_choice_config():
+    plan = plan_for(TOPIC_CONFIG)
+    (control,) = plan.controls
+    assert control.name == "topic" and control.kind == CHOICES and not control.multiple
+    assert control.to_name == "text" and control.field == "text"
+    assert control.values == ("World", "Sports", "Business", "Sci/Tech")
+
+
+def test_multiple_choice_alias_and_hint():
+    config = """<View><Text name="body" value="$review"/>
+      <Choices name="aspects" toName="body" choice="multiple">
+        <Choice value="Price" alias="price" hint="cost, money, expensive"/><Choice value="Service"/>
+      </Choices></View>"""
+    (control,) = plan_for(config).controls
+    assert control.multiple and control.field == "review"
+    assert control.values == ("price", "Service")  # Label Studio stores the alias
+    assert control.labels[0].name == "Price"
+    assert control.labels[0].prompt == "cost, money, expensive"
+    assert control.labels[1].prompt == "Service"
+
+
+def test_several_controls_predicts_supported_and_skips_the_rest():
+    config = """<View><Text name="t" value="$text"/>
+      <Choices name="sentiment" toName="t"><Choice value="pos"/><Choice value="neg"/></Choices>
+      <Labels name="ner" toName="t"><Label value="PER"/><Label value="ORG"/></Labels>
+      <TextArea name="comment" toName="t"/>
+      <Image name="img" value="$image"/>
+      <Choices name="image_class" toName="img"><Choice value="a"/><Choice value="b"/></Choices>
+    </View>"""
+    plan = plan_for(config)
+    assert [(c.name, c.kind) for c in plan.controls] == [("sentiment", CHOICES), ("ner", LABELS)]
+    skipped = dict(plan.skipped)
+    assert set(skipped) == {"comment", "image_class"}
+    assert "Text" in skipped["image_class"]
+
+
+@pytest.mark.parametrize(
+    "config, reason",
+    [
+        ('<View><Image name="i" value="$img"/><RectangleLabels name="r" toName="i"><Label value="a"/></RectangleLabels></View>', "RectangleLabels"),
+        ('<View><Text name="t" value="$text"/><TextArea name="a" toName="t"/></View>', "TextArea"),
+        ("<View><Text name='t' value='$text'/><Choices name='c' toName='t'><Choice value='only'/></Choices></View>", "too few labels"),
+        ("<View><Text", "does not parse"),
+    ],
+)
+def test_unsupported_configs_say_why(config, reason):
+    with pytest.raises(UnsupportedConfig) as info:
+        plan_for(config)
+    assert reason in str(info.value)
+
+
+def test_signature_changes_with_labels_only():
+    a = plan_for(TOPIC_CONFIG)
+    b = plan_for(TOPIC_CONFIG.replace("\n", " "))
+    c = plan_for(TOPIC_CONFIG.replace('<Choice value="World"/>', '<Choice value="World"/><Choice value="Health"/>'))
+    assert a.signature == b.signature
+    assert a.signature != c.signature
