@@ -60,6 +60,21 @@ def _choice(name: str, raw: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def _database_url(raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith(("postgres://", "postgresql://", "postgresql+psycopg://", "sqlite:")):
+        raise SettingsError("DATABASE_URL: expected postgresql://user:pass@host:5432/db (or unset for SQLite)")
+    return value
+
+
+def _mask_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
+
+
 @dataclass(frozen=True)
 class Settings:
     # where models, versions and the SQLite store live
@@ -72,6 +87,11 @@ class Settings:
     # Label Studio API, for backfill and pushing predictions
     label_studio_url: str = ""
     label_studio_api_key: str = ""
+    # corrections store: empty means SQLite at MODEL_DIR/store.sqlite (one machine);
+    # postgresql://user:pass@host:5432/db for several machines
+    database_url: str = ""
+    # seconds between two "is the store behind Label Studio?" checks of one project (0: never check)
+    sync_check_interval: float = 300.0
     # inference
     device: str = "auto"
     max_length: int = 256
@@ -115,6 +135,10 @@ class Settings:
                 values[name.lower()] = get(name, "")
         if get("LABEL_STUDIO_URL"):
             values["label_studio_url"] = get("LABEL_STUDIO_URL", "").rstrip("/")
+        if get("DATABASE_URL"):
+            values["database_url"] = _database_url(get("DATABASE_URL", ""))
+        if get("SYNC_CHECK_INTERVAL"):
+            values["sync_check_interval"] = _float("SYNC_CHECK_INTERVAL", get("SYNC_CHECK_INTERVAL", ""), 0, 86_400)
         if get("DEVICE"):
             values["device"] = _choice("DEVICE", get("DEVICE", ""), ("auto", "cpu", "cuda"))
         ints = {
@@ -152,5 +176,7 @@ class Settings:
             value = getattr(self, f.name)
             if f.name in {"basic_auth_pass", "label_studio_api_key"} and value:
                 value = "***"
+            if f.name == "database_url" and value:
+                value = _mask_password(value)
             shown[f.name] = str(value) if isinstance(value, Path) else value
         return shown

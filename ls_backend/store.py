@@ -1,0 +1,1292 @@
+"""The corrections store: every human label Label Studio tells us about, kept durably.
+
+One :class:`CorrectionStore` per process.  It holds, per project (keyed ``"<id>.<created_ts>"``):
+
+``annotations``
+    the live annotations, one row per Label Studio annotation id: task id, task data, result,
+    annotator, ``was_cancelled``, ``ground_truth``, ``updated_at`` (as integer microseconds),
+    the label config snapshot it arrived with, and ``seq``, the change sequence number of
+    its last change.
+``tombstones``
+    annotation ids deleted in Label Studio.  A tombstone is final: a late replay of the
+    created/updated event for that id is ignored (Label Studio never reuses annotation ids).
+``label_configs``
+    every label config a project has had, by hash; ``projects.label_config_id`` points at
+    the current one.
+``projects``
+    Label Studio id, title, last event time, counters, the training mark (``trained_seq``),
+    what ``/setup`` told us (Label Studio's address and the owner's token, for catching up),
+    and the last sync report.
+``changes``
+    a log of training-relevant changes: ``(seq, project, task)``.
+``triggers``
+    ``START_TRAINING`` requests as received.
+
+Writes
+    Every write is one transaction that first takes the next value of a store-wide counter
+    (``store_meta.seq``).  Taking it locks the counter row (PostgreSQL) or the database
+    (SQLite ``BEGIN IMMEDIATE``), so writers are serialised, ``seq`` grows in commit order,
+    and the read-compare-write of an upsert never races another process.  Transactions
+    last milliseconds.
+
+Conflict rule (the same for webhooks and sync)
+    An annotation version is ordered by ``(updated_at, content hash)``; the larger wins, so
+    replayed, duplicated and reordered events end in the same state.  A delete wins over
+    everything (tombstone).  A label config change is ordered by the project's
+    ``updated_at`` the same way.
+
+Training view (:meth:`CorrectionStore.training_examples`)
+    One example per task and control, from the task's non-cancelled annotations that hold a
+    choice for the control (labels no longer in the control dropped, with a log line):
+    the latest ground-truth annotation if there is one; otherwise one vote per annotator
+    (their latest annotation), the label set with most votes; a tie goes to the latest
+    annotation (``updated_at``, then annotation id).
+
+SQLite (``MODEL_DIR/store.sqlite``) runs in WAL mode with a busy timeout, safe for several
+worker processes on one machine.  Several machines need PostgreSQL (``DATABASE_URL``).
+The schema is migrated by the ordered functions in ``MIGRATIONS``, recorded in
+``schema_version``; nothing is ever dropped and recreated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from .labeling import CHOICES, LABELS, ControlSpec, UnsupportedConfig, plan_for
+
+log = logging.getLogger(__name__)
+
+SQLITE_NAME = "store.sqlite"
+BUSY_TIMEOUT_MS = 30_000
+MIGRATION_LOCK = 7_301_117  # pg_advisory_xact_lock key: one migrating process at a time
+
+ANNOTATION_CREATED = "ANNOTATION_CREATED"
+ANNOTATIONS_CREATED = "ANNOTATIONS_CREATED"
+ANNOTATION_UPDATED = "ANNOTATION_UPDATED"
+ANNOTATIONS_DELETED = "ANNOTATIONS_DELETED"
+TASKS_DELETED = "TASKS_DELETED"
+PROJECT_UPDATED = "PROJECT_UPDATED"
+START_TRAINING = "START_TRAINING"
+HANDLED_ACTIONS = (
+    ANNOTATION_CREATED,
+    ANNOTATIONS_CREATED,
+    ANNOTATION_UPDATED,
+    ANNOTATIONS_DELETED,
+    TASKS_DELETED,
+    PROJECT_UPDATED,
+    START_TRAINING,
+)
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or used (bad URL, schema newer than this code, ...)."""
+
+
+class BadEvent(ValueError):
+    """A webhook payload we cannot record; the message says what is wrong."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class UnknownProject(LookupError):
+    """No such project in the store, or a bare id that names several."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# -- what goes in ----------------------------------------------------------------------
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An ISO-8601 string (``Z`` or offset; naive means UTC) or a datetime, as an aware datetime."""
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, str) and value.strip():
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            return None
+    else:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def micros(moment: datetime) -> int:
+    delta = moment - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def project_key(project_id: int, created_at: Any) -> str:
+    """Label Studio's project key: ``f"{id}.{int(created_at.timestamp())}"``."""
+    moment = parse_time(created_at)
+    if moment is None:
+        raise BadEvent(f"project 'created_at' {created_at!r} is not an ISO-8601 time")
+    return f"{project_id}.{int(moment.timestamp())}"
+
+
+def _int_id(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise BadEvent(f"{what} must be an integer id, not {type(value).__name__}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise BadEvent(f"{what} must be an integer id, not {value!r}") from None
+    if number < 0 or number >= 2**63:
+        raise BadEvent(f"{what} {number} is out of range")
+    return number
+
+
+def _annotator(value: Any) -> str:
+    if isinstance(value, dict):
+        value = value.get("id", value.get("email"))
+    return "" if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class ProjectInfo:
+    """The project object Label Studio sends with every webhook (or returns from its API)."""
+
+    key: str
+    ls_id: int
+    title: str = ""
+    created_at: str = ""
+    label_config: str | None = None
+    updated_us: int | None = None
+    total_annotations: int | None = None  # Label Studio's count of non-cancelled annotations
+    current: bool = False  # read from the API just now: its label config is the one in force
+
+    @classmethod
+    def from_payload(cls, project: Any) -> "ProjectInfo":
+        if not isinstance(project, dict):
+            raise BadEvent("the payload names no project: a 'project' object with 'id' and 'created_at' is expected")
+        if project.get("id") is None or not project.get("created_at"):
+            raise BadEvent("the 'project' object needs 'id' and 'created_at' (the project key is built from them)")
+        ls_id = _int_id(project["id"], "project.id")
+        created = project["created_at"]
+        key = project_key(ls_id, created)
+        config = project.get("label_config")
+        if config is not None and not isinstance(config, str):
+            raise BadEvent("project.label_config must be a string holding the label config XML")
+        updated = parse_time(project.get("updated_at"))
+        total = project.get("total_annotations_number")
+        return cls(
+            key=key,
+            ls_id=ls_id,
+            title=str(project.get("title") or ""),
+            created_at=created if isinstance(created, str) else str(created),
+            label_config=config or None,
+            updated_us=micros(updated) if updated else None,
+            total_annotations=total if isinstance(total, int) and not isinstance(total, bool) else None,
+        )
+
+
+@dataclass(frozen=True)
+class AnnotationRecord:
+    """One annotation version, normalised from a webhook or from the Label Studio API."""
+
+    annotation_id: int
+    task_id: int
+    task_data: dict
+    result: list
+    annotator: str
+    was_cancelled: bool
+    ground_truth: bool
+    updated_us: int
+
+    @classmethod
+    def from_payload(cls, annotation: Any, task: Any, ls_project_id: int | None = None) -> "AnnotationRecord":
+        if not isinstance(annotation, dict):
+            raise BadEvent("'annotation' must be an object")
+        if annotation.get("id") is None:
+            raise BadEvent("annotation.id is missing")
+        annotation_id = _int_id(annotation["id"], "annotation.id")
+        if ls_project_id is not None and annotation.get("project") is not None:
+            if _int_id(annotation["project"], "annotation.project") != ls_project_id:
+                raise BadEvent(f"annotation {annotation_id} belongs to project {annotation['project']}, "
+                               f"not to the project {ls_project_id} sent with it")
+        task_ref = annotation.get("task")
+        if isinstance(task_ref, dict):
+            task_ref = task_ref.get("id")
+        if not isinstance(task, dict):
+            raise BadEvent(f"annotation {annotation_id}: the 'task' object (with its data) is missing")
+        if task.get("id") is None and task_ref is None:
+            raise BadEvent(f"annotation {annotation_id}: no task id")
+        task_id = _int_id(task.get("id", task_ref), "task.id")
+        if task_ref is not None and _int_id(task_ref, "annotation.task") != task_id:
+            raise BadEvent(f"annotation {annotation_id} is on task {task_ref}, but task {task_id} was sent")
+        data = task.get("data")
+        if not isinstance(data, dict):
+            raise BadEvent(f"task {task_id}: 'data' must be an object")
+        result = annotation.get("result")
+        if result is None:
+            result = []
+        if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
+            raise BadEvent(f"annotation {annotation_id}: 'result' must be a list of objects")
+        stamp = parse_time(annotation.get("updated_at")) or parse_time(annotation.get("created_at"))
+        if stamp is None:
+            raise BadEvent(f"annotation {annotation_id}: 'updated_at' is missing or not an ISO-8601 time")
+        return cls(
+            annotation_id=annotation_id,
+            task_id=task_id,
+            task_data=data,
+            result=result,
+            annotator=_annotator(annotation.get("completed_by")),
+            was_cancelled=bool(annotation.get("was_cancelled")),
+            ground_truth=bool(annotation.get("ground_truth")),
+            updated_us=micros(stamp),
+        )
+
+    @property
+    def content_hash(self) -> str:
+        """What makes two versions the same label (task data aside: it is not part of the label)."""
+        body = canonical_json([self.task_id, self.result, self.annotator, self.was_cancelled, self.ground_truth])
+        return hashlib.sha256(body.encode()).hexdigest()
+
+
+@dataclass
+class ParsedEvent:
+    action: str
+    project: ProjectInfo | None = None
+    records: list[AnnotationRecord] = field(default_factory=list)
+    deleted_ids: list[int] = field(default_factory=list)
+    deleted_task_ids: list[int] = field(default_factory=list)
+
+
+def _ids_of(items: Any, what: str) -> list[int]:
+    if not isinstance(items, list):
+        raise BadEvent(f"'{what}' must be a list of {{\"id\": N}} objects")
+    ids = []
+    for item in items:
+        if isinstance(item, dict):
+            if item.get("id") is None:
+                raise BadEvent(f"an entry of '{what}' has no 'id'")
+            ids.append(_int_id(item["id"], f"{what}[].id"))
+        else:
+            ids.append(_int_id(item, f"{what}[]"))
+    return ids
+
+
+def parse_event(payload: Any) -> ParsedEvent:
+    """Validate a webhook payload completely before anything is written."""
+    if not isinstance(payload, dict):
+        raise BadEvent("the webhook body must be a JSON object")
+    action = payload.get("action")
+    if not isinstance(action, str) or not action.strip():
+        raise BadEvent("missing field 'action' (a Label Studio webhook event name)")
+    if action not in HANDLED_ACTIONS:
+        return ParsedEvent(action)
+    project = ProjectInfo.from_payload(payload.get("project"))
+    parsed = ParsedEvent(action, project)
+    if action in (ANNOTATION_CREATED, ANNOTATION_UPDATED):
+        parsed.records.append(AnnotationRecord.from_payload(payload.get("annotation"), payload.get("task"), project.ls_id))
+    elif action == ANNOTATIONS_CREATED:
+        annotations, tasks = payload.get("annotation"), payload.get("task")
+        if not isinstance(annotations, list) or not isinstance(tasks, list):
+            raise BadEvent("ANNOTATIONS_CREATED needs 'annotation' and 'task' lists")
+        by_id = {task.get("id"): task for task in tasks if isinstance(task, dict)}
+        for annotation in annotations:
+            ref = annotation.get("task") if isinstance(annotation, dict) else None
+            ref = ref.get("id") if isinstance(ref, dict) else ref
+            parsed.records.append(AnnotationRecord.from_payload(annotation, by_id.get(ref), project.ls_id))
+    elif action == ANNOTATIONS_DELETED:
+        parsed.deleted_ids = _ids_of(payload.get("annotations"), "annotations")
+    elif action == TASKS_DELETED:
+        parsed.deleted_task_ids = _ids_of(payload.get("tasks"), "tasks")
+    return parsed
+
+
+# -- what comes out --------------------------------------------------------------------
+@dataclass(frozen=True)
+class EventOutcome:
+    action: str
+    project_key: str | None
+    changed: int = 0  # annotations inserted, updated or deleted by this event
+    trigger: bool = False  # START_TRAINING
+    recorded: bool = False  # False for actions we do not keep
+    ls_project_id: int | None = None
+    ls_annotations: int | None = None  # Label Studio's count of non-cancelled annotations, as sent
+    stored_annotations: int | None = None  # ours, after this event
+
+    @property
+    def behind(self) -> bool:
+        """Label Studio's count disagrees with ours: some event may have been missed."""
+        return (
+            self.ls_annotations is not None
+            and self.stored_annotations is not None
+            and self.ls_annotations != self.stored_annotations
+        )
+
+
+@dataclass(frozen=True)
+class Example:
+    task_id: int
+    text: str
+    labels: tuple[str, ...]
+    annotation_id: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class ApplyCounts:
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    tombstoned: int = 0  # ignored: deleted earlier
+
+    @property
+    def changed(self) -> int:
+        return self.inserted + self.updated
+
+
+@dataclass(frozen=True)
+class ProjectSummary:
+    key: str
+    ls_id: int
+    title: str
+    last_event_at: str | None
+    annotations: int  # live, non-cancelled
+    cancelled: int
+    deleted: int  # tombstones
+    tasks: int  # tasks with a live non-cancelled annotation
+    labels: dict[str, dict[str, int]]  # control -> label -> examples (choices) or spans (labels)
+    current_seq: int
+    trained_seq: int
+    labels_since_training: int
+    label_studio_annotations: int | None  # as last reported by Label Studio
+    label_configs: int
+    last_sync: dict | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- schema ----------------------------------------------------------------------------
+def _id_type() -> sa.types.TypeEngine:
+    return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+metadata = sa.MetaData()
+store_meta = sa.Table(
+    "store_meta",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+)
+schema_version = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("applied_at", sa.Float, nullable=False),
+)
+projects = sa.Table(
+    "projects",
+    metadata,
+    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("ls_id", sa.BigInteger, nullable=False),
+    sa.Column("title", sa.Text, nullable=False),
+    sa.Column("created_at", sa.String(64), nullable=False),
+    sa.Column("first_seen", sa.Float, nullable=False),
+    sa.Column("last_event_at", sa.Float),
+    sa.Column("last_seq", sa.BigInteger, nullable=False),
+    sa.Column("trained_seq", sa.BigInteger, nullable=False),
+    sa.Column("live_annotations", sa.BigInteger, nullable=False),
+    sa.Column("ls_annotations", sa.BigInteger),
+    sa.Column("label_config_id", sa.BigInteger),
+    sa.Column("label_config_hash", sa.String(64)),
+    sa.Column("config_updated_us", sa.BigInteger),
+    sa.Column("ls_url", sa.Text),
+    sa.Column("ls_token", sa.Text),
+    sa.Column("sync_lease_until", sa.Float),
+    sa.Column("last_sync", sa.Text),
+)
+label_configs = sa.Table(
+    "label_configs",
+    metadata,
+    sa.Column("id", _id_type(), primary_key=True, autoincrement=True),
+    sa.Column("project_key", sa.String(200), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("xml", sa.Text, nullable=False),
+    sa.Column("first_seen", sa.Float, nullable=False),
+    sa.UniqueConstraint("project_key", "hash", name="uq_label_configs_project_hash"),
+)
+annotations = sa.Table(
+    "annotations",
+    metadata,
+    sa.Column("project_key", sa.String(200), primary_key=True),
+    sa.Column("annotation_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("task_id", sa.BigInteger, nullable=False),
+    sa.Column("task_data", sa.Text, nullable=False),
+    sa.Column("result", sa.Text, nullable=False),
+    sa.Column("annotator", sa.String(200), nullable=False),
+    sa.Column("was_cancelled", sa.Boolean, nullable=False),
+    sa.Column("ground_truth", sa.Boolean, nullable=False),
+    sa.Column("updated_us", sa.BigInteger, nullable=False),
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("label_config_id", sa.BigInteger),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Index("ix_annotations_project_task", "project_key", "task_id"),
+    sa.Index("ix_annotations_project_seq", "project_key", "seq"),
+)
+tombstones = sa.Table(
+    "tombstones",
+    metadata,
+    sa.Column("project_key", sa.String(200), primary_key=True),
+    sa.Column("annotation_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("task_id", sa.BigInteger),
+    sa.Column("deleted_at", sa.Float, nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+)
+changes = sa.Table(
+    "changes",
+    metadata,
+    sa.Column("id", _id_type(), primary_key=True, autoincrement=True),
+    sa.Column("project_key", sa.String(200), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("task_id", sa.BigInteger, nullable=False),
+    sa.Index("ix_changes_project_seq", "project_key", "seq"),
+)
+triggers = sa.Table(
+    "triggers",
+    metadata,
+    sa.Column("id", _id_type(), primary_key=True, autoincrement=True),
+    sa.Column("project_key", sa.String(200), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+)
+
+
+def _migration_1_initial(conn: Connection) -> None:
+    """Version 1: the tables above as first released.
+
+    Later versions must not edit this function: add a new one that alters what exists.
+    """
+    for table in (store_meta, projects, label_configs, annotations, tombstones, changes, triggers):
+        table.create(conn)
+    conn.execute(store_meta.insert().values(name="seq", value=0))
+
+
+# (version, description, function(conn)); applied in order, each once, never edited once released
+MIGRATIONS: tuple[tuple[int, str, Callable[[Connection], None]], ...] = (
+    (1, "initial tables", _migration_1_initial),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+# -- engines ---------------------------------------------------------------------------
+def database_url(url: str) -> str:
+    """A SQLAlchemy URL for ``DATABASE_URL``: plain ``postgres(ql)://`` is pointed at psycopg 3."""
+    url = url.strip()
+    for plain in ("postgres://", "postgresql://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url[len(plain):]
+    if url.startswith(("postgresql+psycopg://", "sqlite://", "sqlite+pysqlite://")):
+        return url
+    raise StoreError(
+        f"DATABASE_URL scheme not supported: {url.split('://', 1)[0]!r} "
+        "(use postgresql://user:pass@host:5432/db, or leave it unset for SQLite under MODEL_DIR)"
+    )
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):  # pragma: no cover - exercised through every query
+        # let SQLAlchemy say BEGIN itself (the sqlite3 module's own handling skips it for reads and DDL)
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")  # a 2xx means the event is on disk
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # pragma: no cover
+        # writers take the write lock at BEGIN, so a read-then-write never fails with "database is locked"
+        mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def create_store_engine(url: str) -> Engine:
+    url = database_url(url)
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url)
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def migrate(engine: Engine) -> int:
+    """Bring the schema to ``SCHEMA_VERSION``; safe when several processes start at once."""
+    with engine.begin() as conn:  # BEGIN IMMEDIATE on SQLite: one migrating process at a time
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+        schema_version.create(conn, checkfirst=True)
+        done = set(conn.execute(sa.select(schema_version.c.version)).scalars())
+        if done and max(done) > SCHEMA_VERSION:
+            raise StoreError(
+                f"the store's schema is version {max(done)}, newer than this ls-backend knows ({SCHEMA_VERSION}); "
+                "upgrade ls-backend"
+            )
+        for version, name, apply in MIGRATIONS:
+            if version in done:
+                continue
+            log.info("store: applying schema migration %d (%s)", version, name)
+            apply(conn)
+            conn.execute(schema_version.insert().values(version=version, name=name, applied_at=time.time()))
+    return SCHEMA_VERSION
+
+
+def _iso(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _choices_of(result: list, control_name: str) -> list[str]:
+    chosen: list[str] = []
+    for item in result:
+        if item.get("from_name") != control_name:
+            continue
+        value = item.get("value")
+        values = value.get("choices") if isinstance(value, dict) else None
+        if isinstance(values, list):
+            chosen.extend(str(v) for v in values if isinstance(v, (str, int, float)))
+    return chosen
+
+
+def _newest(rows: Iterable[Any]) -> Any:
+    return max(rows, key=lambda row: (row.updated_us, row.annotation_id))
+
+
+def resolve_task(candidates: Sequence[Any], labels_of: Callable[[Any], tuple]) -> Any:
+    """The annotation that speaks for a task (the rule in the module docstring).
+
+    ``candidates`` are the task's non-cancelled annotations that hold something for the
+    control; ``labels_of(row)`` is the label set a row gives.
+    """
+    truth = [row for row in candidates if row.ground_truth]
+    if truth:
+        return _newest(truth)
+    per_annotator: dict[str, Any] = {}
+    for row in candidates:
+        who = row.annotator or f"#{row.annotation_id}"
+        if who not in per_annotator or (row.updated_us, row.annotation_id) > (
+            per_annotator[who].updated_us,
+            per_annotator[who].annotation_id,
+        ):
+            per_annotator[who] = row
+    votes = Counter(labels_of(row) for row in per_annotator.values())
+    most = max(votes.values())
+    return _newest(row for row in per_annotator.values() if votes[labels_of(row)] == most)
+
+
+# -- the store -------------------------------------------------------------------------
+class CorrectionStore:
+    """Durable annotations per project; see the module docstring for the rules."""
+
+    def __init__(self, url: str):
+        self.url = database_url(url)
+        self.engine = create_store_engine(self.url)
+        self.dialect = self.engine.dialect.name
+        migrate(self.engine)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "CorrectionStore":
+        url = getattr(settings, "database_url", "") or ""
+        if not url:
+            folder = Path(settings.model_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            url = f"sqlite:///{(folder / SQLITE_NAME).resolve()}"
+        return cls(url)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def describe(self) -> str:
+        """Where the store lives (password masked)."""
+        return sa.make_url(self.url).render_as_string(hide_password=True)
+
+    # -- transactions ---------------------------------------------------------------
+    @contextmanager
+    def _write(self) -> Iterator[tuple[Connection, int]]:
+        """One write transaction and its change sequence number."""
+        with self.engine.begin() as conn:
+            seq = conn.execute(
+                store_meta.update()
+                .where(store_meta.c.name == "seq")
+                .values(value=store_meta.c.value + 1)
+                .returning(store_meta.c.value)
+            ).scalar_one()
+            yield conn, seq
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+            with conn.begin():
+                yield conn
+
+    # -- projects, configs ----------------------------------------------------------
+    def _project_row(self, conn: Connection, key: str) -> Any:
+        return conn.execute(sa.select(projects).where(projects.c.key == key)).one_or_none()
+
+    def _ensure_project(
+        self, conn: Connection, info: ProjectInfo, now: float, event_time: bool = True
+    ) -> tuple[Any, int | None]:
+        """The project's row, created or refreshed, and the id of the label config this event came with."""
+        row = self._project_row(conn, info.key)
+        if row is None:
+            conn.execute(
+                projects.insert().values(
+                    key=info.key,
+                    ls_id=info.ls_id,
+                    title=info.title,
+                    created_at=info.created_at,
+                    first_seen=now,
+                    last_event_at=now if event_time else None,
+                    last_seq=0,
+                    trained_seq=0,
+                    live_annotations=0,
+                    ls_annotations=info.total_annotations,
+                )
+            )
+        else:
+            values: dict[str, Any] = {}
+            if event_time:
+                values["last_event_at"] = now
+            if info.title and info.title != row.title:
+                values["title"] = info.title
+            if info.created_at and not row.created_at:
+                values["created_at"] = info.created_at
+            if info.total_annotations is not None:
+                values["ls_annotations"] = info.total_annotations
+            if values:
+                conn.execute(projects.update().where(projects.c.key == info.key).values(**values))
+        config_id = None
+        if info.label_config:
+            config_id = self._snapshot_config(conn, info.key, info.label_config, info.updated_us, now, info.current)
+        row = self._project_row(conn, info.key)
+        return row, config_id if config_id is not None else row.label_config_id
+
+    def _snapshot_config(
+        self, conn: Connection, key: str, xml: str, updated_us: int | None, now: float, current: bool = False
+    ) -> int:
+        """Keep a config snapshot; point the project at it when it is the newest one.
+
+        Webhooks carry the project's ``updated_at``, which orders config changes.  The API
+        (sync) does not send it: what it returns is in force now, stamped with our clock.
+        """
+        digest = hashlib.sha256(xml.encode()).hexdigest()
+        config_id = conn.execute(
+            sa.select(label_configs.c.id).where(label_configs.c.project_key == key, label_configs.c.hash == digest)
+        ).scalar_one_or_none()
+        if config_id is None:
+            config_id = conn.execute(
+                label_configs.insert().values(project_key=key, hash=digest, xml=xml, first_seen=now)
+            ).inserted_primary_key[0]
+        row = self._project_row(conn, key)
+        held = (row.config_updated_us if row.config_updated_us is not None else -1, row.label_config_hash or "")
+        if current and digest != row.label_config_hash:
+            updated_us = max(held[0], int(now * 1_000_000))
+        candidate = (updated_us if updated_us is not None else -1, digest)
+        if row.label_config_id is None or (updated_us is not None and candidate > held):
+            conn.execute(
+                projects.update()
+                .where(projects.c.key == key)
+                .values(label_config_id=config_id, label_config_hash=digest, config_updated_us=updated_us)
+            )
+            if row.label_config_id is not None and row.label_config_hash != digest:
+                log.info("project %s: label config changed (snapshot %s)", key, digest[:12])
+        return config_id
+
+    # -- writes -----------------------------------------------------------------------
+    def _apply(
+        self, conn: Connection, seq: int, key: str, records: Sequence[AnnotationRecord], config_id: int | None, source: str
+    ) -> tuple[ApplyCounts, int, set[int]]:
+        """Upsert annotation versions; returns counts, the change in live annotations, changed tasks."""
+        if not records:
+            return ApplyCounts(), 0, set()
+        latest: dict[int, AnnotationRecord] = {}
+        for record in records:  # one batch may carry several versions of one annotation
+            held = latest.get(record.annotation_id)
+            if held is None or (record.updated_us, record.content_hash) > (held.updated_us, held.content_hash):
+                latest[record.annotation_id] = record
+        ids = list(latest)
+        existing: dict[int, Any] = {}
+        dead: set[int] = set()
+        for chunk in _chunks(ids, 500):
+            for row in conn.execute(
+                sa.select(
+                    annotations.c.annotation_id,
+                    annotations.c.updated_us,
+                    annotations.c.content_hash,
+                    annotations.c.was_cancelled,
+                    annotations.c.task_id,
+                    annotations.c.task_data,
+                ).where(annotations.c.project_key == key, annotations.c.annotation_id.in_(chunk))
+            ):
+                existing[row.annotation_id] = row
+            dead.update(
+                conn.execute(
+                    sa.select(tombstones.c.annotation_id).where(
+                        tombstones.c.project_key == key, tombstones.c.annotation_id.in_(chunk)
+                    )
+                ).scalars()
+            )
+        inserts, updates, data_only = [], [], []
+        inserted = updated = unchanged = 0
+        live_delta = 0
+        touched: set[int] = set()
+        for annotation_id in ids:
+            record = latest[annotation_id]
+            if annotation_id in dead:
+                continue
+            values = {
+                "project_key": key,
+                "annotation_id": annotation_id,
+                "task_id": record.task_id,
+                "task_data": canonical_json(record.task_data),
+                "result": canonical_json(record.result),
+                "annotator": record.annotator[:200],
+                "was_cancelled": record.was_cancelled,
+                "ground_truth": record.ground_truth,
+                "updated_us": record.updated_us,
+                "content_hash": record.content_hash,
+                "label_config_id": config_id,
+                "seq": seq,
+                "source": source,
+            }
+            row = existing.get(annotation_id)
+            if row is None:
+                inserts.append(values)
+                inserted += 1
+                live_delta += 0 if record.was_cancelled else 1
+                if not record.was_cancelled:
+                    touched.add(record.task_id)
+                continue
+            if (record.updated_us, record.content_hash) <= (row.updated_us, row.content_hash):
+                unchanged += 1
+                if record.content_hash == row.content_hash and values["task_data"] != row.task_data and (
+                    record.updated_us == row.updated_us
+                ):
+                    data_only.append({"k": key, "a": annotation_id, "d": values["task_data"]})
+                continue
+            if record.content_hash == row.content_hash:
+                # a newer stamp on the same label: keep the stamp, it is not a change
+                updates.append({**values, "seq": None})
+                unchanged += 1
+                continue
+            updates.append(values)
+            updated += 1
+            live_delta += (0 if record.was_cancelled else 1) - (0 if row.was_cancelled else 1)
+            if not (record.was_cancelled and row.was_cancelled):
+                touched.update({record.task_id, row.task_id})
+        if inserts:
+            conn.execute(annotations.insert(), inserts)
+        for values in updates:
+            if values["seq"] is None:
+                conn.execute(
+                    annotations.update()
+                    .where(annotations.c.project_key == key, annotations.c.annotation_id == values["annotation_id"])
+                    .values(updated_us=values["updated_us"], task_data=values["task_data"])
+                )
+            else:
+                conn.execute(
+                    annotations.update()
+                    .where(annotations.c.project_key == key, annotations.c.annotation_id == values["annotation_id"])
+                    .values(**{k: v for k, v in values.items() if k not in ("project_key", "annotation_id")})
+                )
+        if data_only:
+            conn.execute(
+                annotations.update()
+                .where(annotations.c.project_key == sa.bindparam("k"), annotations.c.annotation_id == sa.bindparam("a"))
+                .values(task_data=sa.bindparam("d")),
+                data_only,
+            )
+        counts = ApplyCounts(inserted=inserted, updated=updated, unchanged=unchanged, tombstoned=len(dead & set(ids)))
+        return counts, live_delta, touched
+
+    def _delete(
+        self, conn: Connection, seq: int, key: str, ids: Iterable[int], now: float
+    ) -> tuple[int, int, set[int]]:
+        """Delete annotations and leave tombstones; returns deleted count, live delta, changed tasks."""
+        ids = sorted(set(ids))
+        deleted = live_delta = 0
+        touched: set[int] = set()
+        for chunk in _chunks(ids, 500):
+            rows = {
+                row.annotation_id: row
+                for row in conn.execute(
+                    sa.select(annotations.c.annotation_id, annotations.c.task_id, annotations.c.was_cancelled).where(
+                        annotations.c.project_key == key, annotations.c.annotation_id.in_(chunk)
+                    )
+                )
+            }
+            buried = set(
+                conn.execute(
+                    sa.select(tombstones.c.annotation_id).where(
+                        tombstones.c.project_key == key, tombstones.c.annotation_id.in_(chunk)
+                    )
+                ).scalars()
+            )
+            if rows:
+                conn.execute(
+                    annotations.delete().where(
+                        annotations.c.project_key == key, annotations.c.annotation_id.in_(list(rows))
+                    )
+                )
+            fresh = [
+                {
+                    "project_key": key,
+                    "annotation_id": annotation_id,
+                    "task_id": rows[annotation_id].task_id if annotation_id in rows else None,
+                    "deleted_at": now,
+                    "seq": seq,
+                }
+                for annotation_id in chunk
+                if annotation_id not in buried
+            ]
+            if fresh:
+                conn.execute(tombstones.insert(), fresh)
+            deleted += len(rows)
+            for row in rows.values():
+                if not row.was_cancelled:
+                    live_delta -= 1
+                    touched.add(row.task_id)
+        return deleted, live_delta, touched
+
+    def _finish(self, conn: Connection, seq: int, key: str, live_delta: int, touched: set[int]) -> int:
+        """Log the changed tasks, move the project's counters; returns the live annotation count."""
+        values: dict[str, Any] = {"live_annotations": projects.c.live_annotations + live_delta}
+        if touched:
+            conn.execute(changes.insert(), [{"project_key": key, "seq": seq, "task_id": t} for t in sorted(touched)])
+            values["last_seq"] = seq
+        conn.execute(projects.update().where(projects.c.key == key).values(**values))
+        return conn.execute(sa.select(projects.c.live_annotations).where(projects.c.key == key)).scalar_one()
+
+    def record_event(self, payload: dict) -> EventOutcome:
+        """Write one webhook event (all of it or nothing); raises :class:`BadEvent` for malformed ones."""
+        parsed = parse_event(payload)
+        action, info = parsed.action, parsed.project
+        if info is None:
+            return self._not_kept(action, payload.get("project"))
+        now = time.time()
+        changed = 0
+        with self._write() as (conn, seq):
+            _row, config_id = self._ensure_project(conn, info, now)
+            live_delta, touched = 0, set()
+            if parsed.records:
+                counts, live_delta, touched = self._apply(conn, seq, info.key, parsed.records, config_id, "webhook")
+                changed = counts.changed
+            elif parsed.deleted_ids:
+                changed, live_delta, touched = self._delete(conn, seq, info.key, parsed.deleted_ids, now)
+            elif parsed.deleted_task_ids:
+                ids = []
+                for chunk in _chunks(sorted(set(parsed.deleted_task_ids)), 500):
+                    ids += conn.execute(
+                        sa.select(annotations.c.annotation_id).where(
+                            annotations.c.project_key == info.key, annotations.c.task_id.in_(chunk)
+                        )
+                    ).scalars().all()
+                changed, live_delta, touched = self._delete(conn, seq, info.key, ids, now)
+            elif action == START_TRAINING:
+                conn.execute(triggers.insert().values(project_key=info.key, action=action, received_at=now, seq=seq))
+            stored = self._finish(conn, seq, info.key, live_delta, touched)
+        log.info("webhook %s project %s: %d annotation(s) changed", action, info.key, changed)
+        return EventOutcome(
+            action=action,
+            project_key=info.key,
+            changed=changed,
+            trigger=action == START_TRAINING,
+            recorded=True,
+            ls_project_id=info.ls_id,
+            ls_annotations=info.total_annotations,
+            stored_annotations=stored,
+        )
+
+    def _not_kept(self, action: str, project: Any) -> EventOutcome:
+        """An action we do not store: answered, and its project count still compared with ours."""
+        log.debug("webhook %s: not kept", action)
+        try:
+            info = ProjectInfo.from_payload(project)
+        except BadEvent:
+            return EventOutcome(action=action, project_key=None)
+        with self._read() as conn:
+            stored = conn.execute(sa.select(projects.c.live_annotations).where(projects.c.key == info.key)).scalar()
+        return EventOutcome(
+            action=action,
+            project_key=info.key,
+            ls_project_id=info.ls_id,
+            ls_annotations=info.total_annotations if stored is not None else None,
+            stored_annotations=stored,
+        )
+
+    def ingest(self, info: ProjectInfo, records: Sequence[AnnotationRecord], source: str = "sync") -> ApplyCounts:
+        """Upsert annotation versions fetched from Label Studio, in one transaction."""
+        now = time.time()
+        with self._write() as (conn, seq):
+            _row, config_id = self._ensure_project(conn, info, now, event_time=False)
+            counts, live_delta, touched = self._apply(conn, seq, info.key, records, config_id, source)
+            self._finish(conn, seq, info.key, live_delta, touched)
+        return counts
+
+    def delete_annotations(self, project_key: str, ids: Iterable[int]) -> int:
+        """Delete annotations by id, leaving tombstones, in one transaction."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        now = time.time()
+        with self._write() as (conn, seq):
+            if self._project_row(conn, project_key) is None:
+                raise UnknownProject(f"no project {project_key!r} in the store")
+            deleted, live_delta, touched = self._delete(conn, seq, project_key, ids, now)
+            self._finish(conn, seq, project_key, live_delta, touched)
+        return deleted
+
+    def note_setup(self, key: str, label_config: str | None = None, hostname: str | None = None,
+                   access_token: str | None = None) -> None:
+        """Remember what ``/setup`` told us: the project, its config, and how to reach Label Studio."""
+        head = key.split(".", 1)[0]
+        if not head.isdigit():
+            return
+        now = time.time()
+        with self._write() as (conn, _seq):
+            row = self._project_row(conn, key)
+            if row is None:
+                conn.execute(
+                    projects.insert().values(
+                        key=key, ls_id=int(head), title="", created_at="", first_seen=now,
+                        last_seq=0, trained_seq=0, live_annotations=0,
+                    )
+                )
+                row = self._project_row(conn, key)
+            values = {}
+            if hostname and hostname != row.ls_url:
+                values["ls_url"] = hostname.rstrip("/")
+            if access_token and access_token != row.ls_token:
+                values["ls_token"] = access_token
+            if values:
+                conn.execute(projects.update().where(projects.c.key == key).values(**values))
+            if label_config and row.label_config_id is None:
+                self._snapshot_config(conn, key, label_config, None, now)
+
+    def mark_trained(self, project_key: str, seq: int) -> None:
+        """Training used every change up to ``seq`` (the mark only moves forward)."""
+        with self._write() as (conn, _seq):
+            row = self._project_row(conn, project_key)
+            if row is None:
+                raise UnknownProject(f"no project {project_key!r} in the store")
+            if seq > row.trained_seq:
+                conn.execute(projects.update().where(projects.c.key == project_key).values(trained_seq=seq))
+
+    def claim_sync(self, project_key: str, lease_s: float) -> bool:
+        """Take the project's sync lease unless another process holds a live one."""
+        now = time.time()
+        with self._write() as (conn, _seq):
+            result = conn.execute(
+                projects.update()
+                .where(
+                    projects.c.key == project_key,
+                    sa.or_(projects.c.sync_lease_until.is_(None), projects.c.sync_lease_until < now),
+                )
+                .values(sync_lease_until=now + lease_s)
+            )
+            if result.rowcount == 1:
+                return True
+            # no such project yet: nothing to guard; else another process holds the lease
+            return self._project_row(conn, project_key) is None
+
+    def finish_sync(self, project_key: str, report: dict | None) -> None:
+        """Release the sync lease and keep the report for the operator view."""
+        with self._write() as (conn, _seq):
+            values: dict[str, Any] = {"sync_lease_until": None}
+            if report is not None:
+                values["last_sync"] = canonical_json(report)
+            conn.execute(projects.update().where(projects.c.key == project_key).values(**values))
+
+    # -- reads ------------------------------------------------------------------------
+    def global_seq(self) -> int:
+        with self._read() as conn:
+            return conn.execute(sa.select(store_meta.c.value).where(store_meta.c.name == "seq")).scalar_one()
+
+    def current_seq(self, project_key: str) -> int:
+        with self._read() as conn:
+            value = conn.execute(sa.select(projects.c.last_seq).where(projects.c.key == project_key)).scalar()
+        return int(value or 0)
+
+    def trained_seq(self, project_key: str) -> int:
+        with self._read() as conn:
+            value = conn.execute(sa.select(projects.c.trained_seq).where(projects.c.key == project_key)).scalar()
+        return int(value or 0)
+
+    def changes_since(self, project_key: str, seq: int) -> int:
+        """Tasks whose training-relevant annotations changed (insert, update, delete) after ``seq``."""
+        with self._read() as conn:
+            return self._changes_since(conn, project_key, seq)
+
+    @staticmethod
+    def _changes_since(conn: Connection, project_key: str, seq: int) -> int:
+        return int(
+            conn.execute(
+                sa.select(sa.func.count(sa.distinct(changes.c.task_id))).where(
+                    changes.c.project_key == project_key, changes.c.seq > seq
+                )
+            ).scalar_one()
+        )
+
+    def labels_since_training(self, project_key: str) -> int:
+        return self.changes_since(project_key, self.trained_seq(project_key))
+
+    def stored_annotations(self, project_key: str) -> int:
+        """Live, non-cancelled annotations (what Label Studio calls ``total_annotations_number``)."""
+        with self._read() as conn:
+            value = conn.execute(sa.select(projects.c.live_annotations).where(projects.c.key == project_key)).scalar()
+        return int(value or 0)
+
+    def annotation_ids(self, project_key: str, up_to_seq: int | None = None) -> set[int]:
+        """Ids of the live annotations (cancelled included), optionally only those last changed at or before a seq."""
+        query = sa.select(annotations.c.annotation_id).where(annotations.c.project_key == project_key)
+        if up_to_seq is not None:
+            query = query.where(annotations.c.seq <= up_to_seq)
+        with self._read() as conn:
+            return set(conn.execute(query).scalars())
+
+    def latest_label_config(self, project_key: str) -> str | None:
+        with self._read() as conn:
+            return conn.execute(
+                sa.select(label_configs.c.xml)
+                .select_from(projects.join(label_configs, label_configs.c.id == projects.c.label_config_id))
+                .where(projects.c.key == project_key)
+            ).scalar_one_or_none()
+
+    def connection_of(self, project_key: str) -> tuple[str | None, str | None]:
+        """Label Studio's address and the token ``/setup`` sent for this project (either may be None)."""
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(projects.c.ls_url, projects.c.ls_token).where(projects.c.key == project_key)
+            ).one_or_none()
+        return (row.ls_url, row.ls_token) if row else (None, None)
+
+    def resolve_project(self, key_or_id: str) -> str:
+        """A stored project key from a key or a bare Label Studio id (when only one project has it)."""
+        text = str(key_or_id).strip()
+        with self._read() as conn:
+            if conn.execute(sa.select(projects.c.key).where(projects.c.key == text)).scalar_one_or_none():
+                return text
+            known = conn.execute(sa.select(projects.c.key).order_by(projects.c.key)).scalars().all()
+            if text.isdigit():
+                matches = conn.execute(
+                    sa.select(projects.c.key).where(projects.c.ls_id == int(text)).order_by(projects.c.key)
+                ).scalars().all()
+                if len(matches) == 1:
+                    return matches[0]
+                if len(matches) > 1:
+                    raise UnknownProject(
+                        f"Label Studio project id {text} is ambiguous here: it names {', '.join(matches)} "
+                        "(projects of several Label Studio instances); pass the full key"
+                    )
+        shown = ", ".join(known[:20]) or "none yet"
+        raise UnknownProject(f"no project {text!r} in the store (known: {shown})")
+
+    def _rows(self, conn: Connection, project_key: str, cancelled: bool = False) -> list[Any]:
+        query = sa.select(
+            annotations.c.annotation_id,
+            annotations.c.task_id,
+            annotations.c.task_data,
+            annotations.c.result,
+            annotations.c.annotator,
+            annotations.c.ground_truth,
+            annotations.c.updated_us,
+            annotations.c.seq,
+        ).where(annotations.c.project_key == project_key)
+        if not cancelled:
+            query = query.where(annotations.c.was_cancelled.is_(False))
+        return conn.execute(query.order_by(annotations.c.task_id, annotations.c.annotation_id)).all()
+
+    def training_examples(self, project_key: str, control: ControlSpec) -> list[Example]:
+        """One example per task for a Choices control (see the rule in the module docstring)."""
+        if control.kind != CHOICES:
+            return []  # Labels (NER) examples come with the NER trainer; see annotation_results
+        with self._read() as conn:
+            rows = self._rows(conn, project_key)
+        return self._examples(project_key, control, rows)
+
+    def _examples(
+        self, project_key: str, control: ControlSpec, rows: Sequence[Any], quiet: bool = False
+    ) -> list[Example]:
+        allowed = control.values
+        dropped: Counter[str] = Counter()
+        no_text = 0
+        by_task: dict[int, list[tuple[Any, tuple[str, ...]]]] = defaultdict(list)
+        for row in rows:
+            chosen = _choices_of(json.loads(row.result), control.name)
+            if not chosen:
+                continue
+            kept = tuple(value for value in allowed if value in chosen)
+            dropped.update(value for value in chosen if value not in allowed)
+            if kept:
+                by_task[row.task_id].append((row, kept))
+        examples = []
+        for task_id, entries in by_task.items():
+            labels = {row.annotation_id: kept for row, kept in entries}
+            chosen_row = resolve_task([row for row, _ in entries], lambda row: labels[row.annotation_id])
+            text = json.loads(chosen_row.task_data).get(control.field)
+            if not isinstance(text, str):
+                no_text += 1
+                continue
+            examples.append(
+                Example(
+                    task_id=task_id,
+                    text=text,
+                    labels=labels[chosen_row.annotation_id],
+                    annotation_id=chosen_row.annotation_id,
+                    seq=chosen_row.seq,
+                )
+            )
+        say = log.debug if quiet else log.info
+        if dropped:
+            say(
+                "project %s control %s: %d label(s) no longer in the label config dropped from training: %s",
+                project_key, control.name, sum(dropped.values()),
+                ", ".join(f"{label!r} x{n}" for label, n in dropped.most_common()),
+            )
+        if no_text:
+            say("project %s control %s: %d task(s) skipped: no text in data field %r",
+                     project_key, control.name, no_text, control.field)
+        examples.sort(key=lambda example: example.task_id)
+        return examples
+
+    def annotation_results(
+        self, project_key: str, control_name: str, field: str | None = None
+    ) -> list[tuple[int, str, list[dict]]]:
+        """Raw result items per task for one control: ``(task_id, text, items)``.
+
+        The task's latest ground-truth annotation holding items for the control, else its
+        latest one.  ``field`` is the task data key of the text; by default it is read from
+        the project's current label config.
+        """
+        with self._read() as conn:
+            rows = self._rows(conn, project_key)
+        if field is None:
+            field = self._field_of(project_key, control_name)
+        return self._results(rows, control_name, field)
+
+    def _field_of(self, project_key: str, control_name: str) -> str | None:
+        config = self.latest_label_config(project_key)
+        if not config:
+            return None
+        try:
+            return plan_for(config).control(control_name).field
+        except (UnsupportedConfig, KeyError):
+            return None
+
+    @staticmethod
+    def _results(rows: Sequence[Any], control_name: str, field: str | None) -> list[tuple[int, str, list[dict]]]:
+        by_task: dict[int, list[tuple[Any, list[dict]]]] = defaultdict(list)
+        for row in rows:
+            items = [item for item in json.loads(row.result) if item.get("from_name") == control_name]
+            if items:
+                by_task[row.task_id].append((row, items))
+        out = []
+        for task_id, entries in sorted(by_task.items()):
+            truth = [entry for entry in entries if entry[0].ground_truth]
+            row, items = max(truth or entries, key=lambda entry: (entry[0].updated_us, entry[0].annotation_id))
+            text = json.loads(row.task_data).get(field) if field else None
+            out.append((task_id, text if isinstance(text, str) else "", items))
+        return out
+
+    def projects(self) -> list[ProjectSummary]:
+        with self._read() as conn:
+            keys = conn.execute(sa.select(projects.c.key).order_by(projects.c.ls_id, projects.c.key)).scalars().all()
+        return [self.project_summary(key) for key in keys]
+
+    def project_summary(self, key: str) -> ProjectSummary:
+        with self._read() as conn:
+            row = self._project_row(conn, key)
+            if row is None:
+                raise UnknownProject(f"no project {key!r} in the store")
+            rows = self._rows(conn, key)
+            cancelled = conn.execute(
+                sa.select(sa.func.count()).where(annotations.c.project_key == key, annotations.c.was_cancelled.is_(True))
+            ).scalar_one()
+            deleted = conn.execute(sa.select(sa.func.count()).where(tombstones.c.project_key == key)).scalar_one()
+            configs = conn.execute(sa.select(sa.func.count()).where(label_configs.c.project_key == key)).scalar_one()
+            since = self._changes_since(conn, key, row.trained_seq)
+            config = None
+            if row.label_config_id is not None:
+                config = conn.execute(
+                    sa.select(label_configs.c.xml).where(label_configs.c.id == row.label_config_id)
+                ).scalar_one()
+        return ProjectSummary(
+            key=key,
+            ls_id=row.ls_id,
+            title=row.title,
+            last_event_at=_iso(row.last_event_at),
+            annotations=len(rows),
+            cancelled=int(cancelled),
+            deleted=int(deleted),
+            tasks=len({r.task_id for r in rows}),
+            labels=self._label_counts(key, config, rows),
+            current_seq=int(row.last_seq),
+            trained_seq=int(row.trained_seq),
+            labels_since_training=since,
+            label_studio_annotations=row.ls_annotations,
+            label_configs=int(configs),
+            last_sync=json.loads(row.last_sync) if row.last_sync else None,
+        )
+
+    def _label_counts(self, key: str, config: str | None, rows: Sequence[Any]) -> dict[str, dict[str, int]]:
+        if not config:
+            return {}
+        try:
+            plan = plan_for(config)
+        except UnsupportedConfig:
+            return {}
+        counts: dict[str, dict[str, int]] = {}
+        for control in plan.controls:
+            tally: Counter[str] = Counter()
+            if control.kind == CHOICES:
+                for example in self._examples(key, control, rows, quiet=True):
+                    tally.update(example.labels)
+            elif control.kind == LABELS:
+                for _task, _text, items in self._results(rows, control.name, control.field):
+                    for item in items:
+                        value = item.get("value") if isinstance(item.get("value"), dict) else {}
+                        tally.update(str(label) for label in value.get("labels") or [])
+            counts[control.name] = {label: tally.get(label, 0) for label in control.values}
+            counts[control.name].update({label: n for label, n in tally.items() if label not in control.values})
+        return counts
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+

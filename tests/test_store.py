@@ -1,0 +1,413 @@
+"""The corrections store, against SQLite and the real PostgreSQL."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from ls_backend import store as store_module
+from ls_backend.labeling import plan_for
+from ls_backend.store import BadEvent, CorrectionStore, StoreError, UnknownProject, database_url
+from tests.support.events import (
+    NER_AND_TOPIC_CONFIG,
+    TOPIC_CONFIG,
+    annotation_event,
+    choices,
+    deleted_event,
+    key_of,
+    project,
+    span,
+)
+from tests.support.stores import BACKENDS, store_url
+
+KEY = key_of(3)
+TOPIC = plan_for(TOPIC_CONFIG).control("topic")
+
+
+@pytest.fixture(params=BACKENDS)
+def url(request, tmp_path):
+    with store_url(request.param, tmp_path) as value:
+        yield value
+
+
+@pytest.fixture
+def store(url):
+    opened = CorrectionStore(url)
+    yield opened
+    opened.close()
+
+
+def labels_of(store, key=KEY, control=TOPIC):
+    return {e.task_id: e.labels for e in store.training_examples(key, control)}
+
+
+# -- upserts, replays, deletes ------------------------------------------------------------
+def test_create_replay_and_update_count_changes_once(store):
+    first = store.record_event(annotation_event(1, 10, choices("World")))
+    assert (first.action, first.project_key, first.changed, first.trigger) == ("ANNOTATION_CREATED", KEY, 1, False)
+    assert store.record_event(annotation_event(1, 10, choices("World"))).changed == 0
+    updated = store.record_event(annotation_event(1, 10, choices("Sports"), action="ANNOTATION_UPDATED", updated=60))
+    assert updated.changed == 1
+    assert labels_of(store) == {10: ("Sports",)}
+    assert store.stored_annotations(KEY) == 1
+
+
+def test_the_latest_updated_at_wins_whatever_the_arrival_order(store):
+    store.record_event(annotation_event(1, 10, choices("Sports"), action="ANNOTATION_UPDATED", updated=120))
+    late = store.record_event(annotation_event(1, 10, choices("World"), updated=0))
+    assert late.changed == 0
+    assert labels_of(store) == {10: ("Sports",)}
+
+
+def test_a_delete_leaves_a_tombstone_that_a_late_replay_cannot_cross(store):
+    store.record_event(annotation_event(1, 10, choices("World")))
+    store.record_event(annotation_event(2, 11, choices("Sports")))
+    outcome = store.record_event(deleted_event(1, 99))  # 99: never seen, still buried
+    assert (outcome.action, outcome.changed, outcome.stored_annotations) == ("ANNOTATIONS_DELETED", 1, 1)
+    assert store.record_event(annotation_event(1, 10, choices("World"), action="ANNOTATION_UPDATED", updated=500)).changed == 0
+    assert store.record_event(annotation_event(99, 12, choices("World"))).changed == 0
+    assert labels_of(store) == {11: ("Sports",)}
+    assert store.project_summary(KEY).deleted == 2
+    assert store.record_event(deleted_event(1)).changed == 0  # deleting twice is a no-op
+
+
+def test_deleted_tasks_take_their_annotations_with_them(store):
+    store.record_event(annotation_event(1, 10, choices("World")))
+    store.record_event(annotation_event(2, 10, choices("World"), annotator=2))
+    store.record_event(annotation_event(3, 11, choices("Sports")))
+    outcome = store.record_event({"action": "TASKS_DELETED", "tasks": [{"id": 10}], "project": project()})
+    assert outcome.changed == 2
+    assert labels_of(store) == {11: ("Sports",)}
+
+
+def test_bulk_created_annotations_are_stored(store):
+    proj = project()
+    events = [annotation_event(i, 100 + i, choices("Business")) for i in (1, 2)]
+    payload = {
+        "action": "ANNOTATIONS_CREATED",
+        "annotation": [e["annotation"] for e in events],
+        "task": [e["task"] for e in events],
+        "project": proj,
+    }
+    assert store.record_event(payload).changed == 2
+    assert labels_of(store) == {101: ("Business",), 102: ("Business",)}
+
+
+def test_start_training_is_recorded_as_a_trigger(store):
+    outcome = store.record_event({"action": "START_TRAINING", "project": project()})
+    assert outcome.trigger and outcome.project_key == KEY and outcome.changed == 0
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(store_module.triggers.c.project_key, store_module.triggers.c.action)).all()
+    assert [tuple(r) for r in rows] == [(KEY, "START_TRAINING")]
+
+
+def test_other_actions_are_answered_and_not_kept(store):
+    outcome = store.record_event({"action": "LABEL_LINK_CREATED", "label_link": []})
+    assert (outcome.recorded, outcome.project_key, outcome.changed) == (False, None, 0)
+    assert store.projects() == []
+    # a project object on an action we do not keep still tells how far behind we are
+    store.record_event(annotation_event(1, 10, choices("World")))
+    tasks = store.record_event({"action": "TASKS_CREATED", "tasks": [], "project": project(total=5)})
+    assert (tasks.recorded, tasks.ls_annotations, tasks.stored_annotations, tasks.behind) == (False, 5, 1, True)
+
+
+# -- malformed payloads: a clear reason, nothing written ------------------------------------
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        ({"annotation": {}}, "action"),
+        ({"action": "ANNOTATION_CREATED", "annotation": {"id": 1}}, "names no project"),
+        ({"action": "ANNOTATION_CREATED", "project": {"id": 3}}, "created_at"),
+        ({"action": "ANNOTATION_CREATED", "project": {"id": 3, "created_at": "yesterday"}}, "ISO-8601"),
+        ({"action": "START_TRAINING", "project": {"id": "three", "created_at": "2026-11-27T00:54:22Z"}}, "integer"),
+        ({"action": "ANNOTATION_CREATED", "project": project()}, "'annotation' must be an object"),
+        ({"action": "ANNOTATIONS_DELETED", "annotations": "1,2", "project": project()}, "list"),
+    ],
+)
+def test_malformed_payloads_raise_bad_event_and_write_nothing(store, payload, reason):
+    with pytest.raises(BadEvent) as caught:
+        store.record_event(payload)
+    assert reason in caught.value.message
+    assert isinstance(caught.value, ValueError)
+    assert store.projects() == []
+
+
+def test_a_bad_annotation_in_a_batch_writes_none_of_it(store):
+    good = annotation_event(1, 10, choices("World"))
+    bad = annotation_event(2, 11, "not a list")  # type: ignore[arg-type]
+    payload = {"action": "ANNOTATIONS_CREATED", "annotation": [good["annotation"], bad["annotation"]],
+               "task": [good["task"], bad["task"]], "project": project()}
+    with pytest.raises(BadEvent, match="result"):
+        store.record_event(payload)
+    assert store.projects() == []
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda e: e["annotation"].update(project=4), "belongs to project 4"),
+        (lambda e: e["annotation"].update(task=11), "is on task 11"),
+        (lambda e: e["annotation"].pop("id"), "annotation.id"),
+        (lambda e: e["annotation"].update(updated_at="soon", created_at=None), "updated_at"),
+        (lambda e: e.pop("task"), "'task' object"),
+        (lambda e: e["task"].update(data="text"), "'data' must be an object"),
+        (lambda e: e["annotation"].update(id=True), "integer id"),
+    ],
+)
+def test_inconsistent_annotation_events_are_refused(store, change, reason):
+    event = annotation_event(1, 10, choices("World"))
+    change(event)
+    with pytest.raises(BadEvent, match=reason):
+        store.record_event(event)
+    assert store.projects() == []
+
+
+# -- the training view ------------------------------------------------------------------------
+def test_ground_truth_then_majority_then_latest(store):
+    # task 10: ground truth beats a later majority
+    store.record_event(annotation_event(1, 10, choices("World"), annotator=1, ground_truth=True))
+    store.record_event(annotation_event(2, 10, choices("Sports"), annotator=2, updated=10))
+    store.record_event(annotation_event(3, 10, choices("Sports"), annotator=3, updated=20))
+    # task 11: majority (two annotators) beats the latest single vote
+    store.record_event(annotation_event(4, 11, choices("Business"), annotator=1))
+    store.record_event(annotation_event(5, 11, choices("Business"), annotator=2, updated=5))
+    store.record_event(annotation_event(6, 11, choices("World"), annotator=3, updated=30))
+    # task 12: a tie goes to the latest
+    store.record_event(annotation_event(7, 12, choices("Business"), annotator=1, updated=50))
+    store.record_event(annotation_event(8, 12, choices("World"), annotator=2, updated=40))
+    # task 13: one annotator's second annotation replaces their first vote
+    store.record_event(annotation_event(9, 13, choices("World"), annotator=1))
+    store.record_event(annotation_event(10, 13, choices("Sports"), annotator=1, updated=10))
+    store.record_event(annotation_event(11, 13, choices("World"), annotator=2, updated=5))
+    examples = {e.task_id: e for e in store.training_examples(KEY, TOPIC)}
+    assert {t: e.labels for t, e in examples.items()} == {
+        10: ("World",),
+        11: ("Business",),
+        12: ("Business",),
+        13: ("Sports",),
+    }
+    assert examples[10].annotation_id == 1 and examples[11].annotation_id == 5
+    assert examples[10].text == "text of 10"
+    assert all(e.seq > 0 for e in examples.values())
+
+
+def test_cancelled_and_empty_annotations_are_skipped(store):
+    store.record_event(annotation_event(1, 10, choices("World"), cancelled=True))
+    store.record_event(annotation_event(2, 11, []))
+    store.record_event(annotation_event(3, 12, choices("Sports", control="other")))
+    store.record_event(annotation_event(4, 13, choices("World"), cancelled=True, annotator=1))
+    store.record_event(annotation_event(5, 13, choices("Sports"), annotator=2))
+    assert labels_of(store) == {13: ("Sports",)}
+    summary = store.project_summary(KEY)
+    assert (summary.annotations, summary.cancelled) == (3, 2)
+    assert store.stored_annotations(KEY) == 3
+
+
+def test_labels_no_longer_in_the_config_are_dropped_with_a_log_line(store, caplog):
+    store.record_event(annotation_event(1, 10, choices("World")))
+    store.record_event(annotation_event(2, 11, choices("Gossip")))
+    with caplog.at_level(logging.INFO, logger="ls_backend.store"):
+        assert labels_of(store) == {10: ("World",)}
+    assert "'Gossip' x1" in caplog.text and "dropped from training" in caplog.text
+
+
+def test_multiple_choices_are_kept_in_config_order(store):
+    config = TOPIC_CONFIG.replace('choice="single"', 'choice="multiple"')
+    proj = project(config=config)
+    store.record_event(annotation_event(1, 10, choices("Sports", "World", "Gossip"), proj=proj))
+    control = plan_for(config).control("topic")
+    assert labels_of(store, control=control) == {10: ("World", "Sports")}
+
+
+def test_text_comes_from_the_controls_field_and_tasks_without_it_are_skipped(store):
+    store.record_event(annotation_event(1, 10, choices("World"), text="Markets rallied"))
+    event = annotation_event(2, 11, choices("World"))
+    event["task"]["data"] = {"body": "elsewhere"}
+    store.record_event(event)
+    assert [(e.task_id, e.text) for e in store.training_examples(KEY, TOPIC)] == [(10, "Markets rallied")]
+
+
+def test_labels_controls_give_no_examples_yet_but_their_raw_results(store):
+    proj = project(config=NER_AND_TOPIC_CONFIG)
+    text = "Ada Lovelace met Babbage"
+    result = choices("World") + [span(0, 12, "Ada Lovelace", "PER")]
+    store.record_event(annotation_event(1, 10, result, text=text, proj=proj))
+    store.record_event(annotation_event(2, 10, [span(17, 24, "Babbage", "PER")], text=text, proj=proj, updated=9))
+    plan = plan_for(NER_AND_TOPIC_CONFIG)
+    assert store.training_examples(KEY, plan.control("ner")) == []
+    assert store.annotation_results(KEY, "ner") == [(10, text, [span(17, 24, "Babbage", "PER")])]
+    summary = store.project_summary(KEY)
+    assert summary.labels == {"topic": {"World": 1, "Sports": 0}, "ner": {"PER": 1, "ORG": 0}}
+
+
+# -- counters -----------------------------------------------------------------------------------
+def test_change_counters_and_the_training_mark(store):
+    assert (store.current_seq(KEY), store.changes_since(KEY, 0), store.trained_seq(KEY)) == (0, 0, 0)
+    store.record_event(annotation_event(1, 10, choices("World")))
+    store.record_event(annotation_event(2, 10, choices("World"), annotator=2))
+    store.record_event(annotation_event(3, 11, choices("World")))
+    assert store.changes_since(KEY, 0) == 2  # distinct tasks
+    mark = store.current_seq(KEY)
+    store.mark_trained(KEY, mark)
+    assert (store.trained_seq(KEY), store.labels_since_training(KEY)) == (mark, 0)
+    store.record_event(annotation_event(1, 10, choices("World")))  # replay: no change
+    store.record_event(annotation_event(4, 12, choices("World"), cancelled=True))  # skipped: not relevant
+    assert store.labels_since_training(KEY) == 0 and store.current_seq(KEY) == mark
+    store.record_event(annotation_event(3, 11, choices("Sports"), action="ANNOTATION_UPDATED", updated=5))
+    store.record_event(deleted_event(2))
+    assert store.labels_since_training(KEY) == 2
+    assert store.current_seq(KEY) > mark
+    store.mark_trained(KEY, mark - 1)  # the mark never moves back
+    assert store.trained_seq(KEY) == mark
+    with pytest.raises(UnknownProject):
+        store.mark_trained("9.1", 1)
+
+
+def test_label_config_snapshots_follow_the_projects_updated_at(store):
+    store.record_event(annotation_event(1, 10, choices("World")))
+    newer = TOPIC_CONFIG.replace('<Choice value="World"/>', '<Choice value="World"/><Choice value="Health"/>')
+    store.record_event({"action": "PROJECT_UPDATED", "project": project(config=newer, updated=100)})
+    assert store.latest_label_config(KEY) == newer
+    store.record_event(annotation_event(2, 11, choices("World")))  # carries the older config (updated=0)
+    assert store.latest_label_config(KEY) == newer
+    assert store.project_summary(KEY).label_configs == 2
+    assert store.latest_label_config("9.1") is None
+
+
+def test_project_lookup_by_key_or_unambiguous_id(store):
+    store.record_event(annotation_event(1, 10, choices("World")))
+    assert store.resolve_project(KEY) == KEY
+    assert store.resolve_project("3") == KEY
+    with pytest.raises(UnknownProject, match="no project '4'"):
+        store.resolve_project("4")
+    other = project(created_at="2025-01-01T00:00:00.000001Z")  # same id in another Label Studio
+    store.record_event(annotation_event(1, 10, choices("World"), proj=other))
+    with pytest.raises(UnknownProject, match="ambiguous"):
+        store.resolve_project("3")
+    assert len(store.projects()) == 2
+
+
+def test_setup_remembers_how_to_reach_label_studio(store):
+    store.note_setup(KEY, TOPIC_CONFIG, "http://ls.example:8080/", "secret-token")
+    assert store.connection_of(KEY) == ("http://ls.example:8080", "secret-token")
+    assert store.latest_label_config(KEY) == TOPIC_CONFIG
+    assert store.resolve_project("3") == KEY
+    store.record_event(annotation_event(1, 10, choices("World")))
+    summary = store.project_summary(KEY)
+    assert summary.title == "topics" and summary.annotations == 1
+    assert "secret-token" not in repr(summary.to_dict())
+
+
+def test_project_summary(store):
+    store.record_event(annotation_event(1, 10, choices("World")))
+    store.record_event(annotation_event(2, 11, choices("Sports"), cancelled=True))
+    store.record_event(deleted_event(5))
+    summary = store.project_summary(KEY).to_dict()
+    assert summary["labels"] == {"topic": {"World": 1, "Sports": 0, "Business": 0, "Sci/Tech": 0}}
+    assert (summary["annotations"], summary["cancelled"], summary["deleted"], summary["tasks"]) == (1, 1, 1, 1)
+    assert summary["labels_since_training"] == 1 and summary["last_event_at"].endswith("Z")
+    with pytest.raises(UnknownProject):
+        store.project_summary("9.1")
+
+
+# -- sync support ---------------------------------------------------------------------------------
+def test_sync_lease_is_exclusive_until_released(store):
+    store.record_event(annotation_event(1, 10, choices("World")))
+    assert store.claim_sync(KEY, 60)
+    assert not store.claim_sync(KEY, 60)
+    store.finish_sync(KEY, {"inserted": 1})
+    assert store.claim_sync(KEY, 60)
+    store.finish_sync(KEY, None)
+    assert store.project_summary(KEY).last_sync == {"inserted": 1}
+
+
+def test_ingest_and_delete_keep_the_same_rules(store):
+    from ls_backend.store import AnnotationRecord, ProjectInfo
+
+    info = ProjectInfo.from_payload(project())
+    event = annotation_event(1, 10, choices("World"))
+    record = AnnotationRecord.from_payload(event["annotation"], event["task"])
+    counts = store.ingest(info, [record, record])
+    assert (counts.inserted, counts.updated, counts.unchanged) == (1, 0, 0)
+    assert store.annotation_ids(KEY) == {1}
+    assert store.annotation_ids(KEY, up_to_seq=0) == set()
+    assert store.delete_annotations(KEY, [1]) == 1
+    assert store.ingest(info, [record]).tombstoned == 1
+    assert store.stored_annotations(KEY) == 0
+
+
+# -- concurrency and schema ------------------------------------------------------------------------
+def test_concurrent_writers_lose_nothing(store):
+    errors: list[BaseException] = []
+
+    def write(worker: int) -> None:
+        try:
+            for i in range(25):
+                annotation_id = worker * 1000 + i
+                store.record_event(annotation_event(annotation_id, annotation_id, choices("World")))
+                store.record_event(annotation_event(annotation_id, annotation_id, choices("World")))  # replay
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert store.stored_annotations(KEY) == 200
+    assert len(store.training_examples(KEY, TOPIC)) == 200
+    assert store.changes_since(KEY, 0) == 200
+
+
+def test_migrations_are_recorded_and_run_once(url):
+    stores = [CorrectionStore(url) for _ in range(3)]
+    with stores[0].engine.connect() as conn:
+        versions = conn.execute(sa.select(store_module.schema_version.c.version)).scalars().all()
+    assert versions == [store_module.SCHEMA_VERSION]
+    for opened in stores:
+        opened.close()
+
+
+def test_a_store_newer_than_the_code_is_refused(url, monkeypatch):
+    CorrectionStore(url).close()
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 0)
+    with pytest.raises(StoreError, match="newer than this ls-backend"):
+        CorrectionStore(url)
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path):
+    opened = CorrectionStore(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    with opened.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+    opened.close()
+
+
+def test_from_settings_puts_sqlite_under_model_dir(tmp_path):
+    from ls_backend.settings import Settings
+
+    opened = CorrectionStore.from_settings(Settings(model_dir=tmp_path / "models"))
+    assert (tmp_path / "models" / "store.sqlite").exists()
+    opened.close()
+
+
+def test_database_urls():
+    assert database_url("postgresql://u:p@h:5432/db") == "postgresql+psycopg://u:p@h:5432/db"
+    assert database_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert database_url("postgresql+psycopg://h/db") == "postgresql+psycopg://h/db"
+    with pytest.raises(StoreError, match="not supported"):
+        database_url("mysql://h/db")
+
+
+def test_settings_read_database_url():
+    from ls_backend.settings import Settings, SettingsError
+
+    settings = Settings.from_env({"DATABASE_URL": "postgresql://u:pw@h/db", "SYNC_CHECK_INTERVAL": "60"})
+    assert settings.database_url == "postgresql://u:pw@h/db" and settings.sync_check_interval == 60
+    assert settings.describe()["database_url"] == "postgresql://u:***@h/db"
+    with pytest.raises(SettingsError, match="DATABASE_URL"):
+        Settings.from_env({"DATABASE_URL": "mysql://h/db"})
