@@ -70,6 +70,7 @@ class LabelingPlan:
     controls: tuple[ControlSpec, ...]
     skipped: tuple[tuple[str, str], ...] = field(default=())
     interface: LabelInterface | None = field(default=None, compare=False, repr=False)
+    config: str = field(default="", compare=False, repr=False)
 
     @property
     def signature(self) -> str:
@@ -142,7 +143,7 @@ def _plan(config: str) -> LabelingPlan:
                 multiple=multiple,
             )
         )
-    return LabelingPlan(controls=tuple(controls), skipped=tuple(skipped), interface=interface)
+    return LabelingPlan(controls=tuple(controls), skipped=tuple(skipped), interface=interface, config=config)
 
 
 @lru_cache(maxsize=256)

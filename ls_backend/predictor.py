@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .labeling import CHOICES, LabelingPlan, UnsupportedConfig, plan_for
-from .model import ClassifierHead, Encoder, heads_for_plan, resolve_device
+from .model import ClassifierHead, Encoder, resolve_device
 from .registry import LoadedHeads, ModelRegistry, version_prefix
 from .settings import Settings
 
@@ -124,26 +124,7 @@ class Predictor:
 
     def _write_version_for_plan(self, project_key: str, plan: LabelingPlan, parent: LoadedHeads | None) -> LoadedHeads:
         encoder = self.encoder_for(parent.encoder_path if parent else None)
-        heads = heads_for_plan(
-            plan,
-            parent.heads if parent else {},
-            encoder,
-            self.settings.zero_shot_template,
-            self.settings.zero_shot_temperature,
-            self.settings.multi_label_threshold,
-        )
-        meta = {
-            "parent": parent.version if parent else None,
-            "kind": "config-change" if parent else "cold-start",
-            "encoder": parent.meta.get("encoder") if parent else None,
-            "base_model": self.settings.encoder_path,
-            "plan_signature": plan.signature,
-            "plan": [c.signature() for c in plan.controls],
-            "metrics": {},
-        }
-        name = self.registry.create_version(project_key, heads, meta)
-        self.registry.promote(project_key, name)
-        return self.registry.load(project_key, name)
+        return self.registry.write_plan_version(project_key, plan, parent, encoder, self.settings)
 
     def _install(self, project_key: str, loaded: LoadedHeads) -> None:
         encoder = self.encoder_for(loaded.encoder_path)

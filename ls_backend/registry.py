@@ -32,12 +32,16 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from .model import ClassifierHead
+from .model import ClassifierHead, Encoder, heads_for_plan
+
+if TYPE_CHECKING:
+    from .labeling import LabelingPlan
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -235,3 +239,30 @@ class ModelRegistry:
         self.meta(project_key, version)  # must exist and be complete
         write_atomic(self.project_dir(project_key) / "current", (version + "\n").encode())
         log.info("project %s: current version is now %s", project_key, version)
+
+    def write_plan_version(
+        self, project_key: str, plan: "LabelingPlan", parent: LoadedHeads | None, encoder: Encoder, settings: "Settings"
+    ) -> LoadedHeads:
+        """Write and promote the cold start (no parent) or ``parent`` re-shaped to a changed
+        label config: learned rows kept, new labels zero-shot, removed labels dropped."""
+        heads = heads_for_plan(
+            plan,
+            parent.heads if parent else {},
+            encoder,
+            settings.zero_shot_template,
+            settings.zero_shot_temperature,
+            settings.multi_label_threshold,
+        )
+        meta = {
+            "parent": parent.version if parent else None,
+            "kind": "config-change" if parent else "cold-start",
+            "encoder": parent.meta.get("encoder") if parent else None,
+            "base_model": settings.encoder_path,
+            "plan_signature": plan.signature,
+            "plan": [c.signature() for c in plan.controls],
+            "label_config": plan.config,
+            "metrics": {},
+        }
+        name = self.create_version(project_key, heads, meta)
+        self.promote(project_key, name)
+        return self.load(project_key, name)

@@ -1,0 +1,91 @@
+"""Training and registry sub-commands of ``ls-backend`` (worker, scheduler, train, jobs, versions)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .settings import Settings
+
+
+def _resolve(settings: Settings, key_or_id: str) -> str:
+    from .registry import ModelRegistry
+    from .store import CorrectionStore, UnknownProject
+
+    store = CorrectionStore.from_settings(settings)
+    try:
+        return store.resolve_project(key_or_id)
+    except UnknownProject:
+        # a project that has versions but no stored labels yet
+        matches = [k for k in ModelRegistry(settings.model_dir).projects() if k == key_or_id or k.split(".")[0] == key_or_id]
+        if len(matches) == 1:
+            return matches[0]
+        raise
+    finally:
+        store.close()
+
+
+def version_rows(settings: Settings, project_key: str) -> list[dict]:
+    """A project's versions, oldest first, with what an operator wants to see."""
+    from .registry import ModelRegistry
+
+    registry = ModelRegistry(settings.model_dir)
+    current = registry.current(project_key)
+    rows = []
+    for info in registry.versions(project_key):
+        meta = info.meta
+        decision = meta.get("decision") or {}
+        rows.append(
+            {
+                "version": info.name,
+                "current": info.name == current,
+                "kind": meta.get("kind"),
+                "recipe": meta.get("recipe"),
+                "parent": meta.get("parent"),
+                "created_at": meta.get("created_at"),
+                "trigger": meta.get("trigger"),
+                "data": meta.get("data"),
+                "metrics": meta.get("metrics"),
+                "promoted": decision.get("promoted", meta.get("kind") in ("cold-start", "config-change")),
+                "reason": decision.get("reason"),
+                "labels": {name: c.get("labels") for name, c in (meta.get("controls") or {}).items()},
+            }
+        )
+    return rows
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from .jobs import queue_from_settings, run_embedded_runner, run_rq_scheduler, run_rq_worker
+    from .logs import configure
+
+    configure(settings.log_level)
+    if args.command == "worker":
+        if settings.redis_url:
+            return run_rq_worker(settings, burst=args.burst)
+        return run_embedded_runner(settings, burst=args.burst)
+    if args.command == "scheduler":
+        if not settings.redis_url:
+            print("ls-backend: without REDIS_URL the job runner started by 'serve' keeps the schedule", file=sys.stderr)
+            return 2
+        return run_rq_scheduler(settings)
+    if args.command == "versions":
+        print(json.dumps({"project": _resolve(settings, args.project), "versions": version_rows(settings, _resolve(settings, args.project))}, indent=2))
+        return 0
+    queue = queue_from_settings(settings)
+    try:
+        if args.command == "jobs":
+            project = _resolve(settings, args.project) if args.project else None
+            print(json.dumps({"jobs": [job.to_dict() for job in queue.jobs(project)]}, indent=2))
+            return 0
+        if args.command == "train":
+            project = _resolve(settings, args.project)
+            job, created = queue.enqueue(project, "manual")
+            print(f"{'queued' if created else 'already queued'}: job {job.id} for project {project}", file=sys.stderr)
+            if args.wait:
+                job = queue.wait(job.id, args.timeout)
+            print(json.dumps(job.to_dict(), indent=2))
+            return 0 if job.state != "failed" else 1
+    finally:
+        queue.close()
+    return 2

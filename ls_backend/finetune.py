@@ -1,0 +1,249 @@
+"""One fine-tuning job for one project: store -> trainer -> evaluation -> registry.
+
+``fine_tune_project`` is what the queue runs (rq worker or embedded job runner).  It
+warm-starts from the project's current version, trains the candidates that make
+sense for the project's size, measures each candidate and the current model on the
+project's frozen evaluation slice, writes every candidate it keeps as a version,
+and promotes the best one only when it is not worse than the current one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .labeling import CHOICES, LabelingPlan, UnsupportedConfig, plan_for
+from .model import ClassifierHead, Encoder, resolve_device
+from .registry import LoadedHeads, ModelRegistry
+from .settings import Settings
+from .trainer import ControlData, TrainingArguments, evaluate, fine_tune, fit_head, save_encoder, set_seed
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict], None]
+
+
+class NothingToTrain(Exception):
+    """The job found no usable labels; it ends without a new version."""
+
+
+def in_eval_slice(task_id: int, share: float) -> bool:
+    """A deterministic, stable share of tasks (by a hash of the task id) never trained on."""
+    digest = hashlib.sha256(f"eval:{task_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+def training_arguments(settings: Settings) -> TrainingArguments:
+    return TrainingArguments(
+        mode=settings.train_mode,
+        learning_rate=settings.learning_rate,
+        batch_size=settings.train_batch_size,
+        max_length=settings.train_max_length,
+        epochs=settings.train_epochs,
+        min_steps=settings.train_min_steps,
+        full_min_labels=settings.full_min_labels,
+        max_train_examples=settings.max_train_examples,
+        seed=settings.seed,
+    )
+
+
+@dataclass
+class Split:
+    train: ControlData
+    held: ControlData
+
+
+def _bounded(examples: list, limit: int, seed: int) -> list:
+    """At most ``limit`` examples: the newest half, then a replay sample of the older ones."""
+    if len(examples) <= limit:
+        return examples
+    ordered = sorted(examples, key=lambda e: e.seq, reverse=True)
+    newest, older = ordered[: limit // 2], ordered[limit // 2 :]
+    rng = np.random.default_rng(seed)
+    replay = [older[i] for i in sorted(rng.choice(len(older), limit - len(newest), replace=False))]
+    return newest + replay
+
+
+class FineTuneJob:
+    def __init__(self, settings: Settings, store, registry: ModelRegistry | None = None, progress: Progress | None = None):
+        self.settings = settings
+        self.store = store
+        self.registry = registry or ModelRegistry(settings.model_dir)
+        self.progress = progress or (lambda update: None)
+        self.args = training_arguments(settings)
+        self.device = resolve_device(settings.device)
+
+    # -- inputs ----------------------------------------------------------------------
+    def _plan(self, project_key: str, current: LoadedHeads | None) -> tuple[LabelingPlan, str]:
+        config = self.store.latest_label_config(project_key)
+        if not config and current is not None:
+            config = current.meta.get("label_config")
+        if not config:
+            raise NothingToTrain("no label config is known for this project yet (connect it in Label Studio)")
+        try:
+            return plan_for(config), config
+        except UnsupportedConfig as exc:
+            raise NothingToTrain(str(exc)) from None
+
+    def _data(self, project_key: str, plan: LabelingPlan, heads: dict[str, ClassifierHead]) -> dict[str, Split]:
+        splits = {}
+        for control in plan.controls:
+            if control.kind != CHOICES or control.name not in heads:
+                continue
+            examples = self.store.training_examples(project_key, control)
+            train, held = [], []
+            for example in examples:
+                (held if in_eval_slice(example.task_id, self.settings.eval_share) else train).append(example)
+            train = _bounded(train, self.args.max_train_examples, self.args.seed)
+            labels = heads[control.name].labels
+
+            def as_data(rows):
+                return ControlData(control.name, list(labels), control.multiple, [e.text for e in rows], [tuple(e.labels) for e in rows])
+
+            if train:
+                splits[control.name] = Split(as_data(train), as_data(held))
+        return splits
+
+    # -- the job ---------------------------------------------------------------------
+    def run(self, project_key: str, trigger: str = "manual") -> dict:
+        started = time.time()
+        set_seed(self.args.seed)
+        cutoff = self.store.current_seq(project_key)
+        current_name = self.registry.current(project_key)
+        current = self.registry.load(project_key, current_name) if current_name else None
+        plan, config = self._plan(project_key, current)
+        base_encoder = Encoder(
+            current.encoder_path if current and current.encoder_path else self.settings.encoder_path,
+            self.device,
+            self.settings.max_length,
+        )
+        if current is None or current.meta.get("plan_signature") != plan.signature:
+            # the cold start, or the current heads re-shaped to the config (new labels start zero-shot)
+            with self.registry.lock(project_key):
+                name = self.registry.current(project_key)
+                current = self.registry.load(project_key, name) if name else None
+                if current is None or current.meta.get("plan_signature") != plan.signature:
+                    current = self.registry.write_plan_version(project_key, plan, current, base_encoder, self.settings)
+        start_heads = dict(current.heads)
+        splits = self._data(project_key, plan, start_heads)
+        if not splits:
+            self.store.mark_trained(project_key, cutoff)
+            raise NothingToTrain("no labeled tasks for any classification control")
+        n_train = sum(len(s.train) for s in splits.values())
+        self.progress({"stage": "embedding", "labels": n_train})
+
+        # frozen embeddings of every text the job touches, with the current encoder
+        embed = {}
+        for name, split in splits.items():
+            embed[name] = (
+                base_encoder.encode(split.train.texts, self.settings.batch_size),
+                base_encoder.encode(split.held.texts, self.settings.batch_size),
+            )
+
+        # the current model measured on the slice
+        current_heads = {name: start_heads[name] for name in splits}
+        figures: dict[str, dict] = {"current": self._measure(current_heads, splits, embed)}
+
+        # candidate 1: the fast head on frozen embeddings
+        fast_heads = dict(start_heads)
+        fast_report = {}
+        for name, split in splits.items():
+            head, report = fit_head(embed[name][0], split.train, start_heads[name], self.args.seed)
+            fast_heads[name] = head
+            fast_report[name] = report
+        self.progress({"stage": "fast-head", "labels": n_train})
+        candidates = {"frozen": (fast_heads, None, fast_report)}
+        figures["frozen"] = self._measure({n: fast_heads[n] for n in splits}, splits, embed)
+
+        # candidate 2: full fine-tuning, when it makes sense for the size
+        wants_full = self.args.mode == "full" or (
+            self.args.mode == "auto" and (n_train >= self.args.full_min_labels or self.device.type == "cuda")
+        )
+        if wants_full and self.args.mode != "frozen":
+            student, full_heads, full_report = fine_tune(
+                base_encoder, fast_heads, [s.train for s in splits.values()], self.args, self.progress
+            )
+            merged = dict(start_heads)
+            merged.update(full_heads)
+            held_embed = {
+                name: (None, student.encode(split.held.texts, self.settings.batch_size)) for name, split in splits.items()
+            }
+            candidates["full"] = (merged, student, full_report)
+            figures["full"] = self._measure({n: merged[n] for n in splits}, splits, held_embed)
+        if self.args.mode == "full":
+            candidates.pop("frozen")
+
+        # choose the best candidate on the slice, then gate it against the current model
+        def primary(name: str) -> float:
+            return figures[name]["score"] if figures[name]["score"] is not None else -1.0
+
+        best = max(candidates, key=lambda name: (primary(name), name == "frozen"))
+        slice_size = min((len(s.held) for s in splits.values()), default=0)
+        gated = slice_size >= self.settings.eval_min
+        if self.settings.force_promote:
+            promote, reason = True, "FORCE_PROMOTE is set"
+        elif not gated:
+            promote, reason = True, (
+                f"evaluation slice has {slice_size} labels (< EVAL_MIN={self.settings.eval_min}): promoted ungated"
+            )
+        elif primary(best) + self.settings.promotion_tolerance >= primary("current"):
+            promote, reason = True, f"{best} {primary(best):.4f} vs current {primary('current'):.4f}: not worse"
+        else:
+            promote, reason = False, (
+                f"{best} {primary(best):.4f} is worse than current {primary('current'):.4f} "
+                f"beyond the tolerance {self.settings.promotion_tolerance}"
+            )
+        heads, student, _ = candidates[best]
+        meta = {
+            "parent": current.version,
+            "kind": "fine-tune",
+            "recipe": best,
+            "trigger": trigger,
+            "encoder": current.meta.get("encoder") if student is None else None,
+            "base_model": self.settings.encoder_path,
+            "plan_signature": plan.signature,
+            "plan": [c.signature() for c in plan.controls],
+            "label_config": config,
+            "data": {
+                name: {"train": len(s.train), "eval": len(s.held)} for name, s in splits.items()
+            },
+            "cutoff_seq": cutoff,
+            "metrics": figures,
+            "training": {name: report for name, (_, _, report) in candidates.items()},
+            "decision": {"promoted": promote, "reason": reason, "gated": gated},
+            "seconds": round(time.time() - started, 2),
+        }
+        writer = (lambda folder: save_encoder(student, folder)) if student is not None else None
+        version = self.registry.create_version(project_key, heads, meta, write_encoder=writer)
+        if promote:
+            self.registry.promote(project_key, version)
+        self.store.mark_trained(project_key, cutoff)
+        log.info("project %s: job made %s (%s); %s", project_key, version, best, reason)
+        return {
+            "project": project_key,
+            "version": version,
+            "promoted": promote,
+            "reason": reason,
+            "recipe": best,
+            "labels": n_train,
+            "metrics": figures,
+            "cutoff_seq": cutoff,
+            "seconds": meta["seconds"],
+        }
+
+    def _measure(self, heads: dict[str, ClassifierHead], splits: dict[str, Split], embed: dict) -> dict:
+        per_control = {}
+        scores = []
+        for name, split in splits.items():
+            if not len(split.held):
+                continue
+            probs = heads[name].probabilities(embed[name][1])
+            metrics = evaluate(probs, split.held, heads[name])
+            per_control[name] = metrics
+            scores.append(metrics["primary"])
+        return {"score": float(np.mean(scores)) if scores else None, "controls": per_control}

@@ -1,0 +1,692 @@
+"""Training jobs: triggers, coalescing, status — a thin layer over rq, or an embedded runner.
+
+Two queues with one interface (:class:`TrainingQueue`):
+
+- :class:`RedisTrainingQueue` (``REDIS_URL`` set): rq on Redis.  ``ls-backend worker``
+  processes on any machine run the jobs; ``ls-backend scheduler`` runs rq's cron
+  scheduler for ``TRAIN_SCHEDULE``.
+- :class:`EmbeddedTrainingQueue` (no ``REDIS_URL``): a small SQLite job table in
+  ``MODEL_DIR/jobs.sqlite`` and exactly one :class:`JobRunner` per ``MODEL_DIR``
+  (an flock), started by ``ls-backend serve`` beside the web workers; each job runs
+  in a child process, so a crash or a timeout never takes the runner down.
+
+Coalescing (both): at most one queued job per project; a running job does not block a
+new queued one, and the job records the store's change sequence it trained up to
+(its cut-off), so labels arriving during a run trigger the next job.  Redis keys:
+``<queue>:queued:<project>`` (the queued job's id), ``<queue>:lock:<project>`` (the
+running job), ``<queue>:jobs:<project>`` and ``<queue>:jobs`` (job ids by time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import sqlite3
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+from .registry import safe_key
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, FINISHED, FAILED = "queued", "running", "finished", "failed"
+LOCK_TTL = 60  # seconds; a running job renews its project lock every LOCK_TTL / 3
+
+
+@dataclass
+class JobInfo:
+    id: str
+    project: str
+    state: str
+    trigger: str
+    enqueued_at: float | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    progress: dict = field(default_factory=dict)
+    result: dict | None = None
+    error: str | None = None
+    attempts: int = 0
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return round((self.ended_at or time.time()) - self.started_at, 2)
+
+    def to_dict(self) -> dict:
+        body = asdict(self)
+        body["duration"] = self.duration
+        body["version"] = (self.result or {}).get("version")
+        return body
+
+
+def _job_id(project_key: str) -> str:
+    """``train-<project key with '.' as '_'>-<random>``: letters, digits, '_' and '-' only (rq's rule)."""
+    readable = "".join(c if c.isalnum() else "_" for c in project_key)[:60]
+    return f"train-{readable}-{uuid.uuid4().hex[:12]}"
+
+
+# -- the job itself -----------------------------------------------------------------
+def execute_training(settings: Settings, project_key: str, trigger: str, progress=None) -> dict:
+    """Run one fine-tuning job for a project (what every worker kind calls)."""
+    from .finetune import FineTuneJob, NothingToTrain
+    from .store import CorrectionStore
+
+    store = CorrectionStore.from_settings(settings)
+    try:
+        if trigger == "START_TRAINING":
+            _sync_before_training(settings, store, project_key)
+        try:
+            return FineTuneJob(settings, store, progress=progress).run(project_key, trigger)
+        except NothingToTrain as exc:
+            log.info("project %s: nothing to train: %s", project_key, exc)
+            return {"project": project_key, "version": None, "promoted": False, "reason": f"nothing to train: {exc}"}
+    finally:
+        store.close()
+
+
+def _sync_before_training(settings: Settings, store, project_key: str) -> None:
+    """Bring the store level with Label Studio first, where its API is reachable."""
+    from .sync import sync_project
+
+    try:
+        sync_project(store, settings, project_key, reason="START_TRAINING")
+    except Exception as exc:  # the labels we hold are still worth training on
+        log.warning("project %s: sync before training failed: %s", project_key, exc)
+
+
+class Throttled:
+    """Calls ``sink`` with progress updates, at most every ``every`` seconds (and the last one)."""
+
+    def __init__(self, sink, every: float = 1.0):
+        self.sink, self.every, self.last = sink, every, 0.0
+
+    def __call__(self, update: dict) -> None:
+        now = time.monotonic()
+        final = update.get("step") is not None and update.get("step") == update.get("steps")
+        if final or now - self.last >= self.every:
+            self.last = now
+            try:
+                self.sink(dict(update, at=time.time()))
+            except Exception:
+                log.debug("progress update lost", exc_info=True)
+
+
+# -- interface ---------------------------------------------------------------------
+class TrainingQueue(ABC):
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    @abstractmethod
+    def enqueue(self, project_key: str, trigger: str) -> tuple[JobInfo, bool]:
+        """Queue a job for the project unless one is queued already: (job, created)."""
+
+    @abstractmethod
+    def jobs(self, project_key: str | None = None, limit: int = 50) -> list[JobInfo]:
+        """Jobs, newest first."""
+
+    @abstractmethod
+    def get(self, job_id: str) -> JobInfo | None: ...
+
+    def wait(self, job_id: str, timeout: float, poll: float = 0.5) -> JobInfo:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if job is None:
+                raise LookupError(f"no job {job_id}")
+            if job.state in (FINISHED, FAILED) or time.monotonic() > deadline:
+                return job
+            time.sleep(poll)
+
+    def maybe_enqueue(self, store, outcome) -> JobInfo | None:
+        """Webhook hook: START_TRAINING always queues; labels queue every ``TRAIN_EVERY``."""
+        key = getattr(outcome, "project_key", None)
+        if not key:
+            return None
+        if getattr(outcome, "trigger", False):
+            return self.enqueue(key, "START_TRAINING")[0]
+        every = self.settings.train_every
+        if every and getattr(outcome, "changed", 0) and store.labels_since_training(key) >= every:
+            return self.enqueue(key, "labels")[0]
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def queue_from_settings(settings: Settings) -> TrainingQueue:
+    if settings.redis_url:
+        return RedisTrainingQueue(settings)
+    return EmbeddedTrainingQueue(settings)
+
+
+def scheduled_training(project_keys: list[str] | None = None) -> list[str]:
+    """The scheduled trigger: queue a job for every project with labels not yet trained on."""
+    from .store import CorrectionStore
+
+    settings = Settings.from_env()
+    store = CorrectionStore.from_settings(settings)
+    queue = queue_from_settings(settings)
+    queued = []
+    try:
+        keys = project_keys or [p.key for p in store.projects()]
+        for key in keys:
+            if store.labels_since_training(key) > 0:
+                queue.enqueue(key, "schedule")
+                queued.append(key)
+    finally:
+        store.close()
+        queue.close()
+    return queued
+
+
+# -- rq ---------------------------------------------------------------------------
+def train_project(project_key: str, trigger: str = "manual") -> dict:
+    """The rq job function (``ls_backend.jobs.train_project``)."""
+    from redis import Redis
+    from rq import get_current_job
+
+    settings = Settings.from_env()
+    connection = Redis.from_url(settings.redis_url)
+    queue = RedisTrainingQueue(settings, connection)
+    job = get_current_job()
+    lock = connection.lock(queue.key("lock", project_key), timeout=LOCK_TTL, blocking_timeout=settings.job_timeout)
+    if not lock.acquire():
+        raise RuntimeError(f"project {project_key}: another job held the project lock for {settings.job_timeout}s")
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(LOCK_TTL / 3):
+            with contextlib.suppress(Exception):
+                lock.reacquire()
+
+    threading.Thread(target=renew, daemon=True).start()
+    try:
+        # from here on, new labels queue the next job instead of joining this one
+        queue.release_queued(project_key, job.id if job else None)
+        if job is not None:
+            job.meta["started_at"] = time.time()
+            job.save_meta()
+
+        def sink(update: dict) -> None:
+            if job is not None:
+                job.meta["progress"] = update
+                job.save_meta()
+
+        result = execute_training(settings, project_key, trigger, Throttled(sink))
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            lock.release()
+    queue.requeue_if_behind(project_key)
+    return result
+
+
+class RedisTrainingQueue(TrainingQueue):
+    LIVE = {"queued", "deferred", "scheduled", "started"}
+
+    def __init__(self, settings: Settings, connection=None):
+        super().__init__(settings)
+        from redis import Redis
+        from rq import Queue
+
+        self.connection = connection or Redis.from_url(settings.redis_url)
+        self.queue = Queue(settings.queue_name, connection=self.connection)
+
+    def key(self, kind: str, project_key: str | None = None) -> str:
+        base = f"{self.settings.queue_name}:{kind}"
+        return f"{base}:{safe_key(project_key)}" if project_key else base
+
+    def release_queued(self, project_key: str, job_id: str | None) -> None:
+        key = self.key("queued", project_key)
+        pipe = self.connection.pipeline()
+        while True:
+            try:
+                pipe.watch(key)
+                if job_id is not None and (pipe.get(key) or b"").decode() != job_id:
+                    pipe.unwatch()
+                    return
+                pipe.multi()
+                pipe.delete(key)
+                pipe.execute()
+                return
+            except Exception as exc:  # WatchError: someone changed it; look again
+                if type(exc).__name__ != "WatchError":
+                    raise
+            finally:
+                pipe.reset()
+
+    def enqueue(self, project_key: str, trigger: str) -> tuple[JobInfo, bool]:
+        from rq import Retry
+        from rq.job import Job
+
+        key = self.key("queued", project_key)
+        for _ in range(5):
+            job_id = _job_id(project_key)
+            if self.connection.set(key, job_id, nx=True, ex=self.settings.job_timeout * 4):
+                retries = self.settings.job_retries
+                job = self.queue.enqueue(
+                    train_project,
+                    project_key,
+                    trigger,
+                    job_id=job_id,
+                    job_timeout=self.settings.job_timeout,
+                    result_ttl=7 * 86400,
+                    failure_ttl=30 * 86400,
+                    retry=Retry(max=retries, interval=[10, 60, 300][:retries] or 10) if retries else None,
+                    meta={"project": project_key, "trigger": trigger, "enqueued_at": time.time()},
+                    description=f"train {project_key} ({trigger})",
+                )
+                now = time.time()
+                pipe = self.connection.pipeline()
+                pipe.zadd(self.key("jobs", project_key), {job_id: now})
+                pipe.zadd(self.key("jobs"), {job_id: now})
+                pipe.execute()
+                log.info("project %s: queued job %s (%s)", project_key, job_id, trigger)
+                return self._info(job), True
+            existing = self.connection.get(key)
+            if existing is None:
+                continue
+            existing_id = existing.decode()
+            try:
+                job = Job.fetch(existing_id, connection=self.connection)
+                if job.get_status(refresh=True) in self.LIVE:
+                    log.debug("project %s: %s coalesced into queued job %s", project_key, trigger, existing_id)
+                    return self._info(job), False
+            except Exception:
+                pass
+            self.release_queued(project_key, existing_id)  # stale: its job is gone or over
+        raise RuntimeError(f"project {project_key}: could not queue a job")
+
+    def requeue_if_behind(self, project_key: str) -> None:
+        every = self.settings.train_every
+        if not every:
+            return
+        from .store import CorrectionStore
+
+        store = CorrectionStore.from_settings(self.settings)
+        try:
+            if store.labels_since_training(project_key) >= every:
+                self.enqueue(project_key, "labels")
+        finally:
+            store.close()
+
+    def _info(self, job) -> JobInfo:
+        status = job.get_status(refresh=False)
+        status = getattr(status, "value", status)
+        state = {
+            "queued": QUEUED,
+            "deferred": QUEUED,
+            "scheduled": QUEUED,
+            "started": RUNNING,
+            "finished": FINISHED,
+        }.get(status, FAILED)
+        meta = job.meta or {}
+        result = None
+        error = None
+        if state == FINISHED:
+            with contextlib.suppress(Exception):
+                result = job.return_value()
+        if state == FAILED:
+            error = self._failure(job) or f"job {status}"
+        started = meta.get("started_at") or (job.started_at.replace(tzinfo=timezone.utc).timestamp() if job.started_at else None)
+        ended = job.ended_at.replace(tzinfo=timezone.utc).timestamp() if job.ended_at else None
+        return JobInfo(
+            id=job.id,
+            project=meta.get("project", ""),
+            state=state,
+            trigger=meta.get("trigger", ""),
+            enqueued_at=meta.get("enqueued_at"),
+            started_at=started,
+            ended_at=ended if state in (FINISHED, FAILED) else None,
+            progress=meta.get("progress", {}),
+            result=result,
+            error=error,
+            attempts=(self.settings.job_retries - (job.retries_left or 0)) if job.retries_left is not None else 0,
+        )
+
+    @staticmethod
+    def _failure(job) -> str | None:
+        with contextlib.suppress(Exception):
+            latest = job.latest_result()
+            if latest is not None and latest.exc_string:
+                return latest.exc_string.strip().splitlines()[-1]
+        return getattr(job, "exc_info", None)
+
+    def get(self, job_id: str) -> JobInfo | None:
+        from rq.job import Job
+
+        try:
+            return self._info(Job.fetch(job_id, connection=self.connection))
+        except Exception:
+            return None
+
+    def jobs(self, project_key: str | None = None, limit: int = 50) -> list[JobInfo]:
+        from rq.job import Job
+
+        ids = [i.decode() for i in self.connection.zrevrange(self.key("jobs", project_key), 0, limit - 1)]
+        found = Job.fetch_many(ids, connection=self.connection)
+        return [self._info(job) for job in found if job is not None]
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.connection.close()
+
+
+def run_rq_worker(settings: Settings, burst: bool = False) -> int:
+    from redis import Redis
+    from rq import Queue, Worker
+
+    connection = Redis.from_url(settings.redis_url)
+    worker = Worker([Queue(settings.queue_name, connection=connection)], connection=connection)
+    worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
+    return 0
+
+
+def run_rq_scheduler(settings: Settings) -> int:
+    from redis import Redis
+    from rq.cron import CronScheduler
+
+    if not settings.train_schedule:
+        raise SystemExit("TRAIN_SCHEDULE is not set: nothing to schedule")
+    scheduler = CronScheduler(connection=Redis.from_url(settings.redis_url), logging_level=settings.log_level)
+    schedule = settings.train_schedule
+    timing = {"interval": int(schedule)} if schedule.isdigit() else {"cron": schedule}
+    scheduler.register(scheduled_training, settings.queue_name, job_timeout=600, **timing)
+    scheduler.start()
+    return 0
+
+
+# -- embedded ------------------------------------------------------------------------
+class EmbeddedTrainingQueue(TrainingQueue):
+    """A job table in SQLite (``MODEL_DIR/jobs.sqlite``), shared by the web workers and the runner."""
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS jobs (
+        id TEXT PRIMARY KEY,
+        project TEXT NOT NULL,
+        state TEXT NOT NULL,
+        trigger TEXT NOT NULL,
+        enqueued_at REAL NOT NULL,
+        started_at REAL,
+        ended_at REAL,
+        progress TEXT NOT NULL DEFAULT '{}',
+        result TEXT,
+        error TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX IF NOT EXISTS jobs_project ON jobs (project, state);
+    """
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings)
+        settings.model_dir.mkdir(parents=True, exist_ok=True)
+        self.path = settings.model_dir / "jobs.sqlite"
+        with self._connect() as db:
+            db.executescript(self.SCHEMA)
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            db.row_factory = sqlite3.Row
+            yield db
+        finally:
+            db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _info(row: sqlite3.Row) -> JobInfo:
+        return JobInfo(
+            id=row["id"],
+            project=row["project"],
+            state=row["state"],
+            trigger=row["trigger"],
+            enqueued_at=row["enqueued_at"],
+            started_at=row["started_at"],
+            ended_at=row["ended_at"],
+            progress=json.loads(row["progress"] or "{}"),
+            result=json.loads(row["result"]) if row["result"] else None,
+            error=row["error"],
+            attempts=row["attempts"],
+        )
+
+    def enqueue(self, project_key: str, trigger: str) -> tuple[JobInfo, bool]:
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM jobs WHERE project = ? AND state = ?", (project_key, QUEUED)).fetchone()
+            if row is not None:
+                return self._info(row), False
+            job_id = _job_id(project_key)
+            db.execute(
+                "INSERT INTO jobs (id, project, state, trigger, enqueued_at) VALUES (?, ?, ?, ?, ?)",
+                (job_id, project_key, QUEUED, trigger, time.time()),
+            )
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        log.info("project %s: queued job %s (%s)", project_key, job_id, trigger)
+        return self._info(row), True
+
+    def get(self, job_id: str) -> JobInfo | None:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._info(row) if row else None
+
+    def jobs(self, project_key: str | None = None, limit: int = 50) -> list[JobInfo]:
+        with self._connect() as db:
+            if project_key:
+                rows = db.execute(
+                    "SELECT * FROM jobs WHERE project = ? ORDER BY enqueued_at DESC LIMIT ?", (project_key, limit)
+                ).fetchall()
+            else:
+                rows = db.execute("SELECT * FROM jobs ORDER BY enqueued_at DESC LIMIT ?", (limit,)).fetchall()
+        return [self._info(row) for row in rows]
+
+    # runner side
+    def claim(self) -> JobInfo | None:
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT * FROM jobs WHERE state = ? AND project NOT IN (SELECT project FROM jobs WHERE state = ?) "
+                "ORDER BY enqueued_at LIMIT 1",
+                (QUEUED, RUNNING),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = ?, started_at = ?, attempts = attempts + 1 WHERE id = ?",
+                (RUNNING, time.time(), row["id"]),
+            )
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
+        return self._info(row)
+
+    def set_progress(self, job_id: str, progress: dict) -> None:
+        with self._connect() as db:
+            db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(progress), job_id))
+
+    def finish(self, job_id: str, result: dict) -> None:
+        with self._connect() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, ended_at = ?, result = ? WHERE id = ?",
+                (FINISHED, time.time(), json.dumps(result), job_id),
+            )
+
+    def fail(self, job_id: str, error: str, retry: bool) -> None:
+        """Mark a job failed, or queue it again (it keeps its id and attempt count)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return
+            queued = db.execute(
+                "SELECT id FROM jobs WHERE project = ? AND state = ? AND id != ?", (row["project"], QUEUED, job_id)
+            ).fetchone()
+            if retry and row["attempts"] <= self.settings.job_retries and queued is None:
+                db.execute(
+                    "UPDATE jobs SET state = ?, started_at = NULL, error = ?, enqueued_at = ? WHERE id = ?",
+                    (QUEUED, f"attempt {row['attempts']} failed: {error}", time.time(), job_id),
+                )
+            else:
+                db.execute(
+                    "UPDATE jobs SET state = ?, ended_at = ?, error = ? WHERE id = ?",
+                    (FAILED, time.time(), error, job_id),
+                )
+
+    def orphans(self) -> list[JobInfo]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE state = ?", (RUNNING,)).fetchall()
+        return [self._info(row) for row in rows]
+
+
+def _child_main(settings: Settings, job: JobInfo, pipe) -> None:
+    from .logs import configure
+
+    configure(settings.log_level)
+    queue = EmbeddedTrainingQueue(settings)
+    try:
+        result = execute_training(settings, job.project, job.trigger, Throttled(lambda u: queue.set_progress(job.id, u)))
+        pipe.send(("ok", result))
+    except BaseException as exc:  # report everything, the runner decides
+        log.exception("job %s failed", job.id)
+        pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class JobRunner:
+    """Runs the embedded queue's jobs one at a time; one runner per MODEL_DIR (flock)."""
+
+    def __init__(self, settings: Settings, poll: float = 0.5):
+        self.settings = settings
+        self.queue = EmbeddedTrainingQueue(settings)
+        self.poll = poll
+        self.stopping = threading.Event()
+        self.context = multiprocessing.get_context("spawn")
+        self._next_schedule = self._schedule_after(time.time())
+
+    def _schedule_after(self, moment: float) -> float | None:
+        schedule = self.settings.train_schedule
+        if not schedule:
+            return None
+        if schedule.isdigit():
+            return moment + int(schedule)
+        from croniter import croniter
+
+        return croniter(schedule, datetime.fromtimestamp(moment, timezone.utc)).get_next(float)
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        path = self.settings.model_dir / ".job-runner.lock"
+        with open(path, "a+") as handle:
+            while not self.stopping.is_set():
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    self.stopping.wait(1.0)  # another runner serves this MODEL_DIR; stand by
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def stop(self, *_: Any) -> None:
+        self.stopping.set()
+
+    def run_forever(self, burst: bool = False) -> None:
+        with self._exclusive():
+            if self.stopping.is_set():
+                return
+            for job in self.queue.orphans():
+                log.warning("job %s was running when the job runner stopped; retrying or failing it", job.id)
+                self.queue.fail(job.id, "the job runner stopped while this job ran", retry=True)
+            log.info("job runner ready (models in %s)", self.settings.model_dir)
+            while not self.stopping.is_set():
+                self._maybe_schedule()
+                job = self.queue.claim()
+                if job is None:
+                    if burst:
+                        return
+                    self.stopping.wait(self.poll)
+                    continue
+                self.run_one(job)
+
+    def _maybe_schedule(self) -> None:
+        if self._next_schedule is None or time.time() < self._next_schedule:
+            return
+        self._next_schedule = self._schedule_after(time.time())
+        try:
+            queued = scheduled_training()
+            log.info("schedule: queued %d project(s)", len(queued))
+        except Exception:
+            log.exception("scheduled trigger failed")
+
+    def run_one(self, job: JobInfo) -> None:
+        log.info("job %s: training project %s (%s, attempt %d)", job.id, job.project, job.trigger, job.attempts)
+        receiver, sender = self.context.Pipe(duplex=False)
+        child = self.context.Process(target=_child_main, args=(self.settings, job, sender), daemon=True)
+        child.start()
+        sender.close()
+        deadline = time.monotonic() + self.settings.job_timeout
+        outcome = None
+        while outcome is None:
+            if receiver.poll(0.5):
+                try:
+                    outcome = receiver.recv()
+                except EOFError:
+                    outcome = ("crash", f"the job process died (exit code {child.exitcode})")
+            elif not child.is_alive():
+                child.join()
+                outcome = ("crash", f"the job process died (exit code {child.exitcode})")
+            elif time.monotonic() > deadline:
+                child.kill()
+                outcome = ("timeout", f"timed out after {self.settings.job_timeout}s (JOB_TIMEOUT)")
+            elif self.stopping.is_set():
+                child.terminate()
+                child.join(10)
+                outcome = ("crash", "the job runner was stopped")
+        child.join(10)
+        kind, body = outcome
+        if kind == "ok":
+            self.queue.finish(job.id, body)
+            every = self.settings.train_every
+            if every:
+                self._requeue_if_behind(job.project, every)
+        else:
+            log.error("job %s: %s", job.id, body)
+            self.queue.fail(job.id, body, retry=kind in ("crash", "timeout"))
+
+    def _requeue_if_behind(self, project_key: str, every: int) -> None:
+        from .store import CorrectionStore
+
+        store = CorrectionStore.from_settings(self.settings)
+        try:
+            if store.labels_since_training(project_key) >= every:
+                self.queue.enqueue(project_key, "labels")
+        finally:
+            store.close()
+
+
+def run_embedded_runner(settings: Settings, burst: bool = False) -> int:
+    runner = JobRunner(settings)
+    signal.signal(signal.SIGTERM, runner.stop)
+    signal.signal(signal.SIGINT, runner.stop)
+    runner.run_forever(burst=burst)
+    return 0

@@ -1,0 +1,410 @@
+"""Training: the fast head on frozen embeddings, and full fine-tuning of encoder + heads.
+
+Both produce the same model shape (see ``model``), so any result is a version the
+predictor loads.  Nothing here touches the registry pointer or the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .model import ClassifierHead, Encoder
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class TrainingArguments:
+    """Every knob of a training job; defaults need no tuning (see the README's training section)."""
+
+    mode: str = "auto"  # auto | frozen | full
+    learning_rate: float = 1e-4  # encoder, full mode
+    head_learning_rate: float = 1e-3  # heads, full mode
+    batch_size: int = 16
+    max_length: int = 128
+    epochs: int = 0  # 0: scaled to the label count (``full_schedule``)
+    min_steps: int = 50
+    max_epochs: int = 20
+    target_examples: int = 2048  # full mode: epochs = ceil(target_examples / labels), within [3, max_epochs]
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    full_min_labels: int = 200  # auto mode on a CPU: fine-tune the encoder from this many labels
+    max_train_examples: int = 20_000  # bounded work per job: newest first, then a replay sample
+    seed: int = 13
+
+
+@dataclass
+class ControlData:
+    """Training examples of one classification control."""
+
+    name: str
+    labels: list[str]  # the head's label order
+    multiple: bool
+    texts: list[str]
+    targets: list[tuple[str, ...]]  # label values per example
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def target_array(self) -> np.ndarray:
+        index = {label: i for i, label in enumerate(self.labels)}
+        if self.multiple:
+            y = np.zeros((len(self.targets), len(self.labels)), dtype=np.float32)
+            for row, values in enumerate(self.targets):
+                for value in values:
+                    y[row, index[value]] = 1.0
+            return y
+        return np.array([index[values[0]] for values in self.targets], dtype=np.int64)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -- fast head ------------------------------------------------------------------------
+def _fit_linear(
+    x: torch.Tensor, y: torch.Tensor, prior_w: torch.Tensor, prior_b: torch.Tensor, l2: float, multiple: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-regularised logistic regression pulled towards ``prior_w`` (LBFGS, full batch)."""
+    weight = prior_w.clone().requires_grad_(True)
+    bias = prior_b.clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        logits = x @ weight.T + bias
+        if multiple:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, y)
+        loss = loss + 0.5 * l2 * ((weight - prior_w) ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def _score(logits: torch.Tensor, y: torch.Tensor, multiple: bool) -> float:
+    if multiple:
+        return float(((logits > 0).float() == y).all(dim=1).float().mean())
+    return float((logits.argmax(dim=1) == y).float().mean())
+
+
+#: Candidate regularisers for the fast head, chosen per job by cross-validation on the
+#: training labels: (prior, strength c; the L2 weight is c / n).  "zero-shot" pulls the
+#: rows towards the label-name embeddings (strong with few labels); "none" towards 0.
+HEAD_GRID: tuple[tuple[str, float], ...] = (("zero-shot", 0.25), ("zero-shot", 1.0), ("none", 0.05), ("none", 1.0))
+ZERO_SHOT_PRIOR_SCALE = 10.0  # prior rows = unit label embeddings x 10 (a softmax temperature of 0.1)
+
+
+def fit_head(
+    embeddings: np.ndarray,
+    data: ControlData,
+    prior: ClassifierHead | None,
+    seed: int = 13,
+    folds: int = 4,
+) -> tuple[ClassifierHead, dict]:
+    """Refit a control's head on frozen embeddings; seconds even for thousands of labels.
+
+    The regulariser is picked from ``HEAD_GRID`` by ``folds``-fold cross-validation on
+    the training labels (never the evaluation slice); the chosen setting is refit on all
+    of them.  Returns the head (temperature 1) and what was chosen.
+    """
+    started = time.perf_counter()
+    x = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
+    y = torch.from_numpy(data.target_array())
+    n, dim = x.shape
+    k = len(data.labels)
+    zero_rows = torch.zeros(k, dim)
+    if prior is not None:
+        # rows of labels still zero-shot define the prior; learned rows are kept as they are
+        zero_rows = torch.from_numpy(prior.weight.astype(np.float32))
+        norms = zero_rows.norm(dim=1, keepdim=True).clamp(min=1e-6)
+        zero_rows = zero_rows / norms * ZERO_SHOT_PRIOR_SCALE
+    priors = {"zero-shot": zero_rows, "none": torch.zeros(k, dim)}
+    bias0 = torch.zeros(k)
+    generator = np.random.default_rng(seed)
+    order = generator.permutation(n)
+    fold_of = np.empty(n, dtype=np.int64)
+    fold_of[order] = np.arange(n) % max(2, min(folds, n))
+    scores = {}
+    out_of_fold: dict[tuple[str, float], torch.Tensor] = {}
+    for name, strength in HEAD_GRID:
+        if n < 8:  # too few for cross-validation: trust the prior
+            break
+        l2 = strength / n
+        logits = torch.zeros(n, k)
+        for fold in range(fold_of.max() + 1):
+            train, held = fold_of != fold, fold_of == fold
+            if not held.any() or not train.any():
+                continue
+            w, b = _fit_linear(x[train], y[train], priors[name], bias0, l2, data.multiple)
+            logits[torch.from_numpy(held)] = x[held] @ w.T + b
+        out_of_fold[(name, strength)] = logits
+        scores[(name, strength)] = _score(logits, y, data.multiple)
+    if scores:
+        choice = max(scores, key=lambda key: (scores[key], key[0] == "zero-shot", key[1]))
+        temperature = fit_temperature(out_of_fold[choice].numpy(), y.numpy(), data.multiple)
+    else:
+        choice = ("zero-shot", 1.0)
+        temperature = 1.0
+    weight, bias = _fit_linear(x, y, priors[choice[0]], bias0, choice[1] / max(n, 1), data.multiple)
+    head = ClassifierHead(
+        labels=list(data.labels),
+        weight=weight.numpy(),
+        bias=bias.numpy(),
+        multiple=data.multiple,
+        temperature=temperature,
+        threshold=prior.threshold if prior is not None else 0.5,
+        trained=True,
+        zero_shot_rows=[],
+    )
+    report = {
+        "temperature": round(temperature, 4),
+        "prior": choice[0],
+        "l2": choice[1] / max(n, 1),
+        "cv_accuracy": scores.get(choice),
+        "cv": {f"{name}:{strength}": round(score, 4) for (name, strength), score in scores.items()},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return head, report
+
+
+# -- calibration and evaluation ------------------------------------------------------
+def _nll(logits: np.ndarray, y: np.ndarray, multiple: bool) -> float:
+    if multiple:
+        p = 1.0 / (1.0 + np.exp(-logits))
+        p = np.clip(p, 1e-7, 1 - 1e-7)
+        return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+    z = logits - logits.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(y)), y].mean())
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray, multiple: bool) -> float:
+    """The temperature T minimising the negative log-likelihood of ``logits / T``.
+
+    Fitted on predictions for labels the logits' model did not train on (out-of-fold
+    or a held-out split of the training labels), never on the evaluation slice.
+    """
+    if len(y) < 8:
+        return 1.0
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 121))
+    losses = [_nll(logits / t, y, multiple) for t in grid]
+    return float(grid[int(np.argmin(losses))])
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
+    """ECE of the top choice (single-label)."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(ece)
+
+
+def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    denominator = 2 * tp + fp + fn
+    return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 1.0)
+
+
+def evaluate(probs: np.ndarray, data: ControlData, head: ClassifierHead) -> dict:
+    """Slice metrics of one control: accuracy and macro-F1 (single), micro/macro-F1 (multiple).
+
+    ``primary`` is the figure the promotion gate compares: accuracy, or micro-F1.
+    """
+    y = data.target_array()
+    k = len(data.labels)
+    if data.multiple:
+        predicted = probs >= head.threshold
+        truth = y.astype(bool)
+        tp = (predicted & truth).sum(axis=0)
+        fp = (predicted & ~truth).sum(axis=0)
+        fn = (~predicted & truth).sum(axis=0)
+        micro = float(_f1(tp.sum(keepdims=True), fp.sum(keepdims=True), fn.sum(keepdims=True))[0])
+        return {
+            "n": int(len(y)),
+            "micro_f1": round(micro, 4),
+            "macro_f1": round(float(_f1(tp, fp, fn).mean()), 4),
+            "exact_match": round(float((predicted == truth).all(axis=1).mean()), 4),
+            "primary": micro,
+        }
+    predicted = probs.argmax(axis=1)
+    onehot_pred = np.eye(k, dtype=bool)[predicted]
+    onehot_true = np.eye(k, dtype=bool)[y]
+    tp = (onehot_pred & onehot_true).sum(axis=0)
+    fp = (onehot_pred & ~onehot_true).sum(axis=0)
+    fn = (~onehot_pred & onehot_true).sum(axis=0)
+    present = onehot_true.any(axis=0) | onehot_pred.any(axis=0)
+    accuracy = float((predicted == y).mean())
+    return {
+        "n": int(len(y)),
+        "accuracy": round(accuracy, 4),
+        "macro_f1": round(float(_f1(tp, fp, fn)[present].mean()) if present.any() else 0.0, 4),
+        "ece": round(expected_calibration_error(probs, y), 4),
+        "primary": accuracy,
+    }
+
+
+# -- full fine-tuning ----------------------------------------------------------------
+def full_schedule(n_examples: int, args: TrainingArguments) -> tuple[int, int]:
+    """(epochs, optimisation steps) for ``n_examples`` labels.
+
+    epochs = ceil(target_examples / n) clamped to [3, max_epochs] (unless ``epochs`` is
+    set); steps = ceil(n / batch_size) x epochs, at least ``min_steps``.
+    """
+    if n_examples <= 0:
+        return 0, 0
+    epochs = args.epochs or min(args.max_epochs, max(3, math.ceil(args.target_examples / n_examples)))
+    steps = max(args.min_steps, math.ceil(n_examples / args.batch_size) * epochs)
+    return epochs, steps
+
+
+class _Heads(torch.nn.Module):
+    def __init__(self, heads: dict[str, ClassifierHead]):
+        super().__init__()
+        self.layers = torch.nn.ModuleDict()
+        for name, head in heads.items():
+            layer = torch.nn.Linear(head.weight.shape[1], head.weight.shape[0])
+            with torch.no_grad():
+                # the served logits are (W e + b) / T: fold the temperature in
+                layer.weight.copy_(torch.from_numpy(head.weight / head.temperature))
+                layer.bias.copy_(torch.from_numpy(head.bias / head.temperature))
+            self.layers[name] = layer
+
+
+def fine_tune(
+    encoder: Encoder,
+    heads: dict[str, ClassifierHead],
+    data: Sequence[ControlData],
+    args: TrainingArguments,
+    progress: Progress | None = None,
+) -> tuple[Encoder, dict[str, ClassifierHead], dict]:
+    """Fine-tune a copy of ``encoder`` together with ``heads`` (warm start from both).
+
+    Batches are drawn per control (one shared encoder, one head each), shuffled with the
+    seed; linear warm-up then linear decay; AdamW with weight decay; bf16 autocast on CUDA.
+    Returns a new encoder object (the input one is left untouched), new heads at
+    temperature 1, and a report.
+    """
+    import copy
+
+    set_seed(args.seed)
+    device = encoder.device
+    student = copy.copy(encoder)
+    student.model = copy.deepcopy(encoder.model).to(device).train()
+    student._lock = threading.Lock()
+    head_module = _Heads({c.name: heads[c.name] for c in data}).to(device).train()
+
+    batches: list[tuple[ControlData, list[int]]] = []
+    total = sum(len(c) for c in data)
+    epochs, steps = full_schedule(total, args)
+    rng = random.Random(args.seed)
+    targets = {c.name: torch.from_numpy(c.target_array()) for c in data}
+    ids = {c.name: student.tokenize(c.texts, args.max_length) for c in data}
+
+    def refill() -> None:
+        for control in data:
+            order = list(range(len(control)))
+            rng.shuffle(order)
+            for start in range(0, len(order), args.batch_size):
+                batches.append((control, order[start : start + args.batch_size]))
+        rng.shuffle(batches)
+
+    decay, no_decay = [], []
+    for name, param in student.model.named_parameters():
+        (no_decay if param.ndim < 2 or "LayerNorm" in name or "bias" in name else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "lr": args.learning_rate, "weight_decay": args.weight_decay},
+            {"params": no_decay, "lr": args.learning_rate, "weight_decay": 0.0},
+            {"params": head_module.parameters(), "lr": args.head_learning_rate, "weight_decay": 0.0},
+        ]
+    )
+    warmup = max(1, int(steps * args.warmup_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
+    )
+    pad = student.tokenizer.pad_token_id or 0
+    started = time.perf_counter()
+    losses: list[float] = []
+    seen = 0
+    for step in range(steps):
+        if not batches:
+            refill()
+        control, rows = batches.pop()
+        seqs = [ids[control.name][i] for i in rows]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, seq in enumerate(seqs):
+            input_ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+        input_ids, mask = input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        y = targets[control.name][rows].to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pooled = student.pooled(input_ids, mask)
+            logits = head_module.layers[control.name](pooled).float()
+        if control.multiple:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(student.model.parameters()) + list(head_module.parameters()), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        seen += len(rows)
+        if progress and (step % 10 == 0 or step == steps - 1):
+            progress({"stage": "fine-tune", "step": step + 1, "steps": steps, "loss": round(float(np.mean(losses[-10:])), 4)})
+    elapsed = time.perf_counter() - started
+    student.model.eval()
+    new_heads = {}
+    for control in data:
+        layer = head_module.layers[control.name]
+        old = heads[control.name]
+        new_heads[control.name] = ClassifierHead(
+            labels=list(old.labels),
+            weight=layer.weight.detach().float().cpu().numpy(),
+            bias=layer.bias.detach().float().cpu().numpy(),
+            multiple=old.multiple,
+            temperature=1.0,
+            threshold=old.threshold,
+            trained=True,
+            zero_shot_rows=[],
+        )
+    report = {
+        "epochs": epochs,
+        "steps": steps,
+        "examples_seen": seen,
+        "seconds": round(elapsed, 2),
+        "examples_per_second": round(seen / elapsed, 1) if elapsed else None,
+        "final_loss": round(float(np.mean(losses[-10:])), 4) if losses else None,
+    }
+    return student, new_heads, report
+
+
+def save_encoder(encoder: Encoder, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder.model.save_pretrained(str(folder), safe_serialization=True)
+    encoder.tokenizer.save_pretrained(str(folder))

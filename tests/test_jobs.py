@@ -1,0 +1,240 @@
+"""Training jobs end to end: labels by webhook -> coalesced jobs -> a promoted version served live.
+
+Real parts: the server as the README starts it, the embedded job runner it spawns, a real
+Redis with real rq worker processes, and real training of the bundled encoder's heads.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+import requests
+
+from ls_backend.jobs import EmbeddedTrainingQueue, RedisTrainingQueue
+from ls_backend.settings import Settings
+from ls_backend.trainer import TrainingArguments, full_schedule
+
+from .support.backend import REPO, BackendServer, console_script
+from .support.data import AGNEWS_LABELS, agnews
+from .support.events import TOPIC_CONFIG
+from .support.loop import LoopClient, balanced_agnews
+from .support.services import unavailable
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except Exception as exc:
+        unavailable(f"Redis at {REDIS_URL} does not answer ({exc})")
+    return REDIS_URL
+
+
+@pytest.fixture
+def queue_name():
+    return f"lsb-test-{uuid.uuid4().hex[:8]}"
+
+
+def start_worker(model_dir, env: dict) -> subprocess.Popen:
+    full_env = dict(os.environ, MODEL_DIR=str(model_dir), HF_HUB_OFFLINE="1", **env)
+    log = open(model_dir.parent / f"worker-{uuid.uuid4().hex[:6]}.log", "ab")
+    return subprocess.Popen(
+        console_script() + ["worker"], env=full_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop(process: subprocess.Popen, sig=signal.SIGTERM) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+TEST_ROWS = 300
+
+
+def run_labeling_loop(server: BackendServer) -> None:
+    """64 labels (16 per topic) by webhook -> at most 2 jobs -> a better version, live."""
+    loop = LoopClient(server.url, project_id=3)
+    assert loop.setup() == "p3-v0"
+    test_rows = agnews("test", TEST_ROWS)
+    cold_accuracy, cold_versions = loop.accuracy(test_rows)
+    assert cold_versions == {"p3-v0"}
+
+    loop.label(balanced_agnews(16))
+    jobs = loop.wait_idle(timeout=600)
+    assert 1 <= len(jobs) <= 2, jobs  # TRAIN_EVERY=16 and 64 labels: coalesced
+    assert all(job["state"] == "finished" for job in jobs), jobs
+    versions = loop.versions()
+    new_version = versions["current"]
+    assert new_version != "p3-v0"
+    row = next(v for v in versions["versions"] if v["version"] == new_version)
+    assert row["kind"] == "fine-tune" and row["promoted"] and row["data"]["topic"]["train"] > 40
+
+    time.sleep(1.5)  # past VERSION_CHECK_INTERVAL: every web worker notices on its next request
+    assert loop.setup() == new_version
+    accuracy, served = loop.accuracy(test_rows)
+    assert served == {new_version}
+    assert accuracy > cold_accuracy + 0.03, (accuracy, cold_accuracy)
+
+
+def test_embedded_runner_trains_and_serves_without_redis(tmp_path):
+    env = {"TRAIN_EVERY": "16", "TRAIN_MODE": "frozen", "WEB_WORKERS": "2", "REDIS_URL": ""}
+    with BackendServer(tmp_path / "models", env=env) as server:
+        run_labeling_loop(server)
+
+
+def test_rq_worker_trains_and_serves(tmp_path, redis_url, queue_name):
+    env = {"TRAIN_EVERY": "16", "TRAIN_MODE": "frozen", "WEB_WORKERS": "2", "REDIS_URL": redis_url, "QUEUE_NAME": queue_name}
+    worker = start_worker(tmp_path / "models", env)
+    try:
+        with BackendServer(tmp_path / "models", env=env) as server:
+            run_labeling_loop(server)
+            # the web server started no embedded runner: the rq worker did the work
+            jobs = LoopClient(server.url).jobs()
+            assert all(job["id"].startswith("train-") for job in jobs)
+    finally:
+        stop(worker)
+
+
+def test_burst_of_labels_coalesces_into_at_most_two_jobs(tmp_path):
+    settings = Settings(model_dir=tmp_path, train_every=10)
+    queue = EmbeddedTrainingQueue(settings)
+    created = [queue.enqueue("5.1", "labels")[1] for _ in range(100)]
+    assert created.count(True) == 1
+    running = queue.claim()  # a runner takes it: the next labels queue one more job
+    assert running is not None and running.state == "running"
+    created = [queue.enqueue("5.1", "labels")[1] for _ in range(100)]
+    assert created.count(True) == 1
+    assert queue.claim() is None  # one running job per project at a time
+    assert [job.state for job in queue.jobs("5.1")] == ["queued", "running"]
+    assert queue.enqueue("6.1", "labels")[1]  # other projects are independent
+
+
+def test_redis_queue_coalesces(redis_url, queue_name, tmp_path):
+    settings = Settings(model_dir=tmp_path, redis_url=redis_url, queue_name=queue_name)
+    queue = RedisTrainingQueue(settings)
+    try:
+        outcomes = [queue.enqueue("5.1", "labels") for _ in range(100)]
+        assert sum(created for _, created in outcomes) == 1
+        job_id = outcomes[0][0].id
+        assert {job.id for job, _ in outcomes} == {job_id}
+        assert [job.state for job in queue.jobs("5.1")] == ["queued"]
+        queue.release_queued("5.1", job_id)  # what a job does once it holds the project lock
+        again, created = queue.enqueue("5.1", "labels")
+        assert created and again.id != job_id
+    finally:
+        queue.queue.empty()
+        queue.close()
+
+
+def test_full_schedule_rule():
+    args = TrainingArguments(batch_size=16, min_steps=50, max_epochs=20, target_examples=2048)
+    assert full_schedule(16, args) == (20, 50)  # floor of steps for tiny sets
+    assert full_schedule(256, args) == (8, 128)
+    assert full_schedule(10_000, args) == (3, 1875)  # epoch cap for large sets
+    assert full_schedule(0, args) == (0, 0)
+    assert full_schedule(256, TrainingArguments(epochs=2, batch_size=16)) == (2, 50)
+
+
+def test_killed_worker_keeps_the_old_version_serving_and_the_job_is_retried(tmp_path, redis_url, queue_name):
+    env = {
+        "TRAIN_EVERY": "0",
+        "TRAIN_MODE": "full",
+        "TRAIN_EPOCHS": "1",
+        "TRAIN_MIN_STEPS": "400",
+        "REDIS_URL": redis_url,
+        "QUEUE_NAME": queue_name,
+        "WEB_WORKERS": "1",
+        "JOB_RETRIES": "1",
+    }
+    with BackendServer(tmp_path / "models", env=env) as server:
+        loop = LoopClient(server.url, project_id=4)
+        assert loop.setup() == "p4-v0"
+        loop.label(balanced_agnews(4))
+        response = requests.post(f"{server.url}/projects/{loop.key}/train", timeout=10)
+        assert response.status_code == 202
+        job_id = response.json()["job"]["id"]
+        worker = start_worker(tmp_path / "models", env)
+        try:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                job = requests.get(f"{server.url}/jobs/{job_id}", timeout=5).json()
+                if job.get("progress", {}).get("stage") == "fine-tune":
+                    break
+                time.sleep(0.5)
+            else:
+                pytest.fail(f"the job never reached fine-tuning: {job}")
+            os.killpg(worker.pid, signal.SIGKILL)  # the worker and its work horse die mid-training
+            worker.wait(timeout=10)
+        finally:
+            stop(worker, signal.SIGKILL)
+        versions = loop.versions()
+        assert versions["current"] == "p4-v0"
+        assert [v["version"] for v in versions["versions"]] == ["p4-v0"]  # nothing half-written is listed
+        partial = list((tmp_path / "models" / "projects").glob("*/versions/.tmp-*"))
+        assert loop.setup() == "p4-v0"
+        assert loop.predict(["Stocks rallied on Friday"])[0]["model_version"] == "p4-v0"
+        # a fresh worker finds the abandoned job and retries it (or fails it, saying why)
+        worker = start_worker(tmp_path / "models", dict(env, TRAIN_MIN_STEPS="5"))
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                job = requests.get(f"{server.url}/jobs/{job_id}", timeout=5).json()
+                if job["state"] in ("finished", "failed"):
+                    break
+                time.sleep(1)
+            assert job["state"] in ("finished", "failed"), job
+            if job["state"] == "failed":
+                assert job["error"], job
+            else:
+                assert loop.versions()["current"] != "p4-v0"
+        finally:
+            stop(worker)
+        assert all(p.name.startswith(".tmp-") for p in partial)  # leftovers are never a version
+
+
+def test_two_projects_trained_at_once_stay_isolated(tmp_path, redis_url, queue_name):
+    env = {"TRAIN_EVERY": "0", "TRAIN_MODE": "frozen", "REDIS_URL": redis_url, "QUEUE_NAME": queue_name, "WEB_WORKERS": "1"}
+    sentiment = """<View><Text name="text" value="$text"/>
+      <Choices name="sentiment" toName="text"><Choice value="Positive"/><Choice value="Negative"/></Choices></View>"""
+    workers = [start_worker(tmp_path / "models", env) for _ in range(2)]
+    try:
+        with BackendServer(tmp_path / "models", env=env) as server:
+            topics = LoopClient(server.url, project_id=11, config=TOPIC_CONFIG)
+            moods = LoopClient(server.url, project_id=12, config=sentiment)
+            assert topics.setup() == "p11-v0" and moods.setup() == "p12-v0"
+            topics.label(balanced_agnews(6))
+            from .support.data import sst2
+            from .support.events import annotation_event, choices
+
+            for n, (text, label) in enumerate(sst2("train", 24, min_words=6)):
+                event = annotation_event(5000 + n, 9000 + n, choices("Positive" if label else "Negative", control="sentiment"), text=text, proj=moods.project)
+                assert requests.post(server.url + "/webhook", json=event, timeout=5).status_code == 200
+            for loop in (topics, moods):
+                assert requests.post(f"{server.url}/projects/{loop.key}/train", timeout=10).status_code == 202
+            for loop in (topics, moods):
+                assert all(job["state"] == "finished" for job in loop.wait_idle(300))
+            t_versions, m_versions = topics.versions(), moods.versions()
+            assert t_versions["current"].startswith("p11-v") and m_versions["current"].startswith("p12-v")
+            assert set(t_versions["versions"][-1]["labels"]["topic"]) == set(AGNEWS_LABELS)
+            assert m_versions["versions"][-1]["labels"] == {"sentiment": ["Positive", "Negative"]}
+            assert {p.name for p in (tmp_path / "models" / "projects").iterdir()} == {topics.key, moods.key}
+            time.sleep(1.5)
+            result = moods.predict(["A wonderful, moving film"])[0]
+            assert result["result"][0]["from_name"] == "sentiment"
+            assert result["model_version"] == m_versions["current"]
+    finally:
+        for worker in workers:
+            stop(worker)
