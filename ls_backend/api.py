@@ -6,8 +6,9 @@ import base64
 import binascii
 import hmac
 import logging
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -16,10 +17,13 @@ from . import __version__
 from .predictor import Predictor
 from .registry import ModelRegistry
 from .settings import Settings
+from .store import BadEvent, CorrectionStore, EventOutcome, UnknownProject
+from .sync import SyncScheduler
 
 log = logging.getLogger(__name__)
 
 protocol = Blueprint("protocol", __name__)
+operator = Blueprint("operator", __name__)
 
 WEBHOOK_AUTH_HELP = (
     "this backend requires HTTP basic auth, and Label Studio sends its automatic webhook without it; "
@@ -48,6 +52,43 @@ class Services:
         self.settings = settings
         self.registry = ModelRegistry(settings.model_dir)
         self._predictor = predictor
+        self._store: CorrectionStore | None = None
+        self._store_lock = threading.Lock()
+        self.sync = SyncScheduler(settings, lambda: self.store)
+        # called with each EventOutcome after its event is stored; errors are logged, never returned
+        self.event_listeners: list[Callable[[EventOutcome], None]] = [self.sync.on_event]
+
+    @property
+    def store(self) -> CorrectionStore:
+        """The corrections store, opened (and migrated) on first use in this process."""
+        if self._store is None:
+            with self._store_lock:
+                if self._store is None:
+                    self._store = CorrectionStore.from_settings(self.settings)
+                    log.info("corrections store: %s", self._store.describe())
+        return self._store
+
+    def note_setup(self, project: str, payload: dict, schema: str) -> None:
+        """Remember how to reach Label Studio for this project; check in the background if the store is behind."""
+        hostname, token = payload.get("hostname"), payload.get("access_token")
+        try:
+            self.store.note_setup(
+                project,
+                schema,
+                hostname if isinstance(hostname, str) else None,
+                token if isinstance(token, str) else None,
+            )
+            self.sync.on_setup(project)
+        except Exception:  # /setup must answer even when the store cannot be written
+            log.exception("setup of project %s: could not be recorded in the store", project)
+
+    def notify(self, outcome: EventOutcome) -> None:
+        for listener in list(self.event_listeners):
+            try:
+                listener(outcome)
+            except Exception:
+                log.exception("event listener %r failed on %s for project %s", listener, outcome.action,
+                              outcome.project_key)
 
     @property
     def predictor(self) -> Predictor:
@@ -103,6 +144,7 @@ def setup():
     payload = json_body()
     project = require_str(payload, "project")
     schema = label_config_of(payload)
+    services().note_setup(project, payload, schema)
     version = services().predictor.setup(project, schema)
     return jsonify({"model_version": version})
 
@@ -130,8 +172,13 @@ def webhook():
     action = payload.get("action")
     if not isinstance(action, str) or not action:
         raise BadRequest("missing field 'action' (a Label Studio webhook event name)")
-    log.debug("webhook %s", action)
-    return jsonify({"status": "ok", "action": action})
+    svc = services()
+    try:
+        outcome = svc.store.record_event(payload)  # durable before we answer
+    except BadEvent as exc:
+        raise BadRequest(f"{action}: {exc.message}") from None
+    svc.notify(outcome)
+    return jsonify({"status": "ok", "action": action, "project": outcome.project_key, "changed": outcome.changed})
 
 
 @protocol.get("/versions")
@@ -141,6 +188,23 @@ def versions():
     keys = [project] if project else registry.projects()
     names = [v.name for key in keys for v in registry.versions(key)]
     return jsonify({"versions": names})
+
+
+# -- operator routes -----------------------------------------------------------------
+@operator.get("/projects")
+def list_projects():
+    store = services().store
+    return jsonify({"store": store.describe(), "projects": [p.to_dict() for p in store.projects()]})
+
+
+@operator.get("/projects/<path:key>")
+def project_detail(key: str):
+    store = services().store
+    try:
+        summary = store.project_summary(store.resolve_project(key))
+    except UnknownProject as exc:
+        raise BadRequest(exc.message, 404) from None
+    return jsonify(summary.to_dict())
 
 
 # -- auth and errors -----------------------------------------------------------------
@@ -171,6 +235,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     app.json.sort_keys = False
     app.extensions["ls_backend"] = Services(settings, predictor)
     app.register_blueprint(protocol)
+    app.register_blueprint(operator)
 
     if preload:
         services_ = app.extensions["ls_backend"]

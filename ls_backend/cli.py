@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--host", default="0.0.0.0")
     p_serve.add_argument("--port", type=int, default=9090)
     sub.add_parser("settings", help="print the settings in force (secrets masked)")
+    p_status = sub.add_parser("status", help="print what the corrections store holds per project (JSON)")
+    p_status.add_argument("--project", help="one project: its key, or a bare Label Studio id")
+    p_sync = sub.add_parser("sync", help="fetch a project's annotations from Label Studio and reconcile the store")
+    p_sync.add_argument("--project", required=True, help="the project key, or a bare Label Studio id")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -87,7 +91,50 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "settings":
         print(json.dumps(settings.describe(), indent=2))
         return 0
+    if args.command == "status":
+        return status(settings, args.project)
+    if args.command == "sync":
+        return sync(settings, args.project)
     return 2
+
+
+def status(settings: Settings, project: str | None) -> int:
+    """The same JSON as ``GET /projects`` (or ``GET /projects/<key>``)."""
+    from .store import CorrectionStore, UnknownProject
+
+    store = CorrectionStore.from_settings(settings)
+    try:
+        if project:
+            body: dict = store.project_summary(store.resolve_project(project)).to_dict()
+        else:
+            body = {"store": store.describe(), "projects": [p.to_dict() for p in store.projects()]}
+    except UnknownProject as exc:
+        print(f"ls-backend: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(json.dumps(body, indent=2))
+    return 0
+
+
+def sync(settings: Settings, project: str) -> int:
+    """Reconcile one project with Label Studio now; prints the report."""
+    from .logs import configure
+    from .store import CorrectionStore, UnknownProject
+    from .sync import SyncError, sync_project
+
+    configure(settings.log_level)
+    store = CorrectionStore.from_settings(settings)
+    try:
+        report = sync_project(store, settings, project, reason="ls-backend sync")
+        store.finish_sync(report.project_key, report.to_dict())
+    except (SyncError, UnknownProject) as exc:
+        print(f"ls-backend: sync failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(json.dumps(report.to_dict(), indent=2))
+    return 0
 
 
 if __name__ == "__main__":
