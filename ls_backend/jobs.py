@@ -389,7 +389,15 @@ def run_rq_worker(settings: Settings, burst: bool = False) -> int:
     from rq import Queue, Worker
 
     connection = Redis.from_url(settings.redis_url)
-    worker = Worker([Queue(settings.queue_name, connection=connection)], connection=connection)
+    # a worker that dies (SIGKILL, lost machine) stops heartbeating; its job is found
+    # abandoned within about a minute and retried (JOB_RETRIES) or failed with the reason
+    worker = Worker(
+        [Queue(settings.queue_name, connection=connection)],
+        connection=connection,
+        job_monitoring_interval=10,
+        maintenance_interval=30,
+        worker_ttl=60,  # an idle worker wakes every 45 s, so maintenance really runs
+    )
     worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
     return 0
 
