@@ -14,6 +14,7 @@ from flask import Blueprint, Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
+from .jobs import TrainingQueue, queue_from_settings
 from .predictor import Predictor
 from .registry import ModelRegistry
 from .settings import Settings
@@ -56,7 +57,22 @@ class Services:
         self._store_lock = threading.Lock()
         self.sync = SyncScheduler(settings, lambda: self.store)
         # called with each EventOutcome after its event is stored; errors are logged, never returned
-        self.event_listeners: list[Callable[[EventOutcome], None]] = [self.sync.on_event]
+        self.event_listeners: list[Callable[[EventOutcome], None]] = [self.sync.on_event, self.maybe_train]
+        self._queue: TrainingQueue | None = None
+
+    @property
+    def queue(self) -> TrainingQueue:
+        """The training queue (rq with REDIS_URL, else the embedded job table)."""
+        if self._queue is None:
+            with self._store_lock:
+                if self._queue is None:
+                    self._queue = queue_from_settings(self.settings)
+        return self._queue
+
+    def maybe_train(self, outcome: EventOutcome) -> None:
+        job = self.queue.maybe_enqueue(self.store, outcome)
+        if job is not None:
+            log.info("project %s: %s -> training job %s (%s)", outcome.project_key, outcome.action, job.id, job.state)
 
     @property
     def store(self) -> CorrectionStore:
@@ -205,6 +221,52 @@ def project_detail(key: str):
     except UnknownProject as exc:
         raise BadRequest(exc.message, 404) from None
     return jsonify(summary.to_dict())
+
+
+def _project_key(key: str) -> str:
+    """A stored project key, or a bare Label Studio id; 404 when unknown."""
+    registry = services().registry
+    try:
+        return services().store.resolve_project(key)
+    except UnknownProject as exc:
+        matches = [k for k in registry.projects() if k == key or k.split(".")[0] == key]
+        if len(matches) == 1:
+            return matches[0]
+        raise BadRequest(exc.message, 404) from None
+
+
+@operator.get("/projects/<path:key>/versions")
+def project_versions(key: str):
+    from .commands import version_rows
+
+    project = _project_key(key)
+    return jsonify({"project": project, "current": services().registry.current(project),
+                    "versions": version_rows(services().settings, project)})
+
+
+@operator.post("/projects/<path:key>/train")
+def project_train(key: str):
+    project = _project_key(key)
+    job, created = services().queue.enqueue(project, "api")
+    return jsonify({"queued": created, "job": job.to_dict()}), 202 if created else 200
+
+
+@operator.get("/jobs")
+def list_jobs():
+    project = request.args.get("project")
+    limit = request.args.get("limit", "50")
+    if not limit.isdigit():
+        raise BadRequest("'limit' must be a positive integer")
+    jobs = services().queue.jobs(_project_key(project) if project else None, int(limit))
+    return jsonify({"jobs": [job.to_dict() for job in jobs]})
+
+
+@operator.get("/jobs/<job_id>")
+def job_detail(job_id: str):
+    job = services().queue.get(job_id)
+    if job is None:
+        raise BadRequest(f"no job {job_id}", 404)
+    return jsonify(job.to_dict())
 
 
 # -- auth and errors -----------------------------------------------------------------

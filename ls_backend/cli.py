@@ -59,8 +59,60 @@ def serve(settings: Settings, host: str, port: int) -> int:
         f"models in {settings.model_dir.resolve()})",
         flush=True,
     )
-    Application().run()
+    runner = None if settings.redis_url else EmbeddedRunnerProcess()
+    if runner is not None:
+        runner.start()
+    try:
+        Application().run()
+    finally:
+        if runner is not None:
+            runner.stop()
     return 0
+
+
+class EmbeddedRunnerProcess:
+    """The one job runner beside the web workers when there is no Redis (``ls-backend worker``
+    in a child process), restarted if it dies; stopped with the server."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.process = None
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._supervise, name="job-runner-supervisor", daemon=True)
+
+    def _spawn(self):
+        import subprocess
+
+        return subprocess.Popen([sys.executable, "-m", "ls_backend.cli", "worker"])
+
+    def start(self) -> None:
+        import atexit
+
+        self.process = self._spawn()
+        atexit.register(self.stop)
+        self.thread.start()
+
+    def _supervise(self) -> None:
+        delay = 1.0
+        while not self.stopping.wait(delay):
+            if self.process is not None and self.process.poll() is not None and not self.stopping.is_set():
+                print(f"ls-backend: job runner exited with {self.process.returncode}; restarting", file=sys.stderr, flush=True)
+                self.process = self._spawn()
+                delay = min(delay * 2, 30.0)
+            elif delay > 1.0:
+                delay = 1.0
+
+    def stop(self) -> None:
+        import subprocess
+
+        self.stopping.set()
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
 
 
 def _limit_threads(count: int) -> None:
@@ -80,6 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     p_status.add_argument("--project", help="one project: its key, or a bare Label Studio id")
     p_sync = sub.add_parser("sync", help="fetch a project's annotations from Label Studio and reconcile the store")
     p_sync.add_argument("--project", required=True, help="the project key, or a bare Label Studio id")
+    p_worker = sub.add_parser("worker", help="run training jobs: an rq worker with REDIS_URL, else the embedded job runner")
+    p_worker.add_argument("--burst", action="store_true", help="stop when the queue is empty")
+    sub.add_parser("scheduler", help="with REDIS_URL: rq's cron scheduler for TRAIN_SCHEDULE")
+    p_train = sub.add_parser("train", help="queue a fine-tuning job for a project")
+    p_train.add_argument("--project", required=True, help="the project key, or a bare Label Studio id")
+    p_train.add_argument("--wait", action="store_true", help="wait for the job and print its outcome")
+    p_train.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait with --wait")
+    p_jobs = sub.add_parser("jobs", help="list training jobs (JSON)")
+    p_jobs.add_argument("--project", help="one project: its key, or a bare Label Studio id")
+    p_versions = sub.add_parser("versions", help="list a project's model versions with their figures (JSON)")
+    p_versions.add_argument("--project", required=True, help="the project key, or a bare Label Studio id")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -95,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         return status(settings, args.project)
     if args.command == "sync":
         return sync(settings, args.project)
+    if args.command in ("worker", "scheduler", "train", "jobs", "versions"):
+        from . import commands
+
+        return commands.run(args, settings)
     return 2
 
 

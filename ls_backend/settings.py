@@ -75,6 +75,22 @@ def _mask_password(url: str) -> str:
     return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
 
 
+def _schedule(raw: str) -> str:
+    value = raw.strip()
+    if value.isdigit():
+        if int(value) < 10:
+            raise SettingsError(f"TRAIN_SCHEDULE={raw!r}: an interval is at least 10 seconds")
+        return value
+    try:
+        from croniter import croniter
+
+        if not croniter.is_valid(value):
+            raise ValueError
+    except (ImportError, ValueError):
+        raise SettingsError(f"TRAIN_SCHEDULE={raw!r}: expected seconds (3600) or a cron expression (0 * * * *)") from None
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     # where models, versions and the SQLite store live
@@ -92,6 +108,27 @@ class Settings:
     database_url: str = ""
     # seconds between two "is the store behind Label Studio?" checks of one project (0: never check)
     sync_check_interval: float = 300.0
+    # training jobs: rq on Redis when REDIS_URL is set, else the embedded job runner
+    redis_url: str = ""
+    queue_name: str = "ls-backend"
+    train_every: int = 10  # new or changed labels in a project that trigger a job (0: never)
+    train_schedule: str = ""  # seconds between scheduled jobs, or a cron expression ("0 * * * *")
+    job_timeout: int = 3600
+    job_retries: int = 2
+    train_mode: str = "auto"  # auto | frozen | full
+    learning_rate: float = 1e-4
+    train_epochs: int = 0  # 0: scaled to the label count
+    train_min_steps: int = 50
+    train_batch_size: int = 16
+    train_max_length: int = 128
+    full_min_labels: int = 200
+    max_train_examples: int = 20_000
+    seed: int = 13
+    # evaluation slice and promotion gate
+    eval_share: float = 0.2
+    eval_min: int = 10
+    promotion_tolerance: float = 0.02
+    force_promote: bool = False
     # inference
     device: str = "auto"
     max_length: int = 256
@@ -139,6 +176,21 @@ class Settings:
             values["database_url"] = _database_url(get("DATABASE_URL", ""))
         if get("SYNC_CHECK_INTERVAL"):
             values["sync_check_interval"] = _float("SYNC_CHECK_INTERVAL", get("SYNC_CHECK_INTERVAL", ""), 0, 86_400)
+        if get("REDIS_URL"):
+            values["redis_url"] = get("REDIS_URL", "").strip()
+        if get("QUEUE_NAME"):
+            values["queue_name"] = get("QUEUE_NAME", "").strip()
+        if get("TRAIN_SCHEDULE"):
+            values["train_schedule"] = _schedule(get("TRAIN_SCHEDULE", ""))
+        if get("TRAIN_MODE"):
+            values["train_mode"] = _choice("TRAIN_MODE", get("TRAIN_MODE", ""), ("auto", "frozen", "full"))
+        if get("LEARNING_RATE"):
+            values["learning_rate"] = _float("LEARNING_RATE", get("LEARNING_RATE", ""), 1e-7, 1.0)
+        for name, low, high in (("EVAL_SHARE", 0.0, 0.9), ("PROMOTION_TOLERANCE", 0.0, 1.0)):
+            if get(name):
+                values[name.lower()] = _float(name, get(name, ""), low, high)
+        if get("FORCE_PROMOTE"):
+            values["force_promote"] = _bool("FORCE_PROMOTE", get("FORCE_PROMOTE", ""))
         if get("DEVICE"):
             values["device"] = _choice("DEVICE", get("DEVICE", ""), ("auto", "cpu", "cuda"))
         ints = {
@@ -149,6 +201,17 @@ class Settings:
             "WEB_TIMEOUT": 1,
             "MAX_TASKS_PER_REQUEST": 1,
             "MAX_TEXT_CHARS": 1,
+            "TRAIN_EVERY": 0,
+            "JOB_TIMEOUT": 10,
+            "JOB_RETRIES": 0,
+            "TRAIN_EPOCHS": 0,
+            "TRAIN_MIN_STEPS": 1,
+            "TRAIN_BATCH_SIZE": 1,
+            "TRAIN_MAX_LENGTH": 8,
+            "FULL_MIN_LABELS": 0,
+            "MAX_TRAIN_EXAMPLES": 1,
+            "SEED": 0,
+            "EVAL_MIN": 0,
         }
         for name, minimum in ints.items():
             if get(name):
@@ -176,7 +239,7 @@ class Settings:
             value = getattr(self, f.name)
             if f.name in {"basic_auth_pass", "label_studio_api_key"} and value:
                 value = "***"
-            if f.name == "database_url" and value:
+            if f.name in {"redis_url", "database_url"} and value:
                 value = _mask_password(value)
             shown[f.name] = str(value) if isinstance(value, Path) else value
         return shown
