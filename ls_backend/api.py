@@ -14,9 +14,10 @@ from flask import Blueprint, Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
+from .curve import learning_curve, learning_curve_png
 from .jobs import TrainingQueue, queue_from_settings
 from .predictor import Predictor
-from .registry import ModelRegistry
+from .registry import ModelRegistry, RegistryError
 from .settings import Settings
 from .store import BadEvent, CorrectionStore, EventOutcome, UnknownProject
 from .sync import SyncScheduler
@@ -249,6 +250,49 @@ def project_train(key: str):
     project = _project_key(key)
     job, created = services().queue.enqueue(project, "api")
     return jsonify({"queued": created, "job": job.to_dict()}), 202 if created else 200
+
+
+@operator.post("/projects/<path:key>/rollback")
+def project_rollback(key: str):
+    project = _project_key(key)
+    payload = json_body() if request.data else {}
+    target = payload.get("to")
+    if target is not None and not isinstance(target, str):
+        raise BadRequest("'to' must be a version name such as p3-v2")
+    try:
+        version = services().registry.rollback(project, target)
+    except RegistryError as exc:
+        raise BadRequest(str(exc), 409 if target is None else 404) from None
+    return jsonify({"project": project, "current": version, "pinned": services().registry.pinned(project)})
+
+
+@operator.route("/projects/<path:key>/pin", methods=["POST", "DELETE"])
+def project_pin(key: str):
+    project = _project_key(key)
+    registry = services().registry
+    if request.method == "DELETE":
+        registry.unpin(project)
+    else:
+        payload = json_body() if request.data else {}
+        version = payload.get("version")
+        if version is not None and not isinstance(version, str):
+            raise BadRequest("'version' must be a version name such as p3-v2")
+        try:
+            registry.pin(project, version)
+        except RegistryError as exc:
+            raise BadRequest(str(exc), 404) from None
+    return jsonify({"project": project, "current": registry.current(project), "pinned": registry.pinned(project)})
+
+
+@operator.get("/projects/<path:key>/learning-curve")
+def project_learning_curve(key: str):
+    return jsonify(learning_curve(services().registry, _project_key(key)))
+
+
+@operator.get("/projects/<path:key>/learning-curve.png")
+def project_learning_curve_png(key: str):
+    png = learning_curve_png(learning_curve(services().registry, _project_key(key)))
+    return current_app.response_class(png, mimetype="image/png")
 
 
 @operator.get("/jobs")

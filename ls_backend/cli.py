@@ -143,6 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     p_jobs.add_argument("--project", help="one project: its key, or a bare Label Studio id")
     p_versions = sub.add_parser("versions", help="list a project's model versions with their figures (JSON)")
     p_versions.add_argument("--project", required=True, help="the project key, or a bare Label Studio id")
+    p_rollback = sub.add_parser("rollback", help="serve an earlier version of a project")
+    p_rollback.add_argument("--project", required=True, help="the project key, or a bare Label Studio id")
+    p_rollback.add_argument("--to", help="the version to serve (default: the one served before the current one)")
+    p_rollback.add_argument("--pin", action="store_true", help="also pin it: no automatic promotion until unpinned")
+    p_pin = sub.add_parser("pin", help="pin a project to a version (default: the current one)")
+    p_pin.add_argument("--project", required=True, help="the project key, or a bare Label Studio id")
+    p_pin.add_argument("--version", help="the version to pin")
+    p_pin.add_argument("--off", action="store_true", help="unpin instead")
+    p_curve = sub.add_parser("curve", help="print a project's learning curve (JSON), optionally write the PNG")
+    p_curve.add_argument("--project", required=True, help="the project key, or a bare Label Studio id")
+    p_curve.add_argument("--png", help="write the plot to this file")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -158,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         return status(settings, args.project)
     if args.command == "sync":
         return sync(settings, args.project)
-    if args.command in ("worker", "scheduler", "train", "jobs", "versions"):
+    if args.command in ("worker", "scheduler", "train", "jobs", "versions", "rollback", "pin", "curve"):
         from . import commands
 
         return commands.run(args, settings)

@@ -69,6 +69,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             print("ls-backend: without REDIS_URL the job runner started by 'serve' keeps the schedule", file=sys.stderr)
             return 2
         return run_rq_scheduler(settings)
+    if args.command in ("rollback", "pin", "curve"):
+        return _registry_command(args, settings)
     if args.command == "versions":
         print(json.dumps({"project": _resolve(settings, args.project), "versions": version_rows(settings, _resolve(settings, args.project))}, indent=2))
         return 0
@@ -89,3 +91,33 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         queue.close()
     return 2
+
+
+def _registry_command(args: argparse.Namespace, settings: Settings) -> int:
+    from .curve import learning_curve, learning_curve_png
+    from .registry import ModelRegistry, RegistryError
+
+    registry = ModelRegistry(settings.model_dir)
+    project = _resolve(settings, args.project)
+    try:
+        if args.command == "rollback":
+            version = registry.rollback(project, args.to)
+            if args.pin:
+                registry.pin(project, version)
+        elif args.command == "pin":
+            if args.off:
+                registry.unpin(project)
+            else:
+                registry.pin(project, args.version)
+        else:
+            curve = learning_curve(registry, project)
+            if args.png:
+                with open(args.png, "wb") as handle:
+                    handle.write(learning_curve_png(curve))
+            print(json.dumps(curve, indent=2))
+            return 0
+    except RegistryError as exc:
+        print(f"ls-backend: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"project": project, "current": registry.current(project), "pinned": registry.pinned(project)}, indent=2))
+    return 0

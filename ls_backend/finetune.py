@@ -19,6 +19,7 @@ import numpy as np
 
 from .labeling import CHOICES, LabelingPlan, UnsupportedConfig, plan_for
 from .model import ClassifierHead, Encoder, resolve_device
+from .ner_job import encoder_is_taken, token_candidates, token_data
 from .registry import LoadedHeads, ModelRegistry
 from .settings import Settings
 from .trainer import ControlData, TrainingArguments, evaluate, fine_tune, fit_head, save_encoder, set_seed
@@ -131,10 +132,11 @@ class FineTuneJob:
                     current = self.registry.write_plan_version(project_key, plan, current, base_encoder, self.settings)
         start_heads = dict(current.heads)
         splits = self._data(project_key, plan, start_heads)
-        if not splits:
+        token_splits = token_data(self.store, project_key, plan, start_heads, self.settings, self.args, base_encoder)
+        if not splits and not token_splits:
             self.store.mark_trained(project_key, cutoff)
-            raise NothingToTrain("no labeled tasks for any classification control")
-        n_train = sum(len(s.train) for s in splits.values())
+            raise NothingToTrain("no labeled tasks for any control")
+        n_train = sum(len(s.train) for s in splits.values()) + sum(len(s.train) for s in token_splits.values())
         self.progress({"stage": "embedding", "labels": n_train})
 
         # frozen embeddings of every text the job touches, with the current encoder
@@ -164,7 +166,7 @@ class FineTuneJob:
         wants_full = self.args.mode == "full" or (
             self.args.mode == "auto" and (n_train >= self.args.full_min_labels or self.device.type == "cuda")
         )
-        if wants_full and self.args.mode != "frozen":
+        if wants_full and self.args.mode != "frozen" and not encoder_is_taken(start_heads, token_splits):
             student, full_heads, full_report = fine_tune(
                 base_encoder, fast_heads, [s.train for s in splits.values()], self.args, self.progress
             )
@@ -177,6 +179,11 @@ class FineTuneJob:
             figures["full"] = self._measure({n: merged[n] for n in splits}, splits, held_embed)
         if self.args.mode == "full":
             candidates.pop("frozen")
+        if token_splits:  # NER labels: the encoder is tuned for them (see ner_job)
+            candidates, figures = token_candidates(
+                self, plan, base_encoder, start_heads, splits, token_splits, candidates, figures
+            )
+            splits = {**splits, **token_splits}
 
         # choose the best candidate on the slice, then gate it against the current model
         def primary(name: str) -> float:
@@ -184,44 +191,49 @@ class FineTuneJob:
 
         best = max(candidates, key=lambda name: (primary(name), name == "frozen"))
         slice_size = min((len(s.held) for s in splits.values()), default=0)
-        gated = slice_size >= self.settings.eval_min
-        if self.settings.force_promote:
-            promote, reason = True, "FORCE_PROMOTE is set"
-        elif not gated:
-            promote, reason = True, (
-                f"evaluation slice has {slice_size} labels (< EVAL_MIN={self.settings.eval_min}): promoted ungated"
-            )
-        elif primary(best) + self.settings.promotion_tolerance >= primary("current"):
-            promote, reason = True, f"{best} {primary(best):.4f} vs current {primary('current'):.4f}: not worse"
-        else:
-            promote, reason = False, (
-                f"{best} {primary(best):.4f} is worse than current {primary('current'):.4f} "
-                f"beyond the tolerance {self.settings.promotion_tolerance}"
-            )
-        heads, student, _ = candidates[best]
-        meta = {
-            "parent": current.version,
-            "kind": "fine-tune",
-            "recipe": best,
-            "trigger": trigger,
-            "encoder": current.meta.get("encoder") if student is None else None,
-            "base_model": self.settings.encoder_path,
-            "plan_signature": plan.signature,
-            "plan": [c.signature() for c in plan.controls],
-            "label_config": config,
-            "data": {
-                name: {"train": len(s.train), "eval": len(s.held)} for name, s in splits.items()
-            },
-            "cutoff_seq": cutoff,
-            "metrics": figures,
-            "training": {name: report for name, (_, _, report) in candidates.items()},
-            "decision": {"promoted": promote, "reason": reason, "gated": gated},
-            "seconds": round(time.time() - started, 2),
-        }
-        writer = (lambda folder: save_encoder(student, folder)) if student is not None else None
-        version = self.registry.create_version(project_key, heads, meta, write_encoder=writer)
-        if promote:
-            self.registry.promote(project_key, version)
+        # decide, write and promote under the project lock, so a pin or rollback cannot interleave
+        with self.registry.lock(project_key):
+            gated = slice_size >= self.settings.eval_min
+            pinned = self.registry.pinned(project_key)
+            if pinned:
+                promote, reason = False, f"the project is pinned to {pinned} (unpin to take new versions)"
+            elif self.settings.force_promote:
+                promote, reason = True, "FORCE_PROMOTE is set"
+            elif not gated:
+                promote, reason = True, (
+                    f"evaluation slice has {slice_size} labels (< EVAL_MIN={self.settings.eval_min}): promoted ungated"
+                )
+            elif primary(best) + self.settings.promotion_tolerance >= primary("current"):
+                promote, reason = True, f"{best} {primary(best):.4f} vs current {primary('current'):.4f}: not worse"
+            else:
+                promote, reason = False, (
+                    f"{best} {primary(best):.4f} is worse than current {primary('current'):.4f} "
+                    f"beyond the tolerance {self.settings.promotion_tolerance}"
+                )
+            heads, student, _ = candidates[best]
+            meta = {
+                "parent": current.version,
+                "kind": "fine-tune",
+                "recipe": best,
+                "trigger": trigger,
+                "encoder": current.meta.get("encoder") if student is None else None,
+                "base_model": self.settings.encoder_path,
+                "plan_signature": plan.signature,
+                "plan": [c.signature() for c in plan.controls],
+                "label_config": config,
+                "data": {
+                    name: {"train": len(s.train), "eval": len(s.held)} for name, s in splits.items()
+                },
+                "cutoff_seq": cutoff,
+                "metrics": figures,
+                "training": {name: report for name, (_, _, report) in candidates.items()},
+                "decision": {"promoted": promote, "reason": reason, "gated": gated},
+                "seconds": round(time.time() - started, 2),
+            }
+            writer = (lambda folder: save_encoder(student, folder)) if student is not None else None
+            version = self.registry.create_version(project_key, heads, meta, write_encoder=writer)
+            if promote:
+                self.registry.promote(project_key, version, reason=f"{best}: {reason}")
         self.store.mark_trained(project_key, cutoff)
         log.info("project %s: job made %s (%s); %s", project_key, version, best, reason)
         return {

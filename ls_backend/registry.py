@@ -7,7 +7,8 @@ Layout under ``MODEL_DIR``::
         versions/<name>/         # immutable once renamed into place
             meta.json            # version, number, project, parent, created_at, encoder,
                                  # plan signature, controls (labels, temperature, ...), metrics
-            heads.safetensors    # <control>.weight (labels x dim), <control>.bias (labels)
+            heads.safetensors    # <control>.weight (labels x dim), <control>.bias (labels);
+                                 # a Labels control's token head: (BIO tags x dim), meta "head": "token"
             encoder/             # only when this version fine-tuned the encoder
         .lock                    # flock(2) lock file for writers of this project
 
@@ -22,6 +23,7 @@ the folder (a shared volume).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -38,6 +40,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from .model import ClassifierHead, Encoder, heads_for_plan
+from .ner import TokenHead
 
 if TYPE_CHECKING:
     from .labeling import LabelingPlan
@@ -164,7 +167,9 @@ class ModelRegistry:
         tensors = load_file(str(directory / "heads.safetensors")) if meta.get("controls") else {}
         heads = {}
         for name, control_meta in meta.get("controls", {}).items():
-            heads[name] = ClassifierHead.from_meta(control_meta, tensors[f"{name}.weight"], tensors[f"{name}.bias"])
+            # a token head (Labels) says so; anything else is a classification head (Choices)
+            kind = TokenHead if control_meta.get("head") == "token" else ClassifierHead
+            heads[name] = kind.from_meta(control_meta, tensors[f"{name}.weight"], tensors[f"{name}.bias"])
         encoder_path = None
         if meta.get("encoder"):
             encoder_path = str(self.version_dir(project_key, meta["encoder"]) / "encoder")
@@ -209,8 +214,9 @@ class ModelRegistry:
                 save_file(tensors, str(tmp / "heads.safetensors"))
             if write_encoder is not None:
                 write_encoder(tmp / "encoder")
+            floor = 0  # past every name this writer found taken: its listing may lag behind (a shared folder)
             for attempt in range(1000):
-                number = self._next_number(project_key)
+                number = max(self._next_number(project_key), floor)
                 name = f"{version_prefix(project_key)}-v{number}"
                 body = dict(meta)
                 body.update(
@@ -225,7 +231,10 @@ class ModelRegistry:
                 write_atomic(tmp / "meta.json", json.dumps(body, indent=2, sort_keys=True).encode())
                 try:
                     os.rename(tmp, versions / name)  # fails if another writer took the name
-                except OSError:
+                except OSError as exc:
+                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise  # not a name collision: another name would not help
+                    floor = number + 1
                     continue
                 log.info("project %s: wrote version %s", project_key, name)
                 return name
@@ -234,11 +243,77 @@ class ModelRegistry:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def promote(self, project_key: str, version: str) -> None:
-        """Make ``version`` the served one (an atomic pointer switch)."""
+    def promote(self, project_key: str, version: str, reason: str = "promoted") -> None:
+        """Make ``version`` the served one (an atomic pointer switch), and note it in the history."""
         self.meta(project_key, version)  # must exist and be complete
         write_atomic(self.project_dir(project_key) / "current", (version + "\n").encode())
-        log.info("project %s: current version is now %s", project_key, version)
+        self._note(project_key, {"event": "current", "version": version, "reason": reason})
+        log.info("project %s: current version is now %s (%s)", project_key, version, reason)
+
+    # -- history, pinning, rollback ------------------------------------------------------
+    def _note(self, project_key: str, entry: dict) -> None:
+        line = json.dumps(dict(entry, at=time.time()), sort_keys=True) + "\n"
+        with open(self.project_dir(project_key) / "history.jsonl", "a") as handle:
+            handle.write(line)  # one short append: atomic on local and NFS-style shared folders
+
+    def history(self, project_key: str) -> list[dict]:
+        """Every switch of ``current`` and every pin change, oldest first."""
+        try:
+            lines = (self.project_dir(project_key) / "history.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        entries = []
+        for line in lines:
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue  # a torn last line after a crash
+        return entries
+
+    def pinned(self, project_key: str) -> str | None:
+        try:
+            return (self.project_dir(project_key) / "pinned").read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def pin(self, project_key: str, version: str | None = None) -> str:
+        """Pin the project to ``version`` (default: the current one): no automatic promotion until unpinned."""
+        with self.lock(project_key):
+            version = version or self.current(project_key)
+            if not version:
+                raise RegistryError(f"project {project_key} has no version to pin")
+            self.meta(project_key, version)
+            if self.current(project_key) != version:
+                self.promote(project_key, version, reason="pinned")
+            write_atomic(self.project_dir(project_key) / "pinned", (version + "\n").encode())
+            self._note(project_key, {"event": "pin", "version": version})
+        return version
+
+    def unpin(self, project_key: str) -> None:
+        with self.lock(project_key):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.project_dir(project_key) / "pinned")
+            self._note(project_key, {"event": "unpin"})
+
+    def rollback(self, project_key: str, to: str | None = None) -> str:
+        """Serve ``to``, or the version that was current before the current one.
+
+        A pinned project moves its pin along (the operator chose this version)."""
+        with self.lock(project_key):
+            current = self.current(project_key)
+            if to is None:
+                number = _VERSION.match(current or "")
+                ceiling = int(number["number"]) if number else 10**9
+                served = {e["version"] for e in self.history(project_key) if e.get("event") == "current"}
+                earlier = [v for v in self.versions(project_key) if v.name in served and v.number < ceiling]
+                if not earlier:
+                    raise RegistryError(f"project {project_key}: no earlier served version to roll back to")
+                to = earlier[-1].name
+            self.meta(project_key, to)
+            self.promote(project_key, to, reason=f"rollback from {current}")
+            if self.pinned(project_key):
+                write_atomic(self.project_dir(project_key) / "pinned", (to + "\n").encode())
+        return to
 
     def write_plan_version(
         self, project_key: str, plan: "LabelingPlan", parent: LoadedHeads | None, encoder: Encoder, settings: "Settings"
@@ -264,5 +339,7 @@ class ModelRegistry:
             "metrics": {},
         }
         name = self.create_version(project_key, heads, meta)
-        self.promote(project_key, name)
+        self.promote(project_key, name, reason=meta["kind"])
+        if self.pinned(project_key):  # the label config changed under a pin: the pin follows
+            write_atomic(self.project_dir(project_key) / "pinned", (name + "\n").encode())
         return self.load(project_key, name)

@@ -1,0 +1,143 @@
+"""Only better models go live: the evaluation slice, the gate, calibration, rollback, pinning, the curve."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import requests
+
+from ls_backend.curve import learning_curve, learning_curve_figure, learning_curve_png
+from ls_backend.finetune import FineTuneJob, in_eval_slice
+from ls_backend.model import Encoder
+from ls_backend.registry import ModelRegistry
+from ls_backend.settings import Settings, bundled_encoder_path
+from ls_backend.store import CorrectionStore
+from ls_backend.trainer import ControlData, expected_calibration_error, fit_head
+
+from .support.backend import BackendServer
+from .support.data import AGNEWS_LABELS, sst2
+from .support.events import annotation_event, choices, key_of, project
+from .support.loop import LoopClient, balanced_agnews
+
+KEY = key_of(3)
+
+
+@pytest.fixture
+def job_env(tmp_path):
+    settings = Settings(model_dir=tmp_path / "models", max_length=128, train_mode="frozen", eval_min=10)
+    store = CorrectionStore.from_settings(settings)
+    yield settings, store
+    store.close()
+
+
+def label_all(store, rows, first_id=1, updated=0.0, relabel=None):
+    for n, (task_id, text, label) in enumerate(rows):
+        label = relabel(task_id, label) if relabel else label
+        action = "ANNOTATION_UPDATED" if updated else "ANNOTATION_CREATED"
+        store.record_event(annotation_event(first_id + n, task_id, choices(label), text=text, updated=updated, action=action))
+
+
+def test_evaluation_slice_is_deterministic_and_about_the_share():
+    ids = range(20_000)
+    chosen = [i for i in ids if in_eval_slice(i, 0.2)]
+    assert 0.18 < len(chosen) / 20_000 < 0.22
+    assert chosen == [i for i in ids if in_eval_slice(i, 0.2)]  # stable: a pure function of the id
+    assert set(chosen) <= {i for i in ids if in_eval_slice(i, 0.3)}  # a larger share keeps the old slice
+
+
+def test_a_candidate_trained_on_shuffled_labels_is_rejected(job_env):
+    settings, store = job_env
+    rows = balanced_agnews(24)
+    label_all(store, rows)
+    first = FineTuneJob(settings, store).run(KEY)
+    assert first["promoted"], first
+    registry = ModelRegistry(settings.model_dir)
+    good = registry.current(KEY)
+    # the training side of the project is relabelled with a systematic permutation of the topics;
+    # the evaluation slice keeps its true labels (a bad batch of annotations)
+    shift = {label: AGNEWS_LABELS[(i + 1) % 4] for i, label in enumerate(AGNEWS_LABELS)}
+    label_all(store, rows, updated=10.0, relabel=lambda task, label: label if in_eval_slice(task, 0.2) else shift[label])
+    second = FineTuneJob(settings, store).run(KEY)
+    assert not second["promoted"], second
+    assert "worse than current" in second["reason"]
+    assert registry.current(KEY) == good  # the old version keeps serving
+    rejected = registry.meta(KEY, second["version"])
+    assert rejected["decision"]["promoted"] is False
+    assert rejected["metrics"]["frozen"]["score"] < rejected["metrics"]["current"]["score"]
+
+
+def test_calibration_lowers_expected_calibration_error_on_sst2():
+    encoder = Encoder(bundled_encoder_path(), "cpu", 64)
+    train = sst2("train", 400, min_words=6)
+    test = sst2("test", 872)
+    data = ControlData("sentiment", ["neg", "pos"], False, [t for t, _ in train], [("pos" if y else "neg",) for _, y in train])
+    head, report = fit_head(encoder.encode(data.texts), data, prior=None)
+    test_embeddings = encoder.encode([t for t, _ in test])
+    probs_calibrated = head.probabilities(test_embeddings)
+    y = np.array([label for _, label in test])
+    head.temperature = 1.0
+    probs_raw = head.probabilities(test_embeddings)
+    before, after = expected_calibration_error(probs_raw, y), expected_calibration_error(probs_calibrated, y)
+    assert report["temperature"] != 1.0
+    assert after < before, (before, after, report)
+
+
+def test_rollback_and_pin_survive_restarts(tmp_path):
+    env = {"TRAIN_EVERY": "0", "TRAIN_MODE": "frozen", "WEB_WORKERS": "1", "REDIS_URL": "", "EVAL_MIN": "1000"}
+    models = tmp_path / "models"
+    with BackendServer(models, env=env) as server:
+        loop = LoopClient(server.url, project_id=3)
+        assert loop.setup() == "p3-v0"
+        loop.label(balanced_agnews(8))
+        assert requests.post(f"{server.url}/projects/{loop.key}/train", timeout=10).status_code == 202
+        loop.wait_idle(300)
+        assert loop.versions()["current"] == "p3-v1"
+        rolled = requests.post(f"{server.url}/projects/{loop.key}/rollback", timeout=10)
+        assert rolled.status_code == 200 and rolled.json()["current"] == "p3-v0"
+        pinned = requests.post(f"{server.url}/projects/{loop.key}/pin", timeout=10)
+        assert pinned.json()["pinned"] == "p3-v0"
+    with BackendServer(models, env=env) as server:  # server and job runner restarted
+        loop = LoopClient(server.url, project_id=3)
+        assert loop.setup() == "p3-v0"
+        loop.label(balanced_agnews(8, offset=600), first_annotation_id=500)
+        requests.post(f"{server.url}/projects/{loop.key}/train", timeout=10)
+        jobs = loop.wait_idle(300)
+        assert jobs[0]["result"]["promoted"] is False and "pinned" in jobs[0]["result"]["reason"]
+        assert loop.versions()["current"] == "p3-v0"
+    with BackendServer(models, env=env) as server:
+        loop = LoopClient(server.url, project_id=3)
+        assert loop.setup() == "p3-v0"
+        assert requests.delete(f"{server.url}/projects/{loop.key}/pin", timeout=10).json()["pinned"] is None
+        again = requests.post(f"{server.url}/projects/{loop.key}/rollback", json={"to": "p3-v2"}, timeout=10)
+        assert again.json()["current"] == "p3-v2"
+        assert requests.post(f"{server.url}/projects/{loop.key}/rollback", json={"to": "p3-v9"}, timeout=10).status_code == 404
+
+
+def test_learning_curve_json_and_png_agree(job_env):
+    settings, store = job_env
+    rows = balanced_agnews(16)
+    label_all(store, rows[:32])
+    FineTuneJob(settings, store).run(KEY)
+    label_all(store, rows[32:], first_id=100)
+    FineTuneJob(settings, store).run(KEY)
+    registry = ModelRegistry(settings.model_dir)
+    curve = learning_curve(registry, KEY)
+    points = curve["points"]
+    assert [p["labels"] for p in points][0] == 0 and points[0]["recipe"] == "zero-shot"
+    assert [p["labels"] for p in points[1:]] == sorted(p["labels"] for p in points[1:])
+    for p in points[1:]:
+        meta = registry.meta(KEY, p["version"])
+        assert p["score"] == meta["metrics"][meta["recipe"]]["score"]
+    figure = learning_curve_figure(curve)
+    plotted = {}
+    for line in figure.axes[0].lines:
+        plotted.update(dict(zip(line.get_xdata(), line.get_ydata())))
+    assert plotted == {p["labels"]: p["score"] for p in points}
+    png = learning_curve_png(curve)
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png))
+    image.verify()
+    assert image.format == "PNG" and image.size == (640, 400)
