@@ -17,8 +17,9 @@ One :class:`CorrectionStore` per process.  It holds, per project (keyed ``"<id>.
     Label Studio id, title, last event time, counters, the training mark (``trained_seq``),
     what ``/setup`` told us (Label Studio's address and the owner's token, for catching up),
     and the last sync report.
-``changes``
-    a log of training-relevant changes: ``(seq, project, task)``.
+``task_changes``
+    per task, the seq of its last training-relevant change; ``projects.pending_tasks`` keeps
+    the number of tasks changed since the last training run.
 ``triggers``
     ``START_TRAINING`` requests as received.
 
@@ -53,10 +54,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import queue
+import threading
 import time
 from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -261,7 +266,7 @@ class AnnotationRecord:
             updated_us=micros(stamp),
         )
 
-    @property
+    @cached_property
     def content_hash(self) -> str:
         """What makes two versions the same label (task data aside: it is not part of the label)."""
         body = canonical_json([self.task_id, self.result, self.annotator, self.was_cancelled, self.ground_truth])
@@ -331,6 +336,7 @@ class EventOutcome:
     ls_project_id: int | None = None
     ls_annotations: int | None = None  # Label Studio's count of non-cancelled annotations, as sent
     stored_annotations: int | None = None  # ours, after this event
+    labels_since_training: int | None = None  # tasks changed since the last training run, after this event
 
     @property
     def behind(self) -> bool:
@@ -416,6 +422,7 @@ projects = sa.Table(
     sa.Column("last_seq", sa.BigInteger, nullable=False),
     sa.Column("trained_seq", sa.BigInteger, nullable=False),
     sa.Column("live_annotations", sa.BigInteger, nullable=False),
+    sa.Column("pending_tasks", sa.BigInteger, nullable=False, server_default="0"),  # v2
     sa.Column("ls_annotations", sa.BigInteger),
     sa.Column("label_config_id", sa.BigInteger),
     sa.Column("label_config_hash", sa.String(64)),
@@ -463,7 +470,7 @@ tombstones = sa.Table(
     sa.Column("deleted_at", sa.Float, nullable=False),
     sa.Column("seq", sa.BigInteger, nullable=False),
 )
-changes = sa.Table(
+changes = sa.Table(  # v1's change log: read by migration 2, no longer written
     "changes",
     metadata,
     sa.Column("id", _id_type(), primary_key=True, autoincrement=True),
@@ -471,6 +478,14 @@ changes = sa.Table(
     sa.Column("seq", sa.BigInteger, nullable=False),
     sa.Column("task_id", sa.BigInteger, nullable=False),
     sa.Index("ix_changes_project_seq", "project_key", "seq"),
+)
+task_changes = sa.Table(  # v2: the last training-relevant change of each task
+    "task_changes",
+    metadata,
+    sa.Column("project_key", sa.String(200), primary_key=True),
+    sa.Column("task_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("last_seq", sa.BigInteger, nullable=False),
+    sa.Index("ix_task_changes_project_seq", "project_key", "last_seq"),
 )
 triggers = sa.Table(
     "triggers",
@@ -483,21 +498,173 @@ triggers = sa.Table(
 )
 
 
-def _migration_1_initial(conn: Connection) -> None:
-    """Version 1: the tables above as first released.
+def _v1_tables(md: sa.MetaData) -> list[sa.Table]:
+    """The tables of schema version 1, frozen as released (the module's tables are the current shape)."""
+    store_meta = sa.Table(
+        "store_meta",
+        md,
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("value", sa.BigInteger, nullable=False),
+    )
+    projects = sa.Table(
+        "projects",
+        md,
+        sa.Column("key", sa.String(200), primary_key=True),
+        sa.Column("ls_id", sa.BigInteger, nullable=False),
+        sa.Column("title", sa.Text, nullable=False),
+        sa.Column("created_at", sa.String(64), nullable=False),
+        sa.Column("first_seen", sa.Float, nullable=False),
+        sa.Column("last_event_at", sa.Float),
+        sa.Column("last_seq", sa.BigInteger, nullable=False),
+        sa.Column("trained_seq", sa.BigInteger, nullable=False),
+        sa.Column("live_annotations", sa.BigInteger, nullable=False),
+        sa.Column("ls_annotations", sa.BigInteger),
+        sa.Column("label_config_id", sa.BigInteger),
+        sa.Column("label_config_hash", sa.String(64)),
+        sa.Column("config_updated_us", sa.BigInteger),
+        sa.Column("ls_url", sa.Text),
+        sa.Column("ls_token", sa.Text),
+        sa.Column("sync_lease_until", sa.Float),
+        sa.Column("last_sync", sa.Text),
+    )
+    label_configs = sa.Table(
+        "label_configs",
+        md,
+        sa.Column("id", _id_type(), primary_key=True, autoincrement=True),
+        sa.Column("project_key", sa.String(200), nullable=False),
+        sa.Column("hash", sa.String(64), nullable=False),
+        sa.Column("xml", sa.Text, nullable=False),
+        sa.Column("first_seen", sa.Float, nullable=False),
+        sa.UniqueConstraint("project_key", "hash", name="uq_label_configs_project_hash"),
+    )
+    annotations = sa.Table(
+        "annotations",
+        md,
+        sa.Column("project_key", sa.String(200), primary_key=True),
+        sa.Column("annotation_id", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("task_id", sa.BigInteger, nullable=False),
+        sa.Column("task_data", sa.Text, nullable=False),
+        sa.Column("result", sa.Text, nullable=False),
+        sa.Column("annotator", sa.String(200), nullable=False),
+        sa.Column("was_cancelled", sa.Boolean, nullable=False),
+        sa.Column("ground_truth", sa.Boolean, nullable=False),
+        sa.Column("updated_us", sa.BigInteger, nullable=False),
+        sa.Column("content_hash", sa.String(64), nullable=False),
+        sa.Column("label_config_id", sa.BigInteger),
+        sa.Column("seq", sa.BigInteger, nullable=False),
+        sa.Column("source", sa.String(16), nullable=False),
+        sa.Index("ix_annotations_project_task", "project_key", "task_id"),
+        sa.Index("ix_annotations_project_seq", "project_key", "seq"),
+    )
+    tombstones = sa.Table(
+        "tombstones",
+        md,
+        sa.Column("project_key", sa.String(200), primary_key=True),
+        sa.Column("annotation_id", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("task_id", sa.BigInteger),
+        sa.Column("deleted_at", sa.Float, nullable=False),
+        sa.Column("seq", sa.BigInteger, nullable=False),
+    )
+    changes = sa.Table(
+        "changes",
+        md,
+        sa.Column("id", _id_type(), primary_key=True, autoincrement=True),
+        sa.Column("project_key", sa.String(200), nullable=False),
+        sa.Column("seq", sa.BigInteger, nullable=False),
+        sa.Column("task_id", sa.BigInteger, nullable=False),
+        sa.Index("ix_changes_project_seq", "project_key", "seq"),
+    )
+    triggers = sa.Table(
+        "triggers",
+        md,
+        sa.Column("id", _id_type(), primary_key=True, autoincrement=True),
+        sa.Column("project_key", sa.String(200), nullable=False),
+        sa.Column("action", sa.String(64), nullable=False),
+        sa.Column("received_at", sa.Float, nullable=False),
+        sa.Column("seq", sa.BigInteger, nullable=False),
+    )
+    return [store_meta, projects, label_configs, annotations, tombstones, changes, triggers]
 
-    Later versions must not edit this function: add a new one that alters what exists.
-    """
-    for table in (store_meta, projects, label_configs, annotations, tombstones, changes, triggers):
+
+def _migration_1_initial(conn: Connection) -> None:
+    """Version 1: the first tables."""
+    for table in _v1_tables(sa.MetaData()):
         table.create(conn)
-    conn.execute(store_meta.insert().values(name="seq", value=0))
+    conn.execute(sa.text("INSERT INTO store_meta (name, value) VALUES ('seq', 0)"))
+
+
+def _migration_2_task_changes(conn: Connection) -> None:
+    """Version 2: one change mark per task instead of a growing log, and a kept count of tasks changed since training.
+
+    ``labels_since_training`` is read on every webhook (to decide on a training job): with the
+    count kept in ``projects.pending_tasks`` it costs one row, not a scan of the log.  The
+    ``changes`` log of version 1 is read once here and then left alone.
+    """
+    marks = sa.Table(
+        "task_changes",
+        sa.MetaData(),
+        sa.Column("project_key", sa.String(200), primary_key=True),
+        sa.Column("task_id", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("last_seq", sa.BigInteger, nullable=False),
+        sa.Index("ix_task_changes_project_seq", "project_key", "last_seq"),
+    )
+    marks.create(conn)
+    conn.execute(sa.text("ALTER TABLE projects ADD COLUMN pending_tasks BIGINT NOT NULL DEFAULT 0"))
+    conn.execute(
+        sa.text(
+            "INSERT INTO task_changes (project_key, task_id, last_seq) "
+            "SELECT project_key, task_id, MAX(seq) FROM changes GROUP BY project_key, task_id"
+        )
+    )
+    conn.execute(
+        sa.text(
+            "UPDATE projects SET pending_tasks = (SELECT COUNT(*) FROM task_changes t "
+            "WHERE t.project_key = projects.key AND t.last_seq > projects.trained_seq)"
+        )
+    )
 
 
 # (version, description, function(conn)); applied in order, each once, never edited once released
 MIGRATIONS: tuple[tuple[int, str, Callable[[Connection], None]], ...] = (
     (1, "initial tables", _migration_1_initial),
+    (2, "per-task change marks and a kept count of tasks changed since training", _migration_2_task_changes),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+# statements on the webhook path, built once
+_MARKS = sa.select(task_changes.c.task_id, task_changes.c.last_seq).where(
+    task_changes.c.project_key == sa.bindparam("key"), task_changes.c.task_id.in_(sa.bindparam("tasks", expanding=True))
+)
+_MARK_MOVE = (
+    task_changes.update()
+    .where(task_changes.c.project_key == sa.bindparam("k"), task_changes.c.task_id == sa.bindparam("t"))
+    .values(last_seq=sa.bindparam("s"))
+)
+_PROJECT_BY_KEY = sa.select(projects).where(projects.c.key == sa.bindparam("key"))
+_CONFIG_BY_HASH = sa.select(label_configs.c.id).where(
+    label_configs.c.project_key == sa.bindparam("key"), label_configs.c.hash == sa.bindparam("hash")
+)
+_HELD = sa.union_all(
+    sa.select(
+        sa.literal("live").label("kind"),
+        annotations.c.annotation_id,
+        annotations.c.updated_us,
+        annotations.c.content_hash,
+        annotations.c.was_cancelled,
+        annotations.c.task_id,
+        annotations.c.task_data,
+    ).where(annotations.c.project_key == sa.bindparam("key"), annotations.c.annotation_id.in_(sa.bindparam("ids", expanding=True))),
+    sa.select(
+        sa.literal("dead"),
+        tombstones.c.annotation_id,
+        sa.cast(sa.null(), sa.BigInteger),
+        sa.cast(sa.null(), sa.String(64)),
+        sa.cast(sa.null(), sa.Boolean),
+        tombstones.c.task_id,
+        sa.cast(sa.null(), sa.Text),
+    ).where(tombstones.c.project_key == sa.bindparam("key"), tombstones.c.annotation_id.in_(sa.bindparam("ids", expanding=True))),
+)
 
 
 # -- engines ---------------------------------------------------------------------------
@@ -610,6 +777,97 @@ def resolve_task(candidates: Sequence[Any], labels_of: Callable[[Any], tuple]) -
 
 
 # -- the store -------------------------------------------------------------------------
+@dataclass
+class _ProjectWrite:
+    """A project row as read inside a write transaction, and the updates it will get."""
+
+    key: str
+    row: Any
+    values: dict[str, Any]
+    config_id: int | None
+    pending: int = 0  # tasks changed since training, after this write
+
+
+class _Pending:
+    __slots__ = ("item", "result", "error", "done")
+
+    def __init__(self, item: Any):
+        self.item = item
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
+class _GroupCommit:
+    """Group commit: the events that arrive while a transaction is being written share the next one.
+
+    A commit costs an fsync (milliseconds); under concurrent webhooks one commit per event
+    would cap a process at a few hundred events a second and queue the rest.  Here one
+    thread per process writes: it takes every event waiting (up to ``max_batch``), writes
+    them in one transaction, each in its own savepoint, commits once, and only then wakes
+    their callers.  A caller still answers only after its event is on disk.
+    """
+
+    def __init__(self, write_batch: Callable[[list[Any]], list[Any]], max_batch: int = 256):
+        self._write_batch = write_batch
+        self._max_batch = max_batch
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def submit(self, item: Any) -> Any:
+        pending = _Pending(item)
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._queue = queue.SimpleQueue()
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, args=(self._queue,), name="store-writer", daemon=True)
+                self._thread.start()
+            self._queue.put(pending)
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def _run(self, waiting: "queue.SimpleQueue[_Pending | None]") -> None:
+        while True:
+            first = waiting.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    more = waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    waiting.put(None)
+                    break
+                batch.append(more)
+            try:
+                results = self._write_batch([pending.item for pending in batch])
+                for pending, result in zip(batch, results):
+                    if isinstance(result, BaseException):
+                        pending.error = result
+                    else:
+                        pending.result = result
+            except BaseException as exc:  # the commit failed: nobody's event is stored
+                for pending in batch:
+                    pending.error = exc
+            finally:
+                for pending in batch:
+                    pending.done.set()
+
+    def close(self) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+            if thread is not None and thread.is_alive() and self._pid == os.getpid():
+                self._queue.put(None)
+        if thread is not None and thread.is_alive():
+            thread.join(timeout=10)
+
+
 class CorrectionStore:
     """Durable annotations per project; see the module docstring for the rules."""
 
@@ -618,6 +876,8 @@ class CorrectionStore:
         self.engine = create_store_engine(self.url)
         self.dialect = self.engine.dialect.name
         migrate(self.engine)
+        self._config_ids: dict[tuple[str, str], int] = {}
+        self._group = _GroupCommit(self._record_batch)
 
     @classmethod
     def from_settings(cls, settings: Any) -> "CorrectionStore":
@@ -629,6 +889,7 @@ class CorrectionStore:
         return cls(url)
 
     def close(self) -> None:
+        self._group.close()
         self.engine.dispose()
 
     def describe(self) -> str:
@@ -656,73 +917,70 @@ class CorrectionStore:
 
     # -- projects, configs ----------------------------------------------------------
     def _project_row(self, conn: Connection, key: str) -> Any:
-        return conn.execute(sa.select(projects).where(projects.c.key == key)).one_or_none()
+        return conn.execute(_PROJECT_BY_KEY, {"key": key}).one_or_none()
 
-    def _ensure_project(
-        self, conn: Connection, info: ProjectInfo, now: float, event_time: bool = True
-    ) -> tuple[Any, int | None]:
-        """The project's row, created or refreshed, and the id of the label config this event came with."""
+    def _open_project(
+        self, conn: Connection, info: ProjectInfo, now: float, event_time: bool = True, seen: dict | None = None
+    ) -> "_ProjectWrite":
+        """The project's row (created if new), its pending updates, and the config this event came with."""
         row = self._project_row(conn, info.key)
         if row is None:
             conn.execute(
                 projects.insert().values(
-                    key=info.key,
-                    ls_id=info.ls_id,
-                    title=info.title,
-                    created_at=info.created_at,
-                    first_seen=now,
-                    last_event_at=now if event_time else None,
-                    last_seq=0,
-                    trained_seq=0,
-                    live_annotations=0,
-                    ls_annotations=info.total_annotations,
+                    key=info.key, ls_id=info.ls_id, title=info.title, created_at=info.created_at, first_seen=now,
+                    last_seq=0, trained_seq=0, live_annotations=0,
                 )
             )
-        else:
-            values: dict[str, Any] = {}
-            if event_time:
-                values["last_event_at"] = now
-            if info.title and info.title != row.title:
-                values["title"] = info.title
-            if info.created_at and not row.created_at:
-                values["created_at"] = info.created_at
-            if info.total_annotations is not None:
-                values["ls_annotations"] = info.total_annotations
-            if values:
-                conn.execute(projects.update().where(projects.c.key == info.key).values(**values))
-        config_id = None
+            row = self._project_row(conn, info.key)
+        values: dict[str, Any] = {}
+        if event_time:
+            values["last_event_at"] = now
+        if info.title and info.title != row.title:
+            values["title"] = info.title
+        if info.created_at and not row.created_at:
+            values["created_at"] = info.created_at
+        if info.total_annotations is not None and info.total_annotations != row.ls_annotations:
+            values["ls_annotations"] = info.total_annotations
+        config_id = row.label_config_id
         if info.label_config:
-            config_id = self._snapshot_config(conn, info.key, info.label_config, info.updated_us, now, info.current)
-        row = self._project_row(conn, info.key)
-        return row, config_id if config_id is not None else row.label_config_id
+            config_id = self._snapshot_config(
+                conn, row, values, info.label_config, info.updated_us, now, info.current, seen
+            )
+        return _ProjectWrite(key=info.key, row=row, values=values, config_id=config_id)
 
     def _snapshot_config(
-        self, conn: Connection, key: str, xml: str, updated_us: int | None, now: float, current: bool = False
+        self,
+        conn: Connection,
+        row: Any,
+        values: dict[str, Any],
+        xml: str,
+        updated_us: int | None,
+        now: float,
+        current: bool = False,
+        seen: dict | None = None,
     ) -> int:
-        """Keep a config snapshot; point the project at it when it is the newest one.
+        """Keep a config snapshot; point the project at it (in ``values``) when it is the newest one.
 
         Webhooks carry the project's ``updated_at``, which orders config changes.  The API
         (sync) does not send it: what it returns is in force now, stamped with our clock.
         """
+        key = row.key
         digest = hashlib.sha256(xml.encode()).hexdigest()
-        config_id = conn.execute(
-            sa.select(label_configs.c.id).where(label_configs.c.project_key == key, label_configs.c.hash == digest)
-        ).scalar_one_or_none()
+        config_id = self._config_ids.get((key, digest))  # ids known to be committed
+        if config_id is None:
+            config_id = conn.execute(_CONFIG_BY_HASH, {"key": key, "hash": digest}).scalar_one_or_none()
         if config_id is None:
             config_id = conn.execute(
                 label_configs.insert().values(project_key=key, hash=digest, xml=xml, first_seen=now)
             ).inserted_primary_key[0]
-        row = self._project_row(conn, key)
+        if seen is not None:  # the caller caches these once its transaction is committed
+            seen[(key, digest)] = config_id
         held = (row.config_updated_us if row.config_updated_us is not None else -1, row.label_config_hash or "")
         if current and digest != row.label_config_hash:
             updated_us = max(held[0], int(now * 1_000_000))
         candidate = (updated_us if updated_us is not None else -1, digest)
         if row.label_config_id is None or (updated_us is not None and candidate > held):
-            conn.execute(
-                projects.update()
-                .where(projects.c.key == key)
-                .values(label_config_id=config_id, label_config_hash=digest, config_updated_us=updated_us)
-            )
+            values.update(label_config_id=config_id, label_config_hash=digest, config_updated_us=updated_us)
             if row.label_config_id is not None and row.label_config_hash != digest:
                 log.info("project %s: label config changed (snapshot %s)", key, digest[:12])
         return config_id
@@ -743,24 +1001,11 @@ class CorrectionStore:
         existing: dict[int, Any] = {}
         dead: set[int] = set()
         for chunk in _chunks(ids, 500):
-            for row in conn.execute(
-                sa.select(
-                    annotations.c.annotation_id,
-                    annotations.c.updated_us,
-                    annotations.c.content_hash,
-                    annotations.c.was_cancelled,
-                    annotations.c.task_id,
-                    annotations.c.task_data,
-                ).where(annotations.c.project_key == key, annotations.c.annotation_id.in_(chunk))
-            ):
-                existing[row.annotation_id] = row
-            dead.update(
-                conn.execute(
-                    sa.select(tombstones.c.annotation_id).where(
-                        tombstones.c.project_key == key, tombstones.c.annotation_id.in_(chunk)
-                    )
-                ).scalars()
-            )
+            for row in conn.execute(_HELD, {"key": key, "ids": list(chunk)}):
+                if row.kind == "live":
+                    existing[row.annotation_id] = row
+                else:
+                    dead.add(row.annotation_id)
         inserts, updates, data_only = [], [], []
         inserted = updated = unchanged = 0
         live_delta = 0
@@ -883,44 +1128,100 @@ class CorrectionStore:
                     touched.add(row.task_id)
         return deleted, live_delta, touched
 
-    def _finish(self, conn: Connection, seq: int, key: str, live_delta: int, touched: set[int]) -> int:
-        """Log the changed tasks, move the project's counters; returns the live annotation count."""
-        values: dict[str, Any] = {"live_annotations": projects.c.live_annotations + live_delta}
+    def _finish(self, conn: Connection, seq: int, project: "_ProjectWrite", live_delta: int, touched: set[int]) -> int:
+        """Mark the changed tasks and write the project's row; returns its live annotation count."""
+        live = project.row.live_annotations + live_delta
+        project.pending = project.row.pending_tasks
         if touched:
-            conn.execute(changes.insert(), [{"project_key": key, "seq": seq, "task_id": t} for t in sorted(touched)])
-            values["last_seq"] = seq
-        conn.execute(projects.update().where(projects.c.key == key).values(**values))
-        return conn.execute(sa.select(projects.c.live_annotations).where(projects.c.key == key)).scalar_one()
+            project.pending += self._mark_tasks(conn, project.key, touched, seq, project.row.trained_seq)
+            project.values.update(last_seq=seq, pending_tasks=project.pending)
+        if live_delta:
+            project.values["live_annotations"] = live
+        if project.values:
+            conn.execute(projects.update().where(projects.c.key == project.key).values(**project.values))
+        return live
+
+    @staticmethod
+    def _mark_tasks(conn: Connection, key: str, tasks: set[int], seq: int, trained_seq: int) -> int:
+        """Move the tasks' change marks to ``seq``; returns how many of them were not pending training yet."""
+        fresh = 0
+        for chunk in _chunks(sorted(tasks), 500):
+            held = {row.task_id: row.last_seq for row in conn.execute(_MARKS, {"key": key, "tasks": list(chunk)})}
+            new = [{"project_key": key, "task_id": t, "last_seq": seq} for t in chunk if t not in held]
+            if new:
+                conn.execute(task_changes.insert(), new)
+            old = [{"k": key, "t": t, "s": seq} for t in chunk if t in held]
+            if old:
+                conn.execute(_MARK_MOVE, old)
+            fresh += sum(1 for t in chunk if held.get(t, -1) <= trained_seq)
+        return fresh
 
     def record_event(self, payload: dict) -> EventOutcome:
-        """Write one webhook event (all of it or nothing); raises :class:`BadEvent` for malformed ones."""
+        """Write one webhook event (all of it or nothing); raises :class:`BadEvent` for malformed ones.
+
+        It returns once the transaction holding the event is committed.  Concurrent callers
+        in one process share transactions (see :class:`_GroupCommit`).
+        """
         parsed = parse_event(payload)
-        action, info = parsed.action, parsed.project
-        if info is None:
-            return self._not_kept(action, payload.get("project"))
+        if parsed.project is None:
+            return self._not_kept(parsed.action, payload.get("project"))
+        outcome = self._group.submit(parsed)
+        log.info("webhook %s project %s: %d annotation(s) changed", outcome.action, outcome.project_key, outcome.changed)
+        return outcome
+
+    def _record_batch(self, batch: Sequence[ParsedEvent]) -> list[EventOutcome | Exception]:
+        """Several events in one transaction.
+
+        Should one of them fail (a bug, not a busy database), the transaction is rolled back
+        and each event is written again in a transaction of its own, so that one bad event
+        spoils none of the others.
+        """
+        try:
+            return self._record_together(batch)
+        except sa.exc.OperationalError:
+            raise  # the database is unreachable or locked: all of them failed
+        except Exception:
+            if len(batch) == 1:
+                raise
+        results: list[EventOutcome | Exception] = []
+        for parsed in batch:
+            try:
+                results.extend(self._record_together([parsed]))
+            except Exception as exc:
+                log.exception("%s for project %s could not be stored", parsed.action, parsed.project and parsed.project.key)
+                results.append(exc)
+        return results
+
+    def _record_together(self, batch: Sequence[ParsedEvent]) -> list[EventOutcome | Exception]:
         now = time.time()
-        changed = 0
+        seen: dict[tuple[str, str], int] = {}
         with self._write() as (conn, seq):
-            _row, config_id = self._ensure_project(conn, info, now)
-            live_delta, touched = 0, set()
-            if parsed.records:
-                counts, live_delta, touched = self._apply(conn, seq, info.key, parsed.records, config_id, "webhook")
-                changed = counts.changed
-            elif parsed.deleted_ids:
-                changed, live_delta, touched = self._delete(conn, seq, info.key, parsed.deleted_ids, now)
-            elif parsed.deleted_task_ids:
-                ids = []
-                for chunk in _chunks(sorted(set(parsed.deleted_task_ids)), 500):
-                    ids += conn.execute(
-                        sa.select(annotations.c.annotation_id).where(
-                            annotations.c.project_key == info.key, annotations.c.task_id.in_(chunk)
-                        )
-                    ).scalars().all()
-                changed, live_delta, touched = self._delete(conn, seq, info.key, ids, now)
-            elif action == START_TRAINING:
-                conn.execute(triggers.insert().values(project_key=info.key, action=action, received_at=now, seq=seq))
-            stored = self._finish(conn, seq, info.key, live_delta, touched)
-        log.info("webhook %s project %s: %d annotation(s) changed", action, info.key, changed)
+            results: list[EventOutcome | Exception] = [self._record(conn, seq, parsed, now, seen) for parsed in batch]
+        self._config_ids.update(seen)  # committed now
+        return results
+
+    def _record(self, conn: Connection, seq: int, parsed: ParsedEvent, now: float, seen: dict) -> EventOutcome:
+        action, info = parsed.action, parsed.project
+        assert info is not None
+        project = self._open_project(conn, info, now, seen=seen)
+        changed, live_delta, touched = 0, 0, set()
+        if parsed.records:
+            counts, live_delta, touched = self._apply(conn, seq, info.key, parsed.records, project.config_id, "webhook")
+            changed = counts.changed
+        elif parsed.deleted_ids:
+            changed, live_delta, touched = self._delete(conn, seq, info.key, parsed.deleted_ids, now)
+        elif parsed.deleted_task_ids:
+            ids = []
+            for chunk in _chunks(sorted(set(parsed.deleted_task_ids)), 500):
+                ids += conn.execute(
+                    sa.select(annotations.c.annotation_id).where(
+                        annotations.c.project_key == info.key, annotations.c.task_id.in_(chunk)
+                    )
+                ).scalars().all()
+            changed, live_delta, touched = self._delete(conn, seq, info.key, ids, now)
+        elif action == START_TRAINING:
+            conn.execute(triggers.insert().values(project_key=info.key, action=action, received_at=now, seq=seq))
+        stored = self._finish(conn, seq, project, live_delta, touched)
         return EventOutcome(
             action=action,
             project_key=info.key,
@@ -930,6 +1231,7 @@ class CorrectionStore:
             ls_project_id=info.ls_id,
             ls_annotations=info.total_annotations,
             stored_annotations=stored,
+            labels_since_training=project.pending,
         )
 
     def _not_kept(self, action: str, project: Any) -> EventOutcome:
@@ -953,9 +1255,9 @@ class CorrectionStore:
         """Upsert annotation versions fetched from Label Studio, in one transaction."""
         now = time.time()
         with self._write() as (conn, seq):
-            _row, config_id = self._ensure_project(conn, info, now, event_time=False)
-            counts, live_delta, touched = self._apply(conn, seq, info.key, records, config_id, source)
-            self._finish(conn, seq, info.key, live_delta, touched)
+            project = self._open_project(conn, info, now, event_time=False)
+            counts, live_delta, touched = self._apply(conn, seq, info.key, records, project.config_id, source)
+            self._finish(conn, seq, project, live_delta, touched)
         return counts
 
     def delete_annotations(self, project_key: str, ids: Iterable[int]) -> int:
@@ -965,10 +1267,11 @@ class CorrectionStore:
             return 0
         now = time.time()
         with self._write() as (conn, seq):
-            if self._project_row(conn, project_key) is None:
+            row = self._project_row(conn, project_key)
+            if row is None:
                 raise UnknownProject(f"no project {project_key!r} in the store")
             deleted, live_delta, touched = self._delete(conn, seq, project_key, ids, now)
-            self._finish(conn, seq, project_key, live_delta, touched)
+            self._finish(conn, seq, _ProjectWrite(project_key, row, {}, row.label_config_id), live_delta, touched)
         return deleted
 
     def note_setup(self, key: str, label_config: str | None = None, hostname: str | None = None,
@@ -996,7 +1299,9 @@ class CorrectionStore:
             if values:
                 conn.execute(projects.update().where(projects.c.key == key).values(**values))
             if label_config and row.label_config_id is None:
-                self._snapshot_config(conn, key, label_config, None, now)
+                pointer: dict[str, Any] = {}
+                self._snapshot_config(conn, row, pointer, label_config, None, now)
+                conn.execute(projects.update().where(projects.c.key == key).values(**pointer))
 
     def mark_trained(self, project_key: str, seq: int) -> None:
         """Training used every change up to ``seq`` (the mark only moves forward)."""
@@ -1005,7 +1310,14 @@ class CorrectionStore:
             if row is None:
                 raise UnknownProject(f"no project {project_key!r} in the store")
             if seq > row.trained_seq:
-                conn.execute(projects.update().where(projects.c.key == project_key).values(trained_seq=seq))
+                pending = conn.execute(
+                    sa.select(sa.func.count()).where(
+                        task_changes.c.project_key == project_key, task_changes.c.last_seq > seq
+                    )
+                ).scalar_one()
+                conn.execute(
+                    projects.update().where(projects.c.key == project_key).values(trained_seq=seq, pending_tasks=pending)
+                )
 
     def claim_sync(self, project_key: str, lease_s: float) -> bool:
         """Take the project's sync lease unless another process holds a live one."""
@@ -1024,7 +1336,14 @@ class CorrectionStore:
             # no such project yet: nothing to guard; else another process holds the lease
             return self._project_row(conn, project_key) is None
 
-    def finish_sync(self, project_key: str, report: dict | None) -> None:
+    def record_sync(self, project_key: str, report: dict) -> None:
+        """Keep a sync's report for the operator view."""
+        with self._write() as (conn, _seq):
+            conn.execute(
+                projects.update().where(projects.c.key == project_key).values(last_sync=canonical_json(report))
+            )
+
+    def finish_sync(self, project_key: str, report: dict | None = None) -> None:
         """Release the sync lease and keep the report for the operator view."""
         with self._write() as (conn, _seq):
             values: dict[str, Any] = {"sync_lease_until": None}
@@ -1056,14 +1375,17 @@ class CorrectionStore:
     def _changes_since(conn: Connection, project_key: str, seq: int) -> int:
         return int(
             conn.execute(
-                sa.select(sa.func.count(sa.distinct(changes.c.task_id))).where(
-                    changes.c.project_key == project_key, changes.c.seq > seq
+                sa.select(sa.func.count()).where(
+                    task_changes.c.project_key == project_key, task_changes.c.last_seq > seq
                 )
             ).scalar_one()
         )
 
     def labels_since_training(self, project_key: str) -> int:
-        return self.changes_since(project_key, self.trained_seq(project_key))
+        """``changes_since(trained_seq)``, kept as a count: one row read, cheap enough for every webhook."""
+        with self._read() as conn:
+            value = conn.execute(sa.select(projects.c.pending_tasks).where(projects.c.key == project_key)).scalar()
+        return int(value or 0)
 
     def stored_annotations(self, project_key: str) -> int:
         """Live, non-cancelled annotations (what Label Studio calls ``total_annotations_number``)."""
@@ -1185,19 +1507,22 @@ class CorrectionStore:
         return examples
 
     def annotation_results(
-        self, project_key: str, control_name: str, field: str | None = None
+        self, project_key: str, control_name: str, field: str | None = None, include_empty: bool = False
     ) -> list[tuple[int, str, list[dict]]]:
         """Raw result items per task for one control: ``(task_id, text, items)``.
 
         The task's latest ground-truth annotation holding items for the control, else its
         latest one.  ``field`` is the task data key of the text; by default it is read from
-        the project's current label config.
+        the project's current label config.  With ``include_empty``, an annotation without
+        items for the control counts too (a text with no entity is a negative example for
+        NER): every annotated task appears, with the items of the annotation chosen by the
+        same rule (possibly none).
         """
         with self._read() as conn:
             rows = self._rows(conn, project_key)
         if field is None:
             field = self._field_of(project_key, control_name)
-        return self._results(rows, control_name, field)
+        return self._results(rows, control_name, field, include_empty)
 
     def _field_of(self, project_key: str, control_name: str) -> str | None:
         config = self.latest_label_config(project_key)
@@ -1209,11 +1534,13 @@ class CorrectionStore:
             return None
 
     @staticmethod
-    def _results(rows: Sequence[Any], control_name: str, field: str | None) -> list[tuple[int, str, list[dict]]]:
+    def _results(
+        rows: Sequence[Any], control_name: str, field: str | None, include_empty: bool = False
+    ) -> list[tuple[int, str, list[dict]]]:
         by_task: dict[int, list[tuple[Any, list[dict]]]] = defaultdict(list)
         for row in rows:
             items = [item for item in json.loads(row.result) if item.get("from_name") == control_name]
-            if items:
+            if items or include_empty:
                 by_task[row.task_id].append((row, items))
         out = []
         for task_id, entries in sorted(by_task.items()):
@@ -1239,7 +1566,7 @@ class CorrectionStore:
             ).scalar_one()
             deleted = conn.execute(sa.select(sa.func.count()).where(tombstones.c.project_key == key)).scalar_one()
             configs = conn.execute(sa.select(sa.func.count()).where(label_configs.c.project_key == key)).scalar_one()
-            since = self._changes_since(conn, key, row.trained_seq)
+            since = int(row.pending_tasks)
             config = None
             if row.label_config_id is not None:
                 config = conn.execute(

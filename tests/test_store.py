@@ -248,8 +248,9 @@ def test_change_counters_and_the_training_mark(store):
     assert (store.current_seq(KEY), store.changes_since(KEY, 0), store.trained_seq(KEY)) == (0, 0, 0)
     store.record_event(annotation_event(1, 10, choices("World")))
     store.record_event(annotation_event(2, 10, choices("World"), annotator=2))
-    store.record_event(annotation_event(3, 11, choices("World")))
+    last = store.record_event(annotation_event(3, 11, choices("World")))
     assert store.changes_since(KEY, 0) == 2  # distinct tasks
+    assert last.labels_since_training == store.labels_since_training(KEY) == 2
     mark = store.current_seq(KEY)
     store.mark_trained(KEY, mark)
     assert (store.trained_seq(KEY), store.labels_since_training(KEY)) == (mark, 0)
@@ -367,9 +368,32 @@ def test_migrations_are_recorded_and_run_once(url):
     stores = [CorrectionStore(url) for _ in range(3)]
     with stores[0].engine.connect() as conn:
         versions = conn.execute(sa.select(store_module.schema_version.c.version)).scalars().all()
-    assert versions == [store_module.SCHEMA_VERSION]
+    assert versions == [number for number, _name, _apply in store_module.MIGRATIONS]
     for opened in stores:
         opened.close()
+
+
+def test_a_version_1_store_is_migrated_with_its_data(url, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
+        patch.setattr(store_module, "SCHEMA_VERSION", 1)
+        old = CorrectionStore(url)
+    with old.engine.begin() as conn:  # what version 1 wrote: a project trained up to seq 2 and its change log
+        conn.execute(sa.text(
+            "INSERT INTO projects (key, ls_id, title, created_at, first_seen, last_seq, trained_seq, live_annotations) "
+            f"VALUES ('{KEY}', 3, 'old', '', 0, 4, 2, 0)"
+        ))
+        for seq, task in ((1, 10), (2, 11), (3, 11), (4, 12), (4, 13)):
+            conn.execute(sa.text(f"INSERT INTO changes (project_key, seq, task_id) VALUES ('{KEY}', {seq}, {task})"))
+    old.close()
+    migrated = CorrectionStore(url)
+    try:
+        assert (migrated.changes_since(KEY, 0), migrated.changes_since(KEY, 3)) == (4, 2)
+        assert migrated.labels_since_training(KEY) == 3  # tasks 11, 12, 13
+        outcome = migrated.record_event(annotation_event(1, 14, choices("World")))
+        assert outcome.labels_since_training == 4 and migrated.project_summary(KEY).title == "topics"
+    finally:
+        migrated.close()
 
 
 def test_a_store_newer_than_the_code_is_refused(url, monkeypatch):
@@ -411,3 +435,38 @@ def test_settings_read_database_url():
     assert settings.describe()["database_url"] == "postgresql://u:***@h/db"
     with pytest.raises(SettingsError, match="DATABASE_URL"):
         Settings.from_env({"DATABASE_URL": "mysql://h/db"})
+
+
+def test_concurrent_events_share_commits_and_one_failure_spoils_no_other(store, monkeypatch):
+    real = store._record
+    batches: list[int] = []
+    real_together = store._record_together
+
+    def counting(batch):
+        batches.append(len(batch))
+        return real_together(batch)
+
+    def flaky(conn, seq, parsed, now, seen):
+        if parsed.records and parsed.records[0].annotation_id == 13:
+            raise RuntimeError("a bug in one event")
+        return real(conn, seq, parsed, now, seen)
+
+    monkeypatch.setattr(store, "_record", flaky)
+    monkeypatch.setattr(store, "_record_together", counting)
+    failures: list[int] = []
+
+    def send(annotation_id: int) -> None:
+        try:
+            store.record_event(annotation_event(annotation_id, annotation_id, choices("World")))
+        except RuntimeError:
+            failures.append(annotation_id)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(1, 41)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == [13]
+    assert store.annotation_ids(KEY) == set(range(1, 41)) - {13}
+    assert store.stored_annotations(KEY) == 39
+    assert sum(batches) >= 40  # every event went through a shared or a single transaction
