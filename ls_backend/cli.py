@@ -205,7 +205,6 @@ def sync(settings: Settings, project: str) -> int:
     store = CorrectionStore.from_settings(settings)
     try:
         report = sync_project(store, settings, project, reason="ls-backend sync")
-        store.finish_sync(report.project_key, report.to_dict())
     except (SyncError, UnknownProject) as exc:
         print(f"ls-backend: sync failed: {exc}", file=sys.stderr)
         return 1

@@ -2,8 +2,8 @@
 
 Webhooks are sent once, with a 1 s timeout and no retry: whatever Label Studio sent while
 this backend was down, slow or restarting is gone.  :func:`sync_project` fetches every task
-of the project with its annotations (``GET /api/tasks?project=ID&fields=all``, paged) and
-brings the store level with Label Studio under the store's own rules:
+of the project with its annotations (``GET /api/tasks?project=ID&fields=all``, paged, only the
+fields we read) and brings the store level with Label Studio under the store's own rules:
 
 - annotations Label Studio has and we lack, or hold older versions of, are upserted
   (latest ``updated_at`` wins; ids with a tombstone stay deleted);
@@ -43,7 +43,12 @@ from .store import AnnotationRecord, BadEvent, CorrectionStore, EventOutcome, Pr
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = 200  # tasks per API page
+PAGE_SIZE = 500  # tasks per API page
+# The task and annotation fields a sync reads.  Label Studio applies ``include`` to the nested
+# annotations too, so their fields are named here as well; the rest of a task (agreement,
+# annotators, drafts, predictions, ...) would double the time Label Studio takes per page.
+TASK_FIELDS = "id,data,annotations,result,completed_by,was_cancelled,ground_truth,created_at,updated_at,task,project"
+_NEEDED = ("id", "result", "updated_at")
 BATCH = 500  # annotations per store transaction
 LEASE_S = 900.0  # a background sync holds the project for at most this long
 CONFIRM_ONE_BY_ONE = 100  # deletion candidates confirmed singly up to this many, else by a second listing
@@ -97,6 +102,7 @@ class LabelStudioSource:
         from label_studio_sdk.client import LabelStudio
 
         self.url = url.rstrip("/")
+        self.include: str | None = TASK_FIELDS
         try:
             self.client = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
         except Exception as exc:  # the SDK raises ApiError for an expired personal access token
@@ -128,13 +134,14 @@ class LabelStudioSource:
         """
         page, seen = 1, 0
         while True:
-            try:
-                pager = self.client.tasks.list(project=ls_id, fields="all", page=page, page_size=page_size)
-            except Exception as exc:
-                raise SyncError(
-                    f"Label Studio at {self.url}: tasks page {page} of project {ls_id} failed ({_reason(exc)})"
-                ) from None
+            pager = self._page(ls_id, page, page_size)
             items = pager.items or []
+            if self.include and any(
+                not all(name in annotation for name in _NEEDED) for task in items for annotation in task.annotations or []
+            ):
+                log.info("Label Studio at %s trims annotations under include=: reading whole tasks", self.url)
+                self.include = None
+                continue
             total = getattr(pager.response, "total", None)
             for task in items:
                 data = task.data if isinstance(task.data, dict) else {}
@@ -143,6 +150,16 @@ class LabelStudioSource:
             if not items or len(items) < page_size or (total is not None and seen >= total):
                 return
             page += 1
+
+    def _page(self, ls_id: int, page: int, page_size: int):
+        try:
+            return self.client.tasks.list(
+                project=ls_id, fields="all", include=self.include, page=page, page_size=page_size
+            )
+        except Exception as exc:
+            raise SyncError(
+                f"Label Studio at {self.url}: tasks page {page} of project {ls_id} failed ({_reason(exc)})"
+            ) from None
 
     def annotation_gone(self, annotation_id: int) -> bool:
         from label_studio_sdk.core.api_error import ApiError
@@ -249,6 +266,7 @@ def sync_project(
     report.stored_annotations = store.stored_annotations(key)
     report.seconds = round(time.monotonic() - started, 3)
     report.finished_at = time.time()
+    store.record_sync(key, report.to_dict())
     log.info("%s", report.line())
     return report
 
@@ -359,13 +377,11 @@ class SyncScheduler:
         if not store.claim_sync(project_key, LEASE_S):
             log.info("project %s: a sync is already running (another worker); %s skipped", project_key, reason)
             return
-        report = None
         try:
             source = source or source_for(self.settings, store, project_key)
-            report = sync_project(store, self.settings, project_key, reason=reason, source=source)
-            self.last_reports[project_key] = report
+            self.last_reports[project_key] = sync_project(store, self.settings, project_key, reason=reason, source=source)
         finally:
-            store.finish_sync(project_key, report.to_dict() if report else None)
+            store.finish_sync(project_key)
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Wait until no sync or check runs in this process (for tests and the CLI)."""

@@ -1,0 +1,136 @@
+"""End to end with a real Label Studio 1.23: its annotations reach our store, by webhook and by sync.
+
+``label_studio`` is the session's Label Studio (tests/e2e/conftest.py); this test makes a project of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+import requests
+
+from ls_backend.labeling import plan_for
+from ls_backend.store import CorrectionStore
+from tests.support.backend import BackendServer, console_script
+from tests.support.events import TOPIC_CONFIG, choices
+
+pytestmark = pytest.mark.e2e
+
+TOPIC = plan_for(TOPIC_CONFIG).control("topic")
+LABELS = ("World", "Sports", "Business", "Sci/Tech")
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "condition", log=lambda: ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; backend log:\n{log()}")
+
+
+def stored_labels(server: BackendServer, key: str) -> dict[int, tuple[str, ...]]:
+    store = CorrectionStore(f"sqlite:///{server.model_dir / 'store.sqlite'}")
+    try:
+        return {e.annotation_id: e.labels for e in store.training_examples(key, TOPIC)}
+    finally:
+        store.close()
+
+
+def summary(server: BackendServer, key: str) -> dict:
+    return requests.get(f"{server.url}/projects/{key}", timeout=10).json()
+
+
+def ls_annotations(label_studio, project_id: int) -> dict[int, tuple[str, ...]]:
+    """Label Studio's own view: annotation id -> its choices."""
+    return {
+        a["id"]: tuple(a["result"][0]["value"]["choices"])
+        for task in label_studio.tasks(project_id)
+        for a in task["annotations"]
+        if not a["was_cancelled"]
+    }
+
+
+def test_annotations_reach_the_store_live_and_after_downtime(label_studio, tmp_path):
+    models = tmp_path / "models"
+    # No LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY: the address and token that /setup sends must serve.
+    # TRAIN_EVERY=0: no label-count training jobs; this test is about the labels reaching the store.
+    env = {"WEB_WORKERS": "1", "SYNC_CHECK_INTERVAL": "0", "TRAIN_EVERY": "0"}
+    project = label_studio.create_project("corrections e2e", TOPIC_CONFIG)
+    project_id = project["id"]
+    task_ids = label_studio.import_tasks(project_id, [{"text": f"news item number {i}"} for i in range(45)])
+
+    backend = BackendServer(models, env=env).start()
+    try:
+        ml_id = label_studio.connect_ml_backend(project_id, backend.url)
+        key = requests.get(f"{backend.url}/projects", timeout=10).json()["projects"][0]["key"]
+        assert key.startswith(f"{project_id}.")
+
+        # live: created, updated, deleted through Label Studio's API
+        made = [label_studio.create_annotation(task_ids[i], choices(LABELS[i % 4]))["id"] for i in range(5)]
+        label_studio.update_annotation(made[0], choices("Sci/Tech"))
+        label_studio.delete_annotation(made[1])
+        assert stored_labels(backend, key) == {
+            made[0]: ("Sci/Tech",),
+            made[2]: ("Business",),
+            made[3]: ("Sci/Tech",),
+            made[4]: ("World",),
+        }
+        assert (summary(backend, key)["annotations"], summary(backend, key)["deleted"]) == (4, 1)
+
+        # behind while running: the webhook is off for two annotations; the next event's project
+        # count gives it away and a background sync catches up
+        hook = next(h for h in label_studio.webhooks(project_id) if h["url"].startswith(backend.url))
+        label_studio.request("PATCH", f"/api/webhooks/{hook['id']}", json={"is_active": False})
+        missed = [label_studio.create_annotation(task_ids[i], choices("Sports"))["id"] for i in (5, 6)]
+        label_studio.request("PATCH", f"/api/webhooks/{hook['id']}", json={"is_active": True})
+        label_studio.create_annotation(task_ids[7], choices("World"))
+        wait_for(lambda: (summary(backend, key)["last_sync"] or {}).get("reason") == "behind Label Studio",
+                 timeout=60, what="the catch-up sync", log=backend.log)
+        assert set(missed) <= set(stored_labels(backend, key))
+        assert stored_labels(backend, key) == ls_annotations(label_studio, project_id)
+    finally:
+        backend.stop()
+
+    # down: 30 more annotations, one update and one delete that the backend never hears about
+    offline = [label_studio.create_annotation(task_ids[10 + i], choices(LABELS[i % 4]))["id"] for i in range(30)]
+    label_studio.update_annotation(made[2], choices("World"))
+    label_studio.delete_annotation(made[3])
+    expected = label_studio.project(project_id)["total_annotations_number"]
+    assert expected == 7 - 1 + 30
+
+    backend = BackendServer(models, env=env, port=backend.port).start()  # where Label Studio knows it
+    try:
+        assert summary(backend, key)["annotations"] == 7
+        # the command line, with the bare project id: the store is brought level, counted exactly
+        cli = subprocess.run(
+            console_script() + ["sync", "--project", str(project_id)],
+            env=backend.env, capture_output=True, text=True, timeout=300,
+        )
+        assert cli.returncode == 0, cli.stderr
+        report = json.loads(cli.stdout)
+        assert (report["inserted"], report["updated"], report["deleted"], report["unchanged"]) == (30, 1, 1, 5)
+        assert report["label_studio_annotations"] == report["stored_annotations"] == expected
+        labels = stored_labels(backend, key)
+        assert labels == ls_annotations(label_studio, project_id)
+        assert labels[made[2]] == ("World",) and made[3] not in labels
+        assert all(labels[offline[i]] == (LABELS[i % 4],) for i in range(30))
+        assert summary(backend, key)["last_sync"]["reason"] == "ls-backend sync"
+
+        # START_TRAINING: changes the backend did not hear about are fetched in the background
+        label_studio.request("PATCH", f"/api/webhooks/{hook['id']}", json={"is_active": False})
+        late = label_studio.create_annotation(task_ids[40], choices("Business"))["id"]
+        label_studio.delete_annotation(offline[0])
+        label_studio.request("PATCH", f"/api/webhooks/{hook['id']}", json={"is_active": True})
+        label_studio.train(ml_id)
+        wait_for(lambda: stored_labels(backend, key) == ls_annotations(label_studio, project_id),
+                 timeout=90, what="the START_TRAINING sync", log=backend.log)
+        assert late in stored_labels(backend, key) and offline[0] not in stored_labels(backend, key)
+        wait_for(lambda: summary(backend, key)["last_sync"]["reason"] == "START_TRAINING",
+                 what="the START_TRAINING sync report", log=backend.log)
+    finally:
+        backend.stop()

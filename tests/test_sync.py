@@ -1,0 +1,142 @@
+"""Reconciling the store with Label Studio's answers (the end-to-end test does it against a real Label Studio)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from ls_backend.settings import Settings
+from ls_backend.store import CorrectionStore, ProjectInfo
+from ls_backend.sync import LabelStudioSource, SyncError, source_for, sync_project
+from tests.support.events import annotation_event, choices, deleted_event, key_of, project
+from tests.support.stores import BACKENDS, store_url
+
+KEY = key_of(3)
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request, tmp_path):
+    with store_url(request.param, tmp_path) as url:
+        opened = CorrectionStore(url)
+        yield opened
+        opened.close()
+
+
+class FakeLabelStudio:
+    """What a sync reads from Label Studio: the project, then (task id, data, annotations) per task."""
+
+    url = "http://label-studio.test"
+
+    def __init__(self, tasks: dict[int, list[dict]], gone: set[int] = frozenset(), during=None):
+        self.tasks_by_id = tasks
+        self.gone = set(gone)
+        self.during = during
+        self.checked: list[int] = []
+
+    def project(self, ls_id: int) -> ProjectInfo:
+        total = sum(1 for a in self.all() if not a["was_cancelled"])
+        return ProjectInfo.from_payload({**project(ls_id), "total_annotations_number": total})
+
+    def all(self) -> list[dict]:
+        return [a for annotations in self.tasks_by_id.values() for a in annotations]
+
+    def tasks(self, ls_id: int, page_size: int = 500):
+        for n, (task_id, annotations) in enumerate(sorted(self.tasks_by_id.items())):
+            if n == 1 and self.during:
+                self.during()
+            yield task_id, {"text": f"text of {task_id}"}, annotations
+
+    def annotation_gone(self, annotation_id: int) -> bool:
+        self.checked.append(annotation_id)
+        return annotation_id in self.gone
+
+
+def api_annotation(annotation_id: int, task_id: int, label: str, updated: float = 0, cancelled: bool = False) -> dict:
+    event = annotation_event(annotation_id, task_id, choices(label), updated=updated, cancelled=cancelled)
+    return event["annotation"]
+
+
+SETTINGS = Settings(label_studio_url="http://label-studio.test", label_studio_api_key="k")
+
+
+def test_a_sync_inserts_updates_and_deletes_counted_exactly(store):
+    for annotation_id, task_id in ((1, 10), (2, 11), (3, 12)):
+        store.record_event(annotation_event(annotation_id, task_id, choices("World")))
+    studio = FakeLabelStudio(
+        {
+            10: [api_annotation(1, 10, "Sports", updated=60)],  # changed while we were away
+            11: [api_annotation(2, 11, "World")],  # as we hold it
+            13: [api_annotation(4, 13, "Business"), api_annotation(5, 13, "World", cancelled=True)],  # new
+        },
+        gone={3},
+    )
+    report = sync_project(store, SETTINGS, "3", reason="test", source=studio)
+    assert (report.inserted, report.updated, report.unchanged, report.deleted) == (2, 1, 1, 1)
+    assert (report.tasks, report.annotations) == (3, 4)
+    assert report.label_studio_annotations == report.stored_annotations == 3
+    assert store.annotation_ids(KEY) == {1, 2, 4, 5}
+    again = sync_project(store, SETTINGS, KEY, reason="test", source=studio)
+    assert (again.inserted, again.updated, again.deleted, again.unchanged) == (0, 0, 0, 4)
+
+
+def test_a_webhook_during_the_sync_is_not_taken_for_a_deletion(store):
+    store.record_event(annotation_event(1, 10, choices("World")))
+    studio = FakeLabelStudio(
+        {10: [api_annotation(1, 10, "World")], 11: [api_annotation(2, 11, "World")]},
+        during=lambda: store.record_event(annotation_event(9, 19, choices("Sports"))),
+    )
+    report = sync_project(store, SETTINGS, KEY, source=studio)
+    assert report.deleted == 0 and studio.checked == []
+    assert store.annotation_ids(KEY) == {1, 2, 9}
+
+
+def test_only_annotations_confirmed_gone_are_deleted(store):
+    store.record_event(annotation_event(1, 10, choices("World")))
+    store.record_event(annotation_event(2, 11, choices("World")))
+    studio = FakeLabelStudio({}, gone={2})  # 1 is missing from the listing, but still there when asked
+    report = sync_project(store, SETTINGS, KEY, source=studio)
+    assert report.deleted == 1 and sorted(studio.checked) == [1, 2]
+    assert store.annotation_ids(KEY) == {1}
+
+
+def test_deleted_here_stays_deleted(store):
+    store.record_event(annotation_event(1, 10, choices("World")))
+    store.record_event(deleted_event(1))
+    report = sync_project(store, SETTINGS, KEY, source=FakeLabelStudio({10: [api_annotation(1, 10, "World")]}))
+    assert (report.inserted, report.kept_deleted) == (0, 1)
+    assert store.annotation_ids(KEY) == set()
+
+
+def test_a_project_of_another_label_studio_is_refused(store):
+    other = project(3, created_at="2025-01-01T00:00:00Z")
+    store.record_event(annotation_event(1, 10, choices("World"), proj=other))
+    with pytest.raises(SyncError, match="another Label Studio instance"):
+        sync_project(store, SETTINGS, key_of(3, "2025-01-01T00:00:00Z"), source=FakeLabelStudio({}))
+
+
+def test_where_a_sync_reaches_label_studio(store):
+    with pytest.raises(SyncError, match="set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"):
+        source_for(Settings(), store, KEY)
+    store.note_setup(KEY, None, "http://studio.example:8080", "legacy-token")
+    source = source_for(Settings(), store, KEY)
+    assert source.url == "http://studio.example:8080"
+    assert source_for(SETTINGS, store, KEY).url == "http://label-studio.test"
+
+
+def test_pages_stop_at_the_total_and_trimmed_annotations_fall_back_to_whole_tasks():
+    full = api_annotation(1, 10, "World")
+    calls = []
+
+    def listing(*, project, fields, include, page, page_size):
+        calls.append((page, include))
+        annotation = full if include is None else {"id": 1}  # as if include= stripped them
+        items = [SimpleNamespace(id=10 + page, data={"text": "t"}, annotations=[annotation])]
+        return SimpleNamespace(items=items, response=SimpleNamespace(total=2))
+
+    source = LabelStudioSource.__new__(LabelStudioSource)
+    source.url, source.include = "http://x", "id,data"
+    source.client = SimpleNamespace(tasks=SimpleNamespace(list=listing))
+    tasks = list(source.tasks(3, page_size=1))
+    assert [t[0] for t in tasks] == [11, 12]
+    assert calls == [(1, "id,data"), (1, None), (2, None)]
