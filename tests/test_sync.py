@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -140,3 +141,53 @@ def test_pages_stop_at_the_total_and_trimmed_annotations_fall_back_to_whole_task
     tasks = list(source.tasks(3, page_size=1))
     assert [t[0] for t in tasks] == [11, 12]
     assert calls == [(1, "id,data"), (1, None), (2, None)]
+
+
+def test_setup_finds_the_store_behind_and_syncs_in_the_background(store, monkeypatch):
+    from ls_backend import sync as sync_module
+
+    studio = FakeLabelStudio({10 + i: [api_annotation(i, 10 + i, "World")] for i in range(1, 6)})
+    monkeypatch.setattr(sync_module, "source_for", lambda settings, store_, key: studio)
+    scheduler = sync_module.SyncScheduler(Settings(sync_check_interval=300), lambda: store)
+    store.note_setup(KEY, None, "http://label-studio.test", "token")
+    scheduler.on_setup(KEY)
+    assert scheduler.wait_idle(30)
+    assert store.stored_annotations(KEY) == 5
+    assert store.project_summary(KEY).last_sync["reason"] == "behind Label Studio"
+    scheduler.on_setup(KEY)  # within SYNC_CHECK_INTERVAL: no second check
+    assert scheduler.wait_idle(5) and scheduler.last_reports[KEY].inserted == 5
+
+
+def test_start_training_syncs_and_a_count_mismatch_is_checked_later(store, monkeypatch):
+    from ls_backend import sync as sync_module
+
+    studio = FakeLabelStudio({10: [api_annotation(1, 10, "World")], 11: [api_annotation(2, 11, "Sports")]})
+    monkeypatch.setattr(sync_module, "source_for", lambda settings, store_, key: studio)
+    monkeypatch.setattr(sync_module, "CHECK_DELAY_S", 0.05)
+    scheduler = sync_module.SyncScheduler(Settings(), lambda: store)
+    level = store.record_event(annotation_event(1, 10, choices("World"), proj={**project(), "total_annotations_number": 1}))
+    scheduler.on_event(level)
+    assert not level.behind and scheduler.wait_idle(5) and KEY not in scheduler.last_reports
+    behind = store.record_event({"action": "PROJECT_UPDATED", "project": {**project(), "total_annotations_number": 2}})
+    assert behind.behind
+    scheduler.on_event(behind)
+    assert scheduler.wait_idle(10) and scheduler.last_reports[KEY].inserted == 1
+    trigger = store.record_event({"action": "START_TRAINING", "project": project()})
+    scheduler.on_event(trigger)
+    assert scheduler.wait_idle(10) and scheduler.last_reports[KEY].reason == "START_TRAINING"
+
+
+def test_status_command_prints_the_operator_view(tmp_path, monkeypatch, capsys):
+    from ls_backend.cli import main
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "cli-models"))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    local = CorrectionStore.from_settings(Settings(model_dir=tmp_path / "cli-models"))
+    local.record_event(annotation_event(1, 10, choices("World")))
+    local.close()
+    assert main(["status"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [p["key"] for p in listing["projects"]] == [KEY]
+    assert main(["status", "--project", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["labels"]["topic"]["World"] == 1
+    assert main(["status", "--project", "4"]) == 1
