@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from .model import ClassifierHead, Encoder
 
@@ -79,24 +80,49 @@ def set_seed(seed: int) -> None:
 def _fit_linear(
     x: torch.Tensor, y: torch.Tensor, prior_w: torch.Tensor, prior_b: torch.Tensor, l2: float, multiple: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-regularised logistic regression pulled towards ``prior_w`` (LBFGS, full batch)."""
-    weight = prior_w.clone().requires_grad_(True)
-    bias = prior_b.clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=300, line_search_fn="strong_wolfe")
+    """L2-regularised logistic regression pulled towards ``prior_w``: full-batch L-BFGS on the
+    exact loss and gradient in numpy (small matrices: framework overhead would dominate)."""
+    from scipy.optimize import minimize
 
-    def closure():
-        optimizer.zero_grad()
-        logits = x @ weight.T + bias
+    X = x.numpy().astype(np.float64)
+    n, dim = X.shape
+    k = prior_w.shape[0]
+    W0 = prior_w.numpy().astype(np.float64)
+    if multiple:
+        Y = y.numpy().astype(np.float64)
+    else:
+        Y = np.zeros((n, k))
+        Y[np.arange(n), y.numpy()] = 1.0
+
+    def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        W = theta[: k * dim].reshape(k, dim)
+        b = theta[k * dim :]
+        logits = X @ W.T + b
         if multiple:
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+            p = 1.0 / (1.0 + np.exp(-logits))
+            delta = (p - Y) / (n * k)
+            loss = float(np.sum(np.logaddexp(0.0, logits) - Y * logits) / (n * k))
         else:
-            loss = torch.nn.functional.cross_entropy(logits, y)
-        loss = loss + 0.5 * l2 * ((weight - prior_w) ** 2).sum()
-        loss.backward()
-        return loss
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            log_norm = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+            log_p = shifted - log_norm
+            loss = float(-(Y * log_p).sum() / n)
+            delta = (np.exp(log_p) - Y) / n
+        diff = W - W0
+        loss += 0.5 * l2 * float((diff**2).sum())
+        grad_w = delta.T @ X + l2 * diff
+        grad_b = delta.sum(axis=0)
+        return loss, np.concatenate([grad_w.ravel(), grad_b])
 
-    optimizer.step(closure)
-    return weight.detach(), bias.detach()
+    start = np.concatenate([W0.ravel(), prior_b.numpy().astype(np.float64)])
+    # one BLAS thread: these products are tiny, and spinning BLAS threads on a shared
+    # machine made each fit 50x slower (measured)
+    with threadpool_limits(limits=1, user_api="blas"):
+        found = minimize(loss_and_grad, start, jac=True, method="L-BFGS-B", options={"maxiter": 500, "gtol": 1e-6})
+    theta = found.x
+    weight = torch.from_numpy(theta[: k * dim].reshape(k, dim).astype(np.float32))
+    bias = torch.from_numpy(theta[k * dim :].astype(np.float32))
+    return weight, bias
 
 
 def _score(logits: torch.Tensor, y: torch.Tensor, multiple: bool) -> float:
@@ -292,19 +318,52 @@ class _Heads(torch.nn.Module):
             self.layers[name] = layer
 
 
+def split_for_validation(data: ControlData, share: float, seed: int, minimum: int = 40) -> tuple[ControlData, ControlData | None]:
+    """A seeded split of a control's training labels for early stopping and calibration
+    (never the evaluation slice); none below ``minimum`` labels."""
+    if len(data) < minimum or share <= 0:
+        return data, None
+    order = np.random.default_rng(seed).permutation(len(data))
+    cut = max(8, int(round(len(data) * share)))
+    held, kept = sorted(order[:cut]), sorted(order[cut:])
+
+    def take(rows) -> ControlData:
+        return ControlData(data.name, data.labels, data.multiple, [data.texts[i] for i in rows], [data.targets[i] for i in rows])
+
+    return take(kept), take(held)
+
+
+def balanced_weights(data: ControlData) -> np.ndarray | None:
+    """Sampling weights that even out skewed single-label classes (max/min count > 3), else None."""
+    if data.multiple or not len(data):
+        return None
+    y = data.target_array()
+    counts = np.bincount(y, minlength=len(data.labels))
+    present = counts[counts > 0]
+    if present.max() <= 3 * present.min():
+        return None
+    weights = 1.0 / counts[y]
+    return weights / weights.sum()
+
+
 def fine_tune(
     encoder: Encoder,
     heads: dict[str, ClassifierHead],
     data: Sequence[ControlData],
     args: TrainingArguments,
     progress: Progress | None = None,
+    validation: Sequence[ControlData | None] | None = None,
+    patience: int = 3,
 ) -> tuple[Encoder, dict[str, ClassifierHead], dict]:
     """Fine-tune a copy of ``encoder`` together with ``heads`` (warm start from both).
 
     Batches are drawn per control (one shared encoder, one head each), shuffled with the
-    seed; linear warm-up then linear decay; AdamW with weight decay; bf16 autocast on CUDA.
-    Returns a new encoder object (the input one is left untouched), new heads at
-    temperature 1, and a report.
+    seed (class-balanced where a single-label control is skewed); linear warm-up then
+    linear decay; AdamW with weight decay; bf16 autocast on CUDA.  With ``validation``
+    (a held-out split of the training labels, one per control or None), the model is
+    checked once per epoch, the best state is kept, training stops after ``patience``
+    checks without gain, and each head's temperature is fitted on that split.
+    Returns a new encoder object (the input one is left untouched), new heads, and a report.
     """
     import copy
 
@@ -322,13 +381,36 @@ def fine_tune(
     targets = {c.name: torch.from_numpy(c.target_array()) for c in data}
     ids = {c.name: student.tokenize(c.texts, args.max_length) for c in data}
 
+    weights = {c.name: balanced_weights(c) for c in data}
+    sampler = np.random.default_rng(args.seed)
+
     def refill() -> None:
         for control in data:
-            order = list(range(len(control)))
-            rng.shuffle(order)
+            if weights[control.name] is not None:
+                order = list(sampler.choice(len(control), size=len(control), p=weights[control.name]))
+            else:
+                order = list(range(len(control)))
+                rng.shuffle(order)
             for start in range(0, len(order), args.batch_size):
                 batches.append((control, order[start : start + args.batch_size]))
         rng.shuffle(batches)
+
+    checks = [(c, v) for c, v in zip(data, validation or [None] * len(data)) if v is not None and len(v)]
+    steps_per_epoch = max(1, sum(math.ceil(len(c) / args.batch_size) for c in data))
+    best = {"score": -1.0, "step": 0, "state": None}
+    stale = 0
+
+    def validate() -> float:
+        student.model.eval()
+        scores = []
+        for control, held in checks:
+            emb = torch.from_numpy(student.encode(held.texts, 64)).to(device)
+            with torch.no_grad():
+                logits = head_module.layers[control.name](emb).float().cpu().numpy()
+            y = held.target_array()
+            scores.append(_score(torch.from_numpy(logits), torch.from_numpy(y), control.multiple))
+        student.model.train()
+        return float(np.mean(scores))
 
     decay, no_decay = [], []
     for name, param in student.model.named_parameters():
@@ -375,10 +457,28 @@ def fine_tune(
         scheduler.step()
         losses.append(float(loss.detach()))
         seen += len(rows)
+        if checks and ((step + 1) % steps_per_epoch == 0 or step == steps - 1):
+            score = validate()
+            if score > best["score"]:
+                best.update(score=score, step=step + 1, state=_snapshot(student.model, head_module))
+                stale = 0
+            else:
+                stale += 1
+                if stale >= patience:
+                    log.info("early stop at step %d: no gain on the validation split for %d checks", step + 1, stale)
+                    break
         if progress and (step % 10 == 0 or step == steps - 1):
             progress({"stage": "fine-tune", "step": step + 1, "steps": steps, "loss": round(float(np.mean(losses[-10:])), 4)})
     elapsed = time.perf_counter() - started
+    if best["state"] is not None:
+        _restore(student.model, head_module, best["state"])
     student.model.eval()
+    temperatures = {}
+    for control, held in checks:
+        emb = torch.from_numpy(student.encode(held.texts, 64)).to(device)
+        with torch.no_grad():
+            logits = head_module.layers[control.name](emb).float().cpu().numpy()
+        temperatures[control.name] = fit_temperature(logits, held.target_array(), control.multiple)
     new_heads = {}
     for control in data:
         layer = head_module.layers[control.name]
@@ -388,7 +488,7 @@ def fine_tune(
             weight=layer.weight.detach().float().cpu().numpy(),
             bias=layer.bias.detach().float().cpu().numpy(),
             multiple=old.multiple,
-            temperature=1.0,
+            temperature=temperatures.get(control.name, 1.0),
             threshold=old.threshold,
             trained=True,
             zero_shot_rows=[],
@@ -400,8 +500,24 @@ def fine_tune(
         "seconds": round(elapsed, 2),
         "examples_per_second": round(seen / elapsed, 1) if elapsed else None,
         "final_loss": round(float(np.mean(losses[-10:])), 4) if losses else None,
+        "validation": {"size": sum(len(v) for _, v in checks), "best_score": best["score"] if checks else None,
+                       "best_step": best["step"] if checks else None},
+        "temperature": {name: round(t, 4) for name, t in temperatures.items()},
+        "balanced": sorted(name for name, w in weights.items() if w is not None),
     }
     return student, new_heads, report
+
+
+def _snapshot(model: torch.nn.Module, heads: torch.nn.Module) -> tuple[dict, dict]:
+    return (
+        {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+        {k: v.detach().to("cpu", copy=True) for k, v in heads.state_dict().items()},
+    )
+
+
+def _restore(model: torch.nn.Module, heads: torch.nn.Module, state: tuple[dict, dict]) -> None:
+    model.load_state_dict(state[0])
+    heads.load_state_dict(state[1])
 
 
 def save_encoder(encoder: Encoder, folder: Path) -> None:
