@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
-from .labeling import ControlSpec, LabelingPlan
+if TYPE_CHECKING:  # annotations only: the encoder and trainer import without label_studio_sdk
+    from .labeling import ControlSpec, LabelingPlan
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,11 @@ class Encoder:
         self.max_length = int(min(max_length, model_max))
         self.dim = int(self.model.config.hidden_size)
         self._lock = threading.Lock()
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held around every forward pass of this encoder's model (see the class docstring)."""
+        return self._lock
 
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
         limit = max_length or self.max_length
@@ -238,13 +244,19 @@ def heads_for_plan(
     temperature: float,
     threshold: float,
 ) -> dict[str, ClassifierHead]:
-    """Heads for every classification control of ``plan``, reusing ``previous`` where it fits."""
+    """Heads for every control of ``plan``, reusing ``previous`` where it fits: a
+    :class:`ClassifierHead` per Choices control, a ``ner.TokenHead`` per Labels control."""
+    from .ner import token_head_for
+
     heads: dict[str, ClassifierHead] = {}
     for control in plan.controls:
+        if control.kind == "labels":
+            heads[control.name] = token_head_for(control, previous.get(control.name), encoder.dim, encoder.path)
+            continue
         if control.kind != "choices":
             continue
         old = previous.get(control.name)
-        if old is None or old.multiple != control.multiple:
+        if not isinstance(old, ClassifierHead) or old.multiple != control.multiple:
             heads[control.name] = zero_shot_head(control, encoder, template, temperature, threshold)
         elif old.labels == list(control.values):
             heads[control.name] = old

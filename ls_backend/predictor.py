@@ -15,9 +15,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .labeling import CHOICES, LabelingPlan, UnsupportedConfig, plan_for
+from .labeling import CHOICES, LABELS, LabelingPlan, UnsupportedConfig, plan_for
 from .model import ClassifierHead, Encoder, resolve_device
+from .ner import TokenHead, encode_with_tokens
 from .registry import LoadedHeads, ModelRegistry, version_prefix
+from .sampling import result_score
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -203,11 +205,21 @@ class Predictor:
         assert serving is not None
         return self.predict_with(serving, plan, tasks, project_key)
 
-    def predict_with(self, serving: Serving, plan: LabelingPlan, tasks: Sequence[Any], project_key: str = "") -> list[dict]:
+    def predict_with(
+        self, serving: Serving, plan: LabelingPlan, tasks: Sequence[Any], project_key: str = "", keep: dict | None = None
+    ) -> list[dict]:
+        """Results for ``tasks``; ``keep``, when given, receives what the refresh saves for ranking:
+        ``embeddings`` (one row per text), ``slot`` ((field, task index) -> row) and ``probabilities``
+        (control -> one row or None per task)."""
         started = time.perf_counter()
-        controls = [c for c in plan.controls if c.kind == CHOICES and c.name in serving.heads]
+        controls = [c for c in plan.controls if c.kind == CHOICES and isinstance(serving.heads.get(c.name), ClassifierHead)]
+        # Labels controls whose token head was trained; an untrained one finds no spans
+        token_controls = [
+            c for c in plan.controls
+            if c.kind == LABELS and isinstance(serving.heads.get(c.name), TokenHead) and serving.heads[c.name].trained
+        ]
         # one encoder pass over every distinct (field, task) text
-        fields = sorted({c.field for c in controls})
+        fields = sorted({c.field for c in controls + token_controls})
         texts: list[str] = []
         slot: dict[tuple[str, int], int] = {}
         problems: dict[int, str] = {}
@@ -219,7 +231,13 @@ class Predictor:
                     continue
                 slot[(data_field, i)] = len(texts)
                 texts.append(read.text)
-        embeddings = serving.encoder.encode(texts, self.settings.batch_size)
+        token_rows: dict[int, list] = {}
+        for control in token_controls:
+            for i in range(len(tasks)):
+                if (control.field, i) in slot:
+                    token_rows.setdefault(slot[(control.field, i)], []).append((control, serving.heads[control.name]))
+        # one encoder pass per text: texts read by a token head give their pooled embedding too
+        embeddings, spans = encode_with_tokens(serving.encoder, texts, token_rows, self.settings.batch_size)
         probabilities = {}
         for control in controls:
             rows = [slot.get((control.field, i), -1) for i in range(len(tasks))]
@@ -234,9 +252,16 @@ class Predictor:
                 probs = probabilities[control.name][i]
                 if probs is None:
                     continue
-                item, score = choices_result(control, serving.heads[control.name], probs)
+                head = serving.heads[control.name]
+                item, score = choices_result(control, head, probs)
                 result.append(item)
-                scores.append(score)
+                # the task's score under SCORE_MODE (the item keeps its calibrated confidence)
+                scores.append(result_score(self.settings.score_mode, probs, head.multiple, head.threshold, score))
+            for control in token_controls:
+                found = spans.get((control.name, slot.get((control.field, i), -1)))
+                if found is not None:
+                    result.extend(found[0])
+                    scores.append(found[1])
             if i in problems and not result:
                 log.info("project %s: task %s gets an empty prediction: %s", project_key, _task_id(tasks[i]), problems[i])
             out.append(
@@ -246,6 +271,8 @@ class Predictor:
                     "model_version": serving.version,
                 }
             )
+        if keep is not None:
+            keep.update(embeddings=embeddings, slot=slot, probabilities=probabilities)
         log.info(
             "project %s version %s: predicted %d tasks in %.1f ms",
             project_key,
