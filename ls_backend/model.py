@@ -16,13 +16,12 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:  # annotations only: the encoder and trainer import without label_studio_sdk
-    from .labeling import ControlSpec, LabelingPlan
+from .labeling import ControlSpec, LabelingPlan
 
 log = logging.getLogger(__name__)
 
