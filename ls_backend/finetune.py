@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -22,7 +22,17 @@ from .model import ClassifierHead, Encoder, resolve_device
 from .ner_job import encoder_is_taken, token_candidates, token_data
 from .registry import LoadedHeads, ModelRegistry
 from .settings import Settings
-from .trainer import ControlData, TrainingArguments, evaluate, fine_tune, fit_head, save_encoder, set_seed
+from .embeddings import EmbeddingCache
+from .trainer import (
+    ControlData,
+    TrainingArguments,
+    evaluate,
+    fine_tune,
+    fit_head,
+    save_encoder,
+    set_seed,
+    split_for_validation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +81,21 @@ def _bounded(examples: list, limit: int, seed: int) -> list:
 
 
 class FineTuneJob:
-    def __init__(self, settings: Settings, store, registry: ModelRegistry | None = None, progress: Progress | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        store,
+        registry: ModelRegistry | None = None,
+        progress: Progress | None = None,
+        mode: str | None = None,
+    ):
         self.settings = settings
         self.store = store
         self.registry = registry or ModelRegistry(settings.model_dir)
         self.progress = progress or (lambda update: None)
         self.args = training_arguments(settings)
+        if mode is not None:  # the fast lane runs "frozen" whatever TRAIN_MODE says
+            self.args = replace(self.args, mode=mode)
         self.device = resolve_device(settings.device)
 
     # -- inputs ----------------------------------------------------------------------
@@ -140,11 +159,13 @@ class FineTuneJob:
         self.progress({"stage": "embedding", "labels": n_train})
 
         # frozen embeddings of every text the job touches, with the current encoder
+        cache = EmbeddingCache(self.settings.model_dir)
+        encoder_id = current.meta.get("encoder") or f"base:{self.settings.encoder_path}"
         embed = {}
         for name, split in splits.items():
             embed[name] = (
-                base_encoder.encode(split.train.texts, self.settings.batch_size),
-                base_encoder.encode(split.held.texts, self.settings.batch_size),
+                cache.encode(base_encoder, encoder_id, split.train.texts, self.settings.batch_size)[0],
+                cache.encode(base_encoder, encoder_id, split.held.texts, self.settings.batch_size)[0],
             )
 
         # the current model measured on the slice
@@ -167,8 +188,10 @@ class FineTuneJob:
             self.args.mode == "auto" and (n_train >= self.args.full_min_labels or self.device.type == "cuda")
         )
         if wants_full and self.args.mode != "frozen" and not encoder_is_taken(start_heads, token_splits):
+            # early stopping and the temperature use a split of the training labels, never the slice
+            fit, valid = zip(*(split_for_validation(s.train, 0.15, self.args.seed) for s in splits.values()))
             student, full_heads, full_report = fine_tune(
-                base_encoder, fast_heads, [s.train for s in splits.values()], self.args, self.progress
+                base_encoder, fast_heads, list(fit), self.args, self.progress, validation=list(valid)
             )
             merged = dict(start_heads)
             merged.update(full_heads)
