@@ -1,0 +1,257 @@
+"""The model registry as a shared folder: several writer processes (standing in for several machines that
+mount the same MODEL_DIR) and readers at once.
+
+What must hold (README, "Registry layout" and "Deploy"):
+
+- version names are unique and monotonic per project, even when two writers race for the same number;
+- every listed version is complete (meta, heads and encoder files as written), and so is the one ``current``
+  names, at every moment a reader looks;
+- a half-written version (a temporary folder, e.g. of a writer killed mid-write) is never listed or served,
+  and its number is not taken;
+- a writer whose view of the folder lags behind (a shared filesystem's directory cache) still finds a free
+  name, and an error that is not a name collision is raised at once, not retried.
+
+Processes are started with ``spawn``, as fresh interpreters (nothing shared but the folder).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ls_backend.model import ClassifierHead
+from ls_backend.registry import ModelRegistry, RegistryError
+
+PROJECT = "7.1700000000"
+LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def _heads(writer: int, seq: int) -> dict[str, ClassifierHead]:
+    rng = np.random.default_rng(writer * 100_000 + seq)
+    return {
+        "topic": ClassifierHead(
+            labels=list(LABELS),
+            weight=rng.standard_normal((len(LABELS), 16)).astype(np.float32),
+            bias=rng.standard_normal(len(LABELS)).astype(np.float32),
+            trained=True,
+        )
+    }
+
+
+def _digest(heads: dict[str, ClassifierHead]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(heads):
+        h.update(np.ascontiguousarray(heads[name].weight, dtype=np.float32).tobytes())
+        h.update(np.ascontiguousarray(heads[name].bias, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _payload(writer: int, seq: int) -> bytes:
+    # large enough that a reader polling the folder could catch a version mid-write, were it visible
+    return hashlib.sha256(f"{writer}:{seq}".encode()).digest() * 8192  # 256 KiB
+
+
+class LaggingRegistry(ModelRegistry):
+    """A writer whose listing of ``versions/`` is up to ``lag`` seconds old, as on a shared filesystem
+    whose directory cache lags behind the other machines' renames."""
+
+    def __init__(self, model_dir, lag: float):
+        super().__init__(model_dir)
+        self.lag = lag
+        self._seen: tuple[float, int] | None = None
+
+    def _next_number(self, project_key: str) -> int:
+        now = time.monotonic()
+        if self._seen is None or now - self._seen[0] > self.lag:
+            self._seen = (now, super()._next_number(project_key))
+        return self._seen[1]
+
+
+def _writer(model_dir: str, writer: int, count: int, lag: float, start, out) -> None:
+    """One writer process: ``count`` versions, each promoted at once (what a training job does)."""
+    registry = LaggingRegistry(model_dir, lag) if lag else ModelRegistry(model_dir)
+    start.wait(30)
+    names = []
+    for seq in range(count):
+        heads = _heads(writer, seq)
+        payload = _payload(writer, seq) if seq % 2 == 0 else None
+        meta = {"kind": "test", "writer": writer, "seq": seq, "digest": _digest(heads)}
+        writer_fn = None
+        if payload is not None:
+            meta["payload"] = hashlib.sha256(payload).hexdigest()
+
+            def writer_fn(folder: Path, data: bytes = payload) -> None:
+                folder.mkdir()
+                with open(folder / "weights.bin", "wb") as handle:
+                    for i in range(0, len(data), 32768):  # in pieces, as save_pretrained writes
+                        handle.write(data[i : i + 32768])
+                        handle.flush()
+
+        name = registry.create_version(PROJECT, heads, meta, write_encoder=writer_fn)
+        registry.promote(PROJECT, name)
+        names.append(name)
+    out.put((writer, names))
+
+
+def _stuck_writer(model_dir: str, ready) -> None:
+    """Starts a version with a big encoder and never finishes it (killed by the test)."""
+    registry = ModelRegistry(model_dir)
+
+    def write_encoder(folder: Path) -> None:
+        folder.mkdir()
+        (folder / "weights.bin").write_bytes(b"\0" * 100_000)
+        ready.set()
+        time.sleep(600)
+
+    registry.create_version(PROJECT, _heads(99, 0), {"kind": "test", "writer": 99}, write_encoder=write_encoder)
+
+
+def assert_complete(registry: ModelRegistry, name: str) -> dict:
+    """The version reads back exactly as its writer wrote it."""
+    meta = registry.meta(PROJECT, name)
+    assert meta["version"] == name
+    assert name.endswith(f"-v{meta['number']}")
+    loaded = registry.load(PROJECT, name)
+    assert loaded.version == name and set(loaded.heads) == {"topic"}
+    if meta.get("kind") == "test" and "digest" in meta:
+        assert _digest(loaded.heads) == meta["digest"], f"{name}: heads differ from what was written"
+    if meta.get("payload"):
+        assert meta["encoder"] == name
+        data = (registry.version_dir(PROJECT, name) / "encoder" / "weights.bin").read_bytes()
+        assert hashlib.sha256(data).hexdigest() == meta["payload"], f"{name}: encoder files incomplete"
+    return meta
+
+
+@pytest.mark.parametrize("lag", [0.0, 0.25], ids=["fresh-listing", "lagging-listing"])
+def test_two_processes_write_one_project_without_collisions(tmp_path, lag):
+    model_dir = tmp_path / "models"
+    context = multiprocessing.get_context("spawn")
+    start, out = context.Event(), context.Queue()
+    count = 24
+    writers = [context.Process(target=_writer, args=(str(model_dir), w, count, lag, start, out)) for w in (1, 2)]
+    for process in writers:
+        process.start()
+    registry = ModelRegistry(model_dir)
+    time.sleep(0.5)
+    start.set()
+
+    # a reader polls while both write: every listed version and the current one are complete
+    looks, checked = 0, set()
+    deadline = time.monotonic() + 240
+    while any(p.is_alive() for p in writers) and time.monotonic() < deadline:
+        current = registry.current(PROJECT)
+        if current is not None:
+            assert_complete(registry, current)
+            looks += 1
+        for info in registry.versions(PROJECT):
+            assert not info.name.startswith("."), f"temporary folder {info.name} listed"
+            if info.name not in checked:
+                assert_complete(registry, info.name)
+                checked.add(info.name)
+        time.sleep(0.005)
+    results = dict(out.get(timeout=60) for _ in writers)
+    for process in writers:
+        process.join(30)
+        assert process.exitcode == 0, f"a writer process failed (exit code {process.exitcode})"
+    assert looks > 0, "the reader never saw a current version while the writers ran"
+
+    # unique names; each writer's own names increase; together they are v0..v(2n-1), none reused or skipped
+    created = results[1] + results[2]
+    assert len(created) == len(set(created)) == 2 * count
+    for names in results.values():
+        numbers = [int(n.rsplit("-v", 1)[1]) for n in names]
+        assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+    listed = registry.versions(PROJECT)
+    assert [v.name for v in listed] == [f"p7-v{i}" for i in range(2 * count)]
+    assert {v.name for v in listed} == set(created)
+    for info in listed:
+        assert_complete(registry, info.name)
+    # the last promotion wins, and it names a complete version written by one of the two
+    assert registry.current(PROJECT) in {results[1][-1], results[2][-1]}
+    # nothing half-written is left behind
+    leftovers = [p.name for p in registry.versions_dir(PROJECT).iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_a_writer_killed_mid_write_leaves_nothing_listed_or_served(tmp_path):
+    model_dir = tmp_path / "models"
+    registry = ModelRegistry(model_dir)
+    first = registry.create_version(PROJECT, _heads(0, 0), {"kind": "test", "digest": _digest(_heads(0, 0))})
+    registry.promote(PROJECT, first)
+
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    stuck = context.Process(target=_stuck_writer, args=(str(model_dir), ready))
+    stuck.start()
+    try:
+        assert ready.wait(120), "the stuck writer never started writing"
+        temporary = [p for p in registry.versions_dir(PROJECT).iterdir() if p.name.startswith(".")]
+        assert len(temporary) == 1 and (temporary[0] / "encoder" / "weights.bin").exists()
+        # mid-write: not listed, not current, its would-be number not taken
+        assert [v.name for v in registry.versions(PROJECT)] == [first]
+        assert registry.current(PROJECT) == first
+    finally:
+        stuck.kill()
+        stuck.join(30)
+    # after the crash the half-written folder stays (nobody renames it into place) and stays invisible
+    assert any(p.name.startswith(".tmp-") for p in registry.versions_dir(PROJECT).iterdir())
+    assert [v.name for v in registry.versions(PROJECT)] == [first]
+    assert registry.projects() == [PROJECT]
+    second = registry.create_version(PROJECT, _heads(0, 1), {"kind": "test", "digest": _digest(_heads(0, 1))})
+    assert second == "p7-v1"
+    assert_complete(registry, second)
+
+
+def test_a_version_folder_without_meta_is_never_listed_nor_its_number_reused(tmp_path):
+    """A folder under a version's name without a readable meta.json (a partial copy onto the share, say)."""
+    registry = ModelRegistry(tmp_path / "models")
+    registry.create_version(PROJECT, _heads(0, 0), {"kind": "test"})
+    partial = registry.versions_dir(PROJECT) / "p7-v1"
+    partial.mkdir()
+    (partial / "heads.safetensors").write_bytes(b"partial")
+    (partial / "meta.json").write_text('{"version": "p7-v1", "num')  # torn
+    assert [v.name for v in registry.versions(PROJECT)] == ["p7-v0"]
+    with pytest.raises((RegistryError, ValueError)):
+        registry.promote(PROJECT, "p7-v1")
+    assert registry.current(PROJECT) is None
+    assert registry.create_version(PROJECT, _heads(0, 1), {"kind": "test"}) == "p7-v2"
+
+
+def test_a_writer_with_a_stale_listing_still_finds_the_next_free_name(tmp_path):
+    """Another machine's versions are on the share, but this writer's listing does not show them yet
+    (an NFS client's directory cache can lag by up to a minute): each collision must move the writer on,
+    not make it retry the same taken name until it gives up."""
+    model_dir = tmp_path / "models"
+    other_machine = ModelRegistry(model_dir)
+    for seq in range(3):
+        other_machine.create_version(PROJECT, _heads(1, seq), {"kind": "test"})
+
+    class Stale(ModelRegistry):
+        def _next_number(self, project_key: str) -> int:
+            return 0  # the listing from before the other machine wrote anything
+
+    name = Stale(model_dir).create_version(PROJECT, _heads(2, 0), {"kind": "test", "digest": _digest(_heads(2, 0))})
+    assert name == "p7-v3"
+    assert_complete(other_machine, name)
+    assert [v.name for v in other_machine.versions(PROJECT)] == ["p7-v0", "p7-v1", "p7-v2", "p7-v3"]
+
+
+def test_an_error_that_is_not_a_name_collision_is_raised_at_once(tmp_path, monkeypatch):
+    registry = ModelRegistry(tmp_path / "models")
+    calls = []
+
+    def refuse(src, dst):
+        calls.append(dst)
+        raise OSError(errno.EACCES, "Permission denied", str(dst))
+
+    monkeypatch.setattr("ls_backend.registry.os.rename", refuse)
+    with pytest.raises(PermissionError):
+        registry.create_version(PROJECT, _heads(0, 0), {"kind": "test"})
+    assert len(calls) == 1, f"retried {len(calls)} times an error that no other name would fix"
+    assert list(registry.versions_dir(PROJECT).iterdir()) == [], "the temporary folder was left behind"
