@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
-from .labeling import ControlSpec, LabelingPlan
+if TYPE_CHECKING:  # annotations only: the encoder and trainer import without label_studio_sdk
+    from .labeling import ControlSpec, LabelingPlan
 
 log = logging.getLogger(__name__)
 
