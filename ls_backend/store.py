@@ -641,6 +641,9 @@ _MARK_MOVE = (
     .where(task_changes.c.project_key == sa.bindparam("k"), task_changes.c.task_id == sa.bindparam("t"))
     .values(last_seq=sa.bindparam("s"))
 )
+_IDS_OF_TASKS = sa.select(annotations.c.annotation_id).where(
+    annotations.c.project_key == sa.bindparam("key"), annotations.c.task_id.in_(sa.bindparam("tasks", expanding=True))
+)
 _PROJECT_BY_KEY = sa.select(projects).where(projects.c.key == sa.bindparam("key"))
 _CONFIG_BY_HASH = sa.select(label_configs.c.id).where(
     label_configs.c.project_key == sa.bindparam("key"), label_configs.c.hash == sa.bindparam("hash")
@@ -777,15 +780,223 @@ def resolve_task(candidates: Sequence[Any], labels_of: Callable[[Any], tuple]) -
 
 
 # -- the store -------------------------------------------------------------------------
-@dataclass
-class _ProjectWrite:
-    """A project row as read inside a write transaction, and the updates it will get."""
+INSERTED, UPDATED, UNCHANGED, BURIED = "inserted", "updated", "unchanged", "buried"
+_ALL_COLUMNS = (
+    "task_id", "task_data", "result", "annotator", "was_cancelled", "ground_truth", "updated_us", "content_hash",
+    "label_config_id", "seq", "source",
+)
 
-    key: str
-    row: Any
-    values: dict[str, Any]
-    config_id: int | None
-    pending: int = 0  # tasks changed since training, after this write
+
+class _Held:
+    """One annotation inside a write transaction: what the database held, and what it will hold."""
+
+    __slots__ = ("start", "now", "dead", "columns", "tomb_task")
+
+    def __init__(self, start: str, now: dict | None):
+        self.start = start  # "live", "dead" (tombstone) or "none"
+        self.now = now  # its columns as they stand (None: no live row)
+        self.dead = start == "dead"
+        self.columns: set[str] = set()  # columns to write
+        self.tomb_task: int | None = None
+
+
+class _ProjectWork:
+    """One project's share of a write transaction (a unit of work).
+
+    The project's row and the annotations the events name are read once, every event is
+    applied in memory, in arrival order, under the store's rules, and ``flush`` writes the
+    result with a handful of statements, however many events the transaction holds.
+    """
+
+    def __init__(self, store: "CorrectionStore", conn: Connection, row: Any, now: float, seen: dict | None):
+        self.store, self.conn, self.now, self.seen = store, conn, now, seen
+        self.key = row.key
+        self.state = dict(row._mapping)
+        self.values: dict[str, Any] = {}
+        self.held: dict[int, _Held] = {}
+        self.live = int(self.state["live_annotations"])
+        self.pending = int(self.state["pending_tasks"])
+        self.touched: set[int] = set()
+        self.triggers: list[dict] = []
+
+    def set(self, **values: Any) -> None:
+        for name, value in values.items():
+            if self.state.get(name) != value:
+                self.state[name] = value
+                self.values[name] = value
+
+    # -- the project ------------------------------------------------------------------
+    def note(self, info: ProjectInfo, event_time: bool = True) -> int | None:
+        """What an event says about its project; returns the id of the label config it came with."""
+        if event_time:
+            self.set(last_event_at=self.now)
+        if info.title:
+            self.set(title=info.title)
+        if info.created_at and not self.state["created_at"]:
+            self.set(created_at=info.created_at)
+        if info.total_annotations is not None:
+            self.set(ls_annotations=info.total_annotations)
+        if info.label_config:
+            return self.snapshot(info.label_config, info.updated_us, info.current)
+        return self.state["label_config_id"]
+
+    def snapshot(self, xml: str, updated_us: int | None, current: bool = False) -> int:
+        """Keep a config snapshot; point the project at it when it is the newest one.
+
+        Webhooks carry the project's ``updated_at``, which orders config changes.  The API
+        (sync) does not send it: what it returns is in force now, stamped with our clock.
+        """
+        digest = hashlib.sha256(xml.encode()).hexdigest()
+        config_id = self.store._config_ids.get((self.key, digest))  # ids known to be committed
+        if config_id is None:
+            config_id = self.conn.execute(_CONFIG_BY_HASH, {"key": self.key, "hash": digest}).scalar_one_or_none()
+        if config_id is None:
+            config_id = self.conn.execute(
+                label_configs.insert().values(project_key=self.key, hash=digest, xml=xml, first_seen=self.now)
+            ).inserted_primary_key[0]
+        if self.seen is not None:  # the caller caches these once the transaction is committed
+            self.seen[(self.key, digest)] = config_id
+        state = self.state
+        held = (state["config_updated_us"] if state["config_updated_us"] is not None else -1,
+                state["label_config_hash"] or "")
+        if current and digest != state["label_config_hash"]:
+            updated_us = max(held[0], int(self.now * 1_000_000))
+        candidate = (updated_us if updated_us is not None else -1, digest)
+        if state["label_config_id"] is None or (updated_us is not None and candidate > held):
+            if state["label_config_id"] is not None and state["label_config_hash"] != digest:
+                log.info("project %s: label config changed (snapshot %s)", self.key, digest[:12])
+            self.set(label_config_id=config_id, label_config_hash=digest, config_updated_us=updated_us)
+        return config_id
+
+    # -- annotations --------------------------------------------------------------------
+    def load(self, ids: Iterable[int]) -> None:
+        """Read the annotations and tombstones of these ids that are not in hand yet."""
+        missing = sorted({i for i in ids if i not in self.held})
+        for chunk in _chunks(missing, 500):
+            found: dict[int, _Held] = {}
+            for row in self.conn.execute(_HELD, {"key": self.key, "ids": list(chunk)}):
+                if row.kind == "dead":
+                    found[row.annotation_id] = _Held("dead", None)
+                elif row.annotation_id not in found:
+                    found[row.annotation_id] = _Held("live", {
+                        "updated_us": row.updated_us, "content_hash": row.content_hash,
+                        "was_cancelled": bool(row.was_cancelled), "task_id": row.task_id, "task_data": row.task_data,
+                    })
+            for annotation_id in chunk:
+                self.held[annotation_id] = found.get(annotation_id) or _Held("none", None)
+
+    def ids_of_tasks(self, task_ids: Iterable[int]) -> list[int]:
+        """Live annotation ids on these tasks, in the database or added in this transaction."""
+        wanted = set(task_ids)
+        ids: set[int] = set()
+        for chunk in _chunks(sorted(wanted), 500):
+            ids.update(self.conn.execute(_IDS_OF_TASKS, {"key": self.key, "tasks": list(chunk)}).scalars())
+        ids.update(i for i, h in self.held.items() if h.now is not None and h.now["task_id"] in wanted)
+        self.load(ids)
+        return sorted(i for i in ids if not self.held[i].dead)
+
+    def upsert(self, record: AnnotationRecord, config_id: int | None, seq: int, source: str) -> str:
+        held = self.held[record.annotation_id]
+        if held.dead:
+            return BURIED
+        data = canonical_json(record.task_data)
+        now = held.now
+        if now is None:
+            held.now = self._columns(record, data, config_id, seq, source)
+            held.columns.update(_ALL_COLUMNS)
+            if not record.was_cancelled:
+                self.live += 1
+                self.touched.add(record.task_id)
+            return INSERTED
+        if (record.updated_us, record.content_hash) <= (now["updated_us"], now["content_hash"]):
+            if record.content_hash == now["content_hash"] and record.updated_us == now["updated_us"] and data != now["task_data"]:
+                now["task_data"] = data  # the same label on edited task data: keep the text current
+                held.columns.add("task_data")
+            return UNCHANGED
+        if record.content_hash == now["content_hash"]:
+            now.update(updated_us=record.updated_us, task_data=data)  # a newer stamp on the same label
+            held.columns.update(("updated_us", "task_data"))
+            return UNCHANGED
+        self.live += (0 if record.was_cancelled else 1) - (0 if now["was_cancelled"] else 1)
+        if not (record.was_cancelled and now["was_cancelled"]):
+            self.touched.update((record.task_id, now["task_id"]))
+        held.now = self._columns(record, data, config_id, seq, source)
+        held.columns.update(_ALL_COLUMNS)
+        return UPDATED
+
+    @staticmethod
+    def _columns(record: AnnotationRecord, data: str, config_id: int | None, seq: int, source: str) -> dict:
+        return {
+            "task_id": record.task_id,
+            "task_data": data,
+            "result": canonical_json(record.result),
+            "annotator": record.annotator[:200],
+            "was_cancelled": record.was_cancelled,
+            "ground_truth": record.ground_truth,
+            "updated_us": record.updated_us,
+            "content_hash": record.content_hash,
+            "label_config_id": config_id,
+            "seq": seq,
+            "source": source,
+        }
+
+    def delete(self, annotation_id: int) -> int:
+        """Delete (tombstone) one annotation; 1 when it was live."""
+        held = self.held[annotation_id]
+        if held.dead:
+            return 0
+        held.dead = True
+        if held.now is None:
+            return 0
+        held.tomb_task = held.now["task_id"]
+        if not held.now["was_cancelled"]:
+            self.live -= 1
+            self.touched.add(held.now["task_id"])
+        held.now = None
+        return 1
+
+    def flush(self, seq: int) -> None:
+        """Write everything this transaction changed for the project."""
+        conn, key = self.conn, self.key
+        inserts, updates, removed, buried = [], defaultdict(list), [], []
+        for annotation_id, held in self.held.items():
+            if held.dead:
+                if held.start == "live":
+                    removed.append(annotation_id)
+                if held.start != "dead":
+                    buried.append({"project_key": key, "annotation_id": annotation_id, "task_id": held.tomb_task,
+                                   "deleted_at": self.now, "seq": seq})
+            elif held.columns and held.now is not None:
+                if held.start == "none":
+                    inserts.append({"project_key": key, "annotation_id": annotation_id, **held.now})
+                else:
+                    columns = tuple(sorted(held.columns))
+                    updates[columns].append({"k": key, "a": annotation_id, **{f"v_{c}": held.now[c] for c in columns}})
+        if inserts:
+            conn.execute(annotations.insert(), inserts)
+        for columns, rows in updates.items():
+            conn.execute(_annotation_update(columns), rows)
+        for chunk in _chunks(removed, 500):
+            conn.execute(annotations.delete().where(annotations.c.project_key == key,
+                                                    annotations.c.annotation_id.in_(list(chunk))))
+        if buried:
+            conn.execute(tombstones.insert(), buried)
+        if self.touched:
+            self.pending += self.store._mark_tasks(conn, key, self.touched, seq, self.state["trained_seq"])
+            self.set(last_seq=seq, pending_tasks=self.pending)
+        self.set(live_annotations=self.live)
+        if self.values:
+            conn.execute(projects.update().where(projects.c.key == key).values(**self.values))
+        if self.triggers:
+            conn.execute(triggers.insert(), self.triggers)
+
+
+def _annotation_update(columns: tuple[str, ...]) -> Any:
+    return (
+        annotations.update()
+        .where(annotations.c.project_key == sa.bindparam("k"), annotations.c.annotation_id == sa.bindparam("a"))
+        .values({c: sa.bindparam(f"v_{c}") for c in columns})
+    )
 
 
 class _Pending:
@@ -919,227 +1130,25 @@ class CorrectionStore:
     def _project_row(self, conn: Connection, key: str) -> Any:
         return conn.execute(_PROJECT_BY_KEY, {"key": key}).one_or_none()
 
-    def _open_project(
-        self, conn: Connection, info: ProjectInfo, now: float, event_time: bool = True, seen: dict | None = None
-    ) -> "_ProjectWrite":
-        """The project's row (created if new), its pending updates, and the config this event came with."""
-        row = self._project_row(conn, info.key)
-        if row is None:
-            conn.execute(
-                projects.insert().values(
-                    key=info.key, ls_id=info.ls_id, title=info.title, created_at=info.created_at, first_seen=now,
-                    last_seq=0, trained_seq=0, live_annotations=0,
-                )
-            )
-            row = self._project_row(conn, info.key)
-        values: dict[str, Any] = {}
-        if event_time:
-            values["last_event_at"] = now
-        if info.title and info.title != row.title:
-            values["title"] = info.title
-        if info.created_at and not row.created_at:
-            values["created_at"] = info.created_at
-        if info.total_annotations is not None and info.total_annotations != row.ls_annotations:
-            values["ls_annotations"] = info.total_annotations
-        config_id = row.label_config_id
-        if info.label_config:
-            config_id = self._snapshot_config(
-                conn, row, values, info.label_config, info.updated_us, now, info.current, seen
-            )
-        return _ProjectWrite(key=info.key, row=row, values=values, config_id=config_id)
-
-    def _snapshot_config(
-        self,
-        conn: Connection,
-        row: Any,
-        values: dict[str, Any],
-        xml: str,
-        updated_us: int | None,
-        now: float,
-        current: bool = False,
-        seen: dict | None = None,
-    ) -> int:
-        """Keep a config snapshot; point the project at it (in ``values``) when it is the newest one.
-
-        Webhooks carry the project's ``updated_at``, which orders config changes.  The API
-        (sync) does not send it: what it returns is in force now, stamped with our clock.
-        """
-        key = row.key
-        digest = hashlib.sha256(xml.encode()).hexdigest()
-        config_id = self._config_ids.get((key, digest))  # ids known to be committed
-        if config_id is None:
-            config_id = conn.execute(_CONFIG_BY_HASH, {"key": key, "hash": digest}).scalar_one_or_none()
-        if config_id is None:
-            config_id = conn.execute(
-                label_configs.insert().values(project_key=key, hash=digest, xml=xml, first_seen=now)
-            ).inserted_primary_key[0]
-        if seen is not None:  # the caller caches these once its transaction is committed
-            seen[(key, digest)] = config_id
-        held = (row.config_updated_us if row.config_updated_us is not None else -1, row.label_config_hash or "")
-        if current and digest != row.label_config_hash:
-            updated_us = max(held[0], int(now * 1_000_000))
-        candidate = (updated_us if updated_us is not None else -1, digest)
-        if row.label_config_id is None or (updated_us is not None and candidate > held):
-            values.update(label_config_id=config_id, label_config_hash=digest, config_updated_us=updated_us)
-            if row.label_config_id is not None and row.label_config_hash != digest:
-                log.info("project %s: label config changed (snapshot %s)", key, digest[:12])
-        return config_id
-
-    # -- writes -----------------------------------------------------------------------
-    def _apply(
-        self, conn: Connection, seq: int, key: str, records: Sequence[AnnotationRecord], config_id: int | None, source: str
-    ) -> tuple[ApplyCounts, int, set[int]]:
-        """Upsert annotation versions; returns counts, the change in live annotations, changed tasks."""
-        if not records:
-            return ApplyCounts(), 0, set()
-        latest: dict[int, AnnotationRecord] = {}
-        for record in records:  # one batch may carry several versions of one annotation
-            held = latest.get(record.annotation_id)
-            if held is None or (record.updated_us, record.content_hash) > (held.updated_us, held.content_hash):
-                latest[record.annotation_id] = record
-        ids = list(latest)
-        existing: dict[int, Any] = {}
-        dead: set[int] = set()
-        for chunk in _chunks(ids, 500):
-            for row in conn.execute(_HELD, {"key": key, "ids": list(chunk)}):
-                if row.kind == "live":
-                    existing[row.annotation_id] = row
-                else:
-                    dead.add(row.annotation_id)
-        inserts, updates, data_only = [], [], []
-        inserted = updated = unchanged = 0
-        live_delta = 0
-        touched: set[int] = set()
-        for annotation_id in ids:
-            record = latest[annotation_id]
-            if annotation_id in dead:
-                continue
-            values = {
-                "project_key": key,
-                "annotation_id": annotation_id,
-                "task_id": record.task_id,
-                "task_data": canonical_json(record.task_data),
-                "result": canonical_json(record.result),
-                "annotator": record.annotator[:200],
-                "was_cancelled": record.was_cancelled,
-                "ground_truth": record.ground_truth,
-                "updated_us": record.updated_us,
-                "content_hash": record.content_hash,
-                "label_config_id": config_id,
-                "seq": seq,
-                "source": source,
-            }
-            row = existing.get(annotation_id)
+    def _work(
+        self, conn: Connection, info: ProjectInfo | None, key: str, now: float, seen: dict | None, works: dict
+    ) -> _ProjectWork:
+        """The project's unit of work in this transaction (its row created when an event names a new project)."""
+        work = works.get(key)
+        if work is None:
+            row = self._project_row(conn, key)
             if row is None:
-                inserts.append(values)
-                inserted += 1
-                live_delta += 0 if record.was_cancelled else 1
-                if not record.was_cancelled:
-                    touched.add(record.task_id)
-                continue
-            if (record.updated_us, record.content_hash) <= (row.updated_us, row.content_hash):
-                unchanged += 1
-                if record.content_hash == row.content_hash and values["task_data"] != row.task_data and (
-                    record.updated_us == row.updated_us
-                ):
-                    data_only.append({"k": key, "a": annotation_id, "d": values["task_data"]})
-                continue
-            if record.content_hash == row.content_hash:
-                # a newer stamp on the same label: keep the stamp, it is not a change
-                updates.append({**values, "seq": None})
-                unchanged += 1
-                continue
-            updates.append(values)
-            updated += 1
-            live_delta += (0 if record.was_cancelled else 1) - (0 if row.was_cancelled else 1)
-            if not (record.was_cancelled and row.was_cancelled):
-                touched.update({record.task_id, row.task_id})
-        if inserts:
-            conn.execute(annotations.insert(), inserts)
-        for values in updates:
-            if values["seq"] is None:
+                if info is None:
+                    raise UnknownProject(f"no project {key!r} in the store")
                 conn.execute(
-                    annotations.update()
-                    .where(annotations.c.project_key == key, annotations.c.annotation_id == values["annotation_id"])
-                    .values(updated_us=values["updated_us"], task_data=values["task_data"])
-                )
-            else:
-                conn.execute(
-                    annotations.update()
-                    .where(annotations.c.project_key == key, annotations.c.annotation_id == values["annotation_id"])
-                    .values(**{k: v for k, v in values.items() if k not in ("project_key", "annotation_id")})
-                )
-        if data_only:
-            conn.execute(
-                annotations.update()
-                .where(annotations.c.project_key == sa.bindparam("k"), annotations.c.annotation_id == sa.bindparam("a"))
-                .values(task_data=sa.bindparam("d")),
-                data_only,
-            )
-        counts = ApplyCounts(inserted=inserted, updated=updated, unchanged=unchanged, tombstoned=len(dead & set(ids)))
-        return counts, live_delta, touched
-
-    def _delete(
-        self, conn: Connection, seq: int, key: str, ids: Iterable[int], now: float
-    ) -> tuple[int, int, set[int]]:
-        """Delete annotations and leave tombstones; returns deleted count, live delta, changed tasks."""
-        ids = sorted(set(ids))
-        deleted = live_delta = 0
-        touched: set[int] = set()
-        for chunk in _chunks(ids, 500):
-            rows = {
-                row.annotation_id: row
-                for row in conn.execute(
-                    sa.select(annotations.c.annotation_id, annotations.c.task_id, annotations.c.was_cancelled).where(
-                        annotations.c.project_key == key, annotations.c.annotation_id.in_(chunk)
+                    projects.insert().values(
+                        key=key, ls_id=info.ls_id, title=info.title, created_at=info.created_at, first_seen=now,
+                        last_seq=0, trained_seq=0, live_annotations=0, pending_tasks=0,
                     )
                 )
-            }
-            buried = set(
-                conn.execute(
-                    sa.select(tombstones.c.annotation_id).where(
-                        tombstones.c.project_key == key, tombstones.c.annotation_id.in_(chunk)
-                    )
-                ).scalars()
-            )
-            if rows:
-                conn.execute(
-                    annotations.delete().where(
-                        annotations.c.project_key == key, annotations.c.annotation_id.in_(list(rows))
-                    )
-                )
-            fresh = [
-                {
-                    "project_key": key,
-                    "annotation_id": annotation_id,
-                    "task_id": rows[annotation_id].task_id if annotation_id in rows else None,
-                    "deleted_at": now,
-                    "seq": seq,
-                }
-                for annotation_id in chunk
-                if annotation_id not in buried
-            ]
-            if fresh:
-                conn.execute(tombstones.insert(), fresh)
-            deleted += len(rows)
-            for row in rows.values():
-                if not row.was_cancelled:
-                    live_delta -= 1
-                    touched.add(row.task_id)
-        return deleted, live_delta, touched
-
-    def _finish(self, conn: Connection, seq: int, project: "_ProjectWrite", live_delta: int, touched: set[int]) -> int:
-        """Mark the changed tasks and write the project's row; returns its live annotation count."""
-        live = project.row.live_annotations + live_delta
-        project.pending = project.row.pending_tasks
-        if touched:
-            project.pending += self._mark_tasks(conn, project.key, touched, seq, project.row.trained_seq)
-            project.values.update(last_seq=seq, pending_tasks=project.pending)
-        if live_delta:
-            project.values["live_annotations"] = live
-        if project.values:
-            conn.execute(projects.update().where(projects.c.key == project.key).values(**project.values))
-        return live
+                row = self._project_row(conn, key)
+            work = works[key] = _ProjectWork(self, conn, row, now, seen)
+        return work
 
     @staticmethod
     def _mark_tasks(conn: Connection, key: str, tasks: set[int], seq: int, trained_seq: int) -> int:
@@ -1195,44 +1204,48 @@ class CorrectionStore:
     def _record_together(self, batch: Sequence[ParsedEvent]) -> list[EventOutcome | Exception]:
         now = time.time()
         seen: dict[tuple[str, str], int] = {}
+        works: dict[str, _ProjectWork] = {}
+        applied: list[tuple[ParsedEvent, int, int]] = []
         with self._write() as (conn, seq):
-            results: list[EventOutcome | Exception] = [self._record(conn, seq, parsed, now, seen) for parsed in batch]
-        self._config_ids.update(seen)  # committed now
-        return results
-
-    def _record(self, conn: Connection, seq: int, parsed: ParsedEvent, now: float, seen: dict) -> EventOutcome:
-        action, info = parsed.action, parsed.project
-        assert info is not None
-        project = self._open_project(conn, info, now, seen=seen)
-        changed, live_delta, touched = 0, 0, set()
-        if parsed.records:
-            counts, live_delta, touched = self._apply(conn, seq, info.key, parsed.records, project.config_id, "webhook")
-            changed = counts.changed
-        elif parsed.deleted_ids:
-            changed, live_delta, touched = self._delete(conn, seq, info.key, parsed.deleted_ids, now)
-        elif parsed.deleted_task_ids:
-            ids = []
-            for chunk in _chunks(sorted(set(parsed.deleted_task_ids)), 500):
-                ids += conn.execute(
-                    sa.select(annotations.c.annotation_id).where(
-                        annotations.c.project_key == info.key, annotations.c.task_id.in_(chunk)
+            for parsed in batch:  # read what the events name, once per project
+                info = parsed.project
+                assert info is not None
+                work = self._work(conn, info, info.key, now, seen, works)
+                work.load([r.annotation_id for r in parsed.records] + parsed.deleted_ids)
+            for parsed in batch:
+                info = parsed.project
+                work = works[info.key]
+                config_id = work.note(info)
+                changed = 0
+                if parsed.records:
+                    changed = sum(
+                        work.upsert(record, config_id, seq, "webhook") in (INSERTED, UPDATED) for record in parsed.records
                     )
-                ).scalars().all()
-            changed, live_delta, touched = self._delete(conn, seq, info.key, ids, now)
-        elif action == START_TRAINING:
-            conn.execute(triggers.insert().values(project_key=info.key, action=action, received_at=now, seq=seq))
-        stored = self._finish(conn, seq, project, live_delta, touched)
-        return EventOutcome(
-            action=action,
-            project_key=info.key,
-            changed=changed,
-            trigger=action == START_TRAINING,
-            recorded=True,
-            ls_project_id=info.ls_id,
-            ls_annotations=info.total_annotations,
-            stored_annotations=stored,
-            labels_since_training=project.pending,
-        )
+                elif parsed.deleted_ids:
+                    changed = sum(work.delete(annotation_id) for annotation_id in parsed.deleted_ids)
+                elif parsed.deleted_task_ids:
+                    changed = sum(work.delete(i) for i in work.ids_of_tasks(parsed.deleted_task_ids))
+                elif parsed.action == START_TRAINING:
+                    work.triggers.append({"project_key": info.key, "action": parsed.action, "received_at": now,
+                                          "seq": seq})
+                applied.append((parsed, changed, work.live))
+            for work in works.values():
+                work.flush(seq)
+        self._config_ids.update(seen)  # committed now
+        return [
+            EventOutcome(
+                action=parsed.action,
+                project_key=parsed.project.key,
+                changed=changed,
+                trigger=parsed.action == START_TRAINING,
+                recorded=True,
+                ls_project_id=parsed.project.ls_id,
+                ls_annotations=parsed.project.total_annotations,
+                stored_annotations=live,
+                labels_since_training=works[parsed.project.key].pending,
+            )
+            for parsed, changed, live in applied
+        ]
 
     def _not_kept(self, action: str, project: Any) -> EventOutcome:
         """An action we do not store: answered, and its project count still compared with ours."""
@@ -1254,24 +1267,29 @@ class CorrectionStore:
     def ingest(self, info: ProjectInfo, records: Sequence[AnnotationRecord], source: str = "sync") -> ApplyCounts:
         """Upsert annotation versions fetched from Label Studio, in one transaction."""
         now = time.time()
+        outcomes: Counter[str] = Counter()
         with self._write() as (conn, seq):
-            project = self._open_project(conn, info, now, event_time=False)
-            counts, live_delta, touched = self._apply(conn, seq, info.key, records, project.config_id, source)
-            self._finish(conn, seq, project, live_delta, touched)
-        return counts
+            work = self._work(conn, info, info.key, now, None, {})
+            config_id = work.note(info, event_time=False)
+            work.load(record.annotation_id for record in records)
+            for record in records:
+                outcomes[work.upsert(record, config_id, seq, source)] += 1
+            work.flush(seq)
+        return ApplyCounts(
+            inserted=outcomes[INSERTED], updated=outcomes[UPDATED], unchanged=outcomes[UNCHANGED],
+            tombstoned=outcomes[BURIED],
+        )
 
     def delete_annotations(self, project_key: str, ids: Iterable[int]) -> int:
         """Delete annotations by id, leaving tombstones, in one transaction."""
-        ids = list(ids)
+        ids = sorted(set(ids))
         if not ids:
             return 0
-        now = time.time()
         with self._write() as (conn, seq):
-            row = self._project_row(conn, project_key)
-            if row is None:
-                raise UnknownProject(f"no project {project_key!r} in the store")
-            deleted, live_delta, touched = self._delete(conn, seq, project_key, ids, now)
-            self._finish(conn, seq, _ProjectWrite(project_key, row, {}, row.label_config_id), live_delta, touched)
+            work = self._work(conn, None, project_key, time.time(), None, {})
+            work.load(ids)
+            deleted = sum(work.delete(annotation_id) for annotation_id in ids)
+            work.flush(seq)
         return deleted
 
     def note_setup(self, key: str, label_config: str | None = None, hostname: str | None = None,
@@ -1287,7 +1305,7 @@ class CorrectionStore:
                 conn.execute(
                     projects.insert().values(
                         key=key, ls_id=int(head), title="", created_at="", first_seen=now,
-                        last_seq=0, trained_seq=0, live_annotations=0,
+                        last_seq=0, trained_seq=0, live_annotations=0, pending_tasks=0,
                     )
                 )
                 row = self._project_row(conn, key)
@@ -1299,9 +1317,9 @@ class CorrectionStore:
             if values:
                 conn.execute(projects.update().where(projects.c.key == key).values(**values))
             if label_config and row.label_config_id is None:
-                pointer: dict[str, Any] = {}
-                self._snapshot_config(conn, row, pointer, label_config, None, now)
-                conn.execute(projects.update().where(projects.c.key == key).values(**pointer))
+                work = _ProjectWork(self, conn, row, now, None)
+                work.snapshot(label_config, None)
+                conn.execute(projects.update().where(projects.c.key == key).values(**work.values))
 
     def mark_trained(self, project_key: str, seq: int) -> None:
         """Training used every change up to ``seq`` (the mark only moves forward)."""

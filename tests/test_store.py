@@ -332,7 +332,7 @@ def test_ingest_and_delete_keep_the_same_rules(store):
     event = annotation_event(1, 10, choices("World"))
     record = AnnotationRecord.from_payload(event["annotation"], event["task"])
     counts = store.ingest(info, [record, record])
-    assert (counts.inserted, counts.updated, counts.unchanged) == (1, 0, 0)
+    assert (counts.inserted, counts.updated, counts.unchanged) == (1, 0, 1)  # the second copy changes nothing
     assert store.annotation_ids(KEY) == {1}
     assert store.annotation_ids(KEY, up_to_seq=0) == set()
     assert store.delete_annotations(KEY, [1]) == 1
@@ -438,7 +438,7 @@ def test_settings_read_database_url():
 
 
 def test_concurrent_events_share_commits_and_one_failure_spoils_no_other(store, monkeypatch):
-    real = store._record
+    real_upsert = store_module._ProjectWork.upsert
     batches: list[int] = []
     real_together = store._record_together
 
@@ -446,12 +446,12 @@ def test_concurrent_events_share_commits_and_one_failure_spoils_no_other(store, 
         batches.append(len(batch))
         return real_together(batch)
 
-    def flaky(conn, seq, parsed, now, seen):
-        if parsed.records and parsed.records[0].annotation_id == 13:
+    def flaky(work, record, *args):
+        if record.annotation_id == 13:
             raise RuntimeError("a bug in one event")
-        return real(conn, seq, parsed, now, seen)
+        return real_upsert(work, record, *args)
 
-    monkeypatch.setattr(store, "_record", flaky)
+    monkeypatch.setattr(store_module._ProjectWork, "upsert", flaky)
     monkeypatch.setattr(store, "_record_together", counting)
     failures: list[int] = []
 

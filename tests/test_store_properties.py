@@ -34,8 +34,11 @@ upserts = st.builds(
     action=st.sampled_from(["ANNOTATION_CREATED", "ANNOTATION_UPDATED"]),
 )
 deletes = st.builds(lambda ids: ("delete", tuple(sorted(ids))), st.sets(st.integers(1, 6), min_size=1, max_size=3))
+task_deletes = st.builds(lambda task: ("tasks", task), st.integers(10, 12))
 config_changes = st.builds(lambda config, updated: ("config", config, updated), st.integers(0, 1), st.integers(0, 4))
 operations = st.lists(st.one_of(upserts, upserts, upserts, deletes, config_changes), min_size=1, max_size=14)
+with_task_deletes = st.lists(st.one_of(upserts, upserts, upserts, deletes, task_deletes, config_changes),
+                             min_size=1, max_size=16)
 
 
 def payload(op: tuple, project_id: int) -> dict:
@@ -46,6 +49,8 @@ def payload(op: tuple, project_id: int) -> dict:
                                 cancelled=cancelled, ground_truth=truth, annotator=annotator, proj=proj)
     if op[0] == "delete":
         return deleted_event(*op[1], proj=project(project_id))
+    if op[0] == "tasks":
+        return {"action": "TASKS_DELETED", "tasks": [{"id": op[1]}], "project": project(project_id)}
     _, config, updated = op
     return {"action": "PROJECT_UPDATED", "project": project(project_id, config=CONFIGS[config], updated=updated)}
 
@@ -99,3 +104,20 @@ def test_replays_reorders_and_duplicates_end_in_the_same_state(shared_store, ops
     for op in ops:  # replaying everything once more changes nothing
         assert shared_store.record_event(payload(op, first)).changed == 0
     assert state(shared_store, key_of(first)) == state(shared_store, key_of(second))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=with_task_deletes, data=st.data())
+def test_events_written_together_end_as_written_one_by_one(shared_store, ops, data):
+    """Group commit puts concurrent events in one transaction: the result must not depend on the grouping."""
+    from ls_backend.store import parse_event
+
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(ops) - 1)), max_size=4), label="cuts"))
+    first, second = next(_project_ids), next(_project_ids)
+    singles = [shared_store._record_together([parse_event(payload(op, first))]) for op in ops]
+    grouped: list = []
+    for start, end in zip([0, *cuts], [*cuts, len(ops)]):
+        grouped += shared_store._record_together([parse_event(payload(op, second)) for op in ops[start:end]])
+    assert [o.changed for batch in singles for o in batch] == [o.changed for o in grouped]
+    assert state(shared_store, key_of(first)) == state(shared_store, key_of(second))
+    assert shared_store.changes_since(key_of(first), 0) == shared_store.changes_since(key_of(second), 0)
