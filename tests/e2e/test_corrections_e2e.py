@@ -41,6 +41,18 @@ def stored_labels(server: BackendServer, key: str) -> dict[int, tuple[str, ...]]
         store.close()
 
 
+def connect(label_studio, project_id: int, backend: BackendServer) -> int:
+    """Connect the backend; once more if Label Studio gave up on a slow first /setup (its timeout is 3 s,
+    and the first /setup of a project builds the cold-start version)."""
+    from tests.support.label_studio import LabelStudioError
+
+    try:
+        return label_studio.connect_ml_backend(project_id, backend.url)
+    except LabelStudioError:
+        time.sleep(2)
+        return label_studio.connect_ml_backend(project_id, backend.url)
+
+
 def summary(server: BackendServer, key: str) -> dict:
     return requests.get(f"{server.url}/projects/{key}", timeout=10).json()
 
@@ -66,7 +78,7 @@ def test_annotations_reach_the_store_live_and_after_downtime(label_studio, tmp_p
 
     backend = BackendServer(models, env=env).start()
     try:
-        ml_id = label_studio.connect_ml_backend(project_id, backend.url)
+        ml_id = connect(label_studio, project_id, backend)
         key = requests.get(f"{backend.url}/projects", timeout=10).json()["projects"][0]["key"]
         assert key.startswith(f"{project_id}.")
 
@@ -132,5 +144,26 @@ def test_annotations_reach_the_store_live_and_after_downtime(label_studio, tmp_p
         assert late in stored_labels(backend, key) and offline[0] not in stored_labels(backend, key)
         wait_for(lambda: summary(backend, key)["last_sync"]["reason"] == "START_TRAINING",
                  what="the START_TRAINING sync report", log=backend.log)
+    finally:
+        backend.stop()
+
+
+def test_a_backend_connected_to_a_labeled_project_learns_all_of_it(label_studio, tmp_path):
+    count = 1000
+    project_id = label_studio.create_project("already labeled", TOPIC_CONFIG)["id"]
+    label_studio.request(  # one bulk import of pre-annotated tasks
+        "POST", f"/api/projects/{project_id}/import",
+        json=[{"data": {"text": f"item {i}"}, "annotations": [{"result": choices(LABELS[i % 4])}]}
+              for i in range(count)],
+    )
+    backend = BackendServer(tmp_path / "models", env={"WEB_WORKERS": "1", "TRAIN_EVERY": "0"}).start()
+    try:
+        connect(label_studio, project_id, backend)  # /setup: the store is found behind
+        key = requests.get(f"{backend.url}/projects/{project_id}", timeout=10).json()["key"]
+        report = wait_for(lambda: summary(backend, key)["last_sync"], timeout=120, what="the backfill",
+                          log=backend.log)
+        assert (report["reason"], report["inserted"], report["stored_annotations"]) == ("behind Label Studio", count, count)
+        labels = stored_labels(backend, key)
+        assert len(labels) == count and sorted(set(labels.values())) == sorted((label,) for label in LABELS)
     finally:
         backend.stop()
