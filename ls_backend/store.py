@@ -28,7 +28,10 @@ Writes
     (``store_meta.seq``).  Taking it locks the counter row (PostgreSQL) or the database
     (SQLite ``BEGIN IMMEDIATE``), so writers are serialised, ``seq`` grows in commit order,
     and the read-compare-write of an upsert never races another process.  Transactions
-    last milliseconds.
+    last milliseconds.  Webhooks that arrive together in one process share a transaction
+    (group commit, :class:`_GroupCommit`), and a transaction touches each project once
+    (:class:`_ProjectWork`): a burst costs a few statements and one disk flush per batch.
+    ``record_event`` returns only after the commit that holds its event.
 
 Conflict rule (the same for webhooks and sync)
     An annotation version is ordered by ``(updated_at, content hash)``; the larger wins, so
