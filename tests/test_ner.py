@@ -1,0 +1,407 @@
+"""Labels over Text (NER): exact character offsets, BIO round trips, windows, the token head
+in the registry and the predictor, training on real CoNLL-2003 sentences, and a job."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from ls_backend.labeling import plan_for
+from ls_backend.model import ClassifierHead, Encoder
+from ls_backend.ner import (
+    TokenData,
+    TokenHead,
+    fine_tune_tokens,
+    new_token_head,
+    predict_spans,
+    pretrained_token_head,
+    run_windows,
+    token_head_for,
+    tokenize,
+    window_size,
+)
+from ls_backend.registry import ModelRegistry
+from ls_backend.settings import Settings, bundled_encoder_path
+from ls_backend.spans import (
+    begin_tag,
+    bio_tags,
+    decode,
+    inside_tag,
+    resolve_overlaps,
+    resolve_span,
+    span_scores,
+    token_tags,
+    window_owners,
+    windows,
+)
+from ls_backend.trainer import TrainingArguments
+
+from .support.conll import CONLL_LABELS, as_text, read_sentences
+from .support.data import data_file
+from .support.events import NER_AND_TOPIC_CONFIG, annotation_event, choices, key_of, project, span
+
+NER_CONFIG = """<View>
+  <Text name="text" value="$text"/>
+  <Labels name="ner" toName="text">
+    <Label value="PER"/><Label value="ORG"/><Label value="LOC"/><Label value="MISC"/>
+  </Labels>
+</View>"""
+LABELS = ["PER", "ORG"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bundled_encoder_path())
+
+
+def offsets_of(tokenizer, text: str) -> list[tuple[int, int]]:
+    return tokenize(tokenizer, [text])[0].offsets
+
+
+# -- tags and decoding ------------------------------------------------------------------------
+def test_tags_are_o_then_begin_inside_per_label_in_config_order():
+    assert bio_tags(["PER", "ORG"]) == ["O", "B-PER", "I-PER", "B-ORG", "I-ORG"]
+    assert (begin_tag(1), inside_tag(1)) == (3, 4)
+
+
+def test_adjacent_entities_of_one_type_stay_apart_when_the_tags_say_b(tokenizer):
+    text = "Ann Bob met Carl"
+    offsets = offsets_of(tokenizer, text)
+    tags = [begin_tag(0), begin_tag(0), 0, begin_tag(0)]
+    found = [s.span for s in decode(text, offsets, tags, LABELS)]
+    assert found == [(0, 3, "PER"), (4, 7, "PER"), (12, 16, "PER")]
+    merged = [s.span for s in decode(text, offsets, [begin_tag(0), inside_tag(0), 0, begin_tag(0)], LABELS)]
+    assert merged == [(0, 7, "PER"), (12, 16, "PER")]
+
+
+def test_inside_after_outside_or_another_type_starts_an_entity(tokenizer):
+    text = "in New York Times today"
+    offsets = offsets_of(tokenizer, text)
+    tags = [0, inside_tag(0), inside_tag(1), inside_tag(1), 0]
+    assert [s.span for s in decode(text, offsets, tags, LABELS)] == [(3, 6, "PER"), (7, 17, "ORG")]
+
+
+def test_decoded_spans_are_trimmed_of_surrounding_whitespace():
+    text = "  Ann  \n"
+    found = decode(text, [(0, 5), (5, 8)], [begin_tag(0), inside_tag(0)], LABELS, [0.9, 0.5])
+    assert [s.span for s in found] == [(2, 5, "PER")]
+    assert found[0].score == pytest.approx(0.7)
+    assert decode(" \n", [(0, 2)], [begin_tag(0)], LABELS) == []
+
+
+def test_a_span_that_cuts_a_token_is_widened_to_whole_tokens(tokenizer):
+    text = "Washington said"
+    offsets = offsets_of(tokenizer, text)
+    tags, report = token_tags(offsets, [(2, 6, "PER")], LABELS)
+    assert report.snapped == 1
+    assert [s.span for s in decode(text, offsets, tags, LABELS)] == [(0, 10, "PER")]
+
+
+def test_overlapping_spans_keep_the_longest_then_the_earliest():
+    kept, dropped = resolve_overlaps([(0, 4, "PER"), (0, 9, "ORG"), (5, 9, "PER"), (10, 12, "PER"), (11, 13, "ORG")])
+    assert kept == [(0, 9, "ORG"), (10, 12, "PER")]
+    assert sorted(dropped) == [(0, 4, "PER"), (5, 9, "PER"), (11, 13, "ORG")]
+    kept, _ = resolve_overlaps([(3, 6, "ORG"), (3, 6, "PER")])  # the same region twice: the first listed
+    assert kept == [(3, 6, "ORG")]
+
+
+def test_annotation_offsets_are_checked_against_the_text():
+    text = "Hi 😀 from Zürich and Zürich"
+    start = text.index("Zürich")
+    assert resolve_span(text, {"start": start, "end": start + 6, "text": "Zürich"}) == (start, start + 6)
+    # a browser counts the emoji as two UTF-16 units
+    assert resolve_span(text, {"start": start + 1, "end": start + 7, "text": "Zürich"}) == (start, start + 6)
+    # offsets off by a few characters: the nearest occurrence of the text
+    assert resolve_span(text, {"start": 20, "end": 26, "text": "Zürich"}) == (text.rindex("Zürich"), len(text))
+    assert resolve_span(text, {"start": 0, "end": 2, "text": "Paris"}) is None
+    assert resolve_span(text, {"start": "0", "end": 2}) is None
+
+
+def test_windows_cover_every_token_and_each_token_has_one_owner():
+    assert windows(5, 10) == [(0, 5)]
+    ranges = windows(25, 10)
+    assert ranges == [(0, 10), (8, 18), (15, 25)]
+    assert all(b - a == 10 for a, b in ranges)
+    owners = window_owners(25, ranges)
+    assert [w for w, _ in owners] == [0] * 9 + [1] * 8 + [2] * 8  # a tie (token 16) goes to the earlier window
+    assert all(ranges[w][0] + pos == t for t, (w, pos) in enumerate(owners))
+    assert window_owners(25, ranges) == owners  # deterministic
+
+
+def test_entity_scores_are_exact_match_micro_and_per_label():
+    gold = [[(0, 3, "PER"), (8, 12, "ORG")], [(0, 5, "LOC")], []]
+    pred = [[(0, 3, "PER"), (8, 11, "ORG")], [(0, 5, "PER")], [(1, 2, "PER")]]
+    scores = span_scores(gold, pred)
+    assert (scores["entities"], scores["predicted"]) == (3, 4)
+    assert scores["precision"] == 0.25 and scores["recall"] == pytest.approx(0.3333, abs=1e-4)
+    assert scores["f1"] == pytest.approx(2 * 0.25 * (1 / 3) / (0.25 + 1 / 3), abs=1e-4)
+    assert scores["per_label"]["PER"]["precision"] == pytest.approx(1 / 3, abs=1e-4)
+    assert scores["per_label"]["LOC"]["recall"] == 0.0
+    assert span_scores([[]], [[]])["f1"] == 1.0
+
+
+# -- properties over the real tokenizer --------------------------------------------------------
+TEXT_ALPHABET = st.sampled_from(
+    list("abcXYZ019 .,;-'\"()") + ["  ", "\n", "\n\n", "\t", "é", "Ü", "ß", "東", "京", "😀", "🎉", "👍🏽", "\u200b", "\u0301", "\x00"]
+)
+texts = st.lists(TEXT_ALPHABET, min_size=0, max_size=60).map("".join)
+
+
+@hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=texts, data=st.data())
+def test_decoded_spans_always_slice_the_text_exactly(tokenizer, text, data):
+    offsets = offsets_of(tokenizer, text)
+    n_tags = len(bio_tags(LABELS))
+    tags = data.draw(st.lists(st.integers(0, n_tags - 1), min_size=len(offsets), max_size=len(offsets)))
+    probs = data.draw(st.lists(st.floats(0.0, 1.0), min_size=len(offsets), max_size=len(offsets)))
+    found = decode(text, offsets, tags, LABELS, probs)
+    starts = {a for a, b in offsets if b > a}
+    ends = {b for a, b in offsets if b > a}
+    previous_end = 0
+    for s in found:
+        assert 0 <= s.start < s.end <= len(text)
+        piece = text[s.start : s.end]
+        assert piece == piece.strip() and piece  # trimmed, never empty
+        assert s.start >= previous_end  # sorted, never overlapping
+        previous_end = s.end
+        # on token boundaries, or moved inward only past whitespace
+        assert s.start in starts or text[: s.start].rstrip() != text[: s.start]
+        assert s.end in ends or text[s.end :].lstrip() != text[s.end :]
+        assert 0.0 <= s.score <= 1.0
+        item = {"start": s.start, "end": s.end, "text": piece}
+        assert resolve_span(text, item) == (s.start, s.end)
+
+
+@hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=texts, data=st.data())
+def test_spans_to_token_tags_and_back_give_the_same_spans(tokenizer, text, data):
+    offsets = [o for o in offsets_of(tokenizer, text) if o[1] > o[0]]
+    if not offsets:
+        return
+    # random non-overlapping token ranges, each with a label: what an annotator could select
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(offsets)), max_size=8))))
+    spans = []
+    for a, b in zip(cuts, cuts[1:]):
+        if data.draw(st.booleans()):
+            start, end = offsets[a][0], offsets[b - 1][1]
+            while start < end and text[start].isspace():
+                start += 1
+            while end > start and text[end - 1].isspace():
+                end -= 1
+            if start < end:
+                spans.append((start, end, data.draw(st.sampled_from(LABELS))))
+    tags, report = token_tags(offsets, spans, LABELS)
+    assert report.snapped == report.empty == report.overlapping == 0
+    assert [s.span for s in decode(text, offsets, tags, LABELS)] == spans
+
+    # any character span, cutting tokens or not, comes back as the whole tokens it touches
+    a = data.draw(st.integers(0, len(text)))
+    b = data.draw(st.integers(a, len(text)))
+    touched = [o for o in offsets if o[0] < b and a < o[1]]
+    tags, report = token_tags(offsets, [(a, b, "ORG")], LABELS)
+    back = [s.span for s in decode(text, offsets, tags, LABELS)]
+    if touched:
+        assert back == [(touched[0][0], touched[-1][1], "ORG")]
+        assert report.snapped == int(touched[0][0] < a or touched[-1][1] > b)
+    else:
+        assert back == [] and report.empty == 1
+
+
+# -- the head in the model shape ------------------------------------------------------------------
+def test_token_heads_and_classifier_heads_round_trip_through_the_registry(tmp_path):
+    registry = ModelRegistry(tmp_path)
+    rng = np.random.default_rng(0)
+    token = TokenHead(["PER", "ORG"], rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=5).astype(np.float32),
+                      trained=True, source="trained")
+    topic = ClassifierHead(["World", "Sports"], rng.normal(size=(2, 8)).astype(np.float32), np.zeros(2, np.float32))
+    name = registry.create_version("3.1", {"ner": token, "topic": topic}, {"kind": "test"})
+    loaded = registry.load("3.1", name)
+    assert isinstance(loaded.heads["ner"], TokenHead) and isinstance(loaded.heads["topic"], ClassifierHead)
+    assert np.array_equal(loaded.heads["ner"].weight, token.weight) and loaded.heads["ner"].trained
+    assert loaded.meta["controls"]["ner"]["head"] == "token"
+    assert loaded.meta["controls"]["ner"]["tags"] == ["O", "B-PER", "I-PER", "B-ORG", "I-ORG"]
+    # a version written before token heads existed: no marker -> a classification head
+    meta_path = registry.version_dir("3.1", name) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["controls"]["ner"]
+    meta["controls"]["topic"] = {k: v for k, v in meta["controls"]["topic"].items() if k in ("labels", "temperature")}
+    meta_path.write_text(json.dumps(meta))
+    old = registry.load("3.1", name)
+    assert list(old.heads) == ["topic"] and isinstance(old.heads["topic"], ClassifierHead)
+
+
+def test_a_changed_label_set_keeps_learned_rows_and_never_predicts_new_labels_untrained():
+    control = plan_for(NER_AND_TOPIC_CONFIG).control("ner")
+    head = new_token_head(["PER", "ORG"], 4)
+    head.weight[:] = np.arange(20, dtype=np.float32).reshape(5, 4)
+    head.trained = True
+    changed = plan_for(NER_AND_TOPIC_CONFIG.replace('<Label value="ORG"/>', '<Label value="LOC"/><Label value="ORG"/>'))
+    adapted = token_head_for(changed.control("ner"), head, 4)
+    assert adapted.labels == ["PER", "LOC", "ORG"] and adapted.untrained_labels == ["LOC"]
+    assert np.array_equal(adapted.weight[[0, 1, 2, 5, 6]], head.weight)
+    assert (adapted.bias[3:5] < head.bias[0] - 5).all() and not adapted.weight[3:5].any()
+    assert token_head_for(control, head, 4) is head
+    assert not token_head_for(control, None, 4).trained
+
+
+def test_a_token_classification_base_model_with_the_projects_tags_gives_a_cold_start_head(tmp_path):
+    from safetensors.numpy import save_file
+
+    control = plan_for(NER_AND_TOPIC_CONFIG).control("ner")
+    folder = tmp_path / "tagger"
+    folder.mkdir()
+    id2label = {0: "O", 1: "B-ORG", 2: "I-ORG", 3: "B-PER", 4: "I-PER", 5: "B-LOC", 6: "I-LOC"}
+    config = {"architectures": ["BertForTokenClassification"], "id2label": {str(k): v for k, v in id2label.items()}}
+    (folder / "config.json").write_text(json.dumps(config))
+    weight = np.arange(7 * 4, dtype=np.float32).reshape(7, 4)
+    save_file({"classifier.weight": weight, "classifier.bias": np.arange(7, dtype=np.float32)}, str(folder / "model.safetensors"))
+    head = pretrained_token_head(control, str(folder), 4)
+    assert head is not None and head.trained and head.source == "base-model"
+    assert np.array_equal(head.weight, weight[[0, 3, 4, 1, 2]])  # O, B-PER, I-PER, B-ORG, I-ORG
+    config["id2label"] = {"0": "O", "1": "B-PER", "2": "I-PER"}  # no ORG tags: no head
+    (folder / "config.json").write_text(json.dumps(config))
+    assert pretrained_token_head(control, str(folder), 4) is None
+
+
+def test_the_first_window_gives_the_classification_embedding(encoder):
+    texts = ["Germany beat Brazil 2-1 in Berlin on Sunday .", "word " * 400, "Ü 😀 東京"]
+    run = run_windows(encoder, tokenize(encoder.tokenizer, texts), [], batch_size=2)
+    assert np.allclose(run.pooled, encoder.encode(texts), atol=1e-4)
+
+
+def test_before_ner_training_every_task_gets_an_entry_with_choices_and_no_spans(client):
+    tasks = [{"id": i, "data": {"text": t}} for i, t in enumerate(["Ann lives in Paris.", "", "Sports today"])]
+    tasks.append({"id": 9, "data": {}})
+    body = client.post("/predict", json={"tasks": tasks, "project": "5.1", "label_config": NER_AND_TOPIC_CONFIG}).get_json()
+    results = body["results"]
+    assert len(results) == 4
+    assert [len(r["result"]) for r in results] == [1, 0, 1, 0]
+    assert all(item["type"] == "choices" for r in results for item in r["result"])
+    only_ner = client.post("/predict", json={"tasks": tasks, "project": "6.1", "label_config": NER_CONFIG}).get_json()
+    assert [r["result"] for r in only_ner["results"]] == [[], [], [], []]
+    assert all(isinstance(r["model_version"], str) for r in only_ner["results"])
+
+
+# -- trained on real sentences ---------------------------------------------------------------------
+MAX_LENGTH = 64  # small windows keep the long-text test short
+
+
+@pytest.fixture(scope="module")
+def conll_model():
+    """A token head and encoder fine-tuned briefly on 300 CoNLL-2003 training sentences written
+    as running text (``said.``, ``(AP)``), 64-token windows; about a minute on two cores."""
+    sentences = read_sentences(data_file("conll2003", "eng.train"), limit=300)
+    rows = [as_text(s, natural=True) for s in sentences]
+    data = TokenData("ner", list(CONLL_LABELS), [t for t, _, _ in rows], [s for _, s, _ in rows])
+    encoder = Encoder(bundled_encoder_path(), "cpu", MAX_LENGTH)
+    args = TrainingArguments(max_length=MAX_LENGTH, epochs=2, min_steps=1, batch_size=16, learning_rate=2e-4,
+                             head_learning_rate=2e-3)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared machine, spinning threads cost far more than they give
+    try:
+        student, heads, report = fine_tune_tokens(encoder, {"ner": new_token_head(CONLL_LABELS, encoder.dim)}, [data], args)
+    finally:
+        torch.set_num_threads(threads)
+    return student, heads["ner"], report
+
+
+def test_a_model_trained_on_conll_predicts_spans_that_slice_the_text_on_token_boundaries(conll_model):
+    student, head, report = conll_model
+    assert report["steps"] >= 30 and report["final_loss"] < 1.0, report
+    rows = [as_text(s, natural=True) for s in read_sentences(data_file("conll2003", "eng.testa"), limit=200)]
+    texts = [t for t, _, _ in rows]
+    found = predict_spans(student, head, texts)
+    tokenized = tokenize(student.tokenizer, texts)
+    n_spans = 0
+    for text, spans, tok in zip(texts, found, tokenized):
+        starts = {a for a, _ in tok.offsets}
+        ends = {b for _, b in tok.offsets}
+        for s in spans:
+            n_spans += 1
+            assert 0 <= s.start < s.end <= len(text)
+            assert s.start in starts and s.end in ends, (text, s)
+            assert text[s.start : s.end] == text[s.start : s.end].strip()
+    scores = span_scores([g for _, g, _ in rows], [[s.span for s in spans] for spans in found])
+    assert n_spans > 50 and scores["f1"] > 0.3, scores
+
+
+def test_a_text_ten_windows_long_gets_entities_in_its_last_window(conll_model):
+    student, head, _ = conll_model
+    filler = [as_text(s)[0] for s in read_sentences(data_file("conll2003", "eng.testa"), limit=400, offset=200)]
+    tail = "Rudi Voeller and Juergen Klinsmann met in Berlin on Monday ."
+    text, k = "", 0
+    while len(tokenize(student.tokenizer, [text + tail])[0].ids) < 10 * MAX_LENGTH:
+        text += filler[k % len(filler)] + "\n"
+        k += 1
+    text += tail
+    tokenized = tokenize(student.tokenizer, [text])[0]
+    ranges = windows(len(tokenized.ids), window_size(student.tokenizer, MAX_LENGTH))
+    assert len(ranges) >= 10
+    last_start = tokenized.offsets[ranges[-1][0]][0]
+    (found,) = predict_spans(student, head, [text])
+    late = [s for s in found if s.start >= len(text) - len(tail)]
+    assert late, f"no entity found in the last window (which starts at character {last_start})"
+    assert all(text[s.start : s.end].strip() == text[s.start : s.end] for s in found)
+    assert {text[s.start : s.end] for s in late} & {"Rudi Voeller", "Juergen Klinsmann", "Berlin"}, late
+
+
+# -- a fine-tuning job over a project with Choices and Labels on one Text --------------------------
+def test_a_job_trains_the_labels_control_refits_the_choices_head_and_serves_both(tmp_path, encoder):
+    from ls_backend.finetune import FineTuneJob
+    from ls_backend.ner_job import encoder_is_taken
+    from ls_backend.predictor import Predictor
+    from ls_backend.store import CorrectionStore
+
+    settings = Settings(model_dir=tmp_path / "models", max_length=MAX_LENGTH, train_max_length=MAX_LENGTH,
+                        train_mode="auto", train_epochs=4, train_min_steps=10, eval_min=5)
+    store = CorrectionStore.from_settings(settings)
+    proj = project(7, config=NER_AND_TOPIC_CONFIG, title="ner and topic")
+    key = key_of(7)
+    sentences = read_sentences(data_file("conll2003", "eng.train"), limit=80)
+    texts = []
+    for n, sentence in enumerate(sentences):
+        text, spans, _ = as_text(sentence, natural=True)
+        texts.append(text)
+        result = [span(a, b, text[a:b], label) for a, b, label in spans if label in ("PER", "ORG")]
+        result += choices("Sports" if any(ch.isdigit() for ch in text) else "World")
+        store.record_event(annotation_event(n + 1, 100 + n, result, text=text, proj=proj))
+    try:
+        outcome = FineTuneJob(settings, store).run(key)
+    finally:
+        store.close()
+    assert outcome["promoted"], outcome
+    registry = ModelRegistry(settings.model_dir)
+    meta = registry.meta(key, outcome["version"])
+    assert meta["recipe"] in ("ner-full", "ner-frozen")
+    assert set(meta["metrics"]) == {"current", "ner-full", "ner-frozen"}
+    assert meta["metrics"]["current"]["controls"]["ner"]["f1"] == 0.0  # untrained: no spans
+    assert set(meta["metrics"][meta["recipe"]]["controls"]) == {"ner", "topic"}
+    assert meta["data"]["ner"]["train"] + meta["data"]["ner"]["eval"] == 80
+    assert meta["controls"]["ner"]["head"] == "token" and meta["controls"]["ner"]["trained"]
+    assert "classification_refit" in meta["training"]["ner-full"]
+    loaded = registry.load(key, outcome["version"])
+    assert encoder_is_taken(loaded.heads, {})  # a later classification-only job keeps this encoder
+
+    predictor = Predictor(settings, registry, encoder=encoder)
+    tasks = [{"id": i, "data": {"text": t}} for i, t in enumerate(texts[:40])]
+    predictions = predictor.predict(key, NER_AND_TOPIC_CONFIG, tasks)
+    assert len(predictions) == 40 and {p["model_version"] for p in predictions} == {outcome["version"]}
+    spans_found = 0
+    for task, prediction in zip(tasks, predictions):
+        kinds = [item["type"] for item in prediction["result"]]
+        assert kinds.count("choices") == 1
+        for item in prediction["result"]:
+            if item["type"] == "labels":
+                value = item["value"]
+                assert value["text"] == task["data"]["text"][value["start"] : value["end"]]
+                assert value["labels"][0] in ("PER", "ORG") and 0 <= item["score"] <= 1
+                spans_found += 1
+        assert 0 <= prediction["score"] <= 1
+    assert spans_found > 0
