@@ -7,6 +7,7 @@ import requests
 
 from .conftest import TOPIC_CONFIG
 from .support.backend import BackendServer
+from .support.events import annotation_event, choices, project
 
 PROJECT = "21.1732665262"
 
@@ -35,11 +36,18 @@ def test_setup_predict_versions_round_trip(backend):
     assert version in requests.get(backend.url + "/versions", timeout=5).json()["versions"]
 
 
-@pytest.mark.parametrize("action", ["ANNOTATION_CREATED", "TASKS_CREATED", "LABEL_LINK_CREATED", "SOMETHING_NEW"])
+@pytest.mark.parametrize("action", ["TASKS_CREATED", "LABEL_LINK_CREATED", "SOMETHING_NEW"])
 def test_webhook_answers_200_for_every_action(backend, action):
     body = {"action": action, "project": {"id": 21, "created_at": "2024-11-27T00:01:02.448107Z"}}
     response = requests.post(backend.url + "/webhook", json=body, timeout=2)
     assert response.status_code == 200, response.text
+
+
+def test_annotation_webhook_is_stored_and_a_malformed_one_is_a_json_400(backend):
+    event = annotation_event(1, 1, choices("Sports"), text="The Lakers won", proj=project(22))
+    assert requests.post(backend.url + "/webhook", json=event, timeout=2).status_code == 200
+    broken = requests.post(backend.url + "/webhook", json={"action": "ANNOTATION_CREATED", "project": project(22)}, timeout=2)
+    assert broken.status_code == 400 and "annotation" in broken.json()["message"]
 
 
 def test_malformed_json_over_http_is_a_json_400(backend):
@@ -72,7 +80,7 @@ def test_basic_auth_guards_every_route(auth_backend):
 
 
 def test_unauthenticated_webhook_is_refused_with_the_fix(auth_backend):
-    body = {"action": "ANNOTATION_CREATED", "project": {"id": 21, "created_at": "2024-11-27T00:01:02Z"}}
+    body = annotation_event(7, 7, choices("World"), text="Elections in Kenya", proj=project(21))
     refused = requests.post(auth_backend.url + "/webhook", json=body, timeout=2)
     assert refused.status_code == 401
     assert "PATCH /api/webhooks" in refused.json()["message"]
