@@ -1,7 +1,8 @@
 """A cache of sentence embeddings keyed by (encoder id, text hash), so a head refit never re-encodes.
 
-One SQLite file per ``MODEL_DIR`` (``embeddings.sqlite``): a cache, not a source of truth —
-several machines sharing the registry each keep their own, and a miss only costs an encode.
+One SQLite file per machine and ``MODEL_DIR`` (``CACHE_DIR``, by default under ``~/.cache``, never on
+the possibly shared ``MODEL_DIR``: SQLite does not belong on a network share): a cache, not a source
+of truth — several machines sharing the registry each keep their own, and a miss only costs an encode.
 The encoder id names the weights: ``base:<path>`` for the base encoder, or the version that
 holds a fine-tuned ``encoder/`` folder.
 """
@@ -24,8 +25,8 @@ def text_key(text: str, max_length: int) -> str:
 
 
 class EmbeddingCache:
-    def __init__(self, model_dir: Path | str):
-        self.path = Path(model_dir) / "embeddings.sqlite"
+    def __init__(self, cache_dir: Path | str):
+        self.path = Path(cache_dir) / "embeddings.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute(

@@ -159,7 +159,7 @@ class FineTuneJob:
         self.progress({"stage": "embedding", "labels": n_train})
 
         # frozen embeddings of every text the job touches, with the current encoder
-        cache = EmbeddingCache(self.settings.model_dir)
+        cache = EmbeddingCache(self.settings.local_cache_dir)
         encoder_id = current.meta.get("encoder") or f"base:{self.settings.encoder_path}"
         embed = {}
         for name, split in splits.items():

@@ -95,6 +95,9 @@ def _schedule(raw: str) -> str:
 class Settings:
     # where models, versions and the SQLite store live
     model_dir: Path = Path("models")
+    # this machine's own caches (embeddings); empty: ~/.cache/ls-backend/<hash of MODEL_DIR>,
+    # kept off MODEL_DIR because that may be a folder shared by several machines
+    cache_dir: str = ""
     # encoder to start from: a local Hugging Face folder; empty means the bundled one
     base_model: str = ""
     # HTTP basic auth on every route when both are set
@@ -146,6 +149,20 @@ class Settings:
     log_level: str = "INFO"
     # how often (seconds) a web worker looks for a new current version
     version_check_interval: float = 1.0
+    # active learning: what a prediction's score says (see ls_backend/sampling.py), and the refresh of
+    # predictions in Label Studio after each promotion (0 tasks: no refresh)
+    score_mode: str = "confidence"  # confidence | margin | entropy | least_confidence
+    refresh_max_tasks: int = 10_000
+    refresh_page_size: int = 200
+
+    @property
+    def local_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        import hashlib
+
+        digest = hashlib.sha1(str(Path(self.model_dir).resolve()).encode()).hexdigest()[:12]
+        return Path.home() / ".cache" / "ls-backend" / f"models-{digest}"
 
     @property
     def auth_enabled(self) -> bool:
@@ -165,6 +182,8 @@ class Settings:
         values: dict[str, object] = {}
         if get("MODEL_DIR"):
             values["model_dir"] = Path(get("MODEL_DIR", "")).expanduser()
+        if get("CACHE_DIR"):
+            values["cache_dir"] = get("CACHE_DIR", "")
         if get("BASE_MODEL"):
             values["base_model"] = get("BASE_MODEL", "")
         for name in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS", "LABEL_STUDIO_API_KEY", "ZERO_SHOT_TEMPLATE"):
@@ -212,6 +231,8 @@ class Settings:
             "MAX_TRAIN_EXAMPLES": 1,
             "SEED": 0,
             "EVAL_MIN": 0,
+            "REFRESH_MAX_TASKS": 0,
+            "REFRESH_PAGE_SIZE": 1,
         }
         for name, minimum in ints.items():
             if get(name):
@@ -220,6 +241,10 @@ class Settings:
             values["zero_shot_temperature"] = _float("ZERO_SHOT_TEMPERATURE", get("ZERO_SHOT_TEMPERATURE", ""), 1e-4, 10)
         if get("MULTI_LABEL_THRESHOLD"):
             values["multi_label_threshold"] = _float("MULTI_LABEL_THRESHOLD", get("MULTI_LABEL_THRESHOLD", ""), 0, 1)
+        if get("SCORE_MODE"):
+            values["score_mode"] = _choice(
+                "SCORE_MODE", get("SCORE_MODE", ""), ("confidence", "margin", "entropy", "least_confidence")
+            )
         if get("VERSION_CHECK_INTERVAL"):
             values["version_check_interval"] = _float("VERSION_CHECK_INTERVAL", get("VERSION_CHECK_INTERVAL", ""), 0, 3600)
         if get("LOG_LEVEL"):
