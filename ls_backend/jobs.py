@@ -41,6 +41,10 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, FINISHED, FAILED = "queued", "running", "finished", "failed"
+#: Two lanes, so a seconds-fast head refit never waits behind a full fine-tune:
+#: "fast" refits the heads on frozen (cached) embeddings; "full" runs TRAIN_MODE's candidates.
+FAST, FULL = "fast", "full"
+LANES = (FAST, FULL)
 LOCK_TTL = 60  # seconds; a running job renews its project lock every LOCK_TTL / 3
 
 
@@ -57,6 +61,7 @@ class JobInfo:
     result: dict | None = None
     error: str | None = None
     attempts: int = 0
+    lane: str = FULL
 
     @property
     def duration(self) -> float | None:
@@ -78,7 +83,7 @@ def _job_id(project_key: str) -> str:
 
 
 # -- the job itself -----------------------------------------------------------------
-def execute_training(settings: Settings, project_key: str, trigger: str, progress=None) -> dict:
+def execute_training(settings: Settings, project_key: str, trigger: str, progress=None, lane: str = FULL) -> dict:
     """Run one fine-tuning job for a project (what every worker kind calls)."""
     from .finetune import FineTuneJob, NothingToTrain
     from .store import CorrectionStore
@@ -88,7 +93,8 @@ def execute_training(settings: Settings, project_key: str, trigger: str, progres
         if trigger == "START_TRAINING":
             _sync_before_training(settings, store, project_key)
         try:
-            return FineTuneJob(settings, store, progress=progress).run(project_key, trigger)
+            mode = "frozen" if lane == FAST else None
+            return FineTuneJob(settings, store, progress=progress, mode=mode).run(project_key, trigger)
         except NothingToTrain as exc:
             log.info("project %s: nothing to train: %s", project_key, exc)
             return {"project": project_key, "version": None, "promoted": False, "reason": f"nothing to train: {exc}"}
@@ -129,8 +135,8 @@ class TrainingQueue(ABC):
         self.settings = settings
 
     @abstractmethod
-    def enqueue(self, project_key: str, trigger: str) -> tuple[JobInfo, bool]:
-        """Queue a job for the project unless one is queued already: (job, created)."""
+    def enqueue(self, project_key: str, trigger: str, lane: str = FULL) -> tuple[JobInfo, bool]:
+        """Queue a job for the project in ``lane`` unless one is queued there already: (job, created)."""
 
     @abstractmethod
     def jobs(self, project_key: str | None = None, limit: int = 50) -> list[JobInfo]:
@@ -149,16 +155,27 @@ class TrainingQueue(ABC):
                 return job
             time.sleep(poll)
 
+    def label_lanes(self, store, project_key: str) -> list[str]:
+        """The lanes a label trigger feeds: the fast lane, and the full lane under TRAIN_MODE=full
+        or, under auto, once the project holds FULL_MIN_LABELS labels (coalesced like any job)."""
+        mode = self.settings.train_mode
+        if mode == "full":
+            return [FULL]
+        if mode == "auto" and store.stored_annotations(project_key) >= self.settings.full_min_labels:
+            return [FAST, FULL]
+        return [FAST]
+
     def maybe_enqueue(self, store, outcome) -> JobInfo | None:
-        """Webhook hook: START_TRAINING always queues; labels queue every ``TRAIN_EVERY``."""
+        """Webhook hook: START_TRAINING always queues a full-lane job; labels queue every ``TRAIN_EVERY``."""
         key = getattr(outcome, "project_key", None)
         if not key:
             return None
         if getattr(outcome, "trigger", False):
-            return self.enqueue(key, "START_TRAINING")[0]
+            return self.enqueue(key, "START_TRAINING", FULL)[0]
         every = self.settings.train_every
         if every and getattr(outcome, "changed", 0) and store.labels_since_training(key) >= every:
-            return self.enqueue(key, "labels")[0]
+            jobs = [self.enqueue(key, "labels", lane)[0] for lane in self.label_lanes(store, key)]
+            return jobs[0]
         return None
 
     def close(self) -> None:
@@ -183,7 +200,7 @@ def scheduled_training(project_keys: list[str] | None = None) -> list[str]:
         keys = project_keys or [p.key for p in store.projects()]
         for key in keys:
             if store.labels_since_training(key) > 0:
-                queue.enqueue(key, "schedule")
+                queue.enqueue(key, "schedule", FULL)
                 queued.append(key)
     finally:
         store.close()
@@ -192,7 +209,7 @@ def scheduled_training(project_keys: list[str] | None = None) -> list[str]:
 
 
 # -- rq ---------------------------------------------------------------------------
-def train_project(project_key: str, trigger: str = "manual") -> dict:
+def train_project(project_key: str, trigger: str = "manual", lane: str = FULL) -> dict:
     """The rq job function (``ls_backend.jobs.train_project``)."""
     from redis import Redis
     from rq import get_current_job
@@ -201,7 +218,7 @@ def train_project(project_key: str, trigger: str = "manual") -> dict:
     connection = Redis.from_url(settings.redis_url)
     queue = RedisTrainingQueue(settings, connection)
     job = get_current_job()
-    lock = connection.lock(queue.key("lock", project_key), timeout=LOCK_TTL, blocking_timeout=settings.job_timeout)
+    lock = connection.lock(queue.key(f"lock:{lane}", project_key), timeout=LOCK_TTL, blocking_timeout=settings.job_timeout)
     if not lock.acquire():
         raise RuntimeError(f"project {project_key}: another job held the project lock for {settings.job_timeout}s")
     stop = threading.Event()
@@ -214,7 +231,7 @@ def train_project(project_key: str, trigger: str = "manual") -> dict:
     threading.Thread(target=renew, daemon=True).start()
     try:
         # from here on, new labels queue the next job instead of joining this one
-        queue.release_queued(project_key, job.id if job else None)
+        queue.release_queued(project_key, job.id if job else None, lane)
         if job is not None:
             job.meta["started_at"] = time.time()
             job.save_meta()
@@ -224,12 +241,12 @@ def train_project(project_key: str, trigger: str = "manual") -> dict:
                 job.meta["progress"] = update
                 job.save_meta()
 
-        result = execute_training(settings, project_key, trigger, Throttled(sink))
+        result = execute_training(settings, project_key, trigger, Throttled(sink), lane)
     finally:
         stop.set()
         with contextlib.suppress(Exception):
             lock.release()
-    queue.requeue_if_behind(project_key)
+    queue.requeue_if_behind(project_key, lane)
     return result
 
 
@@ -242,14 +259,15 @@ class RedisTrainingQueue(TrainingQueue):
         from rq import Queue
 
         self.connection = connection or Redis.from_url(settings.redis_url)
-        self.queue = Queue(settings.queue_name, connection=self.connection)
+        self.queues = {lane: Queue(lane_queue_name(settings, lane), connection=self.connection) for lane in LANES}
+        self.queue = self.queues[FULL]
 
     def key(self, kind: str, project_key: str | None = None) -> str:
         base = f"{self.settings.queue_name}:{kind}"
         return f"{base}:{safe_key(project_key)}" if project_key else base
 
-    def release_queued(self, project_key: str, job_id: str | None) -> None:
-        key = self.key("queued", project_key)
+    def release_queued(self, project_key: str, job_id: str | None, lane: str = FULL) -> None:
+        key = self.key(f"queued:{lane}", project_key)
         pipe = self.connection.pipeline()
         while True:
             try:
@@ -267,33 +285,34 @@ class RedisTrainingQueue(TrainingQueue):
             finally:
                 pipe.reset()
 
-    def enqueue(self, project_key: str, trigger: str) -> tuple[JobInfo, bool]:
+    def enqueue(self, project_key: str, trigger: str, lane: str = FULL) -> tuple[JobInfo, bool]:
         from rq import Retry
         from rq.job import Job
 
-        key = self.key("queued", project_key)
+        key = self.key(f"queued:{lane}", project_key)
         for _ in range(5):
             job_id = _job_id(project_key)
             if self.connection.set(key, job_id, nx=True, ex=self.settings.job_timeout * 4):
                 retries = self.settings.job_retries
-                job = self.queue.enqueue(
+                job = self.queues[lane].enqueue(
                     train_project,
                     project_key,
                     trigger,
+                    lane,
                     job_id=job_id,
                     job_timeout=self.settings.job_timeout,
                     result_ttl=7 * 86400,
                     failure_ttl=30 * 86400,
                     retry=Retry(max=retries, interval=[10, 60, 300][:retries] or 10) if retries else None,
-                    meta={"project": project_key, "trigger": trigger, "enqueued_at": time.time()},
-                    description=f"train {project_key} ({trigger})",
+                    meta={"project": project_key, "trigger": trigger, "lane": lane, "enqueued_at": time.time()},
+                    description=f"train {project_key} ({trigger}, {lane} lane)",
                 )
                 now = time.time()
                 pipe = self.connection.pipeline()
                 pipe.zadd(self.key("jobs", project_key), {job_id: now})
                 pipe.zadd(self.key("jobs"), {job_id: now})
                 pipe.execute()
-                log.info("project %s: queued job %s (%s)", project_key, job_id, trigger)
+                log.info("project %s: queued %s-lane job %s (%s)", project_key, lane, job_id, trigger)
                 return self._info(job), True
             existing = self.connection.get(key)
             if existing is None:
@@ -306,10 +325,10 @@ class RedisTrainingQueue(TrainingQueue):
                     return self._info(job), False
             except Exception:
                 pass
-            self.release_queued(project_key, existing_id)  # stale: its job is gone or over
+            self.release_queued(project_key, existing_id, lane)  # stale: its job is gone or over
         raise RuntimeError(f"project {project_key}: could not queue a job")
 
-    def requeue_if_behind(self, project_key: str) -> None:
+    def requeue_if_behind(self, project_key: str, lane: str = FULL) -> None:
         every = self.settings.train_every
         if not every:
             return
@@ -317,8 +336,8 @@ class RedisTrainingQueue(TrainingQueue):
 
         store = CorrectionStore.from_settings(self.settings)
         try:
-            if store.labels_since_training(project_key) >= every:
-                self.enqueue(project_key, "labels")
+            if store.labels_since_training(project_key) >= every and lane in self.label_lanes(store, project_key):
+                self.enqueue(project_key, "labels", lane)
         finally:
             store.close()
 
@@ -354,6 +373,7 @@ class RedisTrainingQueue(TrainingQueue):
             result=result,
             error=error,
             attempts=(self.settings.job_retries - (job.retries_left or 0)) if job.retries_left is not None else 0,
+            lane=meta.get("lane", FULL),
         )
 
     @staticmethod
@@ -384,7 +404,13 @@ class RedisTrainingQueue(TrainingQueue):
             self.connection.close()
 
 
-def run_rq_worker(settings: Settings, burst: bool = False) -> int:
+def lane_queue_name(settings: Settings, lane: str) -> str:
+    return settings.queue_name if lane == FULL else f"{settings.queue_name}-{lane}"
+
+
+def run_rq_worker(settings: Settings, burst: bool = False, lanes: tuple[str, ...] = (FAST, FULL)) -> int:
+    """An rq worker on the given lanes, fast first (a worker busy with a full fine-tune
+    takes no fast job: run one ``--lane fast`` worker beside the GPU workers)."""
     from redis import Redis
     from rq import Queue, Worker
 
@@ -392,7 +418,7 @@ def run_rq_worker(settings: Settings, burst: bool = False) -> int:
     # a worker that dies (SIGKILL, lost machine) stops heartbeating; its job is found
     # abandoned within about a minute and retried (JOB_RETRIES) or failed with the reason
     worker = Worker(
-        [Queue(settings.queue_name, connection=connection)],
+        [Queue(lane_queue_name(settings, lane), connection=connection) for lane in lanes],
         connection=connection,
         job_monitoring_interval=10,
         maintenance_interval=30,
@@ -432,7 +458,8 @@ class EmbeddedTrainingQueue(TrainingQueue):
         progress TEXT NOT NULL DEFAULT '{}',
         result TEXT,
         error TEXT,
-        attempts INTEGER NOT NULL DEFAULT 0
+        attempts INTEGER NOT NULL DEFAULT 0,
+        lane TEXT NOT NULL DEFAULT 'full'
     );
     CREATE INDEX IF NOT EXISTS jobs_project ON jobs (project, state);
     """
@@ -443,6 +470,9 @@ class EmbeddedTrainingQueue(TrainingQueue):
         self.path = settings.model_dir / "jobs.sqlite"
         with self._connect() as db:
             db.executescript(self.SCHEMA)
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            if "lane" not in columns:  # tables made before lanes existed
+                db.execute("ALTER TABLE jobs ADD COLUMN lane TEXT NOT NULL DEFAULT 'full'")
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -480,20 +510,23 @@ class EmbeddedTrainingQueue(TrainingQueue):
             result=json.loads(row["result"]) if row["result"] else None,
             error=row["error"],
             attempts=row["attempts"],
+            lane=row["lane"],
         )
 
-    def enqueue(self, project_key: str, trigger: str) -> tuple[JobInfo, bool]:
+    def enqueue(self, project_key: str, trigger: str, lane: str = FULL) -> tuple[JobInfo, bool]:
         with self._transaction() as db:
-            row = db.execute("SELECT * FROM jobs WHERE project = ? AND state = ?", (project_key, QUEUED)).fetchone()
+            row = db.execute(
+                "SELECT * FROM jobs WHERE project = ? AND state = ? AND lane = ?", (project_key, QUEUED, lane)
+            ).fetchone()
             if row is not None:
                 return self._info(row), False
             job_id = _job_id(project_key)
             db.execute(
-                "INSERT INTO jobs (id, project, state, trigger, enqueued_at) VALUES (?, ?, ?, ?, ?)",
-                (job_id, project_key, QUEUED, trigger, time.time()),
+                "INSERT INTO jobs (id, project, state, trigger, enqueued_at, lane) VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, project_key, QUEUED, trigger, time.time(), lane),
             )
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        log.info("project %s: queued job %s (%s)", project_key, job_id, trigger)
+        log.info("project %s: queued %s-lane job %s (%s)", project_key, lane, job_id, trigger)
         return self._info(row), True
 
     def get(self, job_id: str) -> JobInfo | None:
@@ -512,12 +545,12 @@ class EmbeddedTrainingQueue(TrainingQueue):
         return [self._info(row) for row in rows]
 
     # runner side
-    def claim(self) -> JobInfo | None:
+    def claim(self, lane: str = FULL) -> JobInfo | None:
         with self._transaction() as db:
             row = db.execute(
-                "SELECT * FROM jobs WHERE state = ? AND project NOT IN (SELECT project FROM jobs WHERE state = ?) "
-                "ORDER BY enqueued_at LIMIT 1",
-                (QUEUED, RUNNING),
+                "SELECT * FROM jobs WHERE state = ? AND lane = ? AND project NOT IN "
+                "(SELECT project FROM jobs WHERE state = ? AND lane = ?) ORDER BY enqueued_at LIMIT 1",
+                (QUEUED, lane, RUNNING, lane),
             ).fetchone()
             if row is None:
                 return None
@@ -546,7 +579,8 @@ class EmbeddedTrainingQueue(TrainingQueue):
             if row is None:
                 return
             queued = db.execute(
-                "SELECT id FROM jobs WHERE project = ? AND state = ? AND id != ?", (row["project"], QUEUED, job_id)
+                "SELECT id FROM jobs WHERE project = ? AND state = ? AND lane = ? AND id != ?",
+                (row["project"], QUEUED, row["lane"], job_id),
             ).fetchone()
             if retry and row["attempts"] <= self.settings.job_retries and queued is None:
                 db.execute(
@@ -571,7 +605,9 @@ def _child_main(settings: Settings, job: JobInfo, pipe) -> None:
     configure(settings.log_level)
     queue = EmbeddedTrainingQueue(settings)
     try:
-        result = execute_training(settings, job.project, job.trigger, Throttled(lambda u: queue.set_progress(job.id, u)))
+        result = execute_training(
+            settings, job.project, job.trigger, Throttled(lambda u: queue.set_progress(job.id, u)), job.lane
+        )
         pipe.send(("ok", result))
     except BaseException as exc:  # report everything, the runner decides
         log.exception("job %s failed", job.id)
@@ -626,15 +662,25 @@ class JobRunner:
                 log.warning("job %s was running when the job runner stopped; retrying or failing it", job.id)
                 self.queue.fail(job.id, "the job runner stopped while this job ran", retry=True)
             log.info("job runner ready (models in %s)", self.settings.model_dir)
-            while not self.stopping.is_set():
+            lanes = [threading.Thread(target=self._lane, args=(lane, burst), name=f"lane-{lane}") for lane in LANES]
+            for thread in lanes:
+                thread.start()
+            for thread in lanes:
+                while thread.is_alive():
+                    thread.join(0.5)
+
+    def _lane(self, lane: str, burst: bool) -> None:
+        """One lane's loop: its jobs one at a time, each in a child process."""
+        while not self.stopping.is_set():
+            if lane == FULL:
                 self._maybe_schedule()
-                job = self.queue.claim()
-                if job is None:
-                    if burst:
-                        return
-                    self.stopping.wait(self.poll)
-                    continue
-                self.run_one(job)
+            job = self.queue.claim(lane)
+            if job is None:
+                if burst:
+                    return
+                self.stopping.wait(self.poll)
+                continue
+            self.run_one(job)
 
     def _maybe_schedule(self) -> None:
         if self._next_schedule is None or time.time() < self._next_schedule:
@@ -647,7 +693,9 @@ class JobRunner:
             log.exception("scheduled trigger failed")
 
     def run_one(self, job: JobInfo) -> None:
-        log.info("job %s: training project %s (%s, attempt %d)", job.id, job.project, job.trigger, job.attempts)
+        log.info(
+            "job %s: training project %s (%s, %s lane, attempt %d)", job.id, job.project, job.trigger, job.lane, job.attempts
+        )
         receiver, sender = self.context.Pipe(duplex=False)
         child = self.context.Process(target=_child_main, args=(self.settings, job, sender), daemon=True)
         child.start()
@@ -676,18 +724,18 @@ class JobRunner:
             self.queue.finish(job.id, body)
             every = self.settings.train_every
             if every:
-                self._requeue_if_behind(job.project, every)
+                self._requeue_if_behind(job.project, every, job.lane)
         else:
             log.error("job %s: %s", job.id, body)
             self.queue.fail(job.id, body, retry=kind in ("crash", "timeout"))
 
-    def _requeue_if_behind(self, project_key: str, every: int) -> None:
+    def _requeue_if_behind(self, project_key: str, every: int, lane: str) -> None:
         from .store import CorrectionStore
 
         store = CorrectionStore.from_settings(self.settings)
         try:
-            if store.labels_since_training(project_key) >= every:
-                self.queue.enqueue(project_key, "labels")
+            if store.labels_since_training(project_key) >= every and lane in self.queue.label_lanes(store, project_key):
+                self.queue.enqueue(project_key, "labels", lane)
         finally:
             store.close()
 
