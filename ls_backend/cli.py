@@ -134,10 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     p_sync.add_argument("--project", required=True, help="the project key, or a bare Label Studio id")
     p_worker = sub.add_parser("worker", help="run training jobs: an rq worker with REDIS_URL, else the embedded job runner")
     p_worker.add_argument("--burst", action="store_true", help="stop when the queue is empty")
+    p_worker.add_argument("--lane", choices=["all", "fast", "full"], default="all",
+                          help="with REDIS_URL: which lane's jobs to take (default both, fast first)")
     sub.add_parser("scheduler", help="with REDIS_URL: rq's cron scheduler for TRAIN_SCHEDULE")
     p_train = sub.add_parser("train", help="queue a fine-tuning job for a project")
     p_train.add_argument("--project", required=True, help="the project key, or a bare Label Studio id")
     p_train.add_argument("--wait", action="store_true", help="wait for the job and print its outcome")
+    p_train.add_argument("--lane", choices=["fast", "full"], default="full",
+                         help="fast: refit the heads only; full: TRAIN_MODE's candidates (default)")
     p_train.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait with --wait")
     p_jobs = sub.add_parser("jobs", help="list training jobs (JSON)")
     p_jobs.add_argument("--project", help="one project: its key, or a bare Label Studio id")

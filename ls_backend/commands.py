@@ -62,7 +62,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     configure(settings.log_level)
     if args.command == "worker":
         if settings.redis_url:
-            return run_rq_worker(settings, burst=args.burst)
+            lanes = ("fast", "full") if args.lane == "all" else (args.lane,)
+            return run_rq_worker(settings, burst=args.burst, lanes=lanes)
         return run_embedded_runner(settings, burst=args.burst)
     if args.command == "scheduler":
         if not settings.redis_url:
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         if args.command == "train":
             project = _resolve(settings, args.project)
-            job, created = queue.enqueue(project, "manual")
+            job, created = queue.enqueue(project, "manual", args.lane)
             print(f"{'queued' if created else 'already queued'}: job {job.id} for project {project}", file=sys.stderr)
             if args.wait:
                 job = queue.wait(job.id, args.timeout)
