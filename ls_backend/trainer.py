@@ -318,7 +318,7 @@ class _Heads(torch.nn.Module):
             self.layers[name] = layer
 
 
-def split_for_validation(data: ControlData, share: float, seed: int, minimum: int = 40) -> tuple[ControlData, ControlData | None]:
+def split_for_validation(data: ControlData, share: float, seed: int, minimum: int = 100) -> tuple[ControlData, ControlData | None]:
     """A seeded split of a control's training labels for early stopping and calibration
     (never the evaluation slice); none below ``minimum`` labels."""
     if len(data) < minimum or share <= 0:
