@@ -305,14 +305,14 @@ def main() -> int:
                   f"{theirs['steps']} steps, {theirs['train_seconds']} s)", flush=True)
         report["sizes"][size] = row
         last = (student, head)
+    if last and not options.skip_shared and (DATA / "agnews" / "dev.tsv").is_file():
+        report["shared_encoder"] = shared_encoder(base, last[0], options.agnews_per_label, options.agnews_test)
+        print(f"shared encoder (AG News topic accuracy): {report['shared_encoder']}", flush=True)
     if last and not options.skip_throughput:
         report["predict"] = throughput(*last, test)
         print(f"/predict: {report['predict']['sentences']} sentences in {report['predict']['seconds']} s = "
               f"{report['predict']['sentences_per_second']} sentences/s (F1 over HTTP "
               f"{report['predict']['f1_over_http']:.4f})", flush=True)
-    if last and not options.skip_shared and (DATA / "agnews" / "dev.tsv").is_file():
-        report["shared_encoder"] = shared_encoder(base, last[0], options.agnews_per_label, options.agnews_test)
-        print(f"shared encoder (AG News topic accuracy): {report['shared_encoder']}", flush=True)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -63,7 +63,7 @@ def test_ner_predictions_are_stored_empty_before_training_and_with_spans_after(l
     texts = {task_id: text for task_id, (text, _, _) in zip(task_ids, rows)}
     key = project_key(project)
     # a short schedule (about 25 steps of 16 windows): a minute of CPU
-    env = {"WEB_WORKERS": "1", "TRAIN_EVERY": "0", "TRAIN_MAX_LENGTH": "64", "TRAIN_EPOCHS": "10",
+    env = {"WEB_WORKERS": "1", "TORCH_THREADS": "1", "TRAIN_EVERY": "0", "TRAIN_MAX_LENGTH": "64", "TRAIN_EPOCHS": "10",
            "TRAIN_MIN_STEPS": "10", "LEARNING_RATE": "2e-4", "EVAL_MIN": "5", "SYNC_CHECK_INTERVAL": "0"}
     with BackendServer(tmp_path / "models", env=env) as backend:
         ml_id = ls.connect_ml_backend(project["id"], backend.url, title="ls-backend ner e2e")
