@@ -54,6 +54,7 @@ The schema is migrated by the ordered functions in ``MIGRATIONS``, recorded in
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -1089,6 +1090,8 @@ class CorrectionStore:
         self.url = database_url(url)
         self.engine = create_store_engine(self.url)
         self.dialect = self.engine.dialect.name
+        database = sa.make_url(self.url).database
+        self._lock_path = f"{database}.writers" if self.dialect == "sqlite" and database not in (None, "", ":memory:") else None
         migrate(self.engine)
         self._config_ids: dict[tuple[str, str], int] = {}
         self._group = _GroupCommit(self._record_batch)
@@ -1114,7 +1117,7 @@ class CorrectionStore:
     @contextmanager
     def _write(self) -> Iterator[tuple[Connection, int]]:
         """One write transaction and its change sequence number."""
-        with self.engine.begin() as conn:
+        with self._writers_queue(), self.engine.begin() as conn:
             seq = conn.execute(
                 store_meta.update()
                 .where(store_meta.c.name == "seq")
@@ -1122,6 +1125,24 @@ class CorrectionStore:
                 .returning(store_meta.c.value)
             ).scalar_one()
             yield conn, seq
+
+    @contextmanager
+    def _writers_queue(self) -> Iterator[None]:
+        """SQLite: writers of all processes wait for each other on a file lock before BEGIN IMMEDIATE.
+
+        SQLite's own busy handler polls with growing sleeps, so under a burst a writer can miss
+        its turn again and again (seconds of tail latency); a blocked ``flock`` is woken as soon
+        as the lock is free.  The busy timeout still guards writers that do not take this lock.
+        """
+        if self._lock_path is None:
+            yield
+            return
+        with open(self._lock_path, "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:

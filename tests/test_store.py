@@ -403,11 +403,13 @@ def test_a_store_newer_than_the_code_is_refused(url, monkeypatch):
         CorrectionStore(url)
 
 
-def test_sqlite_runs_in_wal_mode(tmp_path):
+def test_sqlite_runs_in_wal_mode_and_queues_writers_on_a_file_lock(tmp_path):
     opened = CorrectionStore(f"sqlite:///{tmp_path / 'store.sqlite'}")
     with opened.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+    opened.record_event(annotation_event(1, 10, choices("World")))
+    assert (tmp_path / "store.sqlite.writers").exists()
     opened.close()
 
 
