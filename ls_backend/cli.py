@@ -96,7 +96,8 @@ class EmbeddedRunnerProcess:
     def _supervise(self) -> None:
         delay = 1.0
         while not self.stopping.wait(delay):
-            if self.process is not None and self.process.poll() is not None and not self.stopping.is_set():
+            # exit code 0 means it was asked to stop (the server is shutting down): no restart
+            if self.process is not None and self.process.poll() not in (None, 0) and not self.stopping.is_set():
                 print(f"ls-backend: job runner exited with {self.process.returncode}; restarting", file=sys.stderr, flush=True)
                 self.process = self._spawn()
                 delay = min(delay * 2, 30.0)

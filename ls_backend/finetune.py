@@ -217,6 +217,9 @@ class FineTuneJob:
         # decide, write and promote under the project lock, so a pin or rollback cannot interleave
         with self.registry.lock(project_key):
             gated = slice_size >= self.settings.eval_min
+            # one example of a small slice is worth more than PROMOTION_TOLERANCE: a single
+            # disagreement on 12 labels is noise, not evidence that the candidate is worse
+            tolerance = max(self.settings.promotion_tolerance, 1.0 / slice_size) if slice_size else 1.0
             pinned = self.registry.pinned(project_key)
             if pinned:
                 promote, reason = False, f"the project is pinned to {pinned} (unpin to take new versions)"
@@ -226,12 +229,12 @@ class FineTuneJob:
                 promote, reason = True, (
                     f"evaluation slice has {slice_size} labels (< EVAL_MIN={self.settings.eval_min}): promoted ungated"
                 )
-            elif primary(best) + self.settings.promotion_tolerance >= primary("current"):
+            elif primary(best) + tolerance >= primary("current"):
                 promote, reason = True, f"{best} {primary(best):.4f} vs current {primary('current'):.4f}: not worse"
             else:
                 promote, reason = False, (
                     f"{best} {primary(best):.4f} is worse than current {primary('current'):.4f} "
-                    f"beyond the tolerance {self.settings.promotion_tolerance}"
+                    f"beyond the tolerance {tolerance:.4f}"
                 )
             heads, student, _ = candidates[best]
             meta = {

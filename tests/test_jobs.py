@@ -47,9 +47,38 @@ def queue_name():
 def start_worker(model_dir, env: dict) -> subprocess.Popen:
     full_env = dict(os.environ, MODEL_DIR=str(model_dir), HF_HUB_OFFLINE="1", **env)
     log = open(model_dir.parent / f"worker-{uuid.uuid4().hex[:6]}.log", "ab")
-    return subprocess.Popen(
+    process = subprocess.Popen(
         console_script() + ["worker"], env=full_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
+    process.args_queue = env.get("QUEUE_NAME")  # so stop() also ends the work horses
+    return process
+
+
+def processes_of_queue(queue: str) -> list[int]:
+    """Every process started with QUEUE_NAME=queue: rq workers and their work horses (a work
+    horse runs in a process group of its own, so killing the worker's group misses it)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                if b"worker" not in handle.read().split(b"\0"):
+                    continue  # not an ls-backend worker (the web server shares the environment)
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                if f"QUEUE_NAME={queue}".encode() in handle.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def kill_queue_processes(queue: str) -> None:
+    for pid in processes_of_queue(queue):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def stop(process: subprocess.Popen, sig=signal.SIGTERM) -> None:
@@ -59,6 +88,9 @@ def stop(process: subprocess.Popen, sig=signal.SIGTERM) -> None:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+    queue = process.args_queue if hasattr(process, "args_queue") else None
+    if queue:
+        kill_queue_processes(queue)
 
 
 TEST_ROWS = 300
@@ -176,8 +208,11 @@ def test_killed_worker_keeps_the_old_version_serving_and_the_job_is_retried(tmp_
                 time.sleep(0.5)
             else:
                 pytest.fail(f"the job never reached fine-tuning: {job}")
-            os.killpg(worker.pid, signal.SIGKILL)  # the worker and its work horse die mid-training
+            # the worker machine dies mid-training: the worker and its work horse
+            os.killpg(worker.pid, signal.SIGKILL)
+            kill_queue_processes(queue_name)
             worker.wait(timeout=10)
+            assert processes_of_queue(queue_name) == []
         finally:
             stop(worker, signal.SIGKILL)
         versions = loop.versions()
