@@ -273,3 +273,30 @@ def test_two_projects_trained_at_once_stay_isolated(tmp_path, redis_url, queue_n
     finally:
         for worker in workers:
             stop(worker)
+
+
+def test_embedded_schedule_queues_projects_with_new_labels(tmp_path, monkeypatch):
+    from ls_backend.jobs import JobRunner
+    from ls_backend.store import CorrectionStore
+
+    from .support.events import annotation_event, choices, key_of, project
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("REDIS_URL", "")
+    monkeypatch.setenv("TRAIN_SCHEDULE", "3600")
+    settings = Settings.from_env()
+    store = CorrectionStore.from_settings(settings)
+    try:
+        store.record_event(annotation_event(1, 1, choices("World"), proj=project(3)))
+        store.record_event({"action": "PROJECT_UPDATED", "project": project(4)})  # no labels: not scheduled
+    finally:
+        store.close()
+    runner = JobRunner(settings)
+    assert runner._next_schedule == pytest.approx(time.time() + 3600, abs=5)
+    runner._next_schedule = time.time() - 1  # the interval has passed
+    runner._maybe_schedule()
+    jobs = runner.queue.jobs()
+    assert [(job.project, job.trigger, job.lane) for job in jobs] == [(key_of(3), "schedule", "full")]
+    assert runner._next_schedule > time.time() + 3500
+    cron = JobRunner(Settings(model_dir=tmp_path, train_schedule="0 * * * *"))
+    assert time.gmtime(cron._next_schedule).tm_min == 0
