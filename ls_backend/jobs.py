@@ -173,7 +173,12 @@ class TrainingQueue(ABC):
         if getattr(outcome, "trigger", False):
             return self.enqueue(key, "START_TRAINING", FULL)[0]
         every = self.settings.train_every
-        if every and getattr(outcome, "changed", 0) and store.labels_since_training(key) >= every:
+        if not every or not getattr(outcome, "changed", 0):
+            return None
+        pending = getattr(outcome, "labels_since_training", None)  # counted by the write itself
+        if pending is None:
+            pending = store.labels_since_training(key)
+        if pending >= every:
             jobs = [self.enqueue(key, "labels", lane)[0] for lane in self.label_lanes(store, key)]
             return jobs[0]
         return None
