@@ -295,6 +295,38 @@ def project_learning_curve_png(key: str):
     return current_app.response_class(png, mimetype="image/png")
 
 
+@operator.get("/projects/<path:key>/next")
+def project_next(key: str):
+    """The next batch of unlabeled task ids to label, ranked from the last refresh's pool (files only)."""
+    from .refresh import REFRESH_TRIGGER
+    from .sampling import STRATEGIES, NoPool, next_batch
+
+    project = _project_key(key)
+    n, seed = request.args.get("n", "20"), request.args.get("seed")
+    if not n.isdigit() or not 1 <= int(n) <= 1000:
+        raise BadRequest("'n' must be an integer from 1 to 1000")
+    if seed is not None and not seed.isdigit():
+        raise BadRequest("'seed' must be a non-negative integer")
+    strategy = request.args.get("strategy") or None
+    if strategy is not None and strategy not in STRATEGIES:
+        raise BadRequest(f"'strategy' must be one of {', '.join(STRATEGIES)}")
+    svc = services()
+    refreshing = svc.settings.refresh_max_tasks > 0
+    try:
+        batch = next_batch(svc.settings, svc.registry, svc.store, project, int(n), strategy,
+                           int(seed) if seed is not None else None)
+    except NoPool as exc:
+        if not refreshing:
+            raise BadRequest(f"{exc}, and REFRESH_MAX_TASKS=0 turns refreshes off", 409) from None
+        job, _ = svc.queue.enqueue(project, REFRESH_TRIGGER)
+        return jsonify({"project": project, "status": "preparing", "job": job.to_dict(),
+                        "message": f"{exc}; a refresh job lists and predicts them now: ask again when it has finished"}), 202
+    body = batch.to_dict()
+    if refreshing and batch.stale:  # an older version's pool (a rollback), or a refresh not finished
+        body["refresh_job"] = svc.queue.enqueue(project, REFRESH_TRIGGER)[0].id
+    return jsonify(body)
+
+
 @operator.get("/jobs")
 def list_jobs():
     project = request.args.get("project")

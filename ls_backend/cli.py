@@ -159,6 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     p_curve = sub.add_parser("curve", help="print a project's learning curve (JSON), optionally write the PNG")
     p_curve.add_argument("--project", required=True, help="the project key, or a bare Label Studio id")
     p_curve.add_argument("--png", help="write the plot to this file")
+    p_rank = sub.add_parser("rank", help="print the next batch of unlabeled task ids to label (JSON)")
+    p_rank.add_argument("--project", required=True, help="the project key, or a bare Label Studio id")
+    p_rank.add_argument("--n", type=int, default=20, help="how many tasks (default 20)")
+    p_rank.add_argument("--strategy", choices=["uncertainty", "diverse", "random", "coverage"],
+                        help="default: uncertainty under SCORE_MODE (coverage before any trained version)")
+    p_rank.add_argument("--refresh", action="store_true", help="refresh the predictions in Label Studio first")
+    p_rank.add_argument("--seed", type=int, help="for the random and k-means choices (default SEED)")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -172,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "status":
         return status(settings, args.project)
+    if args.command == "rank":
+        return rank(settings, args)
     if args.command == "sync":
         return sync(settings, args.project)
     if args.command in ("worker", "scheduler", "train", "jobs", "versions", "rollback", "pin", "curve"):
@@ -193,6 +202,36 @@ def status(settings: Settings, project: str | None) -> int:
             body = {"store": store.describe(), "projects": [p.to_dict() for p in store.projects()]}
     except UnknownProject as exc:
         print(f"ls-backend: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(json.dumps(body, indent=2))
+    return 0
+
+
+def rank(settings: Settings, args: argparse.Namespace) -> int:
+    """The next batch to label; lists and predicts the unlabeled tasks first (in this process) when
+    the pool is missing or not the current version's."""
+    from .logs import configure
+    from .refresh import RefreshError, rank_project
+    from .registry import ModelRegistry
+    from .sampling import NoPool
+    from .store import CorrectionStore, UnknownProject
+    from .sync import SyncError
+
+    configure(settings.log_level)
+    store = CorrectionStore.from_settings(settings)
+    try:
+        try:
+            project = store.resolve_project(args.project)
+        except UnknownProject:
+            found = [k for k in ModelRegistry(settings.model_dir).projects() if args.project in (k, k.split(".")[0])]
+            if len(found) != 1:
+                raise
+            project = found[0]
+        body = rank_project(settings, store, project, max(1, args.n), args.strategy, args.refresh, args.seed)
+    except (UnknownProject, SyncError, RefreshError, NoPool) as exc:
+        print(f"ls-backend: rank failed: {exc}", file=sys.stderr)
         return 1
     finally:
         store.close()

@@ -84,20 +84,28 @@ def _job_id(project_key: str) -> str:
 
 # -- the job itself -----------------------------------------------------------------
 def execute_training(settings: Settings, project_key: str, trigger: str, progress=None, lane: str = FULL) -> dict:
-    """Run one fine-tuning job for a project (what every worker kind calls)."""
+    """Run one fine-tuning job for a project (what every worker kind calls); after a promotion,
+    refresh the project's predictions in Label Studio (``ls_backend.refresh``).  The trigger
+    ``refresh`` runs only the refresh."""
     from .finetune import FineTuneJob, NothingToTrain
+    from .refresh import REFRESH_TRIGGER, refresh_predictions
     from .store import CorrectionStore
 
     store = CorrectionStore.from_settings(settings)
     try:
+        if trigger == REFRESH_TRIGGER:
+            return refresh_predictions(settings, store, project_key, progress, raise_errors=True)
         if trigger == "START_TRAINING":
             _sync_before_training(settings, store, project_key)
         try:
             mode = "frozen" if lane == FAST else None
-            return FineTuneJob(settings, store, progress=progress, mode=mode).run(project_key, trigger)
+            result = FineTuneJob(settings, store, progress=progress, mode=mode).run(project_key, trigger)
         except NothingToTrain as exc:
             log.info("project %s: nothing to train: %s", project_key, exc)
             return {"project": project_key, "version": None, "promoted": False, "reason": f"nothing to train: {exc}"}
+        if result.get("promoted"):  # the new version goes live: Label Studio's ordering follows it
+            result["refresh"] = refresh_predictions(settings, store, project_key, progress)
+        return result
     finally:
         store.close()
 

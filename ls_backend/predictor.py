@@ -19,6 +19,7 @@ from .labeling import CHOICES, LABELS, LabelingPlan, UnsupportedConfig, plan_for
 from .model import ClassifierHead, Encoder, resolve_device
 from .ner import TokenHead, encode_with_tokens
 from .registry import LoadedHeads, ModelRegistry, version_prefix
+from .sampling import result_score
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,12 @@ class Predictor:
         assert serving is not None
         return self.predict_with(serving, plan, tasks, project_key)
 
-    def predict_with(self, serving: Serving, plan: LabelingPlan, tasks: Sequence[Any], project_key: str = "") -> list[dict]:
+    def predict_with(
+        self, serving: Serving, plan: LabelingPlan, tasks: Sequence[Any], project_key: str = "", keep: dict | None = None
+    ) -> list[dict]:
+        """Results for ``tasks``; ``keep``, when given, receives what the refresh saves for ranking:
+        ``embeddings`` (one row per text), ``slot`` ((field, task index) -> row) and ``probabilities``
+        (control -> one row or None per task)."""
         started = time.perf_counter()
         controls = [c for c in plan.controls if c.kind == CHOICES and isinstance(serving.heads.get(c.name), ClassifierHead)]
         # Labels controls whose token head was trained; an untrained one finds no spans
@@ -246,9 +252,11 @@ class Predictor:
                 probs = probabilities[control.name][i]
                 if probs is None:
                     continue
-                item, score = choices_result(control, serving.heads[control.name], probs)
+                head = serving.heads[control.name]
+                item, score = choices_result(control, head, probs)
                 result.append(item)
-                scores.append(score)
+                # the task's score under SCORE_MODE (the item keeps its calibrated confidence)
+                scores.append(result_score(self.settings.score_mode, probs, head.multiple, head.threshold, score))
             for control in token_controls:
                 found = spans.get((control.name, slot.get((control.field, i), -1)))
                 if found is not None:
@@ -263,6 +271,8 @@ class Predictor:
                     "model_version": serving.version,
                 }
             )
+        if keep is not None:
+            keep.update(embeddings=embeddings, slot=slot, probabilities=probabilities)
         log.info(
             "project %s version %s: predicted %d tasks in %.1f ms",
             project_key,

@@ -1,0 +1,176 @@
+"""Active learning on AG News: learning curves of random, uncertainty and diverse-uncertainty batches.
+
+Usage::
+
+    .venv/bin/python bench/active_learning.py [--pool 2000] [--test 1000] [--seeds 3] [--batch 16]
+                                              [--checkpoints 64,128,256,512] [--modes margin,entropy]
+
+Simulated annotators: the pool is the first ``--pool`` texts of ``../shared/data/agnews/dev.tsv``
+(embedded once, as the backend's refresh embeds a project's unlabeled tasks), the evaluation set
+the first ``--test`` rows of ``test.tsv``.  Each run starts with nothing labeled and asks for
+``--batch`` tasks at a time; an annotator answers with the gold label; the fast frozen-encoder
+head (``ls_backend.trainer.fit_head``, what a ``TRAIN_MODE=frozen`` job fits, with the zero-shot
+head as its prior) is refit after every batch; accuracy on the test rows is read at each
+checkpoint.  The default batch of 16 is about the loop's own rhythm (a job every ``TRAIN_EVERY`` = 10
+labels, ``/next`` batches of 20).  The batches are chosen
+
+(a) ``random``: uniformly from the unlabeled pool;
+(b) ``uncertainty``: the lowest scores under the default ``SCORE_MODE`` (confidence);
+(c) ``diverse``: ``DiverseUncertainty`` (k-means over the 10 x batch most uncertain);
+
+and, as the backend's ``/next`` does, (b) and (c) take their first batch by coverage (k-means
+representatives of the pool), since no trained version exists yet.  ``--modes`` adds uncertainty
+runs under other score modes.  The same ``--seeds`` seeds for every strategy.
+
+Area under the curve: the trapezoid over the checkpoints' label counts, divided by their span
+(so it reads as an accuracy, in points).
+
+This drives the backend's own parts in one process (the bundled encoder, ``fit_head``, the
+strategy classes ``GET /projects/<key>/next`` uses) rather than the running backend over HTTP:
+through Label Studio each round would add a training job and a refresh of 2,000 predictions, and
+the 9 runs x 16 rounds would take hours on a small CPU without changing what is measured.
+
+Embeddings are cached under ``$LS_BACKEND_CACHE/bench`` (default ``~/.cache/ls-backend/bench``).
+Skips (exit 0) with a message when ../shared/data is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "agnews"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from ls_backend.model import ClassifierHead, Encoder, resolve_device  # noqa: E402
+from ls_backend.sampling import CoverageSampling, DiverseUncertainty, RandomSampling, UncertaintySampling  # noqa: E402
+from ls_backend.settings import Settings  # noqa: E402
+from ls_backend.trainer import ControlData, fit_head  # noqa: E402
+
+LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def read_rows(split: str, limit: int) -> list[tuple[str, str]]:
+    rows = []
+    with open(DATA / f"{split}.tsv", newline="", encoding="utf-8") as handle:
+        for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE):
+            rows.append((row[0], row[1]))
+            if len(rows) == limit:
+                break
+    return rows
+
+
+def embed(encoder: Encoder, texts: list[str], settings: Settings) -> np.ndarray:
+    cache = Path(os.environ.get("LS_BACKEND_CACHE") or Path.home() / ".cache" / "ls-backend") / "bench"
+    digest = hashlib.sha1("\x00".join([encoder.path, str(encoder.max_length), *texts]).encode()).hexdigest()[:16]
+    path = cache / f"agnews-{len(texts)}-{digest}.npy"
+    if path.exists():
+        return np.load(path)
+    started = time.perf_counter()
+    vectors = encoder.encode(texts, settings.batch_size)
+    print(f"  embedded {len(texts)} texts in {time.perf_counter() - started:.0f}s", flush=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return vectors
+
+
+def area(counts: list[int], accuracies: list[float]) -> float:
+    """Trapezoid under the curve over the label counts, divided by their span: an accuracy."""
+    x, y = np.asarray(counts, dtype=float), np.asarray(accuracies, dtype=float)
+    return float(((y[1:] + y[:-1]) / 2 * np.diff(x)).sum() / (x[-1] - x[0]))
+
+
+def run(strategy: str, mode: str, seed: int, pool: np.ndarray, gold: np.ndarray, texts: list[str],
+        test: np.ndarray, test_gold: np.ndarray, prior: ClassifierHead, batch: int, checkpoints: list[int]) -> list[float]:
+    rng = np.random.default_rng(seed)
+    labeled: list[int] = []
+    accuracies: list[float] = []
+    head = prior
+    chooser = {
+        "random": RandomSampling(),
+        "uncertainty": UncertaintySampling(mode),
+        "diverse": DiverseUncertainty(mode),
+    }[strategy]
+    while len(labeled) < checkpoints[-1]:
+        unlabeled = np.setdiff1d(np.arange(len(pool)), labeled)
+        if strategy != "random" and not labeled:
+            picked = CoverageSampling().query(None, pool[unlabeled], batch, rng)  # the cold start
+        else:
+            probabilities = head.probabilities(pool[unlabeled]) if chooser.needs_model else None
+            picked = chooser.query(probabilities, pool[unlabeled], batch, rng)
+        labeled += [int(unlabeled[i]) for i in picked]  # the annotator answers with the gold label
+        data = ControlData("topic", LABELS, False, [texts[i] for i in labeled], [(LABELS[gold[i]],) for i in labeled])
+        head, _ = fit_head(pool[labeled], data, prior, seed)
+        if len(labeled) in checkpoints:
+            accuracies.append(float((head.probabilities(test).argmax(axis=1) == test_gold).mean()))
+    return accuracies
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pool", type=int, default=2000)
+    parser.add_argument("--test", type=int, default=1000)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--checkpoints", default="64,128,256,512")
+    parser.add_argument("--modes", default="", help="extra uncertainty runs under these score modes (margin,entropy)")
+    args = parser.parse_args(argv)
+    if not DATA.is_dir():
+        print(f"skipped: {DATA} is not here (it lives in ../shared/data beside the repository)")
+        return 0
+    checkpoints = [int(c) for c in args.checkpoints.split(",")]
+    if any(c % args.batch for c in checkpoints):
+        parser.error("every checkpoint must be a multiple of --batch")
+
+    settings = Settings.from_env()
+    encoder = Encoder(settings.encoder_path, resolve_device(settings.device), 128)
+    pool_rows, test_rows = read_rows("dev", args.pool), read_rows("test", args.test)
+    print(f"AG News: pool {len(pool_rows)} dev texts, evaluation {len(test_rows)} test rows; device "
+          f"{encoder.device}; batch {args.batch}; seeds {args.seeds}", flush=True)
+    texts = [t for t, _ in pool_rows]
+    pool = embed(encoder, texts, settings)
+    test = embed(encoder, [t for t, _ in test_rows], settings)
+    gold = np.array([LABELS.index(label) for _, label in pool_rows])
+    test_gold = np.array([LABELS.index(label) for _, label in test_rows])
+    rows = encoder.encode(LABELS)
+    prior = ClassifierHead(LABELS, rows, np.zeros(len(LABELS), dtype=np.float32), temperature=settings.zero_shot_temperature)
+    zero_shot = float((prior.probabilities(test).argmax(axis=1) == test_gold).mean())
+    print(f"zero-shot accuracy (no labels): {100 * zero_shot:.1f}", flush=True)
+
+    runs = [("random", "confidence"), ("uncertainty", "confidence"), ("diverse", "confidence")]
+    runs += [("uncertainty", mode.strip()) for mode in args.modes.split(",") if mode.strip()]
+    results: dict[str, np.ndarray] = {}
+    for strategy, mode in runs:
+        name = strategy if mode == "confidence" else f"{strategy}:{mode}"
+        started = time.perf_counter()
+        curves = [run(strategy, mode, seed, pool, gold, texts, test, test_gold, prior, args.batch, checkpoints)
+                  for seed in range(args.seeds)]
+        results[name] = np.asarray(curves) * 100
+        print(f"  {name}: {time.perf_counter() - started:.0f}s", flush=True)
+
+    header = "strategy".ljust(22) + "".join(f"{c:>12}" for c in checkpoints) + "      area   vs random"
+    print("\naccuracy (%) after N labels, mean over seeds (min-max)\n" + header)
+    base = np.mean([area(checkpoints, curve) for curve in results["random"]])
+    for name, curves in results.items():
+        areas = [area(checkpoints, curve) for curve in curves]
+        cells = "".join(f"{m:12.1f}" for m in curves.mean(axis=0))
+        print(f"{name.ljust(22)}{cells}  {np.mean(areas):8.2f}  {np.mean(areas) - base:+9.2f}")
+        spread = "".join(f"{lo:.1f}-{hi:.1f}".rjust(12) for lo, hi in zip(curves.min(axis=0), curves.max(axis=0)))
+        print(" " * 22 + spread + f"  per seed: {', '.join(f'{a:.2f}' for a in areas)}")
+    best = max(np.mean([area(checkpoints, c) for c in results[n]]) for n in ("uncertainty", "diverse"))
+    print(f"\ntarget: (b) or (c) ahead of (a) by >= 2.00 points of area: {best - base:+.2f} "
+          f"({'met' if best - base >= 2 else 'not met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,421 @@
+"""Fresh predictions in Label Studio after every promotion, so its ordering reflects the current model.
+
+When a version goes live, the worker that promoted it (``jobs.execute_training``) calls
+:func:`refresh_predictions`: every unlabeled task of the project, in task id order and at most
+``REFRESH_MAX_TASKS`` of them, is read from the Label Studio API a page at a time
+(``REFRESH_PAGE_SIZE`` tasks), predicted in one batch per page (on the GPU when there is one), and
+written back as one prediction per task with the new ``model_version``, through
+``POST /api/projects/{id}/import/predictions`` (one bulk request per page).  The same pass keeps
+each task's embedding and probabilities in the candidate pool that ``GET /projects/<key>/next``
+ranks (see ``ls_backend.sampling``).
+
+What "unlabeled" means, and what is left alone
+    Label Studio's own counters decide: a task is refreshed only while it has no annotation and
+    no skipped (cancelled) one (Data Manager filters ``total_annotations = 0`` and
+    ``cancelled_annotations = 0``).  Labeled tasks are never written to.  A task whose text cannot
+    be read gets no prediction (an empty one would sort first).
+
+One prediction per task per version
+    The pages are walked by task id (``id > cursor``, ordered by id), and before writing a page
+    the tasks that already hold a prediction of the version are left out.  The cursor
+    (``projects/<key>/refresh.json``) moves past a page only after its predictions and pool
+    part are written, so a refresh that stops anywhere (a killed worker, Label Studio down)
+    and runs again resumes after the last finished page and never writes a second prediction
+    of a version to a task.  Refreshes of one project run one at a time (an flock).
+
+Older versions' predictions are kept
+    Label Studio orders by the predictions of one version (the project's ``model_version``; with
+    the newer model-version dropdown, the connected backend's), so older ones do not disturb the
+    order; its own "Retrieve predictions" keeps them too, and Settings > Predictions deletes a
+    version in one click.  When the project's ``model_version`` names one of this backend's
+    versions, the refresh moves it to the new one once every page is written: the Data Manager's
+    prediction score column and uncertainty sampling then read the new scores.  Any other choice
+    (the backend's title, a version of another model) is the user's and is left as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .labeling import CHOICES, UnsupportedConfig, plan_for
+from .model import ClassifierHead, Encoder, resolve_device
+from .registry import ModelRegistry, version_prefix, write_atomic
+from .sampling import NoPool, PoolPart, PoolStore, next_batch
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+REFRESH_TRIGGER = "refresh"
+# the task fields a refresh reads (Label Studio returns predictions whole)
+TASK_FIELDS = "id,data,predictions,model_version,total_annotations,cancelled_annotations"
+
+Progress = Callable[[dict], None]
+
+
+class RefreshError(RuntimeError):
+    """Label Studio refused or failed a call the refresh needs."""
+
+
+@dataclass
+class RefreshReport:
+    project: str
+    version: str | None
+    state: str = "finished"  # finished | skipped
+    reason: str = ""
+    tasks: int = 0  # unlabeled tasks predicted for this version (all runs together)
+    written: int = 0  # predictions created in Label Studio
+    already_there: int = 0  # tasks that held a prediction of this version already (a resumed page)
+    unreadable: int = 0  # tasks without a readable text: no prediction written
+    pages: int = 0
+    resumed_after: int | None = None  # the task id this run resumed after, when it resumed
+    bounded: bool = False  # stopped at REFRESH_MAX_TASKS with unlabeled tasks left
+    label_studio_model_version: str | None = None  # the project's model_version when done
+    followed: bool = False  # whether this refresh moved it to the new version
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _field(item: Any, name: str, default: Any = None) -> Any:
+    if isinstance(item, dict):
+        return item.get(name, default)
+    return getattr(item, name, default)
+
+
+def _reason(exc: Exception) -> str:
+    status = getattr(exc, "status_code", None)
+    if status is not None:
+        return f"HTTP {status}: {str(getattr(exc, 'body', ''))[:300]}"
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+class LabelStudioPredictions:
+    """The Label Studio API calls of a refresh, over ``label_studio_sdk``."""
+
+    def __init__(self, client, ls_id: int, url: str = ""):
+        self.client, self.ls_id, self.url = client, ls_id, url
+
+    def unlabeled_after(self, after_id: int, size: int) -> tuple[list[dict], int | None]:
+        """Up to ``size`` unlabeled tasks with ids above ``after_id``, by id; and how many are left
+        (this page included)."""
+        query = {
+            "filters": {
+                "conjunction": "and",
+                "items": [
+                    {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+                    {"filter": "filter:tasks:cancelled_annotations", "operator": "equal", "type": "Number", "value": 0},
+                    {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": int(after_id)},
+                ],
+            },
+            "ordering": ["tasks:id"],
+        }
+        try:
+            pager = self.client.tasks.list(
+                project=self.ls_id, query=json.dumps(query), fields="all", include=TASK_FIELDS, page=1, page_size=size
+            )
+        except Exception as exc:
+            raise RefreshError(f"Label Studio at {self.url}: unlabeled tasks of project {self.ls_id} ({_reason(exc)})") from None
+        tasks = []
+        for task in pager.items or []:
+            versions = {_field(p, "model_version") for p in (_field(task, "predictions") or [])}
+            data = _field(task, "data")
+            tasks.append({"id": int(_field(task, "id")), "data": data if isinstance(data, dict) else {}, "versions": versions})
+        tasks.sort(key=lambda t: t["id"])
+        return tasks, getattr(pager.response, "total", None)
+
+    def create(self, rows: list[dict]) -> int:
+        """One bulk import of predictions; the number Label Studio created."""
+        if not rows:
+            return 0
+        from label_studio_sdk import PredictionRequest
+
+        try:
+            answer = self.client.projects.import_predictions(id=self.ls_id, request=[PredictionRequest(**row) for row in rows])
+        except Exception as exc:
+            raise RefreshError(f"Label Studio at {self.url}: importing {len(rows)} predictions ({_reason(exc)})") from None
+        created = _field(answer, "created")
+        return int(created) if created is not None else len(rows)
+
+    def project(self) -> tuple[str, str | None, str | None]:
+        """The project's key, its ``model_version`` (which predictions Label Studio orders by) and label config."""
+        from .store import ProjectInfo
+
+        try:
+            project = self.client.projects.get(id=self.ls_id)
+        except Exception as exc:
+            raise RefreshError(f"Label Studio at {self.url}: project {self.ls_id} ({_reason(exc)})") from None
+        key = ProjectInfo.from_payload({"id": project.id, "created_at": project.created_at}).key
+        return key, project.model_version, project.label_config
+
+    def set_model_version(self, version: str) -> None:
+        try:
+            self.client.projects.update(id=self.ls_id, model_version=version)
+        except Exception as exc:
+            raise RefreshError(f"Label Studio at {self.url}: setting model_version={version} ({_reason(exc)})") from None
+
+
+class PredictionRefresh:
+    """One refresh of one project's predictions in Label Studio, to its current version."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store,
+        registry: ModelRegistry | None = None,
+        api: LabelStudioPredictions | None = None,
+        progress: Progress | None = None,
+        encoder: Encoder | None = None,
+    ):
+        self.settings = settings
+        self.store = store
+        self.registry = registry or ModelRegistry(settings.model_dir)
+        self.pools = PoolStore(self.registry)
+        self._api = api
+        self.progress = progress or (lambda update: None)
+        self._encoder = encoder  # the base encoder, when the caller holds one already
+
+    # -- state -----------------------------------------------------------------------------
+    def cursor_path(self, project_key: str):
+        return self.registry.project_dir(project_key) / "refresh.json"
+
+    def cursor(self, project_key: str) -> dict:
+        try:
+            return json.loads(self.cursor_path(project_key).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _save_cursor(self, project_key: str, cursor: dict) -> None:
+        cursor["updated_at"] = time.time()
+        write_atomic(self.cursor_path(project_key), json.dumps(cursor, indent=2, sort_keys=True).encode())
+
+    @contextlib.contextmanager
+    def _exclusive(self, project_key: str) -> Iterator[None]:
+        directory = self.registry.project_dir(project_key)
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / ".refresh.lock", "a+") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def api_for(self, project_key: str) -> LabelStudioPredictions:
+        if self._api is None:
+            from .sync import source_for
+
+            source = source_for(self.settings, self.store, project_key)
+            self._api = LabelStudioPredictions(source.client, int(project_key.split(".", 1)[0]), source.url)
+        return self._api
+
+    # -- the refresh -----------------------------------------------------------------------
+    def run(self, project_key: str) -> RefreshReport:
+        started = time.monotonic()
+        with self._exclusive(project_key):
+            report = self._run(project_key)
+        report.seconds = round(time.monotonic() - started, 3)
+        log.info(
+            "project %s: refresh of %s %s: %d tasks, %d predictions written, %d already there%s",
+            project_key, report.version, report.state, report.tasks, report.written, report.already_there,
+            f" ({report.reason})" if report.reason else "",
+        )
+        return report
+
+    def _run(self, project_key: str) -> RefreshReport:
+        limit = self.settings.refresh_max_tasks
+        if limit <= 0:
+            return RefreshReport(project_key, None, "skipped", "REFRESH_MAX_TASKS=0")
+        cursor = self.cursor(project_key)
+        done = self._already_done(project_key, self.registry.current(project_key), cursor)
+        if done is not None:
+            return done
+        api = self.api_for(project_key)
+        ls_key, _, ls_config = api.project()
+        if ls_key != project_key:
+            raise RefreshError(
+                f"Label Studio project {api.ls_id} at {api.url} has key {ls_key}, not {project_key}: "
+                "another Label Studio instance, or the project was re-created"
+            )
+        version = self.registry.current(project_key) or self._cold_start(project_key, ls_config)
+        if version is None:
+            return RefreshReport(project_key, None, "skipped", "no version yet, and no label config we can serve")
+        done = self._already_done(project_key, version, cursor)
+        if done is not None:
+            return done
+        loaded = self.registry.load(project_key, version)
+        config = loaded.meta.get("label_config") or self.store.latest_label_config(project_key) or ls_config
+        try:
+            plan = plan_for(config or "")
+        except UnsupportedConfig as exc:
+            return RefreshReport(project_key, version, "skipped", f"label config: {exc}")
+        primary = next(
+            (c for c in plan.controls if c.kind == CHOICES and isinstance(loaded.heads.get(c.name), ClassifierHead)), None
+        )
+        embed_control = primary or (plan.controls[0] if plan.controls else None)
+        report = RefreshReport(project_key, version)
+        if cursor.get("version") == version and cursor.get("state") == "running":
+            report.resumed_after = int(cursor.get("after_id", 0))
+            for name in ("tasks", "written", "already_there", "unreadable", "pages"):
+                setattr(report, name, int(cursor.get(name, 0)))
+        else:
+            head = loaded.heads.get(primary.name) if primary else None
+            trained = any(isinstance(h, ClassifierHead) and h.trained for h in loaded.heads.values())
+            self.pools.start(project_key, version, {
+                "control": primary.name if primary else None,
+                "labels": list(head.labels) if head else [],
+                "multiple": bool(head.multiple) if head else False,
+                "threshold": float(head.threshold) if head else 0.5,
+                "trained": trained,
+                "score_mode": self.settings.score_mode,
+            })
+            cursor = {"version": version, "state": "running", "after_id": 0, "started_at": time.time()}
+            self._save_cursor(project_key, cursor)
+        predictor, serving = self._serving(project_key, loaded)
+        after_id = int(cursor.get("after_id", 0))
+        while report.tasks < limit:
+            size = min(self.settings.refresh_page_size, limit - report.tasks)
+            tasks, left = api.unlabeled_after(after_id, size)
+            if not tasks:
+                break
+            self._page(project_key, version, plan, predictor, serving, embed_control, primary, tasks, report)
+            after_id = tasks[-1]["id"]
+            report.pages += 1
+            cursor.update(after_id=after_id, **{name: getattr(report, name) for name in
+                                                 ("tasks", "written", "already_there", "unreadable", "pages")})
+            self._save_cursor(project_key, cursor)
+            remaining = (left or 0) - len(tasks)
+            report.bounded = remaining > 0 and report.tasks >= limit
+            steps = report.tasks + min(max(remaining, 0), limit - report.tasks)
+            self.progress({"stage": "refresh", "version": version, "step": report.tasks, "steps": steps,
+                           "written": report.written})
+        cursor.update(state="finished", bounded=report.bounded, finished_at=time.time())
+        self._save_cursor(project_key, cursor)
+        self.pools.finish(project_key, version, report.to_dict())
+        self._follow(project_key, version, api, report)
+        return report
+
+    @staticmethod
+    def _already_done(project_key: str, version: str | None, cursor: dict) -> RefreshReport | None:
+        if version is None or cursor.get("version") != version or cursor.get("state") != "finished":
+            return None
+        done = RefreshReport(project_key, version, "finished", "already refreshed")
+        for name in ("tasks", "written", "already_there", "unreadable", "pages", "bounded"):
+            setattr(done, name, cursor.get(name, getattr(done, name)))
+        return done
+
+    def _cold_start(self, project_key: str, ls_config: str | None) -> str | None:
+        """The zero-shot ``v0`` for a project that has no version yet (as ``/setup`` would make it)."""
+        config = (self.store.latest_label_config(project_key) if self.store is not None else None) or ls_config
+        if not config:
+            return None
+        try:
+            plan = plan_for(config)
+        except UnsupportedConfig:
+            return None
+        with self.registry.lock(project_key):
+            current = self.registry.current(project_key)
+            if current:
+                return current
+            return self.registry.write_plan_version(project_key, plan, None, self._base_encoder(), self.settings).version
+
+    def _base_encoder(self) -> Encoder:
+        if self._encoder is None:
+            self._encoder = Encoder(self.settings.encoder_path, resolve_device(self.settings.device), self.settings.max_length)
+        return self._encoder
+
+    def _serving(self, project_key: str, loaded):
+        from .predictor import Predictor, Serving
+
+        encoder = self._base_encoder() if loaded.encoder_path is None else Encoder(
+            loaded.encoder_path, resolve_device(self.settings.device), self.settings.max_length
+        )
+        predictor = Predictor(self.settings, self.registry, encoder=encoder)
+        serving = Serving(loaded.version, loaded.heads, encoder, loaded.meta.get("plan_signature"))
+        return predictor, serving
+
+    def _page(self, project_key, version, plan, predictor, serving, embed_control, primary, tasks, report) -> None:
+        keep: dict = {}
+        results = predictor.predict_with(serving, plan, tasks, project_key, keep=keep)
+        rows, ids, rows_of_embedding, probabilities, scores = [], [], [], [], []
+        for i, (task, result) in enumerate(zip(tasks, results)):
+            slot = keep["slot"].get((embed_control.field, i)) if embed_control is not None else None
+            if not result["result"] or slot is None:
+                report.unreadable += 1
+                continue
+            ids.append(task["id"])
+            rows_of_embedding.append(slot)
+            scores.append(result["score"])
+            if primary is not None:
+                probabilities.append(keep["probabilities"][primary.name][i])
+            if version in task["versions"]:
+                report.already_there += 1
+                continue
+            rows.append({"task": task["id"], "result": result["result"], "score": result["score"], "model_version": version})
+        report.written += self.api_for(project_key).create(rows)
+        report.tasks += len(tasks)
+        self.pools.add(project_key, version, PoolPart(
+            task_ids=ids,
+            embeddings=keep["embeddings"][rows_of_embedding] if ids else np.zeros((0, 0), dtype=np.float32),
+            probabilities=np.asarray(probabilities, dtype=np.float32) if primary is not None and ids else None,
+            scores=scores,
+        ))
+
+    def _follow(self, project_key: str, version: str, api: LabelStudioPredictions, report: RefreshReport) -> None:
+        """Move the project's ``model_version`` to ``version`` when it names another of our versions."""
+        try:
+            _, chosen, _ = api.project()
+            ours = re.fullmatch(re.escape(version_prefix(project_key)) + r"-v\d+", chosen or "")
+            if ours and chosen != version and report.written + report.already_there > 0:
+                api.set_model_version(version)
+                chosen, report.followed = version, True
+            report.label_studio_model_version = chosen
+        except RefreshError as exc:
+            log.warning("project %s: could not move Label Studio's model_version to %s: %s", project_key, version, exc)
+
+
+def refresh_predictions(settings: Settings, store, project_key: str, progress: Progress | None = None,
+                        raise_errors: bool = False) -> dict:
+    """Refresh a project's predictions in Label Studio (what the worker runs after a promotion).
+
+    A failure is reported, not raised, unless ``raise_errors`` (a refresh-only job, which the
+    queue then retries; it resumes where it stopped)."""
+    from .sync import SyncError
+
+    try:
+        return PredictionRefresh(settings, store, progress=progress).run(project_key).to_dict()
+    except SyncError as exc:  # no way to reach Label Studio for this project
+        if raise_errors:
+            raise
+        log.warning("project %s: predictions not refreshed: %s", project_key, exc)
+        return {"project": project_key, "state": "skipped", "reason": str(exc)}
+    except Exception as exc:
+        if raise_errors:
+            raise
+        log.exception("project %s: refresh of predictions failed; it resumes on the next refresh", project_key)
+        return {"project": project_key, "state": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+
+
+def rank_project(settings: Settings, store, project_key: str, n: int, strategy: str | None = None,
+                 refresh: bool = False, seed: int | None = None) -> dict:
+    """``ls-backend rank``: the next batch, refreshing first (in this process) when asked, when
+    there is no pool yet, or when the pool is not the current version's complete one."""
+    registry = ModelRegistry(settings.model_dir)
+    body: dict = {}
+    try:
+        batch = None if refresh else next_batch(settings, registry, store, project_key, n, strategy, seed)
+    except NoPool:
+        batch = None
+    if batch is None or batch.stale:
+        report = PredictionRefresh(settings, store, registry).run(project_key)
+        body["refresh"] = report.to_dict()
+        batch = next_batch(settings, registry, store, project_key, n, strategy, seed)
+    return dict(batch.to_dict(), **body)

@@ -1,0 +1,134 @@
+"""After a promotion the worker rewrites the predictions of a real Label Studio 1.23's unlabeled tasks.
+
+Label Studio is real (its API, its database, its Data Manager ordering and its uncertainty
+sampling); the worker's job function (``jobs.execute_training``) runs in this process, as an rq
+worker or the embedded runner would run it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from datetime import datetime
+
+import pytest
+
+from ls_backend.jobs import execute_training
+from ls_backend.refresh import PredictionRefresh
+from ls_backend.registry import ModelRegistry
+from ls_backend.settings import Settings
+from ls_backend.store import CorrectionStore
+from ls_backend.sync import sync_project
+from tests.support.events import TOPIC_CONFIG, choices
+from tests.support.loop import balanced_agnews
+
+pytestmark = pytest.mark.e2e
+
+PER_LABEL = 6  # 24 tasks
+LABELED_PER_LABEL = 3  # 12 labeled, 1 skipped, 11 left unlabeled
+
+
+def project_key(project: dict) -> str:
+    created = datetime.fromisoformat(project["created_at"].replace("Z", "+00:00"))
+    return f"{project['id']}.{int(created.timestamp())}"
+
+
+def by_task(ls, project_id: int) -> dict[int, Counter]:
+    found: dict[int, Counter] = defaultdict(Counter)
+    for prediction in ls.predictions(project_id):
+        found[prediction["task"]][prediction["model_version"]] += 1
+    return found
+
+
+def test_refresh_after_promotion_writes_one_prediction_per_unlabeled_task(label_studio, tmp_path, monkeypatch, capsys):
+    ls = label_studio
+    rows = balanced_agnews(PER_LABEL, split="dev", offset=2000)
+    project = ls.create_project("AG News refresh (e2e)", TOPIC_CONFIG)
+    project_id, key = project["id"], project_key(project)
+    task_ids = ls.import_tasks(project_id, [{"text": text} for _, text, _ in rows])
+    gold = dict(zip(task_ids, (label for _, _, label in rows)))
+    settings = Settings(
+        model_dir=tmp_path / "models", max_length=128, label_studio_url=ls.url, label_studio_api_key=ls.token,
+        train_mode="frozen", force_promote=True, refresh_page_size=5, sync_check_interval=0,
+    )
+    registry = ModelRegistry(settings.model_dir)
+    store = CorrectionStore.from_settings(settings)
+    try:
+        # 1. cold start: the project is known from Label Studio; a refresh makes v0 and predicts every task
+        sync_project(store, settings, key)
+        cold = execute_training(settings, key, "refresh")
+        v0 = f"p{project_id}-v0"
+        assert cold["state"] == "finished" and cold["version"] == v0 and cold["written"] == len(task_ids), cold
+        assert by_task(ls, project_id) == {t: Counter({v0: 1}) for t in task_ids}
+
+        # 2. label 12 tasks, skip one; START_TRAINING syncs, trains, promotes (FORCE_PROMOTE) and refreshes
+        taken: Counter = Counter()
+        labeled = []
+        for task_id in task_ids:
+            if taken[gold[task_id]] < LABELED_PER_LABEL:
+                taken[gold[task_id]] += 1
+                ls.create_annotation(task_id, choices(gold[task_id]))
+                labeled.append(task_id)
+        skipped = next(t for t in task_ids if t not in labeled)
+        ls.create_annotation(skipped, [], was_cancelled=True)
+        untouched = set(labeled) | {skipped}
+        unlabeled = [t for t in task_ids if t not in untouched]
+        first = execute_training(settings, key, "START_TRAINING")
+        v1 = first["version"]
+        assert first["promoted"] and v1 != v0, first
+        assert first["refresh"]["state"] == "finished" and first["refresh"]["written"] == len(unlabeled), first
+        predictions = by_task(ls, project_id)
+        assert all(predictions[t] == Counter({v0: 1}) for t in untouched), predictions
+        assert all(predictions[t] == Counter({v0: 1, v1: 1}) for t in unlabeled), predictions
+
+        # 3. the user picks v1 as the project's predictions (Settings > Annotation); the next refresh is
+        #    interrupted after writing its second page, before moving its cursor, then runs again
+        ls.request("PATCH", f"/api/projects/{project_id}", json={"model_version": v1})
+        original = PredictionRefresh._save_cursor
+
+        def killed(self, project, cursor):
+            if cursor.get("pages") == 2:
+                raise RuntimeError("worker killed")
+            original(self, project, cursor)
+
+        monkeypatch.setattr(PredictionRefresh, "_save_cursor", killed)
+        second = execute_training(settings, key, "labels")
+        v2 = second["version"]
+        assert second["promoted"] and second["refresh"]["state"] == "failed", second
+        partly = by_task(ls, project_id)
+        assert sum(partly[t][v2] for t in unlabeled) == 10  # two pages of 5 written
+        monkeypatch.setattr(PredictionRefresh, "_save_cursor", original)
+        resumed = execute_training(settings, key, "refresh")
+        assert resumed["state"] == "finished" and resumed["resumed_after"] is not None, resumed
+        assert resumed["already_there"] == 5 and resumed["followed"], resumed
+        final = by_task(ls, project_id)
+        assert all(final[t] == Counter({v0: 1}) for t in untouched), final
+        assert all(final[t] == Counter({v0: 1, v1: 1, v2: 1}) for t in unlabeled), final
+        assert ls.project(project_id)["model_version"] == v2
+
+        # 4. Label Studio orders by the new scores: the Data Manager column, and uncertainty sampling
+        scores = {p["task"]: p["score"] for p in ls.predictions(project_id) if p["model_version"] == v2}
+        query = {"ordering": ["tasks:predictions_score"], "filters": {"conjunction": "and", "items": [
+            {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+            {"filter": "filter:tasks:cancelled_annotations", "operator": "equal", "type": "Number", "value": 0}]}}
+        listed = ls.request("GET", "/api/tasks", params={"project": project_id, "fields": "all", "query": json.dumps(query)})
+        shown = [(t["id"], t["predictions_score"]) for t in listed["tasks"]]
+        assert [s for _, s in shown] == pytest.approx(sorted(scores[t] for t in unlabeled)), shown
+        ls.request("PATCH", f"/api/projects/{project_id}", json={"sampling": "Uncertainty sampling"})
+        served = ls.request("GET", f"/api/projects/{project_id}/next")
+        assert scores[served["id"]] == min(scores.values()), (served["id"], scores)
+
+        # 5. ls-backend rank: the next batch from the pool, most uncertain first, no labeled task
+        for name, value in {"MODEL_DIR": str(settings.model_dir), "LABEL_STUDIO_URL": ls.url,
+                            "LABEL_STUDIO_API_KEY": ls.token, "MAX_LENGTH": "128"}.items():
+            monkeypatch.setenv(name, value)
+        from ls_backend.cli import main
+
+        capsys.readouterr()
+        assert main(["rank", "--project", str(project_id), "--n", "4"]) == 0
+        ranked = json.loads(capsys.readouterr().out)
+        assert ranked["pool_version"] == v2 and not ranked["stale"] and "refresh" not in ranked, ranked
+        assert ranked["task_ids"] == sorted(unlabeled, key=lambda t: scores[t])[:4], ranked
+        assert registry.current(key) == v2
+    finally:
+        store.close()

@@ -1,0 +1,289 @@
+"""Score modes order tasks as documented; query strategies; the candidate pool and GET /projects/<key>/next."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, strategies as st
+
+from ls_backend.registry import ModelRegistry
+from ls_backend.sampling import (
+    SCORE_MODES,
+    CoverageSampling,
+    DiverseUncertainty,
+    NoPool,
+    PoolPart,
+    PoolStore,
+    RandomSampling,
+    UncertaintySampling,
+    mode_scores,
+    next_batch,
+)
+from ls_backend.settings import Settings, SettingsError
+
+from .conftest import TOPIC_CONFIG
+
+PROJECT = "5.1732665262"
+
+
+def distribution(k_min: int = 2, k_max: int = 8):
+    """A probability vector over 2..8 labels (some entries may be 0)."""
+    return st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=k_min, max_size=k_max).filter(
+        lambda w: sum(w) > 1e-3
+    ).map(lambda w: np.asarray(w) / np.sum(w))
+
+
+def score(p, mode, multiple=False):
+    return float(mode_scores(np.asarray(p)[None, :], mode, multiple)[0])
+
+
+# -- score modes: the documented values -----------------------------------------------------
+@given(distribution())
+def test_single_choice_scores_are_the_documented_formulas(p):
+    top = np.sort(p)[::-1]
+    assert score(p, "confidence") == pytest.approx(top[0])
+    assert score(p, "least_confidence") == pytest.approx(top[0])
+    assert score(p, "margin") == pytest.approx(top[0] - top[1])
+    entropy = -sum(x * math.log(x) for x in p if x > 0)
+    assert score(p, "entropy") == pytest.approx(1 - entropy / math.log(len(p)), abs=1e-9)
+
+
+@given(distribution(), st.sampled_from(SCORE_MODES), st.randoms())
+def test_scores_lie_in_0_1_and_ignore_label_order(p, mode, random):
+    s = score(p, mode)
+    assert -1e-12 <= s <= 1 + 1e-12
+    shuffled = list(p)
+    random.shuffle(shuffled)
+    assert score(shuffled, mode) == pytest.approx(s, abs=1e-12)
+
+
+@given(st.integers(2, 10), st.integers(0, 9), st.sampled_from(SCORE_MODES))
+def test_a_uniform_guess_sorts_first_and_a_certain_one_last(k, hot, mode):
+    uniform, certain = np.full(k, 1.0 / k), np.eye(k)[hot % k]
+    lowest = {"confidence": 1.0 / k, "least_confidence": 1.0 / k, "margin": 0.0, "entropy": 0.0}[mode]
+    assert score(uniform, mode) == pytest.approx(lowest, abs=1e-9)
+    assert score(certain, mode) == pytest.approx(1.0)
+
+
+@given(distribution(3), st.floats(0.01, 1.0), st.sampled_from(SCORE_MODES))
+def test_moving_belief_to_the_top_label_never_makes_a_task_sort_earlier(p, share, mode):
+    """Taking mass from a weaker label and giving it to the top one makes the model surer:
+    its score may only rise (entropy is Schur-concave; p1 rises; p1 - p2 rises)."""
+    order = np.argsort(-p)
+    top, weak = order[0], order[-1]
+    assume(p[weak] > 1e-6)
+    surer = p.copy()
+    moved = p[weak] * share
+    surer[weak] -= moved
+    surer[top] += moved
+    assert score(surer, mode) >= score(p, mode) - 1e-9
+
+
+@given(st.lists(distribution(4, 4), min_size=2, max_size=30), st.sampled_from(SCORE_MODES))
+def test_sorting_ascending_serves_the_most_uncertain_first(rows, mode):
+    """The documented orders: ascending score = descending uncertainty of the mode."""
+    p = np.stack(rows)
+    scores = mode_scores(p, mode)
+    top = -np.sort(-p, axis=1)
+    if mode in ("confidence", "least_confidence"):
+        uncertainty = 1 - top[:, 0]
+    elif mode == "margin":
+        uncertainty = -(top[:, 0] - top[:, 1])
+    else:
+        uncertainty = -(p * np.log(np.clip(p, 1e-300, 1))).sum(axis=1)
+    ascending = np.argsort(scores, kind="stable")
+    assert np.all(np.diff(uncertainty[ascending]) <= 1e-9)
+
+
+@given(st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=6), st.sampled_from(SCORE_MODES))
+def test_multiple_choice_scores(p, mode):
+    p = np.asarray(p)
+    s = score(p, mode, multiple=True)
+    assert -1e-12 <= s <= 1 + 1e-12
+    assert score(np.full(len(p), 0.5), mode, multiple=True) == pytest.approx(
+        0.5 ** len(p) if mode in ("least_confidence", "confidence") else 0.0, abs=1e-9
+    )
+    if mode != "confidence":  # (confidence scores the suggestion: none above the threshold is unsure)
+        assert score(np.round(p), mode, multiple=True) == pytest.approx(1.0)  # a decided vector is surest
+    if mode == "least_confidence":
+        assert s == pytest.approx(np.prod(np.maximum(p, 1 - p)))
+    if mode == "margin":
+        assert s == pytest.approx(np.min(np.abs(2 * p - 1)))
+
+
+def test_score_mode_setting():
+    assert Settings.from_env({}).score_mode == "confidence"
+    assert Settings.from_env({"SCORE_MODE": "Margin"}).score_mode == "margin"
+    with pytest.raises(SettingsError, match="SCORE_MODE"):
+        Settings.from_env({"SCORE_MODE": "bald"})
+    assert Settings.from_env({"REFRESH_MAX_TASKS": "0"}).refresh_max_tasks == 0
+
+
+@pytest.mark.parametrize("mode", ["margin", "entropy"])
+def test_predictor_writes_the_mode_as_task_score_and_keeps_item_confidence(tmp_path, encoder, mode):
+    from ls_backend.predictor import Predictor
+
+    settings = Settings(model_dir=tmp_path / "models", max_length=128, score_mode=mode)
+    predictor = Predictor(settings, encoder=encoder)
+    texts = ["Stocks fell as oil rose", "The striker scored twice", "A new chip from Intel"]
+    tasks = [{"id": i, "data": {"text": t}} for i, t in enumerate(texts)]
+    predictor.setup(PROJECT, TOPIC_CONFIG)
+    from ls_backend.labeling import plan_for
+
+    serving = predictor._current_serving(PROJECT)
+    keep: dict = {}
+    results = predictor.predict_with(serving, plan_for(TOPIC_CONFIG), tasks, PROJECT, keep=keep)
+    for i, entry in enumerate(results):
+        probs = keep["probabilities"]["topic"][i]
+        assert entry["result"][0]["score"] == pytest.approx(probs.max(), abs=1e-6)
+        assert entry["score"] == pytest.approx(score(probs, mode), abs=1e-6)
+
+
+# -- strategies ---------------------------------------------------------------------------
+def blobs(rng, centres: int = 5, per: int = 40, dim: int = 16):
+    means = np.eye(dim)[:centres] * 3
+    x = np.concatenate([m + 0.1 * rng.standard_normal((per, dim)) for m in means])
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), np.repeat(np.arange(centres), per)
+
+
+def test_uncertainty_random_and_bounds():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(4), size=50)
+    picked = UncertaintySampling("margin").query(p, None, 5, rng)
+    margins = mode_scores(p, "margin")
+    assert set(picked) == set(np.argsort(margins)[:5])
+    assert list(picked) == sorted(picked, key=lambda i: margins[i])
+    chosen = RandomSampling().query(p, np.zeros((50, 3)), 10, rng)
+    assert len(set(chosen)) == 10
+    assert len(UncertaintySampling().query(p, None, 500, rng)) == 50
+    assert len(CoverageSampling().query(None, np.zeros((0, 3)), 5, rng)) == 0
+
+
+def test_coverage_takes_one_of_each_cluster():
+    rng = np.random.default_rng(1)
+    x, cluster = blobs(rng)
+    picked = CoverageSampling().query(None, x, 5, np.random.default_rng(2))
+    assert sorted(cluster[picked]) == [0, 1, 2, 3, 4]
+
+
+def test_diverse_uncertainty_spreads_over_the_uncertain_candidates():
+    rng = np.random.default_rng(3)
+    x, cluster = blobs(rng)
+    p = 0.5 * np.eye(4)[rng.integers(4, size=len(x))] + 0.5 * rng.dirichlet(np.ones(4), size=len(x))
+    p[cluster == 0] = [0.26, 0.25, 0.25, 0.24]  # one cluster of near-duplicates is most uncertain
+    top = UncertaintySampling().query(p, x, 5, rng)
+    assert set(cluster[top]) == {0}
+    diverse = DiverseUncertainty(candidates=10).query(p, x, 5, np.random.default_rng(4))
+    assert len(set(diverse)) == 5 and len(set(cluster[diverse])) >= 3 and (cluster[diverse] == 0).sum() <= 2
+    candidates = set(np.argsort(mode_scores(p, "confidence"), kind="stable")[:50])
+    assert set(diverse) <= candidates
+
+
+def test_diverse_batch_covers_more_gold_labels_on_real_agnews(encoder):
+    """AG News (dev): among a pool's most uncertain texts, a diverse batch of 20 spans more topics
+    than the 20 most uncertain (averaged over seeds; the head is fit on 16 labels per seed)."""
+    from ls_backend.trainer import ControlData, fit_head
+
+    from .support.data import AGNEWS_LABELS, agnews
+
+    rows = agnews("dev", 280, offset=3000)
+    embeddings = encoder.encode([text for text, _ in rows])
+    gold = np.array([AGNEWS_LABELS.index(label) for _, label in rows])
+    top, diverse = [], []
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(rows))
+        labeled, pool = order[:16], order[40:]
+        data = ControlData("topic", AGNEWS_LABELS, False, [rows[i][0] for i in labeled], [(rows[i][1],) for i in labeled])
+        head, _ = fit_head(embeddings[labeled], data, None, seed)
+        p = head.probabilities(embeddings[pool])
+        top.append(len(set(gold[pool][UncertaintySampling().query(p, embeddings[pool], 20, rng)])))
+        diverse.append(len(set(gold[pool][DiverseUncertainty().query(p, embeddings[pool], 20, rng)])))
+    assert np.mean(diverse) > np.mean(top), (top, diverse)
+
+
+# -- the pool and the next batch ------------------------------------------------------------
+class FakeStore:
+    def __init__(self, labeled=()):
+        self.labeled = set(labeled)
+
+    def annotation_results(self, project_key, control, include_empty=False):
+        return [(t, "", []) for t in sorted(self.labeled)]
+
+
+def write_pool(registry, version, trained=True, ids=range(100, 140), complete=True, seed=0):
+    rng = np.random.default_rng(seed)
+    pools = PoolStore(registry)
+    pools.start(PROJECT, version, {"control": "topic", "labels": ["a", "b", "c"], "multiple": False,
+                                   "threshold": 0.5, "trained": trained})
+    ids = list(ids)
+    x = rng.standard_normal((len(ids), 8)).astype(np.float32)
+    p = rng.dirichlet(np.ones(3), size=len(ids))
+    half = len(ids) // 2
+    for part in (slice(0, half), slice(half, None)):
+        pools.add(PROJECT, version, PoolPart(ids[part], x[part], p[part], list(p[part].max(axis=1))))
+    if complete:
+        pools.finish(PROJECT, version, {})
+    return np.asarray(ids), p
+
+
+def test_next_batch_ranks_the_pool_and_leaves_labeled_tasks_out(tmp_path):
+    settings = Settings(model_dir=tmp_path / "models", score_mode="margin")
+    registry = ModelRegistry(settings.model_dir)
+    with pytest.raises(NoPool):
+        next_batch(settings, registry, FakeStore(), PROJECT, 5)
+    ids, p = write_pool(registry, "p5-v1")
+    (registry.project_dir(PROJECT) / "current").write_text("p5-v1\n")
+    margins = mode_scores(p, "margin")
+    expected = [int(ids[i]) for i in np.argsort(margins, kind="stable")]
+    batch = next_batch(settings, registry, FakeStore(labeled=[expected[0]]), PROJECT, 5)
+    assert batch.strategy == "uncertainty" and not batch.stale and batch.left_out_labeled == 1
+    assert batch.task_ids == expected[1:6]
+    diverse = next_batch(settings, registry, FakeStore(), PROJECT, 5, "diverse")
+    assert len(set(diverse.task_ids)) == 5 and set(diverse.task_ids) <= set(int(i) for i in ids)
+    assert next_batch(settings, registry, FakeStore(), PROJECT, 5, "random").strategy == "random"
+
+
+def test_before_any_trained_version_the_batch_is_chosen_for_coverage(tmp_path):
+    settings = Settings(model_dir=tmp_path / "models")
+    registry = ModelRegistry(settings.model_dir)
+    write_pool(registry, "p5-v0", trained=False)
+    (registry.project_dir(PROJECT) / "current").write_text("p5-v0\n")
+    batch = next_batch(settings, registry, FakeStore(), PROJECT, 6, "uncertainty")
+    assert batch.strategy == "coverage" and len(set(batch.task_ids)) == 6
+
+
+def test_a_newer_version_serves_the_old_complete_pool_until_its_own_is_complete(tmp_path):
+    settings = Settings(model_dir=tmp_path / "models")
+    registry = ModelRegistry(settings.model_dir)
+    write_pool(registry, "p5-v1")
+    write_pool(registry, "p5-v2", complete=False, ids=range(100, 110))
+    (registry.project_dir(PROJECT) / "current").write_text("p5-v2\n")
+    batch = next_batch(settings, registry, FakeStore(), PROJECT, 3)
+    assert batch.pool_version == "p5-v1" and batch.stale
+    write_pool(registry, "p5-v2", ids=range(100, 110))
+    batch = next_batch(settings, registry, FakeStore(), PROJECT, 3)
+    assert batch.pool_version == "p5-v2" and not batch.stale and batch.pool_size == 10
+    assert [p.name for p in PoolStore(registry).root(PROJECT).iterdir()] == ["p5-v2"]
+
+
+def test_next_route(client, app):
+    svc = app.extensions["ls_backend"]
+    assert client.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).status_code == 200
+    bad = client.get(f"/projects/{PROJECT}/next", query_string={"n": "0"})
+    assert bad.status_code == 400 and "'n'" in bad.json["message"]
+    assert client.get(f"/projects/{PROJECT}/next", query_string={"strategy": "bald"}).status_code == 400
+    first = client.get(f"/projects/{PROJECT}/next")  # no refresh yet: one is queued, nothing blocks
+    assert first.status_code == 202 and first.json["status"] == "preparing", first.json
+    assert first.json["job"]["trigger"] == "refresh" and first.json["job"]["state"] == "queued"
+    current = svc.registry.current(PROJECT)
+    ids, _ = write_pool(svc.registry, current, trained=True)
+    answer = client.get(f"/projects/{PROJECT}/next", query_string={"n": "7", "strategy": "diverse"})
+    assert answer.status_code == 200, answer.json
+    body = answer.json
+    assert body["n"] == 7 and len(set(body["task_ids"])) == 7 and body["pool_version"] == current
+    assert body["strategy"] == "diverse" and not body["stale"]
+    assert set(body["task_ids"]) <= set(int(i) for i in ids)
+    assert client.get("/projects/999.1/next").status_code == 404
