@@ -47,7 +47,7 @@ def learning_curve(registry: ModelRegistry, project_key: str) -> dict:
                 "created_at": meta.get("created_at"),
             }
         )
-    metric = "accuracy (single choice) or micro-F1 (multiple), averaged over controls, on the evaluation slice"
+    metric = "accuracy (single choice), micro-F1 (multiple) or entity F1 (Labels), averaged over controls, on the evaluation slice"
     return {"project": project_key, "current": current, "metric": metric, "points": points}
 
 
