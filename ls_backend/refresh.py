@@ -35,14 +35,12 @@ Older versions' predictions are kept
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -198,16 +196,8 @@ class PredictionRefresh:
         cursor["updated_at"] = time.time()
         write_atomic(self.cursor_path(project_key), json.dumps(cursor, indent=2, sort_keys=True).encode())
 
-    @contextlib.contextmanager
-    def _exclusive(self, project_key: str) -> Iterator[None]:
-        directory = self.registry.project_dir(project_key)
-        directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / ".refresh.lock", "a+") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    def _exclusive(self, project_key: str):
+        return self.registry.lock(project_key, ".refresh.lock")
 
     def api_for(self, project_key: str) -> LabelStudioPredictions:
         if self._api is None:

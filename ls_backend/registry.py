@@ -114,11 +114,12 @@ class ModelRegistry:
         return self.versions_dir(project_key) / version
 
     @contextlib.contextmanager
-    def lock(self, project_key: str) -> Iterator[None]:
-        """An exclusive lock for one project's writers (across processes)."""
+    def lock(self, project_key: str, name: str = ".lock") -> Iterator[None]:
+        """An exclusive lock for one project (across processes): its version writers by default,
+        or another kind of work with its own lock file ``name``."""
         directory = self.project_dir(project_key)
         directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / ".lock", "a+") as handle:
+        with open(directory / name, "a+") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
                 yield

@@ -5,13 +5,7 @@ import pytest
 from ls_backend.model import Encoder
 from ls_backend.settings import Settings, bundled_encoder_path
 from tests.support.backend import BackendServer
-
-TOPIC_CONFIG = """<View>
-  <Text name="text" value="$text"/>
-  <Choices name="topic" toName="text" choice="single">
-    <Choice value="World"/><Choice value="Sports"/><Choice value="Business"/><Choice value="Sci/Tech"/>
-  </Choices>
-</View>"""
+from tests.support.events import TOPIC_CONFIG  # noqa: F401  (tests import it from here)
 
 
 @pytest.fixture(scope="session")
