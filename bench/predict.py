@@ -151,6 +151,14 @@ def server_threads(server_log: str, fallback: int) -> int:
     return fallback
 
 
+def server_precision(server_log: str) -> str:
+    # "... predictor: serving on cpu in bf16 (INFERENCE_PRECISION=auto)", logged by each web worker
+    for line in server_log.splitlines():
+        if "predictor: serving on " in line:
+            return line.split("predictor: serving on ", 1)[1].replace(" in ", " ", 1)
+    return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1000, help="texts in the throughput request (default 1000)")
@@ -204,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             threads = server_threads(server.log(), expected_threads)
             torch.set_num_threads(threads)
+            precision = server_precision(server.log())
             print(f"torch threads: server worker {threads}, baselines {torch.get_num_threads()} "
                   f"({os.cpu_count()} cores); model {model_path}")
+            print(f"precision: server {precision} (INFERENCE_PRECISION), baselines fp32 (pipeline default)")
             print(f"texts: first {len(texts)} rows of agnews/test.tsv; batch size {settings.batch_size}, "
                   f"max length {settings.max_length} on our side")
 

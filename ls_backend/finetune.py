@@ -141,6 +141,7 @@ class FineTuneJob:
             current.encoder_path if current and current.encoder_path else self.settings.encoder_path,
             self.device,
             self.settings.max_length,
+            self.settings.inference_precision,  # the frozen embeddings are the served ones
         )
         if current is None or current.meta.get("plan_signature") != plan.signature:
             # the cold start, or the current heads re-shaped to the config (new labels start zero-shot)
@@ -161,6 +162,8 @@ class FineTuneJob:
         # frozen embeddings of every text the job touches, with the current encoder
         cache = EmbeddingCache(self.settings.local_cache_dir)
         encoder_id = current.meta.get("encoder") or f"base:{self.settings.encoder_path}"
+        if base_encoder.precision_tag != "fp32":
+            encoder_id += f"@{base_encoder.precision_tag}"
         embed = {}
         for name, split in splits.items():
             embed[name] = (

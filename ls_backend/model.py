@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from .precision import autocast, inference_dtype, short_name
+
 if TYPE_CHECKING:  # annotations only: the encoder and trainer import without label_studio_sdk
     from .labeling import ControlSpec, LabelingPlan
 
@@ -47,21 +49,45 @@ class Encoder:
     by token length, and runs batches padded only to their own longest text.
     Thread safe: forward passes are serialised by a lock (on a CPU the cores are
     already shared; on a GPU one stream is used).
+
+    ``precision`` (an ``INFERENCE_PRECISION`` value, see :mod:`.precision`) sets the dtype
+    of ``encode``: autocast on CUDA; on a CPU, ``bfloat16`` converts the weights, which
+    makes the encoder inference-only (:meth:`trainable` reloads a float32 copy).
+    Pooling always runs in float32.
     """
 
-    def __init__(self, path: str, device: torch.device | str = "cpu", max_length: int = 256):
+    def __init__(self, path: str, device: torch.device | str = "cpu", max_length: int = 256, precision: str = "float32"):
         from transformers import AutoModel, AutoTokenizer
 
         self.path = str(path)
         self.device = torch.device(device)
+        self.dtype = inference_dtype(precision, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         if not getattr(self.tokenizer, "is_fast", False):
             raise RuntimeError(f"{self.path}: a fast tokenizer is required (offset mapping)")
         self.model = AutoModel.from_pretrained(self.path).to(self.device).eval()
+        # on a CPU the weights themselves take the inference dtype; on CUDA autocast does
+        self.weights_dtype = self.dtype if self.device.type == "cpu" else torch.float32
+        if self.weights_dtype is not torch.float32:
+            self.model = self.model.to(self.weights_dtype)
         model_max = getattr(self.model.config, "max_position_embeddings", 512) or 512
         self.max_length = int(min(max_length, model_max))
         self.dim = int(self.model.config.hidden_size)
         self._lock = threading.Lock()
+
+    @property
+    def precision_tag(self) -> str:
+        """Names the numbers ``encode`` produces (``fp32``, ``bf16``, ``fp16``), for caches."""
+        return short_name(self.dtype)
+
+    def autocast(self):
+        return autocast(self.device, self.dtype)
+
+    def trainable(self) -> "Encoder":
+        """This encoder when its weights are float32, else a float32 copy loaded from its folder."""
+        if self.weights_dtype is torch.float32:
+            return self
+        return Encoder(self.path, self.device, self.max_length, "float32")
 
     @property
     def lock(self) -> threading.Lock:
@@ -92,7 +118,7 @@ class Encoder:
 
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Mean-pooled, L2-normalised embeddings (differentiable; used by training too)."""
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         summed = (hidden * mask).sum(dim=1)
         counts = mask.sum(dim=1).clamp(min=1.0)
@@ -112,10 +138,7 @@ class Encoder:
                     mask = mask.pin_memory()
                 input_ids = input_ids.to(self.device, non_blocking=non_blocking)
                 mask = mask.to(self.device, non_blocking=non_blocking)
-                if self.device.type == "cuda":
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        emb = self.pooled(input_ids, mask)
-                else:
+                with self.autocast():
                     emb = self.pooled(input_ids, mask)
                 result[chunk] = emb.float().cpu().numpy()
         return result

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
+from .precision import TrainingStep
 from .spans import IGNORE, FoundSpan, Span, TaggingReport, bio_tags, decode, span_scores, token_tags, window_owners, windows
 
 if TYPE_CHECKING:
@@ -260,7 +261,7 @@ def run_windows(
             chunk = [items[k] for k in order[start : start + batch_size]]
             ids, mask = _pad_batch([seq for _, _, seq in chunk], pad)
             ids, mask = ids.to(device), mask.to(device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with encoder.autocast():
                 hidden = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
             hidden = hidden.float()
             first = [r for r, (_, w, _) in enumerate(chunk) if w == 0]
@@ -441,15 +442,16 @@ def fine_tune_tokens(
 
     The same recipe as classification (``trainer.fine_tune``): batches per control,
     shuffled with the seed; the schedule from ``full_schedule`` over the training
-    windows; AdamW, linear warm-up and decay, gradient clipping, bf16 autocast on CUDA;
+    windows; AdamW, linear warm-up and decay, gradient clipping, bf16 autocast on CUDA (fp16 with a gradient scaler where bf16 is missing);
     token cross-entropy, special tokens and padding ignored.
     """
     from .trainer import full_schedule, set_seed
 
     set_seed(args.seed)
     device = encoder.device
-    student = copy.copy(encoder)
-    student.model = copy.deepcopy(encoder.model).to(device).train()
+    source = encoder.trainable()  # float32 weights (a bf16 serving copy is reloaded)
+    student = copy.copy(source)
+    student.model = copy.deepcopy(source.model).to(device).train()
     student._lock = threading.Lock()
     layers = _TokenLayers({d.name: heads[d.name] for d in data}).to(device).train()
     examples: dict[str, list[tuple[list[int], list[int]]]] = {}
@@ -485,6 +487,7 @@ def fine_tune_tokens(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
     )
+    train_step = TrainingStep(device, optimizer, list(student.model.parameters()) + list(layers.parameters()))
     pad = student.tokenizer.pad_token_id or 0
     started = time.perf_counter()
     losses: list[float] = []
@@ -499,14 +502,11 @@ def fine_tune_tokens(
             tags = examples[name][r][1]
             target[k, : len(tags)] = torch.tensor(tags, dtype=torch.long)
         ids, mask, target = ids.to(device), mask.to(device), target.to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with train_step.autocast():
             hidden = student.model(input_ids=ids, attention_mask=mask).last_hidden_state
             logits = layers.layers[name](hidden).float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(student.model.parameters()) + list(layers.parameters()), 1.0)
-        optimizer.step()
+        train_step(loss)
         scheduler.step()
         losses.append(float(loss.detach()))
         seen += len(rows)

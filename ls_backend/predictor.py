@@ -90,10 +90,16 @@ class Predictor:
         self.settings = settings
         self.registry = registry or ModelRegistry(settings.model_dir)
         self.device = resolve_device(settings.device)
-        self.base_encoder = encoder or Encoder(settings.encoder_path, self.device, settings.max_length)
+        self.base_encoder = encoder or Encoder(
+            settings.encoder_path, self.device, settings.max_length, settings.inference_precision
+        )
         self._encoders: dict[str, Encoder] = {}
         self._serving: dict[str, Serving] = {}
         self._lock = threading.RLock()
+        log.info(
+            "predictor: serving on %s in %s (INFERENCE_PRECISION=%s)",
+            self.device.type, self.base_encoder.precision_tag, settings.inference_precision,
+        )
 
     # -- versions ------------------------------------------------------------------
     def unsupported_version(self, project_key: str) -> str:
@@ -105,7 +111,7 @@ class Predictor:
         with self._lock:
             encoder = self._encoders.get(path)
         if encoder is None:
-            encoder = Encoder(path, self.device, self.settings.max_length)
+            encoder = Encoder(path, self.device, self.settings.max_length, self.settings.inference_precision)
             with self._lock:
                 encoder = self._encoders.setdefault(path, encoder)
         return encoder

@@ -319,14 +319,19 @@ class PredictionRefresh:
 
     def _base_encoder(self) -> Encoder:
         if self._encoder is None:
-            self._encoder = Encoder(self.settings.encoder_path, resolve_device(self.settings.device), self.settings.max_length)
+            self._encoder = Encoder(
+                self.settings.encoder_path,
+                resolve_device(self.settings.device),
+                self.settings.max_length,
+                self.settings.inference_precision,
+            )
         return self._encoder
 
     def _serving(self, project_key: str, loaded):
         from .predictor import Predictor, Serving
 
         encoder = self._base_encoder() if loaded.encoder_path is None else Encoder(
-            loaded.encoder_path, resolve_device(self.settings.device), self.settings.max_length
+            loaded.encoder_path, resolve_device(self.settings.device), self.settings.max_length, self.settings.inference_precision
         )
         predictor = Predictor(self.settings, self.registry, encoder=encoder)
         serving = Serving(loaded.version, loaded.heads, encoder, loaded.meta.get("plan_signature"))

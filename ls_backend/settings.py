@@ -134,6 +134,9 @@ class Settings:
     force_promote: bool = False
     # inference
     device: str = "auto"
+    # numbers of the forward pass when serving: auto = bf16 where the device has it natively
+    # (CUDA; CPUs with avx512_bf16/amx_bf16), fp16 on older CUDA cards, else float32
+    inference_precision: str = "auto"
     max_length: int = 256
     batch_size: int = 32
     torch_threads: int = 0  # 0: cores divided among the web workers
@@ -212,6 +215,10 @@ class Settings:
             values["force_promote"] = _bool("FORCE_PROMOTE", get("FORCE_PROMOTE", ""))
         if get("DEVICE"):
             values["device"] = _choice("DEVICE", get("DEVICE", ""), ("auto", "cpu", "cuda"))
+        if get("INFERENCE_PRECISION"):
+            values["inference_precision"] = _choice(
+                "INFERENCE_PRECISION", get("INFERENCE_PRECISION", ""), ("auto", "float32", "bfloat16", "float16")
+            )
         ints = {
             "MAX_LENGTH": 8,
             "BATCH_SIZE": 1,
@@ -251,6 +258,8 @@ class Settings:
             values["log_level"] = _choice(
                 "LOG_LEVEL", get("LOG_LEVEL", ""), ("debug", "info", "warning", "error", "critical")
             ).upper()
+        if values.get("inference_precision") == "float16" and values.get("device") == "cpu":
+            raise SettingsError("INFERENCE_PRECISION=float16 needs CUDA; with DEVICE=cpu use bfloat16 or float32")
         if bool(get("BASIC_AUTH_USER")) != bool(get("BASIC_AUTH_PASS")):
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if "{label}" not in values.get("zero_shot_template", "{label}"):  # type: ignore[operator]

@@ -20,6 +20,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from .model import ClassifierHead, Encoder
+from .precision import TrainingStep
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +360,7 @@ def fine_tune(
 
     Batches are drawn per control (one shared encoder, one head each), shuffled with the
     seed (class-balanced where a single-label control is skewed); linear warm-up then
-    linear decay; AdamW with weight decay; bf16 autocast on CUDA.  With ``validation``
+    linear decay; AdamW with weight decay; bf16 autocast on CUDA (fp16 with a gradient scaler where bf16 is missing).  With ``validation``
     (a held-out split of the training labels, one per control or None), the model is
     checked once per epoch, the best state is kept, training stops after ``patience``
     checks without gain, and each head's temperature is fitted on that split.
@@ -369,8 +370,9 @@ def fine_tune(
 
     set_seed(args.seed)
     device = encoder.device
-    student = copy.copy(encoder)
-    student.model = copy.deepcopy(encoder.model).to(device).train()
+    source = encoder.trainable()  # float32 weights (a bf16 serving copy is reloaded)
+    student = copy.copy(source)
+    student.model = copy.deepcopy(source.model).to(device).train()
     student._lock = threading.Lock()
     head_module = _Heads({c.name: heads[c.name] for c in data}).to(device).train()
 
@@ -426,6 +428,7 @@ def fine_tune(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
     )
+    train_step = TrainingStep(device, optimizer, list(student.model.parameters()) + list(head_module.parameters()))
     pad = student.tokenizer.pad_token_id or 0
     started = time.perf_counter()
     losses: list[float] = []
@@ -443,17 +446,14 @@ def fine_tune(
             mask[r, : len(seq)] = 1
         input_ids, mask = input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         y = targets[control.name][rows].to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with train_step.autocast():
             pooled = student.pooled(input_ids, mask)
             logits = head_module.layers[control.name](pooled).float()
         if control.multiple:
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
         else:
             loss = torch.nn.functional.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(student.model.parameters()) + list(head_module.parameters()), 1.0)
-        optimizer.step()
+        train_step(loss)
         scheduler.step()
         losses.append(float(loss.detach()))
         seen += len(rows)

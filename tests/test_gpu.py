@@ -120,11 +120,12 @@ def test_fine_tune_a_few_steps_in_bf16_on_cuda():
 @cuda_only
 def test_cuda_inference_matches_cpu_on_1000_agnews_sentences(tmp_path):
     """The same cold-start version (its zero-shot heads written once, by the CPU process, into the shared
-    registry) served by a CPU predictor and by a CUDA one (bf16 autocast): the same choice for >= 99%."""
+    registry) served by a float32 CPU predictor and by a CUDA one (``INFERENCE_PRECISION=auto``: bf16
+    autocast, fp16 on cards without bf16): the same choice for >= 99%."""
     rows = agnews("test", 1000)
     tasks = [{"id": i, "data": {"text": text}} for i, (text, _) in enumerate(rows)]
     model_dir = tmp_path / "models"
-    cpu = Predictor(Settings(model_dir=model_dir, device="cpu", max_length=128, batch_size=64))
+    cpu = Predictor(Settings(model_dir=model_dir, device="cpu", inference_precision="float32", max_length=128, batch_size=64))
     gpu = Predictor(Settings(model_dir=model_dir, device="cuda", max_length=128, batch_size=256))
     assert gpu.device.type == "cuda" and next(gpu.base_encoder.model.parameters()).is_cuda
     assert cpu.setup(PROJECT, TOPIC_CONFIG) == "p7-v0"
@@ -141,3 +142,51 @@ def test_cuda_inference_matches_cpu_on_1000_agnews_sentences(tmp_path):
     texts = [t for t, _ in rows[:200]]
     similarity = (cpu.base_encoder.encode(texts) * gpu.base_encoder.encode(texts)).sum(axis=1)
     assert float(similarity.min()) > 0.98, f"lowest CPU/CUDA embedding cosine {similarity.min():.4f}"
+
+
+@cuda_only
+def test_fine_tune_falls_back_to_fp16_with_a_gradient_scaler_where_bf16_is_missing(monkeypatch):
+    """Cards without bf16 (before Ampere) train in fp16 autocast behind a gradient scaler; simulated on
+    this card by reporting bf16 as missing."""
+    from ls_backend import precision
+
+    monkeypatch.setattr(precision, "cuda_supports_bf16", lambda: False)
+    device = torch.device("cuda")
+    assert precision.training_dtype(device) is torch.float16
+    encoder = Encoder(bundled_encoder_path(), device, 128, "auto")
+    assert encoder.dtype is torch.float16  # inference too
+    plan = plan_for(TOPIC_CONFIG)
+    heads = heads_for_plan(plan, {}, encoder, "{label}", 0.05, 0.5)
+    train = agnews("dev", 256)
+    data = ControlData("topic", list(heads["topic"].labels), False, [t for t, _ in train], [(y,) for _, y in train])
+    seen: set[torch.dtype] = set()
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+        for m in encoder.model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    scales: list[float] = []
+    original = precision.TrainingStep.__call__
+
+    def recording(self, loss):
+        original(self, loss)
+        scales.append(float(self.scaler.get_scale()))
+
+    monkeypatch.setattr(precision.TrainingStep, "__call__", recording)
+    updates: list[dict] = []
+    try:
+        student, new_heads, report = fine_tune(
+            encoder, heads, [data], TrainingArguments(batch_size=32, max_length=128, epochs=1, min_steps=24, seed=13),
+            progress=updates.append,
+        )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.float16 in seen, f"no fp16 matmul under autocast (saw {seen})"
+    assert len(scales) == 24 and all(s > 0 for s in scales), scales  # the scaler ran on every step
+    losses = [u["loss"] for u in updates if u.get("stage") == "fine-tune"]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in student.model.parameters())
+    held = agnews("test", 300, offset=1000)
+    after = new_heads["topic"].probabilities(student.encode([t for t, _ in held], 256)).argmax(axis=1)
+    assert float((after == np.array([AGNEWS_LABELS.index(y) for _, y in held])).mean()) >= 0.75
