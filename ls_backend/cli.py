@@ -38,6 +38,9 @@ def serve(settings: Settings, host: str, port: int) -> int:
                 "threads": 4,
                 "timeout": settings.web_timeout,
                 "graceful_timeout": 10,
+                # idle keep-alive connections stay open a while (gthread parks them, no thread held):
+                # with gunicorn's 2 s default, a client polling every ~2 s on one session races the close
+                "keepalive": 30,
                 "loglevel": settings.log_level.lower(),
                 "accesslog": "-" if settings.log_level == "DEBUG" else None,
                 "post_worker_init": lambda worker: _limit_threads(threads),
@@ -54,6 +57,8 @@ def serve(settings: Settings, host: str, port: int) -> int:
 
             return create_app(settings)
 
+    # (no CUDA call here: a CUDA context made in the master breaks the forked web workers;
+    # each worker logs the device and precision it serves with)
     print(
         f"ls-backend serving on http://{host}:{port} ({workers} web workers x {threads} torch threads, "
         f"models in {settings.model_dir.resolve()})",
