@@ -10,6 +10,7 @@ and promotes the best one only when it is not worse than the current one.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -67,6 +68,7 @@ def training_arguments(settings: Settings) -> TrainingArguments:
 class Split:
     train: ControlData
     held: ControlData
+    digest: str = ""  # names exactly these labels (task, text, values; train and slice)
 
 
 def _bounded(examples: list, limit: int, seed: int) -> list:
@@ -126,7 +128,11 @@ class FineTuneJob:
                 return ControlData(control.name, list(labels), control.multiple, [e.text for e in rows], [tuple(e.labels) for e in rows])
 
             if train:
-                splits[control.name] = Split(as_data(train), as_data(held))
+                digest = hashlib.sha256()
+                for part, rows in (("train", train), ("held", held)):
+                    for e in sorted(rows, key=lambda e: e.task_id):
+                        digest.update(f"{part}\x00{e.task_id}\x00{e.text}\x00{json.dumps(list(e.labels))}\n".encode())
+                splits[control.name] = Split(as_data(train), as_data(held), digest.hexdigest())
         return splits
 
     # -- the job ---------------------------------------------------------------------
@@ -157,6 +163,19 @@ class FineTuneJob:
             self.store.mark_trained(project_key, cutoff)
             raise NothingToTrain("no labeled tasks for any control")
         n_train = sum(len(s.train) for s in splits.values()) + sum(len(s.train) for s in token_splits.values())
+        wants_full = self.args.mode == "full" or (
+            self.args.mode == "auto" and (n_train >= self.args.full_min_labels or self.device.type == "cuda")
+        )
+        wants_full = wants_full and self.args.mode != "frozen" and not encoder_is_taken(start_heads, token_splits)
+        # the labels this job would learn from; NER data is not covered, so those jobs always run
+        digest = "" if token_splits else hashlib.sha256(
+            "".join(f"{name}:{split.digest};" for name, split in sorted(splits.items())).encode()
+        ).hexdigest()
+        same_labels = bool(digest) and current.meta.get("data_digest") == digest
+        if same_labels and (current.meta.get("recipe") == "full" or not wants_full):
+            # nothing new to learn: the same labels would give the same candidates again
+            self.store.mark_trained(project_key, cutoff)
+            raise NothingToTrain(f"no label changed since {current.version}, which was trained on these labels")
         self.progress({"stage": "embedding", "labels": n_train})
 
         # frozen embeddings of every text the job touches, with the current encoder
@@ -187,10 +206,7 @@ class FineTuneJob:
         figures["frozen"] = self._measure({n: fast_heads[n] for n in splits}, splits, embed)
 
         # candidate 2: full fine-tuning, when it makes sense for the size
-        wants_full = self.args.mode == "full" or (
-            self.args.mode == "auto" and (n_train >= self.args.full_min_labels or self.device.type == "cuda")
-        )
-        if wants_full and self.args.mode != "frozen" and not encoder_is_taken(start_heads, token_splits):
+        if wants_full:
             # early stopping and the temperature use a split of the training labels, never the slice
             fit, valid = zip(*(split_for_validation(s.train, 0.15, self.args.seed) for s in splits.values()))
             student, full_heads, full_report = fine_tune(
@@ -219,6 +235,25 @@ class FineTuneJob:
         slice_size = min((len(s.held) for s in splits.values()), default=0)
         # decide, write and promote under the project lock, so a pin or rollback cannot interleave
         with self.registry.lock(project_key):
+            # a version promoted while this job trained (a fast-lane job, a rollback) is what the
+            # candidate must beat: measure it on the same slice
+            against = self.registry.current(project_key) or current.version
+            serving = current
+            if against != current.version and not token_splits:
+                latest = self.registry.load(project_key, against)
+                if latest.meta.get("plan_signature") == plan.signature:
+                    figures["current"] = self._measure_version(latest, current, splits, embed)
+                    serving = latest
+            # the fast head on these very labels already serves: a second copy is no news
+            frozen_serves = (
+                bool(digest) and serving.meta.get("data_digest") == digest and serving.meta.get("recipe") == "frozen"
+            )
+            if frozen_serves:
+                candidates.pop("frozen", None)
+                if not candidates:
+                    self.store.mark_trained(project_key, cutoff)
+                    raise NothingToTrain(f"no label changed since {serving.version}, which was trained on these labels")
+                best = max(candidates, key=primary)
             gated = slice_size >= self.settings.eval_min
             # one example of a small slice is worth more than PROMOTION_TOLERANCE: a single
             # disagreement on 12 labels is noise, not evidence that the candidate is worse
@@ -228,6 +263,11 @@ class FineTuneJob:
                 promote, reason = False, f"the project is pinned to {pinned} (unpin to take new versions)"
             elif self.settings.force_promote:
                 promote, reason = True, "FORCE_PROMOTE is set"
+            elif frozen_serves and primary(best) < primary("current"):
+                promote, reason = False, (
+                    f"{best} {primary(best):.4f} is below the serving fast head on the same labels "
+                    f"({serving.version}, {primary('current'):.4f})"
+                )
             elif not gated:
                 promote, reason = True, (
                     f"evaluation slice has {slice_size} labels (< EVAL_MIN={self.settings.eval_min}): promoted ungated"
@@ -256,7 +296,8 @@ class FineTuneJob:
                 "cutoff_seq": cutoff,
                 "metrics": figures,
                 "training": {name: report for name, (_, _, report) in candidates.items()},
-                "decision": {"promoted": promote, "reason": reason, "gated": gated},
+                "decision": {"promoted": promote, "reason": reason, "gated": gated, "against": against},
+                "data_digest": digest,
                 "seconds": round(time.time() - started, 2),
             }
             writer = (lambda folder: save_encoder(student, folder)) if student is not None else None
@@ -276,6 +317,19 @@ class FineTuneJob:
             "cutoff_seq": cutoff,
             "seconds": meta["seconds"],
         }
+
+    def _measure_version(self, version: LoadedHeads, measured: LoadedHeads, splits: dict[str, Split], embed: dict) -> dict:
+        """``version``'s figures on the slice; the job's embeddings serve when it reads with the
+        same encoder as ``measured`` (the version they were made with), else the slice is encoded."""
+        if version.encoder_path != measured.encoder_path:
+            encoder = Encoder(
+                version.encoder_path or self.settings.encoder_path,
+                self.device,
+                self.settings.max_length,
+                self.settings.inference_precision,
+            )
+            embed = {name: (None, encoder.encode(split.held.texts, self.settings.batch_size)) for name, split in splits.items()}
+        return self._measure({name: version.heads[name] for name in splits}, splits, embed)
 
     def _measure(self, heads: dict[str, ClassifierHead], splits: dict[str, Split], embed: dict) -> dict:
         per_control = {}

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from ls_backend.curve import learning_curve, learning_curve_figure, learning_curve_png
-from ls_backend.finetune import FineTuneJob, in_eval_slice
+from ls_backend.finetune import FineTuneJob, NothingToTrain, in_eval_slice
 from ls_backend.model import Encoder
 from ls_backend.registry import ModelRegistry
 from ls_backend.settings import Settings, bundled_encoder_path
@@ -66,6 +66,55 @@ def test_a_candidate_trained_on_shuffled_labels_is_rejected(job_env):
     rejected = registry.meta(KEY, second["version"])
     assert rejected["decision"]["promoted"] is False
     assert rejected["metrics"]["frozen"]["score"] < rejected["metrics"]["current"]["score"]
+
+
+def test_a_job_on_unchanged_labels_makes_no_second_copy(job_env):
+    settings, store = job_env
+    rows = balanced_agnews(12)
+    label_all(store, rows)
+    first = FineTuneJob(settings, store).run(KEY)
+    registry = ModelRegistry(settings.model_dir)
+    assert first["promoted"] and registry.current(KEY) == first["version"]
+    count = len(registry.versions(KEY))
+    with pytest.raises(NothingToTrain, match=f"no label changed since {first['version']}"):
+        FineTuneJob(settings, store).run(KEY)
+    assert len(registry.versions(KEY)) == count and registry.current(KEY) == first["version"]
+    # one corrected label is news again
+    task, text, label = rows[0]
+    other = next(x for x in AGNEWS_LABELS if x != label)
+    store.record_event(annotation_event(1, task, choices(other), text=text, updated=5.0, action="ANNOTATION_UPDATED"))
+    third = FineTuneJob(settings, store).run(KEY)
+    assert third["version"] not in (None, first["version"]) and len(registry.versions(KEY)) == count + 1
+
+
+def test_the_gate_measures_a_version_promoted_while_the_job_trained(job_env):
+    """A job compares its candidate with what serves when it decides, not with what served when it
+    started: here a deliberately bad version goes live mid-job and is the one measured."""
+    settings, store = job_env
+    rows = balanced_agnews(24)
+    label_all(store, rows[:64])
+    first = FineTuneJob(settings, store).run(KEY)
+    registry = ModelRegistry(settings.model_dir)
+    good = registry.load(KEY, first["version"])
+    # the same heads with their label rows rotated: wrong on nearly every text
+    bad_heads = {
+        name: type(head)(**{**head.__dict__, "weight": np.roll(head.weight, 1, axis=0), "bias": np.roll(head.bias, 1)})
+        for name, head in good.heads.items()
+    }
+    bad = registry.create_version(KEY, bad_heads, {**good.meta, "parent": first["version"], "data_digest": "other"})
+    label_all(store, rows[64:], first_id=65)
+
+    def promote_midway(update: dict) -> None:
+        if update.get("stage") == "fast-head" and registry.current(KEY) != bad:
+            registry.promote(KEY, bad, reason="test: promoted while the job trains")
+
+    second = FineTuneJob(settings, store, progress=promote_midway).run(KEY)
+    meta = registry.meta(KEY, second["version"])
+    assert meta["decision"]["against"] == bad
+    assert meta["parent"] == first["version"]  # it still warm-started from what served at its start
+    start_score = first["metrics"]["frozen"]["score"]
+    assert meta["metrics"]["current"]["score"] < 0.5 < start_score, (meta["metrics"]["current"], start_score)
+    assert second["promoted"] and registry.current(KEY) == second["version"]
 
 
 def test_calibration_lowers_expected_calibration_error_on_sst2():
