@@ -171,8 +171,17 @@ class FineTuneJob:
         digest = "" if token_splits else hashlib.sha256(
             "".join(f"{name}:{split.digest};" for name, split in sorted(splits.items())).encode()
         ).hexdigest()
-        same_labels = bool(digest) and current.meta.get("data_digest") == digest
-        if same_labels and (current.meta.get("recipe") == "full" or not wants_full):
+        if wants_full and digest:
+            # a full fine-tune on exactly these labels was tried already (promoted or kept back)
+            tried = [v.name for v in self.registry.versions(project_key)
+                     if v.meta.get("data_digest") == digest and v.meta.get("recipe") == "full"]
+            if tried:
+                if self.args.mode == "full":
+                    self.store.mark_trained(project_key, cutoff)
+                    raise NothingToTrain(f"full fine-tuning on these labels was tried in {tried[-1]}")
+                log.info("project %s: full fine-tuning on these labels was tried in %s", project_key, tried[-1])
+                wants_full = False
+        if digest and current.meta.get("data_digest") == digest and not wants_full:
             # nothing new to learn: the same labels would give the same candidates again
             self.store.mark_trained(project_key, cutoff)
             raise NothingToTrain(f"no label changed since {current.version}, which was trained on these labels")

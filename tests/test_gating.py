@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -85,6 +86,24 @@ def test_a_job_on_unchanged_labels_makes_no_second_copy(job_env):
     store.record_event(annotation_event(1, task, choices(other), text=text, updated=5.0, action="ANNOTATION_UPDATED"))
     third = FineTuneJob(settings, store).run(KEY)
     assert third["version"] not in (None, first["version"]) and len(registry.versions(KEY)) == count + 1
+
+
+def test_full_fine_tuning_is_not_repeated_on_the_same_labels(tmp_path):
+    settings = Settings(model_dir=tmp_path / "models", max_length=64, train_mode="full", train_epochs=1,
+                        train_min_steps=4, eval_min=1000)
+    store = CorrectionStore.from_settings(settings)
+    try:
+        label_all(store, balanced_agnews(6))
+        first = FineTuneJob(settings, store).run(KEY)
+        assert first["recipe"] == "full" and first["version"]
+        with pytest.raises(NothingToTrain, match=f"tried in {first['version']}"):
+            FineTuneJob(settings, store).run(KEY)
+        # auto on the same labels: the fast head is no news either (the full version serves them)
+        with pytest.raises(NothingToTrain, match="no label changed"):
+            FineTuneJob(replace(settings, train_mode="auto", full_min_labels=1), store).run(KEY)
+        assert len(ModelRegistry(settings.model_dir).versions(KEY)) == 2  # v0 and the one fine-tune
+    finally:
+        store.close()
 
 
 def test_the_gate_measures_a_version_promoted_while_the_job_trained(job_env):
