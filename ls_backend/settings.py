@@ -124,7 +124,7 @@ class Settings:
     train_min_steps: int = 50
     train_batch_size: int = 16
     train_max_length: int = 128
-    full_min_labels: int = 200
+    full_min_labels: int = 50
     max_train_examples: int = 20_000
     seed: int = 13
     # evaluation slice and promotion gate

@@ -42,7 +42,7 @@ class TrainingArguments:
     target_examples: int = 2048  # full mode: epochs = ceil(target_examples / labels), within [3, max_epochs]
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
-    full_min_labels: int = 200  # auto mode on a CPU: fine-tune the encoder from this many labels
+    full_min_labels: int = 50  # auto mode on a CPU: fine-tune the encoder from this many training labels
     max_train_examples: int = 20_000  # bounded work per job: newest first, then a replay sample
     seed: int = 13
 
