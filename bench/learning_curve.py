@@ -244,7 +244,8 @@ def report(name: str, curve: list[dict], zero_shot: float, versions: dict) -> No
             else:
                 within += 1
         state = "promoted" if row["promoted"] else "kept back"
-        print(f"  {row['version']:<12} {row.get('recipe') or '-':<7} train+slice {sizes:<9} {candidates:<26} "
+        took = f"{row['seconds']:.0f} s" if row.get("seconds") is not None else "-"
+        print(f"  {row['version']:<12} {row.get('recipe') or '-':<7} {took:>6} train+slice {sizes:<9} {candidates:<26} "
               f"serving {fmt(before)}  {state}: {row.get('reason') or ''}")
     print(f"promoted below the serving model on the slice: beyond the tolerance {gated_worse}, "
           f"within it {within}, before gating starts (slice < EVAL_MIN) {ungated}")

@@ -45,6 +45,7 @@ def version_rows(settings: Settings, project_key: str) -> list[dict]:
                 "parent": meta.get("parent"),
                 "created_at": meta.get("created_at"),
                 "trigger": meta.get("trigger"),
+                "seconds": meta.get("seconds"),  # the job's duration, for fine-tunes
                 "data": meta.get("data"),
                 "metrics": meta.get("metrics"),
                 "promoted": decision.get("promoted", meta.get("kind") in ("cold-start", "config-change")),
