@@ -91,6 +91,11 @@ def execute_training(settings: Settings, project_key: str, trigger: str, progres
     from .refresh import REFRESH_TRIGGER, refresh_predictions
     from .store import CorrectionStore
 
+    from .model import resolve_device
+    from .precision import cap_gpu_memory
+
+    if cap_gpu_memory(resolve_device(settings.device), settings.train_gpu_memory_fraction):
+        log.info("training jobs may use %.0f%% of the GPU's memory", 100 * settings.train_gpu_memory_fraction)
     store = CorrectionStore.from_settings(settings)
     try:
         if trigger == REFRESH_TRIGGER:

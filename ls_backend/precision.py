@@ -85,6 +85,16 @@ def grad_scaler(device: torch.device, dtype: torch.dtype) -> "torch.amp.GradScal
     return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype is torch.float16)
 
 
+def cap_gpu_memory(device: torch.device, fraction: float) -> bool:
+    """Limit this process's CUDA caching allocator to ``fraction`` of the card (0: no cap), so a
+    training job can share a GPU with web workers; allocations past it raise ``OutOfMemoryError``.
+    Returns whether a cap was set."""
+    if device.type != "cuda" or not fraction or not torch.cuda.is_available():
+        return False
+    torch.cuda.set_per_process_memory_fraction(float(fraction), device.index if device.index is not None else 0)
+    return True
+
+
 def short_name(dtype: torch.dtype) -> str:
     return _SHORT.get(dtype, str(dtype).replace("torch.", ""))
 

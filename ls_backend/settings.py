@@ -137,6 +137,9 @@ class Settings:
     # numbers of the forward pass when serving: auto = bf16 where the device has it natively
     # (CUDA; CPUs with avx512_bf16/amx_bf16), fp16 on older CUDA cards, else float32
     inference_precision: str = "auto"
+    # share of the GPU's memory a training job may take (0: no cap), for a worker that shares
+    # its GPU with web workers or other workers
+    train_gpu_memory_fraction: float = 0.0
     max_length: int = 256
     batch_size: int = 32
     torch_threads: int = 0  # 0: cores divided among the web workers
@@ -215,6 +218,8 @@ class Settings:
             values["force_promote"] = _bool("FORCE_PROMOTE", get("FORCE_PROMOTE", ""))
         if get("DEVICE"):
             values["device"] = _choice("DEVICE", get("DEVICE", ""), ("auto", "cpu", "cuda"))
+        if get("TRAIN_GPU_MEMORY_FRACTION"):
+            values["train_gpu_memory_fraction"] = _float("TRAIN_GPU_MEMORY_FRACTION", get("TRAIN_GPU_MEMORY_FRACTION", ""), 0, 1)
         if get("INFERENCE_PRECISION"):
             values["inference_precision"] = _choice(
                 "INFERENCE_PRECISION", get("INFERENCE_PRECISION", ""), ("auto", "float32", "bfloat16", "float16")

@@ -190,3 +190,30 @@ def test_fine_tune_falls_back_to_fp16_with_a_gradient_scaler_where_bf16_is_missi
     held = agnews("test", 300, offset=1000)
     after = new_heads["topic"].probabilities(student.encode([t for t, _ in held], 256)).argmax(axis=1)
     assert float((after == np.array([AGNEWS_LABELS.index(y) for _, y in held])).mean()) >= 0.75
+
+
+@cuda_only
+def test_training_memory_cap_stops_allocations_past_it():
+    """TRAIN_GPU_MEMORY_FRACTION, as a job applies it, in a fresh process (the cap lasts as long as
+    the process): 2 GiB fit without a cap and fail under a cap of 1% of the card."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, torch\n"
+        "from ls_backend.precision import cap_gpu_memory\n"
+        "from ls_backend.settings import Settings\n"
+        "s = Settings.from_env({'TRAIN_GPU_MEMORY_FRACTION': sys.argv[1]})\n"
+        "capped = cap_gpu_memory(torch.device('cuda'), s.train_gpu_memory_fraction)\n"
+        "try:\n"
+        "    torch.empty(2 * 1024 ** 3, dtype=torch.uint8, device='cuda')\n"
+        "    print('allocated', capped)\n"
+        "except torch.OutOfMemoryError:\n"
+        "    print('refused', capped)\n"
+    )
+    results = {}
+    for fraction in ("0", "0.01"):
+        done = subprocess.run([sys.executable, "-c", probe, fraction], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        results[fraction] = done.stdout.split()[-2:]
+    assert results == {"0": ["allocated", "False"], "0.01": ["refused", "True"]}, results

@@ -99,3 +99,12 @@ def test_training_step_on_cpu_is_float32_and_lowers_the_loss():
         losses.append(float(loss))
     assert losses[-1] < losses[0] * 0.5, losses
     assert all(p.dtype is torch.float32 for p in layer.parameters())
+
+
+def test_gpu_memory_cap_setting_and_its_no_op_on_a_cpu():
+    assert Settings.from_env({}).train_gpu_memory_fraction == 0.0
+    assert Settings.from_env({"TRAIN_GPU_MEMORY_FRACTION": "0.4"}).train_gpu_memory_fraction == 0.4
+    with pytest.raises(SettingsError, match="TRAIN_GPU_MEMORY_FRACTION"):
+        Settings.from_env({"TRAIN_GPU_MEMORY_FRACTION": "1.5"})
+    assert precision.cap_gpu_memory(CPU, 0.4) is False  # nothing to cap on a CPU
+    assert precision.cap_gpu_memory(torch.device("cuda"), 0.0) is False  # 0: no cap
