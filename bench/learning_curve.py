@@ -50,15 +50,9 @@ from label_efficiency import sample, trainer_baseline  # noqa: E402
 from ls_backend.settings import bundled_encoder_path  # noqa: E402
 from tests.support.backend import BackendServer  # noqa: E402
 from tests.support.data import AGNEWS_LABELS, DATA, agnews, sst2  # noqa: E402
-from tests.support.events import TOPIC_CONFIG, annotation_event, choices, key_of, project  # noqa: E402
+from tests.support.events import SENTIMENT_CONFIG, TOPIC_CONFIG, annotation_event, choices, key_of, project  # noqa: E402
 
 SST2_LABELS = ["Negative", "Positive"]
-SENTIMENT_CONFIG = """<View>
-  <Text name="text" value="$text"/>
-  <Choices name="sentiment" toName="text" choice="single">
-    <Choice value="Positive"/><Choice value="Negative"/>
-  </Choices>
-</View>"""
 # from the issues: AG News >= 0.85 at 64 labels and >= 0.88 at 256
 AIMS = {"agnews": {64: 0.85, 256: 0.88}, "sst2": {64: 0.75, 256: 0.80}}
 

@@ -45,19 +45,9 @@ DATA = REPO.parent / "shared" / "data"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-AGNEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-TOPIC_CONFIG = """<View>
-  <Text name="text" value="$text"/>
-  <Choices name="topic" toName="text" choice="single">
-    <Choice value="World"/><Choice value="Sports"/><Choice value="Business"/><Choice value="Sci/Tech"/>
-  </Choices>
-</View>"""
-SENTIMENT_CONFIG = """<View>
-  <Text name="text" value="$text"/>
-  <Choices name="sentiment" toName="text" choice="single">
-    <Choice value="Positive"/><Choice value="Negative"/>
-  </Choices>
-</View>"""
+from tests.support.data import AGNEWS_LABELS  # noqa: E402
+from tests.support.events import SENTIMENT_CONFIG, TOPIC_CONFIG  # noqa: E402
+
 TOPIC_PROJECT = "101.1764200000"
 SENTIMENT_PROJECT = "102.1764200000"
 

@@ -54,13 +54,9 @@ DATA = REPO.parent / "shared" / "data"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-AGNEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-TOPIC_CONFIG = """<View>
-  <Text name="text" value="$text"/>
-  <Choices name="topic" toName="text" choice="single">
-    <Choice value="World"/><Choice value="Sports"/><Choice value="Business"/><Choice value="Sci/Tech"/>
-  </Choices>
-</View>"""
+from tests.support.data import AGNEWS_LABELS  # noqa: E402
+from tests.support.events import TOPIC_CONFIG  # noqa: E402
+
 REFERENCE_SEQ_PER_S = 10_000  # H100, this encoder's training step, 128 tokens, bf16, batch 256
 TRAINER_EPOCHS = 3  # transformers.TrainingArguments' default num_train_epochs
 

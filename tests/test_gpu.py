@@ -7,6 +7,7 @@ everywhere: on a machine without CUDA, ``DEVICE=auto`` must pick the CPU and the
 
 from __future__ import annotations
 
+import contextlib
 import numpy as np
 import pytest
 import torch
@@ -23,6 +24,23 @@ from .support.data import AGNEWS_LABELS, agnews
 PROJECT = "7.1732665262"
 HAS_CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+
+
+@contextlib.contextmanager
+def linear_dtypes(model: torch.nn.Module):
+    """The dtypes every Linear inside ``model`` (and inside copies of it made meanwhile, which keep
+    its hooks) computed in."""
+    seen: set[torch.dtype] = set()
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def choices(results: list[dict]) -> list[str]:
@@ -86,20 +104,10 @@ def test_fine_tune_a_few_steps_in_bf16_on_cuda():
     zero_shot_accuracy = float((before == held_y).mean())
     reference = {name: p.detach().clone() for name, p in list(encoder.model.named_parameters())[:3]}
 
-    # every Linear inside the encoder records the dtype it computed in
-    seen: set[torch.dtype] = set()
-    hooks = [
-        m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
-        for m in encoder.model.modules()
-        if isinstance(m, torch.nn.Linear)
-    ]
     updates: list[dict] = []
     args = TrainingArguments(batch_size=32, max_length=128, epochs=1, min_steps=24, seed=13)
-    try:
+    with linear_dtypes(encoder.model) as seen:
         student, new_heads, report = fine_tune(encoder, heads, [data], args, progress=updates.append)
-    finally:
-        for hook in hooks:
-            hook.remove()
 
     assert report["steps"] == 24 and report["examples_seen"] == 24 * 32
     assert torch.bfloat16 in seen, f"no bf16 matmul under autocast (saw {seen})"
@@ -159,31 +167,21 @@ def test_fine_tune_falls_back_to_fp16_with_a_gradient_scaler_where_bf16_is_missi
     heads = heads_for_plan(plan, {}, encoder, "{label}", 0.05, 0.5)
     train = agnews("dev", 256)
     data = ControlData("topic", list(heads["topic"].labels), False, [t for t, _ in train], [(y,) for _, y in train])
-    seen: set[torch.dtype] = set()
-    hooks = [
-        m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
-        for m in encoder.model.modules()
-        if isinstance(m, torch.nn.Linear)
-    ]
     scales: list[float] = []
     original = precision.TrainingStep.__call__
 
     def recording(self, loss):
         original(self, loss)
-        scales.append(float(self.scaler.get_scale()))
+        scales.append(float(self.scaler.get_scale()) if self.scaler.is_enabled() else 0.0)
 
     monkeypatch.setattr(precision.TrainingStep, "__call__", recording)
     updates: list[dict] = []
-    try:
-        student, new_heads, report = fine_tune(
-            encoder, heads, [data], TrainingArguments(batch_size=32, max_length=128, epochs=1, min_steps=24, seed=13),
-            progress=updates.append,
-        )
-    finally:
-        for hook in hooks:
-            hook.remove()
+    args = TrainingArguments(batch_size=32, max_length=128, epochs=1, min_steps=24, seed=13)
+    with linear_dtypes(encoder.model) as seen:
+        student, new_heads, report = fine_tune(encoder, heads, [data], args, progress=updates.append)
     assert torch.float16 in seen, f"no fp16 matmul under autocast (saw {seen})"
-    assert len(scales) == 24 and all(s > 0 for s in scales), scales  # the scaler ran on every step
+    # the scaler was on for every step (a disabled one reports nothing here), loss scaling above 1
+    assert len(scales) == 24 and all(s > 1 for s in scales), scales
     losses = [u["loss"] for u in updates if u.get("stage") == "fine-tune"]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in student.model.parameters())

@@ -11,6 +11,13 @@ TOPIC_CONFIG = """<View>
   </Choices>
 </View>"""
 
+SENTIMENT_CONFIG = """<View>
+  <Text name="text" value="$text"/>
+  <Choices name="sentiment" toName="text" choice="single">
+    <Choice value="Positive"/><Choice value="Negative"/>
+  </Choices>
+</View>"""
+
 NER_AND_TOPIC_CONFIG = """<View>
   <Text name="text" value="$text"/>
   <Choices name="topic" toName="text" choice="single">
