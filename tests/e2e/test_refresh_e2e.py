@@ -92,6 +92,10 @@ def test_refresh_after_promotion_writes_one_prediction_per_unlabeled_task(label_
             original(self, project, cursor)
 
         monkeypatch.setattr(PredictionRefresh, "_save_cursor", killed)
+        # a new label first (a job on unchanged labels makes no version): the skipped task gets labeled
+        # after all, and reaches the store as its webhook would
+        ls.create_annotation(skipped, choices(gold[skipped]))
+        sync_project(store, settings, key)
         second = execute_training(settings, key, "labels")
         v2 = second["version"]
         assert second["promoted"] and second["refresh"]["state"] == "failed", second
