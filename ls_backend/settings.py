@@ -125,6 +125,8 @@ class Settings:
     train_batch_size: int = 16
     train_max_length: int = 128
     full_min_labels: int = 50
+    # the full lane's contrastive candidate: pairs per control (0: off; unset: 2560 on CUDA, off on a CPU)
+    contrastive_pairs: int = -1
     max_train_examples: int = 20_000
     seed: int = 13
     # evaluation slice and promotion gate
@@ -240,6 +242,7 @@ class Settings:
             "TRAIN_BATCH_SIZE": 1,
             "TRAIN_MAX_LENGTH": 8,
             "FULL_MIN_LABELS": 0,
+            "CONTRASTIVE_PAIRS": 0,
             "MAX_TRAIN_EXAMPLES": 1,
             "SEED": 0,
             "EVAL_MIN": 0,

@@ -43,6 +43,10 @@ class TrainingArguments:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     full_min_labels: int = 50  # auto mode on a CPU: fine-tune the encoder from this many training labels
+    # contrastive candidate (SetFit-style pairs, then the fast head on the tuned encoder)
+    contrastive_pairs: int = 2560  # at most this many pairs per control (0: no contrastive candidate)
+    contrastive_rounds: int = 20  # each labeled text anchors this many pairs of each kind, within the cap
+    contrastive_learning_rate: float = 2e-5
     max_train_examples: int = 20_000  # bounded work per job: newest first, then a replay sample
     seed: int = 13
 
@@ -347,6 +351,17 @@ def balanced_weights(data: ControlData) -> np.ndarray | None:
     return weights / weights.sum()
 
 
+def pad_batch(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded to the batch's longest sequence, and the attention mask, on ``device``."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        input_ids[r, : len(seq)] = torch.tensor(seq)
+        mask[r, : len(seq)] = 1
+    return input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+
+
 def fine_tune(
     encoder: Encoder,
     heads: dict[str, ClassifierHead],
@@ -437,14 +452,7 @@ def fine_tune(
         if not batches:
             refill()
         control, rows = batches.pop()
-        seqs = [ids[control.name][i] for i in rows]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, seq in enumerate(seqs):
-            input_ids[r, : len(seq)] = torch.tensor(seq)
-            mask[r, : len(seq)] = 1
-        input_ids, mask = input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        input_ids, mask = pad_batch([ids[control.name][i] for i in rows], pad, device)
         y = targets[control.name][rows].to(device)
         with train_step.autocast():
             pooled = student.pooled(input_ids, mask)
@@ -506,6 +514,97 @@ def fine_tune(
         "balanced": sorted(name for name, w in weights.items() if w is not None),
     }
     return student, new_heads, report
+
+
+def contrastive_pairs(data: ControlData, rounds: int, cap: int, seed: int) -> list[tuple[int, int, float]]:
+    """Pairs of one single-label control's examples: in each round every example, in a fresh
+    random order, anchors one pair with an example of its own label (target 1) and one with an
+    example of another label, that label drawn uniformly (target 0); at most ``cap`` pairs."""
+    rng = random.Random(seed)
+    labels = [t[0] for t in data.targets]
+    members: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        members.setdefault(label, []).append(i)
+    if len(members) < 2:
+        return []
+    pairs: list[tuple[int, int, float]] = []
+    for _ in range(max(1, rounds)):
+        for i in rng.sample(range(len(labels)), len(labels)):
+            same = [j for j in members[labels[i]] if j != i]
+            if same:
+                pairs.append((i, rng.choice(same), 1.0))
+            other = rng.choice([label for label in members if label != labels[i]])
+            pairs.append((i, rng.choice(members[other]), 0.0))
+            if len(pairs) >= cap:
+                return pairs[:cap]
+    return pairs
+
+
+def contrastive_tune(
+    encoder: Encoder,
+    data: Sequence[ControlData],
+    args: TrainingArguments,
+    progress: Progress | None = None,
+) -> tuple[Encoder | None, dict]:
+    """Tune a copy of ``encoder`` so that texts of one label embed close together and texts of
+    different labels apart (SetFit's recipe: pairs of labeled texts, the squared error between
+    their cosine similarity and 1 or 0; AdamW, ``contrastive_learning_rate``, 10% warm-up, linear
+    decay, one pass over the pairs).  Single-label controls only; returns ``(None, report)`` when
+    none has two labels.  Heads are fitted afterwards on the tuned embeddings (``fit_head``)."""
+    import copy
+
+    controls = [c for c in data if not c.multiple]
+    pairs = [(c, p) for c in controls
+             for p in contrastive_pairs(c, args.contrastive_rounds, args.contrastive_pairs, args.seed)]
+    if not pairs or not args.contrastive_pairs:
+        return None, {"pairs": 0}
+    set_seed(args.seed)
+    random.Random(args.seed).shuffle(pairs)
+    device = encoder.device
+    source = encoder.trainable()
+    student = copy.copy(source)
+    student.model = copy.deepcopy(source.model).to(device).train()
+    student._lock = threading.Lock()
+    ids = {c.name: student.tokenize(c.texts, args.max_length) for c in controls}
+    pad = student.tokenizer.pad_token_id or 0
+    steps = math.ceil(len(pairs) / args.batch_size)
+    decay, no_decay = [], []
+    for name, param in student.model.named_parameters():
+        (no_decay if param.ndim < 2 or "LayerNorm" in name or "bias" in name else decay).append(param)
+    optimizer = torch.optim.AdamW([
+        {"params": decay, "lr": args.contrastive_learning_rate, "weight_decay": args.weight_decay},
+        {"params": no_decay, "lr": args.contrastive_learning_rate, "weight_decay": 0.0},
+    ])
+    warmup = max(1, int(steps * args.warmup_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
+    )
+    train_step = TrainingStep(device, optimizer, student.model.parameters())
+
+    started = time.perf_counter()
+    losses: list[float] = []
+    for step in range(steps):
+        chunk = pairs[step * args.batch_size : (step + 1) * args.batch_size]
+        left = pad_batch([ids[c.name][i] for c, (i, _, _) in chunk], pad, device)
+        right = pad_batch([ids[c.name][j] for c, (_, j, _) in chunk], pad, device)
+        target = torch.tensor([y for _, (_, _, y) in chunk], device=device)
+        with train_step.autocast():
+            similarity = (student.pooled(*left) * student.pooled(*right)).sum(dim=-1).float()
+        loss = torch.nn.functional.mse_loss(similarity, target)
+        train_step(loss)
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        if progress and (step % 10 == 0 or step == steps - 1):
+            progress({"stage": "contrastive", "step": step + 1, "steps": steps, "loss": round(float(np.mean(losses[-10:])), 4)})
+    student.model.eval()
+    elapsed = time.perf_counter() - started
+    return student, {
+        "pairs": len(pairs),
+        "steps": steps,
+        "seconds": round(elapsed, 2),
+        "pairs_per_second": round(len(pairs) / elapsed, 1) if elapsed else None,
+        "final_loss": round(float(np.mean(losses[-10:])), 4) if losses else None,
+    }
 
 
 def _snapshot(model: torch.nn.Module, heads: torch.nn.Module) -> tuple[dict, dict]:

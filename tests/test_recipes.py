@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
+import numpy as np
+import torch
 import pytest
 
 from ls_backend.embeddings import EmbeddingCache
@@ -13,9 +15,17 @@ from ls_backend.jobs import FAST, FULL, EmbeddedTrainingQueue
 from ls_backend.registry import ModelRegistry
 from ls_backend.settings import Settings
 from ls_backend.store import CorrectionStore
-from ls_backend.trainer import ControlData, balanced_weights, fit_head, split_for_validation
+from ls_backend.trainer import (
+    ControlData,
+    TrainingArguments,
+    balanced_weights,
+    contrastive_pairs,
+    contrastive_tune,
+    fit_head,
+    split_for_validation,
+)
 
-from .support.data import AGNEWS_LABELS, sst2
+from .support.data import AGNEWS_LABELS, agnews, sst2
 from .support.events import annotation_event, choices, key_of, project
 from .support.loop import balanced_agnews
 
@@ -81,6 +91,7 @@ def test_auto_promotes_the_best_candidate_on_sst2(tmp_path):
         train_epochs=1,
         train_min_steps=12,
         eval_min=10,
+        contrastive_pairs=192,
     )
     store = CorrectionStore.from_settings(settings)
     proj = project(5, SENTIMENT)
@@ -92,10 +103,51 @@ def test_auto_promotes_the_best_candidate_on_sst2(tmp_path):
     finally:
         store.close()
     meta = ModelRegistry(settings.model_dir).meta(key_of(5), result["version"])
-    scores = {name: meta["metrics"][name]["score"] for name in ("frozen", "full")}
-    assert set(meta["training"]) == {"frozen", "full"}  # both candidates trained and measured
+    scores = {name: meta["metrics"][name]["score"] for name in ("frozen", "full", "contrastive")}
+    assert set(meta["training"]) == {"frozen", "full", "contrastive"}  # every candidate trained and measured
     assert meta["training"]["full"]["steps"] >= 12
+    assert meta["training"]["contrastive"]["pairs"] == 192 and meta["training"]["contrastive"]["steps"] == 12
     assert result["recipe"] == max(scores, key=lambda name: (scores[name], name == "frozen"))
     assert meta["metrics"][result["recipe"]]["score"] >= max(scores.values())
     if result["promoted"]:
         assert meta["metrics"][result["recipe"]]["score"] + settings.promotion_tolerance >= meta["metrics"]["current"]["score"]
+
+
+def test_contrastive_pairs_are_balanced_capped_and_reproducible():
+    data = ControlData("c", ["a", "b", "c"], False, [f"t{i}" for i in range(30)], [(("a", "b", "c")[i % 3],) for i in range(30)])
+    pairs = contrastive_pairs(data, rounds=4, cap=10_000, seed=1)
+    assert len(pairs) == 4 * 30 * 2  # one same-label and one other-label pair per example and round
+    labels = [t[0] for t in data.targets]
+    assert all((labels[i] == labels[j]) == (y == 1.0) and i != j for i, j, y in pairs)
+    assert sum(y for _, _, y in pairs) == len(pairs) / 2
+    assert contrastive_pairs(data, 4, 10_000, 1) == pairs and contrastive_pairs(data, 4, 10_000, 2) != pairs
+    assert len(contrastive_pairs(data, 20, 100, 1)) == 100
+    one_label = ControlData("c", ["a", "b"], False, ["x", "y"], [("a",), ("a",)])
+    assert contrastive_pairs(one_label, 4, 100, 1) == []  # nothing to contrast
+
+
+def test_contrastive_tuning_pulls_same_topic_texts_together(encoder):
+    """After a few hundred pairs of 32 AG News labels, unseen test texts of one topic sit closer
+    together (relative to texts of other topics) than with the base encoder."""
+    train = agnews("dev", 400)[:32]
+    data = ControlData("topic", AGNEWS_LABELS, False, [t for t, _ in train], [(y,) for _, y in train])
+    args = TrainingArguments(max_length=64, contrastive_pairs=320, contrastive_learning_rate=5e-5, seed=3)
+    first = next(encoder.model.parameters()).detach().clone()
+    updates: list[dict] = []
+    tuned, report = contrastive_tune(encoder, [data], args, updates.append)
+    assert report["pairs"] == 320 and report["steps"] == 20
+    losses = [u["loss"] for u in updates if u["stage"] == "contrastive"]
+    assert losses[-1] < losses[0], losses
+    test = agnews("test", 200, offset=500)
+    y = np.array([AGNEWS_LABELS.index(label) for _, label in test])
+    same = y[:, None] == y[None, :]
+    off_diagonal = ~np.eye(len(y), dtype=bool)
+
+    def gap(model) -> float:
+        e = model.encode([t for t, _ in test])
+        sim = e @ e.T
+        return float(sim[same & off_diagonal].mean() - sim[~same].mean())
+
+    before, after = gap(encoder), gap(tuned)
+    assert after > 1.15 * before, (after, before)  # base encoder: about 0.07
+    assert torch.equal(next(encoder.model.parameters()), first)  # the encoder handed in is left as it was
