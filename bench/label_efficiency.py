@@ -8,6 +8,7 @@ what Label Studio's example backends do — all in one run, on the same labels.
 
     .venv/bin/python bench/label_efficiency.py --dataset agnews --sizes 16 64 256 --seeds 1 --test 1000
     .venv/bin/python bench/label_efficiency.py --dataset sst2 --sizes 64 256 --no-trainer
+    .venv/bin/python bench/label_efficiency.py --sizes 64 --seeds 3 --contrastive 2560   # + the contrastive candidate
 
 Full fine-tuning costs minutes per size on a 2-core CPU; use --no-full / --no-trainer to
 bound the run, or run it where a GPU is lent.
@@ -29,6 +30,7 @@ from ls_backend.settings import bundled_encoder_path  # noqa: E402
 from ls_backend.trainer import (  # noqa: E402
     ControlData,
     TrainingArguments,
+    contrastive_tune,
     fine_tune,
     fit_head,
     split_for_validation,
@@ -118,6 +120,8 @@ def main() -> int:
     parser.add_argument("--test", type=int, default=1000)
     parser.add_argument("--no-full", action="store_true", help="skip our full fine-tuning")
     parser.add_argument("--no-trainer", action="store_true", help="skip the transformers.Trainer baseline")
+    parser.add_argument("--contrastive", type=int, default=0, metavar="PAIRS",
+                        help="also the contrastive candidate with this many pairs (0: skip; the jobs use 2560)")
     parser.add_argument("--max-length", type=int, default=128)
     args = parser.parse_args()
     if not DATA.exists():
@@ -133,7 +137,8 @@ def main() -> int:
     print(f"{args.dataset}: pool {len(pool)}, test {len(test)}, device {device}; test embedded in {time.perf_counter() - started:.0f}s")
     zero = accuracy(zero_shot_head(encoder, labels), test_emb, test_gold, labels)
     print(f"zero-shot (cold start): {zero:.3f}")
-    header = f"{'labels':>6} {'seed':>4} {'fast head':>9} {'full':>6} {'auto':>6} {'Trainer':>8} {'fast s':>7} {'full s':>7} {'Trainer s':>9}"
+    header = (f"{'labels':>6} {'seed':>4} {'fast head':>9} {'full':>6} {'auto':>6} {'Trainer':>8} {'contrast':>8} "
+              f"{'fast s':>7} {'full s':>7} {'Trainer s':>9} {'contr s':>7}")
     print(header)
     table = {}
     for n in args.sizes:
@@ -169,21 +174,30 @@ def main() -> int:
                 t0 = time.perf_counter()
                 baseline = trainer_baseline(rows, test, labels, path, seed)
                 trainer_s = time.perf_counter() - t0
-            table[(n, seed)] = (fast, full, auto, baseline)
+            contrast, contrast_s = None, 0.0
+            if args.contrastive:
+                t0 = time.perf_counter()
+                tuned, _ = contrastive_tune(
+                    encoder, [data], TrainingArguments(seed=seed, max_length=args.max_length, contrastive_pairs=args.contrastive)
+                )
+                tuned_head, _ = fit_head(tuned.encode(data.texts), data, zero_shot_head(tuned, labels), seed)
+                contrast_s = time.perf_counter() - t0
+                contrast = accuracy(tuned_head, tuned.encode([t for t, _ in test]), test_gold, labels)
+            table[(n, seed)] = (fast, full, auto, baseline, contrast)
 
             def cell(x):
                 return f"{x:.3f}" if x is not None else "-"
 
             print(
-                f"{n:>6} {seed:>4} {cell(fast):>9} {cell(full):>6} {cell(auto):>6} {cell(baseline):>8} "
-                f"{fast_s:>7.1f} {full_s:>7.1f} {trainer_s:>9.1f}",
+                f"{n:>6} {seed:>4} {cell(fast):>9} {cell(full):>6} {cell(auto):>6} {cell(baseline):>8} {cell(contrast):>8} "
+                f"{fast_s:>7.1f} {full_s:>7.1f} {trainer_s:>9.1f} {contrast_s:>7.1f}",
                 flush=True,
             )
-    print("means over seeds (fast / full / auto / Trainer defaults):")
+    print("means over seeds (fast / full / auto / Trainer defaults / contrastive):")
     for n in args.sizes:
         values = [table[(n, s)] for s in range(args.seeds)]
         means = []
-        for column in range(4):
+        for column in range(5):
             got = [v[column] for v in values if v[column] is not None]
             means.append(f"{np.mean(got):.3f}" if got else "-")
         print(f"  {n:>6} labels: " + " / ".join(means) + f"   (zero-shot {zero:.3f})")
