@@ -48,13 +48,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.support.conll import CONLL_LABELS, as_text, read_sentences, word_chunks  # noqa: E402
+from tests.support.events import NER_CONFIG  # noqa: E402
 
-NER_CONFIG = """<View>
-  <Text name="text" value="$text"/>
-  <Labels name="ner" toName="text">
-    <Label value="PER"/><Label value="ORG"/><Label value="LOC"/><Label value="MISC"/>
-  </Labels>
-</View>"""
 PROJECT = "201.1764200000"
 
 

@@ -41,14 +41,8 @@ from ls_backend.trainer import TrainingArguments
 
 from .support.conll import CONLL_LABELS, as_text, read_sentences
 from .support.data import data_file
-from .support.events import NER_AND_TOPIC_CONFIG, annotation_event, choices, key_of, project, span
+from .support.events import NER_AND_TOPIC_CONFIG, NER_CONFIG, annotation_event, choices, key_of, project, span
 
-NER_CONFIG = """<View>
-  <Text name="text" value="$text"/>
-  <Labels name="ner" toName="text">
-    <Label value="PER"/><Label value="ORG"/><Label value="LOC"/><Label value="MISC"/>
-  </Labels>
-</View>"""
 LABELS = ["PER", "ORG"]
 
 

@@ -62,13 +62,7 @@ def test_refresh_after_promotion_writes_one_prediction_per_unlabeled_task(label_
         assert by_task(ls, project_id) == {t: Counter({v0: 1}) for t in task_ids}
 
         # 2. label 12 tasks, skip one; START_TRAINING syncs, trains, promotes (FORCE_PROMOTE) and refreshes
-        taken: Counter = Counter()
-        labeled = []
-        for task_id in task_ids:
-            if taken[gold[task_id]] < LABELED_PER_LABEL:
-                taken[gold[task_id]] += 1
-                ls.create_annotation(task_id, choices(gold[task_id]))
-                labeled.append(task_id)
+        labeled = ls.annotate_gold(task_ids, gold, LABELED_PER_LABEL)
         skipped = next(t for t in task_ids if t not in labeled)
         ls.create_annotation(skipped, [], was_cancelled=True)
         untouched = set(labeled) | {skipped}

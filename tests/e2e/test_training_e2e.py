@@ -22,7 +22,7 @@ import requests
 
 from tests.support.backend import BackendServer
 from tests.support.data import AGNEWS_LABELS
-from tests.support.events import TOPIC_CONFIG, choices
+from tests.support.events import TOPIC_CONFIG
 from tests.support.loop import balanced_agnews
 
 pytestmark = pytest.mark.e2e
@@ -95,13 +95,7 @@ def test_start_training_in_label_studio_makes_it_hold_predictions_of_the_new_ver
         cold_hits = sum(p["result"][0]["value"]["choices"][0] == gold[p["task"]] for p in first)
 
         # 2. annotate 32 tasks with their gold labels; each save sends ANNOTATION_CREATED to us
-        taken: Counter = Counter()
-        labeled = []
-        for task_id in task_ids:
-            if taken[gold[task_id]] < LABELED_PER_LABEL:
-                taken[gold[task_id]] += 1
-                ls.create_annotation(task_id, choices(gold[task_id]))
-                labeled.append(task_id)
+        labeled = ls.annotate_gold(task_ids, gold, LABELED_PER_LABEL)
         assert len(labeled) == LABELED_PER_LABEL * len(AGNEWS_LABELS)
         assert ls.project(project_id)["total_annotations_number"] == len(labeled)
         summary = ours(f"/projects/{key}")

@@ -18,6 +18,13 @@ SENTIMENT_CONFIG = """<View>
   </Choices>
 </View>"""
 
+NER_CONFIG = """<View>
+  <Text name="text" value="$text"/>
+  <Labels name="ner" toName="text">
+    <Label value="PER"/><Label value="ORG"/><Label value="LOC"/><Label value="MISC"/>
+  </Labels>
+</View>"""
+
 NER_AND_TOPIC_CONFIG = """<View>
   <Text name="text" value="$text"/>
   <Choices name="topic" toName="text" choice="single">

@@ -214,6 +214,20 @@ class LabelStudioClient:
     def create_annotation(self, task_id: int, result: list[dict], **fields) -> dict:
         return self.request("POST", f"/api/tasks/{task_id}/annotations", json={"result": result, **fields})
 
+    def annotate_gold(self, task_ids: Iterable[int], gold: dict[int, str], per_label: int) -> list[int]:
+        """Annotate, in task order, up to ``per_label`` tasks of each gold topic with that topic (the
+        ``topic`` Choices control); the annotated task ids."""
+        from .events import choices
+
+        taken: dict[str, int] = {}
+        labeled = []
+        for task_id in task_ids:
+            if taken.get(gold[task_id], 0) < per_label:
+                taken[gold[task_id]] = taken.get(gold[task_id], 0) + 1
+                self.create_annotation(task_id, choices(gold[task_id]))
+                labeled.append(task_id)
+        return labeled
+
     def update_annotation(self, annotation_id: int, result: list[dict], **fields) -> dict:
         return self.request("PATCH", f"/api/annotations/{annotation_id}", json={"result": result, **fields})
 
