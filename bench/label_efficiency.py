@@ -1,10 +1,15 @@
 """Label efficiency: accuracy after N labels for our recipes beside transformers.Trainer defaults.
 
-Runs the project's own training code (``fit_head`` = the fast head, ``fine_tune`` = the full
-recipe, ``auto`` = what a job promotes: the better of the two on a split of the training
-labels) and, as the baseline, ``transformers.Trainer`` with default arguments (3 epochs,
-lr 5e-5, batch 8) on ``AutoModelForSequenceClassification`` from the same bundled encoder —
-what Label Studio's example backends do — all in one run, on the same labels.
+Runs the project's own training code on the same N labels: ``fast head`` (``fit_head`` on
+frozen embeddings), ``self-train`` (the fast head refit with its surest guesses on the project's
+unlabeled tasks, ``self_train_head``; here ``--unlabeled`` texts of the pool stand for the tasks a
+refresh of predictions embeds), ``full`` (``fine_tune``), optionally ``contrastive``; and
+``auto``, what a job promotes: every candidate a job would train (full from 50 training labels
+on a CPU), trained outside the evaluation slice (20% of the labels, by task id as in a job) and
+the best on the slice served (ties: self-train, then the fast head).  The baseline is
+``transformers.Trainer`` with default arguments (3 epochs, lr 5e-5, batch 8) on
+``AutoModelForSequenceClassification`` from the same bundled encoder — what Label Studio's
+example backends do — in the same run, on the same labels.
 
     .venv/bin/python bench/label_efficiency.py --dataset agnews --sizes 16 64 256 --seeds 1 --test 1000
     .venv/bin/python bench/label_efficiency.py --dataset sst2 --sizes 64 256 --no-trainer
@@ -25,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ls_backend.finetune import in_eval_slice  # noqa: E402
 from ls_backend.model import Encoder, resolve_device  # noqa: E402
 from ls_backend.settings import bundled_encoder_path  # noqa: E402
 from ls_backend.trainer import (  # noqa: E402
@@ -33,6 +39,7 @@ from ls_backend.trainer import (  # noqa: E402
     contrastive_tune,
     fine_tune,
     fit_head,
+    self_train_head,
     split_for_validation,
 )
 from tests.support.data import AGNEWS_LABELS, DATA, agnews, sst2  # noqa: E402
@@ -50,7 +57,7 @@ def load(dataset: str, test_size: int):
 
 
 def sample(pool, labels, n, seed):
-    """n labels drawn at random, at least one per class."""
+    """Indices of n pool rows drawn at random, at least one per class."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(pool))
     picked, seen = [], set()
@@ -65,7 +72,7 @@ def sample(pool, labels, n, seed):
             break
         if i not in picked:
             picked.append(i)
-    return [pool[i] for i in picked[:n]]
+    return [int(i) for i in picked[:n]]
 
 
 def zero_shot_head(encoder, labels):
@@ -112,16 +119,52 @@ def trainer_baseline(rows, test, labels, path, seed):
     return float(np.mean([labels[p] == g for p, (_, g) in zip(predicted, test)]))
 
 
+def train_candidates(encoder, data, prior, unlabeled, test_texts, args, seed, full: bool):
+    """Every recipe a job may train, on ``data``: {name: (encoder to read with, head, seconds)}."""
+    out = {}
+    t0 = time.perf_counter()
+    embeddings = encoder.encode(data.texts)
+    fast, _ = fit_head(embeddings, data, prior, seed)
+    out["fast head"] = (encoder, fast, time.perf_counter() - t0)
+    if unlabeled is not None:
+        t0 = time.perf_counter()
+        taught, _ = self_train_head(embeddings, data, unlabeled, fast, prior, TrainingArguments(seed=seed))
+        out["self-train"] = (encoder, taught, time.perf_counter() - t0 + out["fast head"][2])
+    if full:
+        t0 = time.perf_counter()
+        fit, valid = split_for_validation(data, 0.15, seed)  # early stopping: never the slice or the test rows
+        student, heads, _ = fine_tune(
+            encoder, {"c": fast}, [fit], TrainingArguments(seed=seed, max_length=args.max_length), validation=[valid]
+        )
+        out["full"] = (student, heads["c"], time.perf_counter() - t0)
+    if args.contrastive:
+        t0 = time.perf_counter()
+        tuned, _ = contrastive_tune(
+            encoder, [data], TrainingArguments(seed=seed, max_length=args.max_length, contrastive_pairs=args.contrastive)
+        )
+        tuned_head, _ = fit_head(tuned.encode(data.texts), data, zero_shot_head(tuned, data.labels), seed)
+        out["contrastive"] = (tuned, tuned_head, time.perf_counter() - t0)
+    return out
+
+
+# what a job prefers on equal figures on its slice (ls_backend.finetune.TIE_PREFERENCE)
+PREFERENCE = {"self-train": 2, "fast head": 1}
+COLUMNS = ["fast head", "self-train", "full", "contrastive"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", choices=["agnews", "sst2"], default="agnews")
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--test", type=int, default=1000)
+    parser.add_argument("--unlabeled", type=int, default=4000,
+                        help="the project's unlabeled tasks, for self-training: this many pool texts (0: none)")
     parser.add_argument("--no-full", action="store_true", help="skip our full fine-tuning")
+    parser.add_argument("--no-auto", action="store_true", help="skip the job's own choice (trains every candidate twice)")
     parser.add_argument("--no-trainer", action="store_true", help="skip the transformers.Trainer baseline")
     parser.add_argument("--contrastive", type=int, default=0, metavar="PAIRS",
-                        help="also the contrastive candidate with this many pairs (0: skip; the jobs use 2560)")
+                        help="also the contrastive candidate with this many pairs (0: skip; the jobs use 2560 on CUDA)")
     parser.add_argument("--max-length", type=int, default=128)
     args = parser.parse_args()
     if not DATA.exists():
@@ -131,73 +174,74 @@ def main() -> int:
     device = resolve_device("auto")
     encoder = Encoder(path, device, args.max_length)
     labels, pool, test = load(args.dataset, args.test)
+    test_texts = [t for t, _ in test]
     test_gold = [g for _, g in test]
     started = time.perf_counter()
-    test_emb = encoder.encode([t for t, _ in test])
-    print(f"{args.dataset}: pool {len(pool)}, test {len(test)}, device {device}; test embedded in {time.perf_counter() - started:.0f}s")
+    test_emb = encoder.encode(test_texts)
+    # the project's unlabeled tasks: a fixed sample of the pool; each run leaves out its own labels
+    unlabeled_rows = np.sort(np.random.default_rng(123).permutation(len(pool))[: args.unlabeled])
+    unlabeled_emb = encoder.encode([pool[i][0] for i in unlabeled_rows]) if args.unlabeled else None
+    print(f"{args.dataset}: pool {len(pool)}, test {len(test)}, unlabeled {len(unlabeled_rows)}, device {device}; "
+          f"embedded in {time.perf_counter() - started:.0f}s")
     zero = accuracy(zero_shot_head(encoder, labels), test_emb, test_gold, labels)
     print(f"zero-shot (cold start): {zero:.3f}")
-    header = (f"{'labels':>6} {'seed':>4} {'fast head':>9} {'full':>6} {'auto':>6} {'Trainer':>8} {'contrast':>8} "
-              f"{'fast s':>7} {'full s':>7} {'Trainer s':>9} {'contr s':>7}")
-    print(header)
+
+    def test_accuracy(model):
+        reader, head, _ = model
+        return accuracy(head, test_emb if reader is encoder else reader.encode(test_texts), test_gold, labels)
+
+    print(f"{'labels':>6} {'seed':>4} " + " ".join(f"{c:>11}" for c in COLUMNS)
+          + f" {'auto':>6} {'(recipe)':<12} {'Trainer':>8}   seconds: " + " / ".join(COLUMNS) + " / Trainer")
     table = {}
     for n in args.sizes:
         for seed in range(args.seeds):
-            rows = sample(pool, labels, n, seed)
-            data = ControlData("c", labels, False, [t for t, _ in rows], [(g,) for _, g in rows])
-            t0 = time.perf_counter()
+            picked = sample(pool, labels, n, seed)
+            rows = [pool[i] for i in picked]
+            unlabeled = None
+            if unlabeled_emb is not None:
+                unlabeled = unlabeled_emb[~np.isin(unlabeled_rows, picked)]
+
+            def as_data(items):
+                return ControlData("c", labels, False, [t for t, _ in items], [(g,) for _, g in items])
+
             prior = zero_shot_head(encoder, labels)
-            head, _ = fit_head(encoder.encode(data.texts), data, prior, seed)
-            fast_s = time.perf_counter() - t0
-            fast = accuracy(head, test_emb, test_gold, labels)
-            full = auto = None
-            full_s = 0.0
-            if not args.no_full:
-                t0 = time.perf_counter()
-                fit, valid = split_for_validation(data, 0.15, seed)
-                fit_emb = encoder.encode(fit.texts)
-                start_head, _ = fit_head(fit_emb, fit, prior, seed)
-                student, heads, _ = fine_tune(
-                    encoder, {"c": start_head}, [fit], TrainingArguments(seed=seed, max_length=args.max_length), validation=[valid]
-                )
-                full_s = time.perf_counter() - t0
-                full = accuracy(heads["c"], student.encode([t for t, _ in test]), test_gold, labels)
-                # auto: the candidate that wins on the training labels' own split (never the test set)
-                if valid is not None:
-                    fast_valid = accuracy(start_head, encoder.encode(valid.texts), [g[0] for g in valid.targets], labels)
-                    full_valid = accuracy(heads["c"], student.encode(valid.texts), [g[0] for g in valid.targets], labels)
-                    auto = full if full_valid > fast_valid else fast
-                else:
-                    auto = fast
+            models = train_candidates(encoder, as_data(rows), prior, unlabeled, test_texts, args, seed, not args.no_full)
+            figures = {name: test_accuracy(model) for name, model in models.items()}
+            seconds = {name: model[2] for name, model in models.items()}
+            auto, recipe = None, "-"
+            if not args.no_auto:
+                # what a job promotes: candidates trained outside the slice, the best on the slice
+                held = [i for i in picked if in_eval_slice(int(i), 0.2)]
+                train = [pool[i] for i in picked if i not in held]
+                wants_full = not args.no_full and (len(train) >= TrainingArguments().full_min_labels or device.type == "cuda")
+                job = train_candidates(encoder, as_data(train), prior, unlabeled, test_texts, args, seed, wants_full)
+                held_texts, held_gold = [pool[i][0] for i in held], [pool[i][1] for i in held]
+
+                def on_slice(name):
+                    reader, head, _ = job[name]
+                    return accuracy(head, reader.encode(held_texts), held_gold, labels) if held else 0.0
+
+                recipe = max(job, key=lambda name: (on_slice(name), PREFERENCE.get(name, 0)))
+                auto = test_accuracy(job[recipe])
             baseline, trainer_s = None, 0.0
             if not args.no_trainer:
                 t0 = time.perf_counter()
                 baseline = trainer_baseline(rows, test, labels, path, seed)
                 trainer_s = time.perf_counter() - t0
-            contrast, contrast_s = None, 0.0
-            if args.contrastive:
-                t0 = time.perf_counter()
-                tuned, _ = contrastive_tune(
-                    encoder, [data], TrainingArguments(seed=seed, max_length=args.max_length, contrastive_pairs=args.contrastive)
-                )
-                tuned_head, _ = fit_head(tuned.encode(data.texts), data, zero_shot_head(tuned, labels), seed)
-                contrast_s = time.perf_counter() - t0
-                contrast = accuracy(tuned_head, tuned.encode([t for t, _ in test]), test_gold, labels)
-            table[(n, seed)] = (fast, full, auto, baseline, contrast)
+            table[(n, seed)] = [figures.get(c) for c in COLUMNS] + [auto, baseline]
 
-            def cell(x):
-                return f"{x:.3f}" if x is not None else "-"
+            def cell(x, width):
+                return (f"{x:.3f}" if x is not None else "-").rjust(width)
 
-            print(
-                f"{n:>6} {seed:>4} {cell(fast):>9} {cell(full):>6} {cell(auto):>6} {cell(baseline):>8} {cell(contrast):>8} "
-                f"{fast_s:>7.1f} {full_s:>7.1f} {trainer_s:>9.1f} {contrast_s:>7.1f}",
-                flush=True,
-            )
-    print("means over seeds (fast / full / auto / Trainer defaults / contrastive):")
+            print(f"{n:>6} {seed:>4} " + " ".join(cell(figures.get(c), 11) for c in COLUMNS)
+                  + f" {cell(auto, 6)} {recipe:<12} {cell(baseline, 8)}   "
+                  + " / ".join(f"{seconds[c]:.1f}" if c in seconds else "-" for c in COLUMNS) + f" / {trainer_s:.1f}",
+                  flush=True)
+    print("means over seeds (" + " / ".join(COLUMNS) + " / auto / Trainer defaults):")
     for n in args.sizes:
         values = [table[(n, s)] for s in range(args.seeds)]
         means = []
-        for column in range(5):
+        for column in range(len(COLUMNS) + 2):
             got = [v[column] for v in values if v[column] is not None]
             means.append(f"{np.mean(got):.3f}" if got else "-")
         print(f"  {n:>6} labels: " + " / ".join(means) + f"   (zero-shot {zero:.3f})")

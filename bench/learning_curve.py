@@ -160,8 +160,7 @@ class Annotators:
 def run_dataset(name: str, url: str, args) -> list[dict]:
     labels, control, config, project_id, pool, test = dataset(name, args.test)
     order = sample(pool, labels, min(max(args.sizes), len(pool)), args.seed)  # at least one per class first
-    index = {id(row): i for i, row in enumerate(pool)}
-    rows = [(index[id(row)], row[0], row[1]) for row in order]
+    rows = [(i, pool[i][0], pool[i][1]) for i in order]
     annotators = Annotators(url, project_id, config, control)
     v0 = annotators.setup()
     zero_shot, served = annotators.served_accuracy(test)

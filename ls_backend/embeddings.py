@@ -20,6 +20,14 @@ import numpy as np
 from .model import Encoder
 
 
+def encoder_id(meta: dict, base_path: str, encoder: Encoder) -> str:
+    """The name of the weights a version's embeddings come from, and their precision: the version
+    that holds its fine-tuned ``encoder/`` folder (``meta["encoder"]``), else ``base:<path>``;
+    ``@bf16``/``@fp16`` where the encoder serves in that precision."""
+    name = meta.get("encoder") or f"base:{base_path}"
+    return name if encoder.precision_tag == "fp32" else f"{name}@{encoder.precision_tag}"
+
+
 def text_key(text: str, max_length: int) -> str:
     return hashlib.sha1(f"{max_length}\x00{text}".encode("utf-8", "surrogatepass")).hexdigest()
 

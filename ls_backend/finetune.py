@@ -22,8 +22,9 @@ from .labeling import CHOICES, LabelingPlan, UnsupportedConfig, plan_for
 from .model import ClassifierHead, Encoder, resolve_device, zero_shot_head
 from .ner_job import encoder_is_taken, token_candidates, token_data
 from .registry import LoadedHeads, ModelRegistry
+from .sampling import PoolStore
 from .settings import Settings
-from .embeddings import EmbeddingCache
+from .embeddings import EmbeddingCache, encoder_id
 from .trainer import (
     ControlData,
     TrainingArguments,
@@ -32,6 +33,7 @@ from .trainer import (
     fine_tune,
     fit_head,
     save_encoder,
+    self_train_head,
     set_seed,
     split_for_validation,
 )
@@ -43,6 +45,14 @@ Progress = Callable[[dict], None]
 
 class NothingToTrain(Exception):
     """The job found no usable labels; it ends without a new version."""
+
+
+# recipes that only refit heads on frozen embeddings (the fast lane's)
+FAST_RECIPES = ("frozen", "self-train")
+# on equal figures on the slice: self-training (ahead of the plain fast head at every size measured,
+# see bench/label_efficiency.py), then the plain fast head, then the recipes that change the encoder
+TIE_PREFERENCE = {"self-train": 2, "frozen": 1}
+SELF_TRAIN_MIN_POOL = 50  # fewer unlabeled tasks than this: no self-training
 
 
 def in_eval_slice(task_id: int, share: float) -> bool:
@@ -69,6 +79,7 @@ def training_arguments(settings: Settings) -> TrainingArguments:
         min_steps=settings.train_min_steps,
         full_min_labels=settings.full_min_labels,
         contrastive_pairs=contrastive_pairs(settings),
+        self_train_share=settings.self_train_share,
         max_train_examples=settings.max_train_examples,
         seed=settings.seed,
     )
@@ -79,6 +90,7 @@ class Split:
     train: ControlData
     held: ControlData
     digest: str = ""  # names exactly these labels (task, text, values; train and slice)
+    task_ids: frozenset = frozenset()  # the labeled tasks, train and slice
 
 
 def _bounded(examples: list, limit: int, seed: int) -> list:
@@ -142,7 +154,9 @@ class FineTuneJob:
                 for part, rows in (("train", train), ("held", held)):
                     for e in sorted(rows, key=lambda e: e.task_id):
                         digest.update(f"{part}\x00{e.task_id}\x00{e.text}\x00{json.dumps(list(e.labels))}\n".encode())
-                splits[control.name] = Split(as_data(train), as_data(held), digest.hexdigest())
+                splits[control.name] = Split(
+                    as_data(train), as_data(held), digest.hexdigest(), frozenset(e.task_id for e in train + held)
+                )
         return splits
 
     # -- the job ---------------------------------------------------------------------
@@ -199,14 +213,12 @@ class FineTuneJob:
 
         # frozen embeddings of every text the job touches, with the current encoder
         cache = EmbeddingCache(self.settings.local_cache_dir)
-        encoder_id = current.meta.get("encoder") or f"base:{self.settings.encoder_path}"
-        if base_encoder.precision_tag != "fp32":
-            encoder_id += f"@{base_encoder.precision_tag}"
+        embedded_with = encoder_id(current.meta, self.settings.encoder_path, base_encoder)
         embed = {}
         for name, split in splits.items():
             embed[name] = (
-                cache.encode(base_encoder, encoder_id, split.train.texts, self.settings.batch_size)[0],
-                cache.encode(base_encoder, encoder_id, split.held.texts, self.settings.batch_size)[0],
+                cache.encode(base_encoder, embedded_with, split.train.texts, self.settings.batch_size)[0],
+                cache.encode(base_encoder, embedded_with, split.held.texts, self.settings.batch_size)[0],
             )
 
         # the current model measured on the slice
@@ -223,6 +235,19 @@ class FineTuneJob:
         self.progress({"stage": "fast-head", "labels": n_train})
         candidates = {"frozen": (fast_heads, None, fast_report)}
         figures["frozen"] = self._measure({n: fast_heads[n] for n in splits}, splits, embed)
+
+        # candidate 1b: the fast head self-trained on the project's unlabeled tasks (seconds)
+        unlabeled = self._unlabeled(project_key, current.version, embedded_with, splits)
+        if unlabeled:
+            taught = dict(fast_heads)
+            taught_report = {}
+            for name, rows in unlabeled.items():
+                taught[name], taught_report[name] = self_train_head(
+                    embed[name][0], splits[name].train, rows, fast_heads[name], start_heads[name], self.args
+                )
+            self.progress({"stage": "self-train", "labels": n_train})
+            candidates["self-train"] = (taught, None, taught_report)
+            figures["self-train"] = self._measure({n: taught[n] for n in splits}, splits, embed)
 
         # candidate 2: full fine-tuning, when it makes sense for the size
         if wants_full:
@@ -270,7 +295,7 @@ class FineTuneJob:
         def primary(name: str) -> float:
             return figures[name]["score"] if figures[name]["score"] is not None else -1.0
 
-        best = max(candidates, key=lambda name: (primary(name), name == "frozen"))
+        best = max(candidates, key=lambda name: (primary(name), TIE_PREFERENCE.get(name, 0)))
         slice_size = min((len(s.held) for s in splits.values()), default=0)
         # decide, write and promote under the project lock, so a pin or rollback cannot interleave
         with self.registry.lock(project_key):
@@ -285,14 +310,15 @@ class FineTuneJob:
                     serving = latest
             # the fast head on these very labels already serves: a second copy is no news
             frozen_serves = (
-                bool(digest) and serving.meta.get("data_digest") == digest and serving.meta.get("recipe") == "frozen"
+                bool(digest) and serving.meta.get("data_digest") == digest and serving.meta.get("recipe") in FAST_RECIPES
             )
             if frozen_serves:
-                candidates.pop("frozen", None)
+                for name in FAST_RECIPES:
+                    candidates.pop(name, None)
                 if not candidates:
                     self.store.mark_trained(project_key, cutoff)
                     raise NothingToTrain(f"no label changed since {serving.version}, which was trained on these labels")
-                best = max(candidates, key=primary)
+                best = max(candidates, key=lambda name: (primary(name), TIE_PREFERENCE.get(name, 0)))
             gated = slice_size >= self.settings.eval_min
             # one example of a small slice is worth more than PROMOTION_TOLERANCE: a single
             # disagreement on 12 labels is noise, not evidence that the candidate is worse
@@ -356,6 +382,28 @@ class FineTuneJob:
             "cutoff_seq": cutoff,
             "seconds": meta["seconds"],
         }
+
+    def _unlabeled(self, project_key: str, version: str, embedded_with: str, splits: dict[str, Split]) -> dict[str, np.ndarray]:
+        """Embeddings of the project's unlabeled tasks for self-training, by control: the pool the
+        last refresh of predictions kept (``sampling.PoolStore``), when it was embedded exactly as
+        this job embeds (same encoder, same precision) for a single-label control this job trains;
+        tasks labeled since are left out, and a pool over ``self_train_max_pool`` is sampled."""
+        if self.args.self_train_share <= 0 or self.args.mode == "full":
+            return {}
+        pool = PoolStore(self.registry).best(project_key, version)
+        if pool is None or pool.meta.get("encoder") != embedded_with:
+            return {}
+        name = pool.meta.get("control")
+        split = splits.get(name)
+        if split is None or split.train.multiple:
+            return {}
+        rows = pool.embeddings[~np.isin(pool.task_ids, np.fromiter(split.task_ids, dtype=np.int64))]
+        if len(rows) < SELF_TRAIN_MIN_POOL:
+            return {}
+        if len(rows) > self.args.self_train_max_pool:
+            keep = np.random.default_rng(self.args.seed).choice(len(rows), self.args.self_train_max_pool, replace=False)
+            rows = rows[np.sort(keep)]
+        return {name: rows}
 
     def _measure_version(self, version: LoadedHeads, measured: LoadedHeads, splits: dict[str, Split], embed: dict) -> dict:
         """``version``'s figures on the slice; the job's embeddings serve when it reads with the

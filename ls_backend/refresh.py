@@ -44,6 +44,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .embeddings import encoder_id
 from .labeling import CHOICES, UnsupportedConfig, plan_for
 from .model import ClassifierHead, Encoder, resolve_device
 from .registry import ModelRegistry, version_prefix, write_atomic
@@ -252,6 +253,7 @@ class PredictionRefresh:
         )
         embed_control = primary or (plan.controls[0] if plan.controls else None)
         report = RefreshReport(project_key, version)
+        predictor, serving = self._serving(project_key, loaded)
         if cursor.get("version") == version and cursor.get("state") == "running":
             report.resumed_after = int(cursor.get("after_id", 0))
             for name in ("tasks", "written", "already_there", "unreadable", "pages"):
@@ -266,10 +268,11 @@ class PredictionRefresh:
                 "threshold": float(head.threshold) if head else 0.5,
                 "trained": trained,
                 "score_mode": self.settings.score_mode,
+                # what the embeddings were made with: a job self-trains on them only when it embeds alike
+                "encoder": encoder_id(loaded.meta, self.settings.encoder_path, serving.encoder),
             })
             cursor = {"version": version, "state": "running", "after_id": 0, "started_at": time.time()}
             self._save_cursor(project_key, cursor)
-        predictor, serving = self._serving(project_key, loaded)
         after_id = int(cursor.get("after_id", 0))
         while report.tasks < limit:
             size = min(self.settings.refresh_page_size, limit - report.tasks)

@@ -127,6 +127,8 @@ class Settings:
     full_min_labels: int = 50
     # the full lane's contrastive candidate: pairs per control (0: off; unset: 2560 on CUDA, off on a CPU)
     contrastive_pairs: int = -1
+    # the fast head's self-training on the last refresh's unlabeled tasks: share taken as pseudo-labels (0: off)
+    self_train_share: float = 0.5
     max_train_examples: int = 20_000
     seed: int = 13
     # evaluation slice and promotion gate
@@ -213,7 +215,7 @@ class Settings:
             values["train_mode"] = _choice("TRAIN_MODE", get("TRAIN_MODE", ""), ("auto", "frozen", "full"))
         if get("LEARNING_RATE"):
             values["learning_rate"] = _float("LEARNING_RATE", get("LEARNING_RATE", ""), 1e-7, 1.0)
-        for name, low, high in (("EVAL_SHARE", 0.0, 0.9), ("PROMOTION_TOLERANCE", 0.0, 1.0)):
+        for name, low, high in (("EVAL_SHARE", 0.0, 0.9), ("PROMOTION_TOLERANCE", 0.0, 1.0), ("SELF_TRAIN_SHARE", 0.0, 1.0)):
             if get(name):
                 values[name.lower()] = _float(name, get(name, ""), low, high)
         if get("FORCE_PROMOTE"):

@@ -47,6 +47,10 @@ class TrainingArguments:
     contrastive_pairs: int = 2560  # at most this many pairs per control (0: no contrastive candidate)
     contrastive_rounds: int = 20  # each labeled text anchors this many pairs of each kind, within the cap
     contrastive_learning_rate: float = 2e-5
+    # self-training of the fast head on the project's unlabeled tasks (the last refresh's pool)
+    self_train_share: float = 0.5  # share of the pool taken as pseudo-labels each round (0: off)
+    self_train_rounds: int = 2
+    self_train_max_pool: int = 20_000  # a seeded sample of a larger pool
     max_train_examples: int = 20_000  # bounded work per job: newest first, then a replay sample
     seed: int = 13
 
@@ -214,6 +218,65 @@ def fit_head(
         "seconds": round(time.perf_counter() - started, 3),
     }
     return head, report
+
+
+def pseudo_labels(head: ClassifierHead, unlabeled: np.ndarray, share: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``unlabeled`` the head is surest of, and its guesses for them: per guessed class
+    the ``share / k`` of the pool with the highest probability, so a head biased towards one
+    class does not fill the set with it.  Returns (rows, classes), rows ascending."""
+    probs = head.probabilities(unlabeled)
+    guessed = probs.argmax(axis=1)
+    sure = probs.max(axis=1)
+    per_class = int(len(unlabeled) * share / max(1, probs.shape[1]))
+    rows = []
+    for c in range(probs.shape[1]):
+        members = np.flatnonzero(guessed == c)
+        rows.extend(members[np.argsort(-sure[members], kind="stable")[:per_class]].tolist())
+    rows_arr = np.asarray(sorted(rows), dtype=np.int64)
+    return rows_arr, guessed[rows_arr]
+
+
+def self_train_head(
+    embeddings: np.ndarray,
+    data: ControlData,
+    unlabeled: np.ndarray,
+    start: ClassifierHead,
+    prior: ClassifierHead | None,
+    args: TrainingArguments,
+) -> tuple[ClassifierHead, dict]:
+    """The fast head refit on the labels plus its own surest guesses on unlabeled embeddings.
+
+    ``start`` (the fast head on the labels) labels the pool; the surest ``self_train_share``
+    of it, balanced over the guessed classes, joins the labels and ``fit_head`` refits on
+    both (its regulariser and temperature chosen on the union, as for the labels alone);
+    ``self_train_rounds`` times, each round's head labelling the pool anew.  Single-label
+    controls only.  The labels themselves are never replaced by guesses.
+    """
+    if data.multiple:
+        raise ValueError("self-training covers single-label controls")
+    started = time.perf_counter()
+    x = np.asarray(embeddings, dtype=np.float32)
+    pool = np.asarray(unlabeled, dtype=np.float32)
+    head, report = start, {}
+    rounds = []
+    for _ in range(max(1, args.self_train_rounds)):
+        rows, classes = pseudo_labels(head, pool, args.self_train_share)
+        # the pseudo-labelled rows have no text here: fit_head reads embeddings and targets only
+        union = ControlData(
+            data.name, data.labels, False,
+            data.texts + [""] * len(rows),
+            data.targets + [(data.labels[c],) for c in classes],
+        )
+        head, report = fit_head(np.concatenate([x, pool[rows]]), union, prior, args.seed)
+        rounds.append({"pseudo_labels": int(len(rows)),
+                       "per_label": {data.labels[c]: int((classes == c).sum()) for c in range(len(data.labels))}})
+    return head, {
+        "pool": int(len(pool)),
+        "share": args.self_train_share,
+        "rounds": rounds,
+        "fit": report,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 # -- calibration and evaluation ------------------------------------------------------

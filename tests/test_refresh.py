@@ -104,6 +104,7 @@ def test_one_prediction_per_unlabeled_task_and_labeled_tasks_left_alone(project,
     assert pool.complete and pool.trained and sorted(pool.task_ids) == sorted(written)
     assert pool.embeddings.shape == (len(written), encoder.dim) and pool.probabilities.shape == (len(written), 4)
     assert np.allclose(np.linalg.norm(pool.embeddings, axis=1), 1, atol=1e-2)
+    assert pool.meta["encoder"] == f"base:{settings.encoder_path}"  # what a job checks before self-training on it
     # the same version again writes nothing
     again = refresh(settings, registry, api, encoder)
     assert again.reason == "already refreshed" and api.imports == 3

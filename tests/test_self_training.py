@@ -1,0 +1,143 @@
+"""Self-training of the fast head on the project's unlabeled tasks (the refresh's pool)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ls_backend.embeddings import encoder_id
+from ls_backend.finetune import FineTuneJob
+from ls_backend.model import ClassifierHead
+from ls_backend.registry import ModelRegistry
+from ls_backend.sampling import PoolPart, PoolStore
+from ls_backend.settings import Settings
+from ls_backend.store import CorrectionStore
+from ls_backend.trainer import ControlData, TrainingArguments, fit_head, pseudo_labels, self_train_head
+
+from .support.data import AGNEWS_LABELS, agnews
+from .support.events import annotation_event, choices, key_of
+
+
+def test_pseudo_labels_take_the_surest_rows_of_each_guessed_class():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 8)).astype(np.float32)
+    x[:300, 0] += 3.0  # three quarters lean towards class 0: a balanced pick must not follow them
+    head = ClassifierHead(["a", "b"], np.eye(2, 8, dtype=np.float32) * 2, np.zeros(2, dtype=np.float32))
+    rows, classes = pseudo_labels(head, x, share=0.25)
+    probs = head.probabilities(x)
+    assert list(rows) == sorted(rows) and len(set(rows.tolist())) == len(rows)
+    assert (classes == probs[rows].argmax(axis=1)).all()  # the head's own guesses
+    guessed = probs.argmax(axis=1)
+    # 25% of 400 split evenly over the 2 guessed classes: the many class-0 guesses do not take the rare class's part
+    assert (guessed == 0).sum() > 250 and (guessed == 1).sum() < 50
+    assert (classes == 0).sum() == 50 and (classes == 1).sum() == (guessed == 1).sum()
+    taken = rows[classes == 0]
+    others = np.setdiff1d(np.flatnonzero(guessed == 0), taken)
+    assert probs[taken, 0].min() >= probs[others, 0].max()  # the surest ones
+
+
+@pytest.fixture(scope="module")
+def agnews_embeddings(encoder):
+    pool = agnews("dev", 1200)
+    test = agnews("test", 500)
+    return (
+        encoder.encode([t for t, _ in pool]), np.array([AGNEWS_LABELS.index(g) for _, g in pool]),
+        encoder.encode([t for t, _ in test]), np.array([AGNEWS_LABELS.index(g) for _, g in test]),
+        [t for t, _ in pool],
+    )
+
+
+def test_self_training_beats_the_fast_head_on_real_agnews(agnews_embeddings):
+    x, y, test_x, test_y, texts = agnews_embeddings
+    gains = []
+    for seed in range(3):
+        labeled = np.random.default_rng(seed).permutation(len(x))[:32]
+        rest = np.setdiff1d(np.arange(len(x)), labeled)
+        data = ControlData("topic", AGNEWS_LABELS, False, [texts[i] for i in labeled],
+                           [(AGNEWS_LABELS[y[i]],) for i in labeled])
+        fast, _ = fit_head(x[labeled], data, None, seed)
+        taught, report = self_train_head(x[labeled], data, x[rest], fast, None, TrainingArguments(seed=seed))
+        accuracy = [float((h.probabilities(test_x).argmax(axis=1) == test_y).mean()) for h in (fast, taught)]
+        gains.append(accuracy[1] - accuracy[0])
+        assert report["pool"] == len(rest) and len(report["rounds"]) == 2
+        assert report["rounds"][-1]["pseudo_labels"] == 4 * int(len(rest) * 0.5 / 4)
+        assert sum(report["rounds"][-1]["per_label"].values()) == report["rounds"][-1]["pseudo_labels"]
+    assert np.mean(gains) > 0.03, gains  # measured: +0.05 to +0.13 at 16-64 labels (bench/label_efficiency.py)
+
+
+def test_self_training_refuses_multi_label_controls(agnews_embeddings):
+    x = agnews_embeddings[0][:20]
+    data = ControlData("tags", AGNEWS_LABELS, True, [""] * 10, [("World",)] * 10)
+    with pytest.raises(ValueError, match="single-label"):
+        self_train_head(x[:10], data, x[10:], None, None, TrainingArguments())
+
+
+def _store_with_labels(settings: Settings, rows: list[tuple[int, str, str]]) -> CorrectionStore:
+    store = CorrectionStore.from_settings(settings)
+    for task_id, text, label in rows:
+        store.record_event(annotation_event(task_id, task_id, choices(label), text=text))
+    return store
+
+
+def _write_pool(registry: ModelRegistry, project_key: str, version: str, task_ids, embeddings, encoder_name: str) -> None:
+    pools = PoolStore(registry)
+    pools.start(project_key, version, {"control": "topic", "labels": AGNEWS_LABELS, "multiple": False,
+                                        "trained": True, "encoder": encoder_name})
+    pools.add(project_key, version, PoolPart(list(task_ids), embeddings, None, [0.5] * len(task_ids)))
+    pools.finish(project_key, version, {})
+
+
+def test_a_job_self_trains_on_the_refresh_pool_without_the_labeled_tasks(tmp_path, encoder, agnews_embeddings):
+    x, y, _, _, texts = agnews_embeddings
+    settings = Settings(model_dir=tmp_path / "models", max_length=128, inference_precision="float32",
+                        train_mode="frozen", eval_min=10)
+    labeled = [(i + 1, texts[i], AGNEWS_LABELS[y[i]]) for i in range(60)]  # task id = row + 1
+    store = _store_with_labels(settings, labeled[:40])
+    registry = ModelRegistry(settings.model_dir)
+    key = key_of(3)
+    try:
+        first = FineTuneJob(settings, store, registry).run(key)
+        assert "self-train" not in first["metrics"]  # no refresh has run: no pool, no self-training
+        # the refresh of the version now serving kept 1,000 tasks, 60 of which are labeled by now
+        current = registry.load(key, registry.current(key))
+        name = encoder_id(current.meta, settings.encoder_path, encoder)
+        _write_pool(registry, key, current.version, range(1, 1001), x[:1000], name)
+        for task_id, text, label in labeled[40:]:
+            store.record_event(annotation_event(task_id, task_id, choices(label), text=text))
+        second = FineTuneJob(settings, store, registry).run(key)
+        meta = registry.meta(key, second["version"])
+        report = meta["training"]["self-train"]["topic"]
+        assert report["pool"] == 1000 - 60  # every labeled task, train and slice, is left out
+        assert set(meta["metrics"]) >= {"current", "frozen", "self-train"}
+        scores = {name: meta["metrics"][name]["score"] for name in ("frozen", "self-train")}
+        assert second["recipe"] == max(scores, key=lambda n: (scores[n], n == "self-train"))
+
+        # a pool embedded by other weights (or another precision) is not mixed with this job's
+        _write_pool(registry, key, registry.current(key), range(1, 1001), x[:1000], name + "@bf16")
+        for task_id in range(61, 71):
+            store.record_event(annotation_event(task_id, task_id, choices(AGNEWS_LABELS[y[task_id - 1]]),
+                                                text=texts[task_id - 1]))
+        third = FineTuneJob(settings, store, registry).run(key)
+        assert "self-train" not in third["metrics"]
+    finally:
+        store.close()
+
+
+def test_self_train_share_zero_turns_it_off(tmp_path, encoder, agnews_embeddings):
+    x, y, _, _, texts = agnews_embeddings
+    settings = Settings(model_dir=tmp_path / "models", max_length=128, inference_precision="float32",
+                        train_mode="frozen", self_train_share=0.0)
+    assert Settings.from_env({"SELF_TRAIN_SHARE": "0"}).self_train_share == 0.0
+    store = _store_with_labels(settings, [(i + 1, texts[i], AGNEWS_LABELS[y[i]]) for i in range(30)])
+    registry = ModelRegistry(settings.model_dir)
+    key = key_of(3)
+    try:
+        FineTuneJob(settings, store, registry).run(key)
+        current = registry.load(key, registry.current(key))
+        _write_pool(registry, key, current.version, range(100, 400), x[100:400],
+                    encoder_id(current.meta, settings.encoder_path, encoder))
+        store.record_event(annotation_event(31, 31, choices(AGNEWS_LABELS[y[30]]), text=texts[30]))
+        result = FineTuneJob(settings, store, registry).run(key)
+        assert "self-train" not in result["metrics"]
+    finally:
+        store.close()
