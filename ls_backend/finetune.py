@@ -90,7 +90,7 @@ class Split:
     train: ControlData
     held: ControlData
     digest: str = ""  # names exactly these labels (task, text, values; train and slice)
-    task_ids: frozenset = frozenset()  # the labeled tasks, train and slice
+    task_ids: frozenset = frozenset()  # every labeled task (train, slice, and any left out by MAX_TRAIN_EXAMPLES)
 
 
 def _bounded(examples: list, limit: int, seed: int) -> list:
@@ -155,7 +155,7 @@ class FineTuneJob:
                     for e in sorted(rows, key=lambda e: e.task_id):
                         digest.update(f"{part}\x00{e.task_id}\x00{e.text}\x00{json.dumps(list(e.labels))}\n".encode())
                 splits[control.name] = Split(
-                    as_data(train), as_data(held), digest.hexdigest(), frozenset(e.task_id for e in train + held)
+                    as_data(train), as_data(held), digest.hexdigest(), frozenset(e.task_id for e in examples)
                 )
         return splits
 

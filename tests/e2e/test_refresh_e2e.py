@@ -130,3 +130,39 @@ def test_refresh_after_promotion_writes_one_prediction_per_unlabeled_task(label_
         assert registry.current(key) == v2
     finally:
         store.close()
+
+
+def test_jobs_self_train_on_the_tasks_the_refresh_embedded(label_studio, tmp_path):
+    """The pool a refresh keeps of a real project's unlabeled tasks feeds the next job's self-trained
+    fast head, with the settings' defaults for precision (the refresh and the job embed alike)."""
+    ls = label_studio
+    rows = balanced_agnews(20, split="dev", offset=3000)  # 80 tasks
+    project = ls.create_project("AG News self-training (e2e)", TOPIC_CONFIG)
+    project_id, key = project["id"], project_key(project)
+    task_ids = ls.import_tasks(project_id, [{"text": text} for _, text, _ in rows])
+    gold = dict(zip(task_ids, (label for _, _, label in rows)))
+    settings = Settings(
+        model_dir=tmp_path / "models", label_studio_url=ls.url, label_studio_api_key=ls.token,
+        train_mode="frozen", force_promote=True, sync_check_interval=0,
+    )
+    registry = ModelRegistry(settings.model_dir)
+    store = CorrectionStore.from_settings(settings)
+    try:
+        sync_project(store, settings, key)
+        cold = execute_training(settings, key, "refresh")  # v0 predicts (and embeds) all 80 tasks
+        assert cold["state"] == "finished" and cold["written"] == len(task_ids), cold
+        labeled = ls.annotate_gold(task_ids, gold, 4)  # 16 labels
+        first = execute_training(settings, key, "START_TRAINING")
+        meta = registry.meta(key, first["version"])
+        assert meta["training"]["self-train"]["topic"]["pool"] == len(task_ids) - len(labeled), meta["training"]
+        assert "self-train" in meta["metrics"] and first["refresh"]["written"] == len(task_ids) - len(labeled), first
+        # four more labels: the next job self-trains on the new version's pool without them
+        more = [t for t in task_ids if t not in labeled][:4]
+        for task_id in more:
+            ls.create_annotation(task_id, choices(gold[task_id]))
+        sync_project(store, settings, key)
+        second = execute_training(settings, key, "labels")
+        meta = registry.meta(key, second["version"])
+        assert meta["training"]["self-train"]["topic"]["pool"] == len(task_ids) - len(labeled) - len(more), meta
+    finally:
+        store.close()
