@@ -41,6 +41,10 @@ class TrainingArguments:
     max_epochs: int = 20
     target_examples: int = 2048  # full mode: epochs = ceil(target_examples / labels), within [3, max_epochs]
     warmup_ratio: float = 0.1
+    # early stopping trusts a validation split of at least this many labels; a smaller one only
+    # calibrates (one example of 38 flips its accuracy by 2.6 points: it stopped AG News at 256
+    # labels after two epochs, 0.805 on the test rows against 0.869 for the whole schedule)
+    early_stopping_min: int = 200
     weight_decay: float = 0.01
     full_min_labels: int = 50  # auto mode on a CPU: fine-tune the encoder from this many training labels
     # contrastive candidate (SetFit-style pairs, then the fast head on the tuned encoder)
@@ -439,9 +443,10 @@ def fine_tune(
     Batches are drawn per control (one shared encoder, one head each), shuffled with the
     seed (class-balanced where a single-label control is skewed); linear warm-up then
     linear decay; AdamW with weight decay; bf16 autocast on CUDA (fp16 with a gradient scaler where bf16 is missing).  With ``validation``
-    (a held-out split of the training labels, one per control or None), the model is
-    checked once per epoch, the best state is kept, training stops after ``patience``
-    checks without gain, and each head's temperature is fitted on that split.
+    (a held-out split of the training labels, one per control or None), each head's
+    temperature is fitted on that split; where the split holds ``early_stopping_min``
+    labels, the model is also checked once per epoch, the best state is kept, and training
+    stops after ``patience`` checks without gain (a smaller split runs the whole schedule).
     Returns a new encoder object (the input one is left untouched), new heads, and a report.
     """
     import copy
@@ -476,6 +481,7 @@ def fine_tune(
         rng.shuffle(batches)
 
     checks = [(c, v) for c, v in zip(data, validation or [None] * len(data)) if v is not None and len(v)]
+    stop_early = sum(len(v) for _, v in checks) >= args.early_stopping_min
     steps_per_epoch = max(1, sum(math.ceil(len(c) / args.batch_size) for c in data))
     best = {"score": -1.0, "step": 0, "state": None}
     stale = 0
@@ -528,7 +534,7 @@ def fine_tune(
         scheduler.step()
         losses.append(float(loss.detach()))
         seen += len(rows)
-        if checks and ((step + 1) % steps_per_epoch == 0 or step == steps - 1):
+        if checks and stop_early and ((step + 1) % steps_per_epoch == 0 or step == steps - 1):
             score = validate()
             if score > best["score"]:
                 best.update(score=score, step=step + 1, state=_snapshot(student.model, head_module))
@@ -571,8 +577,9 @@ def fine_tune(
         "seconds": round(elapsed, 2),
         "examples_per_second": round(seen / elapsed, 1) if elapsed else None,
         "final_loss": round(float(np.mean(losses[-10:])), 4) if losses else None,
-        "validation": {"size": sum(len(v) for _, v in checks), "best_score": best["score"] if checks else None,
-                       "best_step": best["step"] if checks else None},
+        "validation": {"size": sum(len(v) for _, v in checks), "early_stopping": stop_early,
+                       "best_score": best["score"] if stop_early else None,
+                       "best_step": best["step"] if stop_early else None},
         "temperature": {name: round(t, 4) for name, t in temperatures.items()},
         "balanced": sorted(name for name, w in weights.items() if w is not None),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,6 +22,7 @@ from ls_backend.trainer import (
     balanced_weights,
     contrastive_pairs,
     contrastive_tune,
+    fine_tune,
     fit_head,
     split_for_validation,
 )
@@ -151,3 +153,23 @@ def test_contrastive_tuning_pulls_same_topic_texts_together(encoder):
     before, after = gap(encoder), gap(tuned)
     assert after > 1.15 * before, (after, before)  # base encoder: about 0.07
     assert torch.equal(next(encoder.model.parameters()), first)  # the encoder handed in is left as it was
+
+
+def test_early_stopping_only_on_a_validation_split_large_enough_to_trust(encoder):
+    rows = balanced_agnews(8)  # 32 labels
+    texts = [t for _, t, _ in rows]
+    data = ControlData("topic", AGNEWS_LABELS, False, texts, [(label,) for _, _, label in rows])
+    # validation: the same texts, each with another topic, so every epoch of training on the
+    # real topics can only make it worse: the first check is the best one
+    wrong = ControlData("topic", AGNEWS_LABELS, False, texts,
+                        [(AGNEWS_LABELS[(AGNEWS_LABELS.index(label) + 1) % 4],) for _, _, label in rows])
+    head, _ = fit_head(encoder.encode(texts), data, None)
+    args = TrainingArguments(epochs=5, min_steps=1, batch_size=8, max_length=32, early_stopping_min=32)
+    _, _, trusted = fine_tune(encoder, {"topic": head}, [data], args, validation=[wrong], patience=1)
+    assert trusted["validation"]["early_stopping"] and trusted["validation"]["best_step"] == 4
+    assert trusted["examples_seen"] == 2 * 32  # stopped at the second check, one without gain
+    _, _, small = fine_tune(encoder, {"topic": head}, [data], replace(args, early_stopping_min=33),
+                            validation=[wrong], patience=1)
+    assert not small["validation"]["early_stopping"] and small["validation"]["best_step"] is None
+    assert small["examples_seen"] == 5 * 32 and small["steps"] == 20  # the whole schedule
+    assert small["temperature"]["topic"] != 1.0  # the split still calibrates
