@@ -2,8 +2,9 @@
 
 Usage::
 
-    .venv/bin/python bench/active_learning.py [--pool 2000] [--test 1000] [--seeds 3] [--batch 16]
-                                              [--checkpoints 64,128,256,512] [--modes margin,entropy]
+    .venv/bin/python bench/active_learning.py [--pool 2000] [--test 1000] [--seeds 3] [--first-seed 0]
+                                              [--batch 16] [--checkpoints 64,128,256,512]
+                                              [--modes margin,entropy] [--self-train]
 
 Simulated annotators: the pool is the first ``--pool`` texts of ``../shared/data/agnews/dev.tsv``
 (embedded once, as the backend's refresh embeds a project's unlabeled tasks), the evaluation set
@@ -21,6 +22,10 @@ labels, ``/next`` batches of 20).  The batches are chosen
 and, as the backend's ``/next`` does, (b) and (c) take their first batch by coverage (k-means
 representatives of the pool), since no trained version exists yet.  ``--modes`` adds uncertainty
 runs under other score modes.  The same ``--seeds`` seeds for every strategy.
+
+``--self-train`` refits the self-trained fast head between rounds instead (what the fast lane
+also trains where a refresh has embedded the unlabeled tasks: here the pool's unlabeled rest);
+``--first-seed`` moves the seeds, e.g. to check a strategy on seeds it was not chosen on.
 
 Area under the curve: the trapezoid over the checkpoints' label counts, divided by their span
 (so it reads as an accuracy, in points).
@@ -54,7 +59,7 @@ if str(REPO) not in sys.path:
 from ls_backend.model import ClassifierHead, Encoder, resolve_device  # noqa: E402
 from ls_backend.sampling import CoverageSampling, DiverseUncertainty, RandomSampling, UncertaintySampling  # noqa: E402
 from ls_backend.settings import Settings  # noqa: E402
-from ls_backend.trainer import ControlData, fit_head  # noqa: E402
+from ls_backend.trainer import ControlData, TrainingArguments, fit_head, self_train_head  # noqa: E402
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -90,7 +95,8 @@ def area(counts: list[int], accuracies: list[float]) -> float:
 
 
 def run(strategy: str, mode: str, seed: int, pool: np.ndarray, gold: np.ndarray, texts: list[str],
-        test: np.ndarray, test_gold: np.ndarray, prior: ClassifierHead, batch: int, checkpoints: list[int]) -> list[float]:
+        test: np.ndarray, test_gold: np.ndarray, prior: ClassifierHead, batch: int, checkpoints: list[int],
+        self_train: bool = False) -> list[float]:
     rng = np.random.default_rng(seed)
     labeled: list[int] = []
     accuracies: list[float] = []
@@ -110,6 +116,9 @@ def run(strategy: str, mode: str, seed: int, pool: np.ndarray, gold: np.ndarray,
         labeled += [int(unlabeled[i]) for i in picked]  # the annotator answers with the gold label
         data = ControlData("topic", LABELS, False, [texts[i] for i in labeled], [(LABELS[gold[i]],) for i in labeled])
         head, _ = fit_head(pool[labeled], data, prior, seed)
+        if self_train:  # the fast lane's self-trained candidate, on the pool's unlabeled rest
+            rest = np.setdiff1d(np.arange(len(pool)), labeled)
+            head, _ = self_train_head(pool[labeled], data, pool[rest], head, prior, TrainingArguments(seed=seed))
         if len(labeled) in checkpoints:
             accuracies.append(float((head.probabilities(test).argmax(axis=1) == test_gold).mean()))
     return accuracies
@@ -120,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", type=int, default=2000)
     parser.add_argument("--test", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds --first-seed .. --first-seed + --seeds - 1")
+    parser.add_argument("--self-train", action="store_true",
+                        help="the head between rounds is the self-trained fast head (pseudo-labels on the unlabeled pool)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--checkpoints", default="64,128,256,512")
     parser.add_argument("--modes", default="", help="extra uncertainty runs under these score modes (margin,entropy)")
@@ -135,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     encoder = Encoder(settings.encoder_path, resolve_device(settings.device), 128)
     pool_rows, test_rows = read_rows("dev", args.pool), read_rows("test", args.test)
     print(f"AG News: pool {len(pool_rows)} dev texts, evaluation {len(test_rows)} test rows; device "
-          f"{encoder.device}; batch {args.batch}; seeds {args.seeds}", flush=True)
+          f"{encoder.device}; batch {args.batch}; seeds {args.first_seed}-{args.first_seed + args.seeds - 1}; "
+          f"head: {'self-trained fast head' if args.self_train else 'fast head'}", flush=True)
     texts = [t for t, _ in pool_rows]
     pool = embed(encoder, texts, settings)
     test = embed(encoder, [t for t, _ in test_rows], settings)
@@ -152,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     for strategy, mode in runs:
         name = strategy if mode == "confidence" else f"{strategy}:{mode}"
         started = time.perf_counter()
-        curves = [run(strategy, mode, seed, pool, gold, texts, test, test_gold, prior, args.batch, checkpoints)
-                  for seed in range(args.seeds)]
+        curves = [run(strategy, mode, seed, pool, gold, texts, test, test_gold, prior, args.batch, checkpoints,
+                      args.self_train)
+                  for seed in range(args.first_seed, args.first_seed + args.seeds)]
         results[name] = np.asarray(curves) * 100
         print(f"  {name}: {time.perf_counter() - started:.0f}s", flush=True)
 

@@ -90,9 +90,10 @@ def accuracy(head, embeddings, gold, labels):
 
 def trainer_baseline(rows, test, labels, path, seed):
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments as HFArgs
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments as HFArgs, set_seed
 
     tokenizer = AutoTokenizer.from_pretrained(path)
+    set_seed(seed)  # the new classifier layer's initial weights: the same whatever ran before
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
     index = {label: i for i, label in enumerate(labels)}
 
