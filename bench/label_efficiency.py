@@ -120,7 +120,7 @@ def trainer_baseline(rows, test, labels, path, seed):
     return float(np.mean([labels[p] == g for p, (_, g) in zip(predicted, test)]))
 
 
-def train_candidates(encoder, data, prior, unlabeled, test_texts, args, seed, full: bool):
+def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool):
     """Every recipe a job may train, on ``data``: {name: (encoder to read with, head, seconds)}."""
     out = {}
     t0 = time.perf_counter()
@@ -206,7 +206,7 @@ def main() -> int:
                 return ControlData("c", labels, False, [t for t, _ in items], [(g,) for _, g in items])
 
             prior = zero_shot_head(encoder, labels)
-            models = train_candidates(encoder, as_data(rows), prior, unlabeled, test_texts, args, seed, not args.no_full)
+            models = train_candidates(encoder, as_data(rows), prior, unlabeled, args, seed, not args.no_full)
             figures = {name: test_accuracy(model) for name, model in models.items()}
             seconds = {name: model[2] for name, model in models.items()}
             auto, recipe = None, "-"
@@ -215,7 +215,7 @@ def main() -> int:
                 held = [i for i in picked if in_eval_slice(int(i), 0.2)]
                 train = [pool[i] for i in picked if i not in held]
                 wants_full = not args.no_full and (len(train) >= TrainingArguments().full_min_labels or device.type == "cuda")
-                job = train_candidates(encoder, as_data(train), prior, unlabeled, test_texts, args, seed, wants_full)
+                job = train_candidates(encoder, as_data(train), prior, unlabeled, args, seed, wants_full)
                 held_texts, held_gold = [pool[i][0] for i in held], [pool[i][1] for i in held]
 
                 def on_slice(name):

@@ -295,7 +295,10 @@ class FineTuneJob:
         def primary(name: str) -> float:
             return figures[name]["score"] if figures[name]["score"] is not None else -1.0
 
-        best = max(candidates, key=lambda name: (primary(name), TIE_PREFERENCE.get(name, 0)))
+        def ranking(name: str) -> tuple[float, int]:
+            return primary(name), TIE_PREFERENCE.get(name, 0)
+
+        best = max(candidates, key=ranking)
         slice_size = min((len(s.held) for s in splits.values()), default=0)
         # decide, write and promote under the project lock, so a pin or rollback cannot interleave
         with self.registry.lock(project_key):
@@ -318,7 +321,7 @@ class FineTuneJob:
                 if not candidates:
                     self.store.mark_trained(project_key, cutoff)
                     raise NothingToTrain(f"no label changed since {serving.version}, which was trained on these labels")
-                best = max(candidates, key=lambda name: (primary(name), TIE_PREFERENCE.get(name, 0)))
+                best = max(candidates, key=ranking)
             gated = slice_size >= self.settings.eval_min
             # one example of a small slice is worth more than PROMOTION_TOLERANCE: a single
             # disagreement on 12 labels is noise, not evidence that the candidate is worse

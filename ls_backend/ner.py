@@ -19,11 +19,9 @@ label of the control; its classifier then becomes the cold-start head.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import random
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -445,14 +443,11 @@ def fine_tune_tokens(
     windows; AdamW, linear warm-up and decay, gradient clipping, bf16 autocast on CUDA (fp16 with a gradient scaler where bf16 is missing);
     token cross-entropy, special tokens and padding ignored.
     """
-    from .trainer import full_schedule, set_seed
+    from .trainer import encoder_groups, full_schedule, set_seed, training_copy, warmup_linear_decay
 
     set_seed(args.seed)
     device = encoder.device
-    source = encoder.trainable()  # float32 weights (a bf16 serving copy is reloaded)
-    student = copy.copy(source)
-    student.model = copy.deepcopy(source.model).to(device).train()
-    student._lock = threading.Lock()
+    student = training_copy(encoder)
     layers = _TokenLayers({d.name: heads[d.name] for d in data}).to(device).train()
     examples: dict[str, list[tuple[list[int], list[int]]]] = {}
     tagging: dict[str, dict] = {}
@@ -473,20 +468,11 @@ def fine_tune_tokens(
                 batches.append((name, order[start : start + args.batch_size]))
         rng.shuffle(batches)
 
-    decay, no_decay = [], []
-    for name, param in student.model.named_parameters():
-        (no_decay if param.ndim < 2 or "LayerNorm" in name or "bias" in name else decay).append(param)
     optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "lr": args.learning_rate, "weight_decay": args.weight_decay},
-            {"params": no_decay, "lr": args.learning_rate, "weight_decay": 0.0},
-            {"params": layers.parameters(), "lr": args.head_learning_rate, "weight_decay": 0.0},
-        ]
+        encoder_groups(student.model, args.learning_rate, args.weight_decay)
+        + [{"params": layers.parameters(), "lr": args.head_learning_rate, "weight_decay": 0.0}]
     )
-    warmup = max(1, int(steps * args.warmup_ratio))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
-    )
+    scheduler = warmup_linear_decay(optimizer, steps, args.warmup_ratio)
     train_step = TrainingStep(device, optimizer, list(student.model.parameters()) + list(layers.parameters()))
     pad = student.tokenizer.pad_token_id or 0
     started = time.perf_counter()

@@ -168,6 +168,30 @@ def _fold_of(n: int, folds: int, seed: int) -> np.ndarray:
     return fold_of
 
 
+def _out_of_fold_logits(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    fold_of: np.ndarray,
+    prior_w: torch.Tensor,
+    l2: float,
+    multiple: bool,
+    always: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Each row's logits from the head fitted without its fold (and with the ``always`` rows,
+    ``(x, y)`` that every fold trains on)."""
+    logits = torch.zeros(len(x), prior_w.shape[0])
+    for fold in range(fold_of.max() + 1):
+        train, held = fold_of != fold, fold_of == fold
+        if not held.any() or not train.any():
+            continue
+        fit_x, fit_y = x[train], y[train]
+        if always is not None:
+            fit_x, fit_y = torch.cat([fit_x, always[0]]), torch.cat([fit_y, always[1]])
+        w, b = _fit_linear(fit_x, fit_y, prior_w, torch.zeros(prior_w.shape[0]), l2, multiple)
+        logits[torch.from_numpy(held)] = x[held] @ w.T + b
+    return logits
+
+
 def fit_head(
     embeddings: np.ndarray,
     data: ControlData,
@@ -187,21 +211,13 @@ def fit_head(
     n, dim = x.shape
     k = len(data.labels)
     priors = {"zero-shot": _prior_rows(prior, k, dim), "none": torch.zeros(k, dim)}
-    bias0 = torch.zeros(k)
     fold_of = _fold_of(n, folds, seed)
     scores = {}
     out_of_fold: dict[tuple[str, float], torch.Tensor] = {}
     for name, strength in HEAD_GRID:
         if n < 8:  # too few for cross-validation: trust the prior
             break
-        l2 = strength / n
-        logits = torch.zeros(n, k)
-        for fold in range(fold_of.max() + 1):
-            train, held = fold_of != fold, fold_of == fold
-            if not held.any() or not train.any():
-                continue
-            w, b = _fit_linear(x[train], y[train], priors[name], bias0, l2, data.multiple)
-            logits[torch.from_numpy(held)] = x[held] @ w.T + b
+        logits = _out_of_fold_logits(x, y, fold_of, priors[name], strength / n, data.multiple)
         out_of_fold[(name, strength)] = logits
         scores[(name, strength)] = _score(logits, y, data.multiple)
     if scores:
@@ -210,7 +226,7 @@ def fit_head(
     else:
         choice = ("zero-shot", 1.0)
         temperature = 1.0
-    weight, bias = _fit_linear(x, y, priors[choice[0]], bias0, choice[1] / max(n, 1), data.multiple)
+    weight, bias = _fit_linear(x, y, priors[choice[0]], torch.zeros(k), choice[1] / max(n, 1), data.multiple)
     head = ClassifierHead(
         labels=list(data.labels),
         weight=weight.numpy(),
@@ -286,24 +302,17 @@ def self_train_head(
     # overconfident (expected calibration error on AG News test rows 0.07-0.13 at 64-256 labels against
     # 0.03-0.06 this way), so it is fitted on the labels alone, each fold's model refit without that fold
     pooled_temperature = head.temperature
-    labels_y = data.target_array()
     if len(data) >= 8:
-        weights = _prior_rows(prior, len(data.labels), x.shape[1]) if report["prior"] == "zero-shot" else None
-        fold_of = _fold_of(len(data), 4, args.seed)
-        logits = np.zeros((len(data), len(data.labels)))
-        guessed_x, guessed_y = torch.from_numpy(pool[rows]), torch.from_numpy(classes.astype(np.int64))
-        for fold in range(fold_of.max() + 1):
-            held = fold_of == fold
-            w, b = _fit_linear(
-                torch.cat([torch.from_numpy(x[~held]), guessed_x]),
-                torch.cat([torch.from_numpy(labels_y[~held]), guessed_y]),
-                weights if weights is not None else torch.zeros(len(data.labels), x.shape[1]),
-                torch.zeros(len(data.labels)), report["l2"], False,
-            )
-            logits[held] = x[held] @ w.numpy().T + b.numpy()
+        k, dim = len(data.labels), x.shape[1]
+        labels_y = data.target_array()
+        logits = _out_of_fold_logits(
+            torch.from_numpy(x), torch.from_numpy(labels_y), _fold_of(len(data), 4, args.seed),
+            _prior_rows(prior, k, dim) if report["prior"] == "zero-shot" else torch.zeros(k, dim),
+            report["l2"], False, always=(torch.from_numpy(pool[rows]), torch.from_numpy(classes.astype(np.int64))),
+        )
         # never sharper than with the guesses: with a few labels every held-out one can come out right,
         # and the fit would then sharpen without bound
-        head = replace(head, temperature=max(pooled_temperature, fit_temperature(logits, labels_y, False)))
+        head = replace(head, temperature=max(pooled_temperature, fit_temperature(logits.numpy(), labels_y, False)))
     return head, {
         "pool": int(len(pool)),
         "share": args.self_train_share,
@@ -460,6 +469,38 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> 
     return input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 
+def training_copy(encoder: Encoder) -> Encoder:
+    """A copy of ``encoder`` to train, on its device: float32 weights (a bf16 serving copy is
+    reloaded), train mode, a lock of its own; ``encoder`` itself is left untouched."""
+    import copy
+
+    source = encoder.trainable()
+    student = copy.copy(source)
+    student.model = copy.deepcopy(source.model).to(encoder.device).train()
+    student._lock = threading.Lock()
+    return student
+
+
+def encoder_groups(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups of an encoder: weight decay on weight matrices, none on biases and
+    LayerNorm."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "LayerNorm" in name or "bias" in name else decay).append(param)
+    return [
+        {"params": decay, "lr": learning_rate, "weight_decay": weight_decay},
+        {"params": no_decay, "lr": learning_rate, "weight_decay": 0.0},
+    ]
+
+
+def warmup_linear_decay(optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_ratio`` of ``steps``, then linear decay to 0 at ``steps``."""
+    warmup = max(1, int(steps * warmup_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
+    )
+
+
 def fine_tune(
     encoder: Encoder,
     heads: dict[str, ClassifierHead],
@@ -480,14 +521,9 @@ def fine_tune(
     stops after ``patience`` checks without gain (a smaller split runs the whole schedule).
     Returns a new encoder object (the input one is left untouched), new heads, and a report.
     """
-    import copy
-
     set_seed(args.seed)
     device = encoder.device
-    source = encoder.trainable()  # float32 weights (a bf16 serving copy is reloaded)
-    student = copy.copy(source)
-    student.model = copy.deepcopy(source.model).to(device).train()
-    student._lock = threading.Lock()
+    student = training_copy(encoder)
     head_module = _Heads({c.name: heads[c.name] for c in data}).to(device).train()
 
     batches: list[tuple[ControlData, list[int]]] = []
@@ -529,20 +565,11 @@ def fine_tune(
         student.model.train()
         return float(np.mean(scores))
 
-    decay, no_decay = [], []
-    for name, param in student.model.named_parameters():
-        (no_decay if param.ndim < 2 or "LayerNorm" in name or "bias" in name else decay).append(param)
     optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "lr": args.learning_rate, "weight_decay": args.weight_decay},
-            {"params": no_decay, "lr": args.learning_rate, "weight_decay": 0.0},
-            {"params": head_module.parameters(), "lr": args.head_learning_rate, "weight_decay": 0.0},
-        ]
+        encoder_groups(student.model, args.learning_rate, args.weight_decay)
+        + [{"params": head_module.parameters(), "lr": args.head_learning_rate, "weight_decay": 0.0}]
     )
-    warmup = max(1, int(steps * args.warmup_ratio))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
-    )
+    scheduler = warmup_linear_decay(optimizer, steps, args.warmup_ratio)
     train_step = TrainingStep(device, optimizer, list(student.model.parameters()) + list(head_module.parameters()))
     pad = student.tokenizer.pad_token_id or 0
     started = time.perf_counter()
@@ -652,8 +679,6 @@ def contrastive_tune(
     their cosine similarity and 1 or 0; AdamW, ``contrastive_learning_rate``, 10% warm-up, linear
     decay, one pass over the pairs).  Single-label controls only; returns ``(None, report)`` when
     none has two labels.  Heads are fitted afterwards on the tuned embeddings (``fit_head``)."""
-    import copy
-
     controls = [c for c in data if not c.multiple]
     pairs = [(c, p) for c in controls
              for p in contrastive_pairs(c, args.contrastive_rounds, args.contrastive_pairs, args.seed)]
@@ -662,24 +687,12 @@ def contrastive_tune(
     set_seed(args.seed)
     random.Random(args.seed).shuffle(pairs)
     device = encoder.device
-    source = encoder.trainable()
-    student = copy.copy(source)
-    student.model = copy.deepcopy(source.model).to(device).train()
-    student._lock = threading.Lock()
+    student = training_copy(encoder)
     ids = {c.name: student.tokenize(c.texts, args.max_length) for c in controls}
     pad = student.tokenizer.pad_token_id or 0
     steps = math.ceil(len(pairs) / args.batch_size)
-    decay, no_decay = [], []
-    for name, param in student.model.named_parameters():
-        (no_decay if param.ndim < 2 or "LayerNorm" in name or "bias" in name else decay).append(param)
-    optimizer = torch.optim.AdamW([
-        {"params": decay, "lr": args.contrastive_learning_rate, "weight_decay": args.weight_decay},
-        {"params": no_decay, "lr": args.contrastive_learning_rate, "weight_decay": 0.0},
-    ])
-    warmup = max(1, int(steps * args.warmup_ratio))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
-    )
+    optimizer = torch.optim.AdamW(encoder_groups(student.model, args.contrastive_learning_rate, args.weight_decay))
+    scheduler = warmup_linear_decay(optimizer, steps, args.warmup_ratio)
     train_step = TrainingStep(device, optimizer, student.model.parameters())
 
     started = time.perf_counter()
