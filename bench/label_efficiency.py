@@ -3,7 +3,9 @@
 Runs the project's own training code on the same N labels: ``fast head`` (``fit_head`` on
 frozen embeddings), ``self-train`` (the fast head refit with its surest guesses on the project's
 unlabeled tasks, ``self_train_head``; here ``--unlabeled`` texts of the pool stand for the tasks a
-refresh of predictions embeds), ``full`` (``fine_tune``), optionally ``contrastive``; and
+refresh of predictions embeds), ``full`` (``fine_tune``, warm-started from the self-trained head,
+on the labels plus the texts of its ``--pseudo`` surest guesses, as a job does where the
+refresh's pool kept texts; ``--pseudo 0``: labels only), optionally ``contrastive``; and
 ``auto``, what a job promotes: every candidate a job would train (full from 50 training labels
 on a CPU), trained outside the evaluation slice (20% of the labels, by task id as in a job) and
 the best on the slice served (ties: self-train, then the fast head).  The baseline is
@@ -41,6 +43,7 @@ from ls_backend.trainer import (  # noqa: E402
     fit_head,
     self_train_head,
     split_for_validation,
+    with_pseudo_labels,
 )
 from tests.support.data import AGNEWS_LABELS, DATA, agnews, sst2  # noqa: E402
 
@@ -121,22 +124,25 @@ def trainer_baseline(rows, test, labels, path, seed):
 
 
 def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool):
-    """Every recipe a job may train, on ``data``: {name: (encoder to read with, head, seconds)}."""
+    """Every recipe a job may train, on ``data``: {name: (encoder to read with, head, seconds)}.
+    ``unlabeled``: (embeddings, texts) of the project's unlabeled tasks, or None."""
     out = {}
     t0 = time.perf_counter()
     embeddings = encoder.encode(data.texts)
     fast, _ = fit_head(embeddings, data, prior, seed)
     out["fast head"] = (encoder, fast, time.perf_counter() - t0)
+    warm = fast
     if unlabeled is not None:
         t0 = time.perf_counter()
-        taught, _ = self_train_head(embeddings, data, unlabeled, fast, prior, TrainingArguments(seed=seed))
-        out["self-train"] = (encoder, taught, time.perf_counter() - t0 + out["fast head"][2])
+        warm, _ = self_train_head(embeddings, data, unlabeled[0], fast, prior, TrainingArguments(seed=seed))
+        out["self-train"] = (encoder, warm, time.perf_counter() - t0 + out["fast head"][2])
     if full:
         t0 = time.perf_counter()
         fit, valid = split_for_validation(data, 0.15, seed)  # early stopping: never the slice or the test rows
-        student, heads, _ = fine_tune(
-            encoder, {"c": fast}, [fit], TrainingArguments(seed=seed, max_length=args.max_length), validation=[valid]
-        )
+        tuning = TrainingArguments(seed=seed, max_length=args.max_length, self_train_tune_max=args.pseudo)
+        if unlabeled is not None:  # as a job: the self-trained head's surest guesses join the labels
+            fit, _ = with_pseudo_labels(fit, warm, unlabeled[0], unlabeled[1], tuning)
+        student, heads, _ = fine_tune(encoder, {"c": warm}, [fit], tuning, validation=[valid])
         out["full"] = (student, heads["c"], time.perf_counter() - t0)
     if args.contrastive:
         t0 = time.perf_counter()
@@ -162,6 +168,8 @@ def main() -> int:
     parser.add_argument("--unlabeled", type=int, default=4000,
                         help="the project's unlabeled tasks, for self-training: this many pool texts (0: none)")
     parser.add_argument("--no-full", action="store_true", help="skip our full fine-tuning")
+    parser.add_argument("--pseudo", type=int, default=TrainingArguments().self_train_tune_max,
+                        help="the full recipe's pseudo-labelled texts (SELF_TRAIN_TUNE_MAX; 0: labels only)")
     parser.add_argument("--no-auto", action="store_true", help="skip the job's own choice (trains every candidate twice)")
     parser.add_argument("--no-trainer", action="store_true", help="skip the transformers.Trainer baseline")
     parser.add_argument("--contrastive", type=int, default=0, metavar="PAIRS",
@@ -200,7 +208,8 @@ def main() -> int:
             rows = [pool[i] for i in picked]
             unlabeled = None
             if unlabeled_emb is not None:
-                unlabeled = unlabeled_emb[~np.isin(unlabeled_rows, picked)]
+                left = ~np.isin(unlabeled_rows, picked)
+                unlabeled = (unlabeled_emb[left], [pool[i][0] for i in unlabeled_rows[left]])
 
             def as_data(items):
                 return ControlData("c", labels, False, [t for t, _ in items], [(g,) for _, g in items])

@@ -36,6 +36,7 @@ from .trainer import (
     self_train_head,
     set_seed,
     split_for_validation,
+    with_pseudo_labels,
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ def training_arguments(settings: Settings) -> TrainingArguments:
         full_min_labels=settings.full_min_labels,
         contrastive_pairs=contrastive_pairs(settings),
         self_train_share=settings.self_train_share,
+        self_train_tune_max=settings.self_train_tune_max,
         max_train_examples=settings.max_train_examples,
         seed=settings.seed,
     )
@@ -91,6 +93,15 @@ class Split:
     held: ControlData
     digest: str = ""  # names exactly these labels (task, text, values; train and slice)
     task_ids: frozenset = frozenset()  # every labeled task (train, slice, and any left out by MAX_TRAIN_EXAMPLES)
+
+
+@dataclass
+class Unlabeled:
+    """A control's unlabeled tasks from the last refresh's pool: embeddings (as this job embeds) and,
+    where the pool kept them, their texts (the full recipe fine-tunes on the surest guesses)."""
+
+    embeddings: np.ndarray
+    texts: list[str] | None = None
 
 
 def _bounded(examples: list, limit: int, seed: int) -> list:
@@ -238,12 +249,13 @@ class FineTuneJob:
 
         # candidate 1b: the fast head self-trained on the project's unlabeled tasks (seconds)
         unlabeled = self._unlabeled(project_key, current.version, embedded_with, splits)
+        taught = fast_heads
         if unlabeled:
             taught = dict(fast_heads)
             taught_report = {}
             for name, rows in unlabeled.items():
                 taught[name], taught_report[name] = self_train_head(
-                    embed[name][0], splits[name].train, rows, fast_heads[name], start_heads[name], self.args
+                    embed[name][0], splits[name].train, rows.embeddings, fast_heads[name], start_heads[name], self.args
                 )
             self.progress({"stage": "self-train", "labels": n_train})
             candidates["self-train"] = (taught, None, taught_report)
@@ -252,10 +264,21 @@ class FineTuneJob:
         # candidate 2: full fine-tuning, when it makes sense for the size
         if wants_full:
             # early stopping and the temperature use a split of the training labels, never the slice
-            fit, valid = zip(*(split_for_validation(s.train, 0.15, self.args.seed) for s in splits.values()))
+            fit, valid = map(list, zip(*(split_for_validation(s.train, 0.15, self.args.seed) for s in splits.values())))
+            # with the project's unlabeled texts, the encoder also learns from the self-trained head's
+            # surest guesses; the heads start from the best fast heads (self-trained where they are)
+            pseudo_report = {}
+            for i, name in enumerate(splits):
+                rows = unlabeled.get(name)
+                if rows is not None and rows.texts is not None:
+                    fit[i], pseudo_report[name] = with_pseudo_labels(
+                        fit[i], taught[name], rows.embeddings, rows.texts, self.args
+                    )
             student, full_heads, full_report = fine_tune(
-                base_encoder, fast_heads, list(fit), self.args, self.progress, validation=list(valid)
+                base_encoder, taught, fit, self.args, self.progress, validation=valid
             )
+            if pseudo_report:
+                full_report["pseudo_labels"] = pseudo_report
             merged = dict(start_heads)
             merged.update(full_heads)
             held_embed = {
@@ -284,7 +307,8 @@ class FineTuneJob:
                 candidates["contrastive"] = (tuned_heads, tuned, contrastive_report)
                 figures["contrastive"] = self._measure({n: tuned_heads[n] for n in splits}, splits, tuned_embed)
         if self.args.mode == "full":
-            candidates.pop("frozen")
+            for name in FAST_RECIPES:
+                candidates.pop(name, None)
         if token_splits:  # NER labels: the encoder is tuned for them (see ner_job)
             candidates, figures = token_candidates(
                 self, plan, base_encoder, start_heads, splits, token_splits, candidates, figures
@@ -386,12 +410,12 @@ class FineTuneJob:
             "seconds": meta["seconds"],
         }
 
-    def _unlabeled(self, project_key: str, version: str, embedded_with: str, splits: dict[str, Split]) -> dict[str, np.ndarray]:
-        """Embeddings of the project's unlabeled tasks for self-training, by control: the pool the
-        last refresh of predictions kept (``sampling.PoolStore``), when it was embedded exactly as
-        this job embeds (same encoder, same precision) for a single-label control this job trains;
-        tasks labeled since are left out, and a pool over ``self_train_max_pool`` is sampled."""
-        if self.args.self_train_share <= 0 or self.args.mode == "full":
+    def _unlabeled(self, project_key: str, version: str, embedded_with: str, splits: dict[str, Split]) -> dict[str, Unlabeled]:
+        """The project's unlabeled tasks for self-training, by control: the pool the last refresh of
+        predictions kept (``sampling.PoolStore``), when it was embedded exactly as this job embeds
+        (same encoder, same precision) for a single-label control this job trains; tasks labeled
+        since are left out, and a pool over ``self_train_max_pool`` is sampled."""
+        if self.args.self_train_share <= 0:
             return {}
         pool = PoolStore(self.registry).best(project_key, version)
         if pool is None or pool.meta.get("encoder") != embedded_with:
@@ -400,13 +424,14 @@ class FineTuneJob:
         split = splits.get(name)
         if split is None or split.train.multiple:
             return {}
-        rows = pool.embeddings[~np.isin(pool.task_ids, np.fromiter(split.task_ids, dtype=np.int64))]
+        rows = np.flatnonzero(~np.isin(pool.task_ids, np.fromiter(split.task_ids, dtype=np.int64)))
         if len(rows) < SELF_TRAIN_MIN_POOL:
             return {}
         if len(rows) > self.args.self_train_max_pool:
             keep = np.random.default_rng(self.args.seed).choice(len(rows), self.args.self_train_max_pool, replace=False)
             rows = rows[np.sort(keep)]
-        return {name: rows}
+        texts = [pool.texts[r] for r in rows] if pool.texts is not None else None
+        return {name: Unlabeled(pool.embeddings[rows], texts)}
 
     def _measure_version(self, version: LoadedHeads, measured: LoadedHeads, splits: dict[str, Split], embed: dict) -> dict:
         """``version``'s figures on the slice; the job's embeddings serve when it reads with the

@@ -24,7 +24,6 @@ import fcntl
 import json
 import logging
 import multiprocessing
-import os
 import signal
 import sqlite3
 import threading

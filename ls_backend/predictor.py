@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -215,8 +215,8 @@ class Predictor:
         self, serving: Serving, plan: LabelingPlan, tasks: Sequence[Any], project_key: str = "", keep: dict | None = None
     ) -> list[dict]:
         """Results for ``tasks``; ``keep``, when given, receives what the refresh saves for ranking:
-        ``embeddings`` (one row per text), ``slot`` ((field, task index) -> row) and ``probabilities``
-        (control -> one row or None per task)."""
+        ``embeddings`` (one row per text), ``texts`` (the text of each row), ``slot`` ((field, task
+        index) -> row) and ``probabilities`` (control -> one row or None per task)."""
         started = time.perf_counter()
         controls = [c for c in plan.controls if c.kind == CHOICES and isinstance(serving.heads.get(c.name), ClassifierHead)]
         # Labels controls whose token head was trained; an untrained one finds no spans
@@ -278,7 +278,7 @@ class Predictor:
                 }
             )
         if keep is not None:
-            keep.update(embeddings=embeddings, slot=slot, probabilities=probabilities)
+            keep.update(embeddings=embeddings, texts=texts, slot=slot, probabilities=probabilities)
         log.info(
             "project %s version %s: predicted %d tasks in %.1f ms",
             project_key,

@@ -54,6 +54,9 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 REFRESH_TRIGGER = "refresh"
+# the pool keeps each task's text up to this many characters a token of MAX_LENGTH (a token is
+# rarely over 10 characters): enough for the encoder, bounded for a huge task
+POOL_TEXT_CHARS_PER_TOKEN = 16
 # the task fields a refresh reads (Label Studio returns predictions whole)
 TASK_FIELDS = "id,data,predictions,model_version,total_annotations,cancelled_annotations"
 
@@ -365,6 +368,8 @@ class PredictionRefresh:
             embeddings=keep["embeddings"][rows_of_embedding] if ids else np.zeros((0, 0), dtype=np.float32),
             probabilities=np.asarray(probabilities, dtype=np.float32) if primary is not None and ids else None,
             scores=scores,
+            # a job re-embeds these with the encoder it tunes; the encoder reads MAX_LENGTH tokens at most
+            texts=[keep["texts"][row][: POOL_TEXT_CHARS_PER_TOKEN * self.settings.max_length] for row in rows_of_embedding],
         ))
 
     def _follow(self, project_key: str, version: str, api: LabelStudioPredictions, report: RefreshReport) -> None:

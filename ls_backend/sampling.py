@@ -49,7 +49,7 @@ import shutil
 import time
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +315,7 @@ class Pool:
     probabilities: np.ndarray | None  # the primary Choices control's, or None
     scores: np.ndarray  # the task scores written to Label Studio
     complete: bool = False
+    texts: list[str] | None = None  # the text each embedding was made from; None for pools without them
 
     @property
     def trained(self) -> bool:
@@ -330,7 +331,7 @@ class PoolPart:
     embeddings: np.ndarray
     probabilities: np.ndarray | None
     scores: list[float]
-    extra: dict = field(default_factory=dict)
+    texts: list[str] | None = None  # one per task id: what the job re-embeds with a tuned encoder
 
 
 class PoolStore:
@@ -371,6 +372,11 @@ class PoolStore:
         }
         if part.probabilities is not None:
             arrays["probabilities"] = np.asarray(part.probabilities, dtype=np.float32)
+        if part.texts is not None:
+            if len(part.texts) != len(part.task_ids):
+                raise ValueError(f"{len(part.texts)} texts for {len(part.task_ids)} tasks")
+            # UTF-8 JSON bytes: no pickled objects in the pool (np.load's allow_pickle stays off)
+            arrays["texts"] = np.frombuffer(json.dumps(list(part.texts)).encode(), dtype=np.uint8)
         np.savez(tmp, **arrays)
         tmp.replace(folder / name)
 
@@ -396,7 +402,7 @@ class PoolStore:
         meta = self._meta(folder)
         if meta is None:
             return None
-        ids, embeddings, probabilities, scores = [], [], [], []
+        ids, embeddings, probabilities, scores, texts = [], [], [], [], []
         for path in sorted(folder.glob("part-*.npz")):
             with np.load(path) as part:
                 ids.append(part["task_ids"])
@@ -404,6 +410,9 @@ class PoolStore:
                 scores.append(part["scores"])
                 if "probabilities" in part:
                     probabilities.append(part["probabilities"])
+                if "texts" in part:
+                    texts.extend(json.loads(part["texts"].tobytes().decode()))
+        pool_texts = None
         if ids:
             task_ids = np.concatenate(ids)
             order = np.argsort(task_ids, kind="stable")
@@ -412,12 +421,14 @@ class PoolStore:
             emb = np.concatenate(embeddings)[keep]
             sc = np.concatenate(scores)[keep]
             probs = np.concatenate(probabilities)[keep] if len(probabilities) == len(ids) else None
+            if len(texts) == sum(len(i) for i in ids):  # every part has its texts
+                pool_texts = [texts[i] for i in keep]
         else:
             task_ids = np.zeros(0, dtype=np.int64)
             emb = np.zeros((0, int(meta.get("dim", 0))), dtype=np.float32)
             sc = np.zeros(0, dtype=np.float32)
             probs = None
-        return Pool(version, meta, task_ids, emb, probs, sc, complete=bool(meta.get("complete")))
+        return Pool(version, meta, task_ids, emb, probs, sc, complete=bool(meta.get("complete")), texts=pool_texts)
 
     def best(self, project_key: str, current: str | None) -> Pool | None:
         """The current version's pool when complete; else the newest complete one; else whatever exists."""

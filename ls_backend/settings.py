@@ -129,6 +129,8 @@ class Settings:
     contrastive_pairs: int = -1
     # the fast head's self-training on the last refresh's unlabeled tasks: share taken as pseudo-labels (0: off)
     self_train_share: float = 0.5
+    # the full recipe's pseudo-labelled texts from those tasks: at most this many (0: labels only)
+    self_train_tune_max: int = 1024
     max_train_examples: int = 20_000
     seed: int = 13
     # evaluation slice and promotion gate
@@ -245,6 +247,7 @@ class Settings:
             "TRAIN_MAX_LENGTH": 8,
             "FULL_MIN_LABELS": 0,
             "CONTRASTIVE_PAIRS": 0,
+            "SELF_TRAIN_TUNE_MAX": 0,
             "MAX_TRAIN_EXAMPLES": 1,
             "SEED": 0,
             "EVAL_MIN": 0,

@@ -11,7 +11,7 @@ import math
 import random
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -55,6 +55,10 @@ class TrainingArguments:
     self_train_share: float = 0.5  # share of the pool taken as pseudo-labels each round (0: off)
     self_train_rounds: int = 2
     self_train_max_pool: int = 20_000  # a seeded sample of a larger pool
+    # the full recipe also trains on the self-trained head's surest guesses, with their texts:
+    # this share of the pool, at most this many texts (0: labels only)
+    self_train_tune_share: float = 0.25
+    self_train_tune_max: int = 1024
     max_train_examples: int = 20_000  # bounded work per job: newest first, then a replay sample
     seed: int = 13
 
@@ -248,14 +252,20 @@ def fit_head(
     return head, report
 
 
-def pseudo_labels(head: ClassifierHead, unlabeled: np.ndarray, share: float) -> tuple[np.ndarray, np.ndarray]:
+def pseudo_labels(
+    head: ClassifierHead, unlabeled: np.ndarray, share: float, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows of ``unlabeled`` the head is surest of, and its guesses for them: per guessed class
-    the ``share / k`` of the pool with the highest probability, so a head biased towards one
-    class does not fill the set with it.  Returns (rows, classes), rows ascending."""
+    the ``share / k`` of the pool (and at most ``limit / k`` rows) with the highest probability,
+    so a head biased towards one class does not fill the set with it.  Returns (rows, classes),
+    rows ascending."""
     probs = head.probabilities(unlabeled)
     guessed = probs.argmax(axis=1)
     sure = probs.max(axis=1)
-    per_class = int(len(unlabeled) * share / max(1, probs.shape[1]))
+    k = max(1, probs.shape[1])
+    per_class = int(len(unlabeled) * share / k)
+    if limit is not None:
+        per_class = min(per_class, limit // k)
     rows = []
     for c in range(probs.shape[1]):
         members = np.flatnonzero(guessed == c)
@@ -320,6 +330,34 @@ def self_train_head(
         "fit": report,
         "temperature": {"labels": round(head.temperature, 4), "labels_and_guesses": round(pooled_temperature, 4)},
         "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def with_pseudo_labels(
+    data: ControlData, head: ClassifierHead, unlabeled: np.ndarray, texts: Sequence[str], args: TrainingArguments
+) -> tuple[ControlData, dict]:
+    """``data`` plus the texts of ``unlabeled`` that ``head`` is surest of, labelled with its
+    guesses (balanced over the guessed classes, as in :func:`pseudo_labels`): the
+    ``self_train_tune_share`` of the pool, at most ``self_train_tune_max`` texts.  The full recipe
+    fine-tunes the encoder on both.  Single-label controls only."""
+    if data.multiple:
+        raise ValueError("pseudo-labels cover single-label controls")
+    if len(texts) != len(unlabeled):
+        raise ValueError(f"{len(texts)} texts for {len(unlabeled)} embeddings")
+    if not len(unlabeled) or args.self_train_tune_max <= 0:
+        return data, {"pseudo_labels": 0}
+    rows, classes = pseudo_labels(
+        head, np.asarray(unlabeled, dtype=np.float32), args.self_train_tune_share, args.self_train_tune_max
+    )
+    union = ControlData(
+        data.name, data.labels, False,
+        list(data.texts) + [texts[r] for r in rows],
+        list(data.targets) + [(data.labels[c],) for c in classes],
+    )
+    return union, {
+        "pseudo_labels": int(len(rows)),
+        "per_label": {data.labels[c]: int((classes == c).sum()) for c in range(len(data.labels))},
+        "pool": int(len(unlabeled)),
     }
 
 

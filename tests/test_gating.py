@@ -19,7 +19,7 @@ from ls_backend.trainer import ControlData, expected_calibration_error, fit_head
 
 from .support.backend import BackendServer
 from .support.data import AGNEWS_LABELS, sst2
-from .support.events import annotation_event, choices, key_of, project
+from .support.events import annotation_event, choices, key_of
 from .support.loop import LoopClient, balanced_agnews
 
 KEY = key_of(3)

@@ -105,6 +105,8 @@ def test_one_prediction_per_unlabeled_task_and_labeled_tasks_left_alone(project,
     assert pool.embeddings.shape == (len(written), encoder.dim) and pool.probabilities.shape == (len(written), 4)
     assert np.allclose(np.linalg.norm(pool.embeddings, axis=1), 1, atol=1e-2)
     assert pool.meta["encoder"] == f"base:{settings.encoder_path}"  # what a job checks before self-training on it
+    # each task's text, in task id order: what a job re-reads with the encoder it fine-tunes
+    assert pool.texts == [api.tasks[t]["data"]["text"] for t in pool.task_ids]
     # the same version again writes nothing
     again = refresh(settings, registry, api, encoder)
     assert again.reason == "already refreshed" and api.imports == 3
@@ -144,6 +146,7 @@ def test_interrupted_after_writing_a_page_resumes_without_duplicates(project, en
     assert report.state == "finished" and report.written + report.already_there == len(TEXTS)
     pool = PoolStore(registry).load(PROJECT, version)
     assert sorted(pool.task_ids) == sorted(api.tasks)
+    assert pool.texts == [api.tasks[t]["data"]["text"] for t in pool.task_ids]  # the redone page's texts once
 
 
 def test_a_new_version_is_refreshed_and_label_studios_choice_follows_ours(project, encoder):

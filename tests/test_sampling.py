@@ -246,6 +246,27 @@ def test_next_batch_ranks_the_pool_and_leaves_labeled_tasks_out(tmp_path):
     assert next_batch(settings, registry, FakeStore(), PROJECT, 5, "random").strategy == "random"
 
 
+def test_the_pool_keeps_texts_aligned_with_task_ids(tmp_path):
+    registry = ModelRegistry(tmp_path / "models")
+    pools = PoolStore(registry)
+    pools.start(PROJECT, "p5-v1", {"control": "topic", "labels": ["a"], "multiple": False, "trained": True})
+    x = np.eye(4, 8, dtype=np.float32)
+    texts = ['caf\u00e9 "quoted"', "line\nbreak", "\u65e5\u672c", ""]  # any text, as JSON bytes (no pickle)
+    pools.add(PROJECT, "p5-v1", PoolPart([7, 3], x[:2], None, [0.1, 0.2], texts[:2]))
+    pools.add(PROJECT, "p5-v1", PoolPart([9, 3], x[2:], None, [0.3, 0.4], texts[2:]))  # task 3 again: a redone page
+    pool = pools.load(PROJECT, "p5-v1")
+    assert list(pool.task_ids) == [3, 7, 9]
+    by_id = {int(t): pool.texts[i] for i, t in enumerate(pool.task_ids)}
+    assert by_id[7] == texts[0] and by_id[9] == texts[2] and by_id[3] in (texts[1], texts[3])
+    assert np.allclose(pool.embeddings[list(pool.task_ids).index(9)], x[2])
+    with pytest.raises(ValueError, match="texts"):
+        pools.add(PROJECT, "p5-v1", PoolPart([11, 12], x[:2], None, [0.1, 0.2], ["one"]))
+    # a part written without texts (an older pool): no texts for the pool, the rest as before
+    pools.add(PROJECT, "p5-v1", PoolPart([20], x[:1], None, [0.5]))
+    older = pools.load(PROJECT, "p5-v1")
+    assert older.texts is None and list(older.task_ids) == [3, 7, 9, 20]
+
+
 def test_before_any_trained_version_the_batch_is_chosen_for_coverage(tmp_path):
     settings = Settings(model_dir=tmp_path / "models")
     registry = ModelRegistry(settings.model_dir)

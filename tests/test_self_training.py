@@ -21,6 +21,7 @@ from ls_backend.trainer import (
     fit_head,
     pseudo_labels,
     self_train_head,
+    with_pseudo_labels,
 )
 
 from .support.data import AGNEWS_LABELS, agnews
@@ -43,6 +44,27 @@ def test_pseudo_labels_take_the_surest_rows_of_each_guessed_class():
     taken = rows[classes == 0]
     others = np.setdiff1d(np.flatnonzero(guessed == 0), taken)
     assert probs[taken, 0].min() >= probs[others, 0].max()  # the surest ones
+
+
+def test_pseudo_labels_for_fine_tuning_keep_the_labels_and_bring_their_texts():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(600, 8)).astype(np.float32)
+    texts = [f"pool text {i}" for i in range(600)]
+    head = ClassifierHead(["a", "b", "c"], np.eye(3, 8, dtype=np.float32) * 2, np.zeros(3, dtype=np.float32))
+    data = ControlData("c", ["a", "b", "c"], False, ["one", "two"], [("a",), ("c",)])
+    union, report = with_pseudo_labels(data, head, x, texts, TrainingArguments(self_train_tune_share=0.25))
+    assert union.texts[:2] == ["one", "two"] and union.targets[:2] == [("a",), ("c",)]  # labels first, unchanged
+    assert report["pseudo_labels"] == len(union) - 2 == 3 * int(600 * 0.25 / 3)
+    guessed = head.probabilities(x).argmax(axis=1)
+    for text, (label,) in zip(union.texts[2:], union.targets[2:]):
+        row = texts.index(text)  # each guess travels with its own text
+        assert data.labels[guessed[row]] == label
+    capped, report = with_pseudo_labels(data, head, x, texts, TrainingArguments(self_train_tune_max=30))
+    assert report["pseudo_labels"] == len(capped) - 2 == 30 and set(report["per_label"].values()) == {10}
+    off, report = with_pseudo_labels(data, head, x, texts, TrainingArguments(self_train_tune_max=0))
+    assert off is data and report["pseudo_labels"] == 0
+    with pytest.raises(ValueError, match="texts"):
+        with_pseudo_labels(data, head, x, texts[:-1], TrainingArguments())
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +116,12 @@ def _store_with_labels(settings: Settings, rows: list[tuple[int, str, str]]) -> 
     return store
 
 
-def _write_pool(registry: ModelRegistry, project_key: str, version: str, task_ids, embeddings, encoder_name: str) -> None:
+def _write_pool(registry: ModelRegistry, project_key: str, version: str, task_ids, embeddings, encoder_name: str,
+                texts: list[str] | None = None) -> None:
     pools = PoolStore(registry)
     pools.start(project_key, version, {"control": "topic", "labels": AGNEWS_LABELS, "multiple": False,
                                         "trained": True, "encoder": encoder_name})
-    pools.add(project_key, version, PoolPart(list(task_ids), embeddings, None, [0.5] * len(task_ids)))
+    pools.add(project_key, version, PoolPart(list(task_ids), embeddings, None, [0.5] * len(task_ids), texts))
     pools.finish(project_key, version, {})
 
 
@@ -154,5 +177,45 @@ def test_self_train_share_zero_turns_it_off(tmp_path, encoder, agnews_embeddings
         store.record_event(annotation_event(31, 31, choices(AGNEWS_LABELS[y[30]]), text=texts[30]))
         result = FineTuneJob(settings, store, registry).run(key)
         assert "self-train" not in result["metrics"]
+    finally:
+        store.close()
+
+
+def test_the_full_recipe_fine_tunes_on_the_pools_surest_guesses(tmp_path, encoder, agnews_embeddings):
+    x, y, _, _, texts = agnews_embeddings
+    settings = Settings(model_dir=tmp_path / "models", max_length=128, inference_precision="float32",
+                        train_mode="full", train_epochs=1, train_min_steps=1, train_max_length=32,
+                        self_train_tune_max=64, eval_min=10)
+    assert Settings.from_env({"SELF_TRAIN_TUNE_MAX": "0"}).self_train_tune_max == 0
+    labeled = [(i + 1, texts[i], AGNEWS_LABELS[y[i]]) for i in range(50)]
+    store = _store_with_labels(settings, labeled[:40])
+    registry = ModelRegistry(settings.model_dir)
+    key = key_of(3)
+    try:
+        FineTuneJob(settings, store, registry).run(key)
+        current = registry.load(key, registry.current(key))
+        name = encoder_id(current.meta, settings.encoder_path, encoder)
+        # a pool without texts (written before pools kept them): self-training, but labels only for the encoder
+        _write_pool(registry, key, current.version, range(1, 1001), x[:1000], name)
+        store.record_event(annotation_event(41, 41, choices(labeled[40][2]), text=labeled[40][1]))
+        result = FineTuneJob(settings, store, registry).run(key)
+        meta = registry.meta(key, result["version"])
+        assert set(meta["training"]) == {"full"}  # full mode: the fast candidates are not kept
+        assert "pseudo_labels" not in meta["training"]["full"]
+        assert meta["training"]["full"]["examples_seen"] == meta["data"]["topic"]["train"]  # one epoch of labels
+
+        # with texts: the encoder also trains on 64 guesses (16 a label), none of them a labeled task
+        current = registry.load(key, registry.current(key))
+        name = encoder_id(current.meta, settings.encoder_path, encoder)
+        _write_pool(registry, key, current.version, range(1, 1001), x[:1000], name, texts[:1000])
+        for task_id, text, label in labeled[41:]:
+            store.record_event(annotation_event(task_id, task_id, choices(label), text=text))
+        result = FineTuneJob(settings, store, registry).run(key)
+        meta = registry.meta(key, result["version"])
+        report = meta["training"]["full"]
+        pseudo = report["pseudo_labels"]["topic"]
+        assert pseudo["pool"] == 1000 - 50 and pseudo["pseudo_labels"] == 64
+        assert set(pseudo["per_label"].values()) == {16}
+        assert report["examples_seen"] == meta["data"]["topic"]["train"] + 64  # one epoch: labels and guesses
     finally:
         store.close()
