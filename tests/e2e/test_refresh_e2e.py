@@ -16,6 +16,7 @@ import pytest
 from ls_backend.jobs import execute_training
 from ls_backend.refresh import PredictionRefresh
 from ls_backend.registry import ModelRegistry
+from ls_backend.sampling import PoolStore
 from ls_backend.settings import Settings
 from ls_backend.store import CorrectionStore
 from ls_backend.sync import sync_project
@@ -151,6 +152,10 @@ def test_jobs_self_train_on_the_tasks_the_refresh_embedded(label_studio, tmp_pat
         sync_project(store, settings, key)
         cold = execute_training(settings, key, "refresh")  # v0 predicts (and embeds) all 80 tasks
         assert cold["state"] == "finished" and cold["written"] == len(task_ids), cold
+        # the pool keeps each task's text as Label Studio serves it: what the full recipe re-reads
+        pool = PoolStore(registry).best(key, registry.current(key))
+        texts = dict(zip(task_ids, (text for _, text, _ in rows)))
+        assert pool.texts == [texts[int(t)] for t in pool.task_ids] and len(pool.texts) == len(task_ids)
         labeled = ls.annotate_gold(task_ids, gold, 4)  # 16 labels
         first = execute_training(settings, key, "START_TRAINING")
         meta = registry.meta(key, first["version"])
