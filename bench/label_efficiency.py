@@ -8,7 +8,7 @@ on the labels plus the texts of its ``--pseudo`` surest guesses, as a job does w
 refresh's pool kept texts; ``--pseudo 0``: labels only), optionally ``contrastive``; and
 ``auto``, what a job promotes: every candidate a job would train (full from 50 training labels
 on a CPU), trained outside the evaluation slice (20% of the labels, by task id as in a job) and
-the best on the slice served (ties: self-train, then the fast head).  The baseline is
+the best on the slice served (ties as in a job: ``ls_backend.finetune.tie_preference``).  The baseline is
 ``transformers.Trainer`` with default arguments (3 epochs, lr 5e-5, batch 8) on
 ``AutoModelForSequenceClassification`` from the same bundled encoder — what Label Studio's
 example backends do — in the same run, on the same labels.
@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ls_backend.finetune import in_eval_slice  # noqa: E402
+from ls_backend.finetune import in_eval_slice, tie_preference  # noqa: E402
 from ls_backend.model import Encoder, resolve_device  # noqa: E402
 from ls_backend.settings import bundled_encoder_path  # noqa: E402
 from ls_backend.trainer import (  # noqa: E402
@@ -154,8 +154,8 @@ def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool):
     return out
 
 
-# what a job prefers on equal figures on its slice (ls_backend.finetune.TIE_PREFERENCE)
-PREFERENCE = {"self-train": 2, "fast head": 1}
+# the job's names for the bench's columns (ls_backend.finetune.tie_preference ranks ties on the slice)
+JOB_NAMES = {"fast head": "frozen"}
 COLUMNS = ["fast head", "self-train", "full", "contrastive"]
 
 
@@ -231,7 +231,11 @@ def main() -> int:
                     reader, head, _ = job[name]
                     return accuracy(head, reader.encode(held_texts), held_gold, labels) if held else 0.0
 
-                recipe = max(job, key=lambda name: (on_slice(name), PREFERENCE.get(name, 0)))
+                # the full recipe learned from the pool's guesses where there were unlabeled tasks
+                from_pool = unlabeled is not None and args.pseudo > 0 and len(train) >= TrainingArguments().full_min_labels
+                recipe = max(job, key=lambda name: (
+                    on_slice(name), tie_preference(JOB_NAMES.get(name, name), name == "full" and from_pool)
+                ))
                 auto = test_accuracy(job[recipe])
             baseline, trainer_s = None, 0.0
             if not args.no_trainer:
