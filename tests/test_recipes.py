@@ -172,3 +172,17 @@ def test_early_stopping_only_on_a_validation_split_large_enough_to_trust(encoder
     assert not small["validation"]["early_stopping"] and small["validation"]["best_step"] is None
     assert small["examples_seen"] == 5 * 32 and small["steps"] == 20  # the whole schedule
     assert small["temperature"]["topic"] != 1.0  # the split still calibrates
+
+
+def test_a_warm_start_folds_the_temperature_in_but_never_sharper_than_the_floor():
+    from ls_backend.model import ClassifierHead
+    from ls_backend.trainer import WARM_START_MIN_TEMPERATURE, _Heads
+
+    w = np.arange(12, dtype=np.float32).reshape(2, 6) / 10
+    b = np.array([0.5, -0.5], dtype=np.float32)
+    for temperature, folded in ((2.0, 2.0), (0.5, 0.5), (0.05, WARM_START_MIN_TEMPERATURE)):
+        # a temperature fitted on 16 labels reached 0.05: folded in whole, it made logits 20x and one
+        # epoch of the full recipe 6x slower, with a loss that barely moved
+        layer = _Heads({"c": ClassifierHead(["a", "b"], w, b, temperature=temperature)}).layers["c"]
+        assert torch.allclose(layer.weight, torch.from_numpy(w / folded))
+        assert torch.allclose(layer.bias, torch.from_numpy(b / folded))
