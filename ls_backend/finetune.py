@@ -56,13 +56,13 @@ FAST_RECIPES = ("frozen", "self-train")
 # then the other recipes that change the encoder (a new encoder to load and cached embeddings to redo,
 # for a gain the slice did not show)
 TIE_PREFERENCE = {"full+pool": 3, "self-train": 2, "frozen": 1}
+SELF_TRAIN_MIN_POOL = 50  # fewer unlabeled tasks than this: no self-training
 
 
 def tie_preference(name: str, learned_from_pool: bool = False) -> int:
     """Where candidate ``name`` stands on equal figures on the slice; ``learned_from_pool``: the full
     recipe also trained on guesses for the project's unlabeled tasks."""
     return TIE_PREFERENCE.get("full+pool" if name == "full" and learned_from_pool else name, 0)
-SELF_TRAIN_MIN_POOL = 50  # fewer unlabeled tasks than this: no self-training
 
 
 def in_eval_slice(task_id: int, share: float) -> bool:
@@ -271,7 +271,7 @@ class FineTuneJob:
             figures["self-train"] = self._measure({n: taught[n] for n in splits}, splits, embed)
 
         # candidate 2: full fine-tuning, when it makes sense for the size
-        pool_learners: set[str] = set()  # candidates that also learned from the pool's guesses
+        full_learned_from_pool = False  # the full recipe also trained on the pool's guesses
         if wants_full:
             # early stopping and the temperature use a split of the training labels, never the slice
             fit, valid = map(list, zip(*(split_for_validation(s.train, 0.15, self.args.seed) for s in splits.values())))
@@ -291,8 +291,9 @@ class FineTuneJob:
                 full_report["pseudo_labels"] = pseudo_report
                 # measured from about 50 training labels up; with fewer (a GPU, TRAIN_MODE=full) ties keep
                 # the order of the labels-only recipes
-                if any(part["pseudo_labels"] for part in pseudo_report.values()) and n_train >= self.args.full_min_labels:
-                    pool_learners.add("full")
+                full_learned_from_pool = (
+                    any(part["pseudo_labels"] for part in pseudo_report.values()) and n_train >= self.args.full_min_labels
+                )
             merged = dict(start_heads)
             merged.update(full_heads)
             held_embed = {
@@ -334,7 +335,7 @@ class FineTuneJob:
             return figures[name]["score"] if figures[name]["score"] is not None else -1.0
 
         def ranking(name: str) -> tuple[float, int]:
-            return primary(name), tie_preference(name, name in pool_learners)
+            return primary(name), tie_preference(name, full_learned_from_pool)
 
         best = max(candidates, key=ranking)
         slice_size = min((len(s.held) for s in splits.values()), default=0)

@@ -274,6 +274,20 @@ def pseudo_labels(
     return rows_arr, guessed[rows_arr]
 
 
+def _with_guesses(data: ControlData, texts: Sequence[str], classes: np.ndarray) -> ControlData:
+    """``data``'s labels followed by ``texts`` labelled with the guessed ``classes``."""
+    return ControlData(
+        data.name, data.labels, False,
+        list(data.texts) + list(texts),
+        list(data.targets) + [(data.labels[c],) for c in classes],
+    )
+
+
+def _per_label(data: ControlData, classes: np.ndarray) -> dict[str, int]:
+    """How many guesses went to each of ``data``'s labels."""
+    return {label: int((classes == c).sum()) for c, label in enumerate(data.labels)}
+
+
 def self_train_head(
     embeddings: np.ndarray,
     data: ControlData,
@@ -300,14 +314,9 @@ def self_train_head(
     for _ in range(max(1, args.self_train_rounds)):
         rows, classes = pseudo_labels(head, pool, args.self_train_share)
         # the pseudo-labelled rows have no text here: fit_head reads embeddings and targets only
-        union = ControlData(
-            data.name, data.labels, False,
-            data.texts + [""] * len(rows),
-            data.targets + [(data.labels[c],) for c in classes],
-        )
+        union = _with_guesses(data, [""] * len(rows), classes)
         head, report = fit_head(np.concatenate([x, pool[rows]]), union, prior, args.seed)
-        rounds.append({"pseudo_labels": int(len(rows)),
-                       "per_label": {data.labels[c]: int((classes == c).sum()) for c in range(len(data.labels))}})
+        rounds.append({"pseudo_labels": int(len(rows)), "per_label": _per_label(data, classes)})
     # the guesses are the easy cases: a temperature fitted with them in the folds makes the head
     # overconfident (tests/test_self_training.py: expected calibration error 0.089 that way, 0.052 this
     # way), so it is fitted on the labels alone, each fold's model refit without that fold
@@ -349,16 +358,8 @@ def with_pseudo_labels(
     rows, classes = pseudo_labels(
         head, np.asarray(unlabeled, dtype=np.float32), args.self_train_tune_share, args.self_train_tune_max
     )
-    union = ControlData(
-        data.name, data.labels, False,
-        list(data.texts) + [texts[r] for r in rows],
-        list(data.targets) + [(data.labels[c],) for c in classes],
-    )
-    return union, {
-        "pseudo_labels": int(len(rows)),
-        "per_label": {data.labels[c]: int((classes == c).sum()) for c in range(len(data.labels))},
-        "pool": int(len(unlabeled)),
-    }
+    union = _with_guesses(data, [texts[r] for r in rows], classes)
+    return union, {"pseudo_labels": int(len(rows)), "per_label": _per_label(data, classes), "pool": int(len(unlabeled))}
 
 
 # -- calibration and evaluation ------------------------------------------------------
