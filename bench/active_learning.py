@@ -5,6 +5,8 @@ Usage::
     .venv/bin/python bench/active_learning.py [--pool 2000] [--test 1000] [--seeds 3] [--first-seed 0]
                                               [--batch 16] [--checkpoints 64,128,256,512]
                                               [--modes margin,entropy] [--self-train]
+                                              [--full-every 64] [--strategies random,uncertainty,diverse]
+                                              [--out curves.json]
 
 Simulated annotators: the pool is the first ``--pool`` texts of ``../shared/data/agnews/dev.tsv``
 (embedded once, as the backend's refresh embeds a project's unlabeled tasks), the evaluation set
@@ -27,6 +29,15 @@ runs under other score modes.  The same ``--seeds`` seeds for every strategy.
 also trains where a refresh has embedded the unlabeled tasks: here the pool's unlabeled rest);
 ``--first-seed`` moves the seeds, e.g. to check a strategy on seeds it was not chosen on.
 
+``--full-every K`` fine-tunes the encoder every K labels (the full recipe, ``fine_tune``, warm-started
+from the run's current encoder and head, on every label so far: what a full-lane job does), then
+re-embeds the pool and the test rows with it; between fine-tunes the fast head is refit on the tuned
+encoder's embeddings.  A checkpoint on a fine-tune reads the fine-tuned model itself.  Where the
+encoder is fine-tuned every round, uncertainty is that of the fine-tuned model, as in the published
+studies of active learning with BERT-style models.  Minutes per run on a GPU; hours on a small CPU.
+``--strategies`` runs a subset (to spread runs over processes) and ``--out`` writes every curve as
+JSON.
+
 Area under the curve: the trapezoid over the checkpoints' label counts, divided by their span
 (so it reads as an accuracy, in points).
 
@@ -44,6 +55,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import json
 import os
 import sys
 import time
@@ -59,7 +71,14 @@ if str(REPO) not in sys.path:
 from ls_backend.model import ClassifierHead, Encoder, resolve_device  # noqa: E402
 from ls_backend.sampling import CoverageSampling, DiverseUncertainty, RandomSampling, UncertaintySampling  # noqa: E402
 from ls_backend.settings import Settings  # noqa: E402
-from ls_backend.trainer import ControlData, TrainingArguments, fit_head, self_train_head  # noqa: E402
+from ls_backend.trainer import (  # noqa: E402
+    ControlData,
+    TrainingArguments,
+    fine_tune,
+    fit_head,
+    self_train_head,
+    split_for_validation,
+)
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -94,10 +113,37 @@ def area(counts: list[int], accuracies: list[float]) -> float:
     return float(((y[1:] + y[:-1]) / 2 * np.diff(x)).sum() / (x[-1] - x[0]))
 
 
+class Tuner:
+    """The full recipe every ``every`` labels: the fine-tuned encoder re-embeds the pool and test rows."""
+
+    def __init__(self, encoder: Encoder, pool_texts: list[str], test_texts: list[str], every: int, batch_size: int,
+                 fields: dict | None = None):
+        self.base, self.pool_texts, self.test_texts = encoder, pool_texts, test_texts
+        self.fields = fields or {}
+        self.every, self.batch_size = every, batch_size
+        self.encoder = encoder
+        self.seconds = 0.0
+
+    def reset(self) -> None:
+        self.encoder = self.base
+
+    def tune(self, data: ControlData, head: ClassifierHead, seed: int) -> tuple[ClassifierHead, np.ndarray, np.ndarray]:
+        started = time.perf_counter()
+        args = TrainingArguments(**{"seed": seed, "max_length": self.encoder.max_length, **self.fields})
+        fit, valid = split_for_validation(data, 0.15, seed)  # as a job: never the test rows
+        self.encoder, heads, _ = fine_tune(self.encoder, {data.name: head}, [fit], args, validation=[valid])
+        pool = self.encoder.encode(self.pool_texts, self.batch_size)
+        test = self.encoder.encode(self.test_texts, self.batch_size)
+        self.seconds += time.perf_counter() - started
+        return heads[data.name], pool, test
+
+
 def run(strategy: str, mode: str, seed: int, pool: np.ndarray, gold: np.ndarray, texts: list[str],
         test: np.ndarray, test_gold: np.ndarray, prior: ClassifierHead, batch: int, checkpoints: list[int],
-        self_train: bool = False) -> list[float]:
+        self_train: bool = False, tuner: Tuner | None = None) -> list[float]:
     rng = np.random.default_rng(seed)
+    if tuner is not None:
+        tuner.reset()
     labeled: list[int] = []
     accuracies: list[float] = []
     head = prior
@@ -115,6 +161,13 @@ def run(strategy: str, mode: str, seed: int, pool: np.ndarray, gold: np.ndarray,
             picked = chooser.query(probabilities, pool[unlabeled], batch, rng)
         labeled += [int(unlabeled[i]) for i in picked]  # the annotator answers with the gold label
         data = ControlData("topic", LABELS, False, [texts[i] for i in labeled], [(LABELS[gold[i]],) for i in labeled])
+        if tuner is not None and len(labeled) % tuner.every == 0:
+            head, pool, test = tuner.tune(data, head, seed)
+            prior = head  # the fast head between fine-tunes starts from the tuned model's head
+            if len(labeled) in checkpoints:
+                accuracies.append(float((head.probabilities(test).argmax(axis=1) == test_gold).mean()))
+                print(f"    {strategy} seed {seed}: {len(labeled)} labels, {100 * accuracies[-1]:.1f}", flush=True)
+            continue
         head, _ = fit_head(pool[labeled], data, prior, seed)
         if self_train:  # the fast lane's self-trained candidate, on the pool's unlabeled rest
             rest = np.setdiff1d(np.arange(len(pool)), labeled)
@@ -135,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--checkpoints", default="64,128,256,512")
     parser.add_argument("--modes", default="", help="extra uncertainty runs under these score modes (margin,entropy)")
+    parser.add_argument("--full-every", type=int, default=0, metavar="K",
+                        help="fine-tune the encoder every K labels (the full recipe; 0: the fast head only)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="with --full-every: override a TrainingArguments field of the fine-tunes (repeatable)")
+    parser.add_argument("--strategies", default="random,uncertainty,diverse", help="which of the three to run")
+    parser.add_argument("--out", help="also write every curve here (JSON)")
     args = parser.parse_args(argv)
     if not DATA.is_dir():
         print(f"skipped: {DATA} is not here (it lives in ../shared/data beside the repository)")
@@ -142,13 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = [int(c) for c in args.checkpoints.split(",")]
     if any(c % args.batch for c in checkpoints):
         parser.error("every checkpoint must be a multiple of --batch")
+    if args.full_every and (args.full_every % args.batch or any(c % args.full_every for c in checkpoints)):
+        parser.error("--full-every must be a multiple of --batch, and every checkpoint a multiple of it")
 
     settings = Settings.from_env()
     encoder = Encoder(settings.encoder_path, resolve_device(settings.device), 128)
     pool_rows, test_rows = read_rows("dev", args.pool), read_rows("test", args.test)
     print(f"AG News: pool {len(pool_rows)} dev texts, evaluation {len(test_rows)} test rows; device "
           f"{encoder.device}; batch {args.batch}; seeds {args.first_seed}-{args.first_seed + args.seeds - 1}; "
-          f"head: {'self-trained fast head' if args.self_train else 'fast head'}", flush=True)
+          f"head: {'self-trained fast head' if args.self_train else 'fast head'}"
+          + (f"; encoder fine-tuned every {args.full_every} labels" if args.full_every else ""), flush=True)
     texts = [t for t, _ in pool_rows]
     pool = embed(encoder, texts, settings)
     test = embed(encoder, [t for t, _ in test_rows], settings)
@@ -159,27 +221,42 @@ def main(argv: list[str] | None = None) -> int:
     zero_shot = float((prior.probabilities(test).argmax(axis=1) == test_gold).mean())
     print(f"zero-shot accuracy (no labels): {100 * zero_shot:.1f}", flush=True)
 
-    runs = [("random", "confidence"), ("uncertainty", "confidence"), ("diverse", "confidence")]
+    tuner = None
+    if args.full_every:
+        from label_efficiency import overrides  # bench/: NAME=VALUE pairs as TrainingArguments fields
+
+        tuner = Tuner(encoder, texts, [t for t, _ in test_rows], args.full_every, settings.batch_size, overrides(args.set))
+    strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
+    runs = [(name, "confidence") for name in ("random", "uncertainty", "diverse") if name in strategies]
     runs += [("uncertainty", mode.strip()) for mode in args.modes.split(",") if mode.strip()]
     results: dict[str, np.ndarray] = {}
     for strategy, mode in runs:
         name = strategy if mode == "confidence" else f"{strategy}:{mode}"
         started = time.perf_counter()
         curves = [run(strategy, mode, seed, pool, gold, texts, test, test_gold, prior, args.batch, checkpoints,
-                      args.self_train)
+                      args.self_train, tuner)
                   for seed in range(args.first_seed, args.first_seed + args.seeds)]
         results[name] = np.asarray(curves) * 100
-        print(f"  {name}: {time.perf_counter() - started:.0f}s", flush=True)
+        print(f"  {name}: {time.perf_counter() - started:.0f}s"
+              + (f" ({tuner.seconds:.0f}s fine-tuning so far)" if tuner else ""), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "checkpoints": checkpoints, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
+            "full_every": args.full_every, "self_train": args.self_train, "device": str(encoder.device),
+            "curves": {name: curves.tolist() for name, curves in results.items()},
+        }, indent=1))
 
     header = "strategy".ljust(22) + "".join(f"{c:>12}" for c in checkpoints) + "      area   vs random"
     print("\naccuracy (%) after N labels, mean over seeds (min-max)\n" + header)
-    base = np.mean([area(checkpoints, curve) for curve in results["random"]])
+    base = np.mean([area(checkpoints, curve) for curve in results["random"]]) if "random" in results else float("nan")
     for name, curves in results.items():
         areas = [area(checkpoints, curve) for curve in curves]
         cells = "".join(f"{m:12.1f}" for m in curves.mean(axis=0))
         print(f"{name.ljust(22)}{cells}  {np.mean(areas):8.2f}  {np.mean(areas) - base:+9.2f}")
         spread = "".join(f"{lo:.1f}-{hi:.1f}".rjust(12) for lo, hi in zip(curves.min(axis=0), curves.max(axis=0)))
         print(" " * 22 + spread + f"  per seed: {', '.join(f'{a:.2f}' for a in areas)}")
+    if not {"random", "uncertainty", "diverse"} <= results.keys():
+        return 0
     best = max(np.mean([area(checkpoints, c) for c in results[n]]) for n in ("uncertainty", "diverse"))
     print(f"\ntarget: (b) or (c) ahead of (a) by >= 2.00 points of area: {best - base:+.2f} "
           f"({'met' if best - base >= 2 else 'not met'})")

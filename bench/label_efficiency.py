@@ -16,6 +16,10 @@ example backends do — in the same run, on the same labels.
     .venv/bin/python bench/label_efficiency.py --dataset agnews --sizes 16 64 256 --seeds 1 --test 1000
     .venv/bin/python bench/label_efficiency.py --dataset sst2 --sizes 64 256 --no-trainer
     .venv/bin/python bench/label_efficiency.py --sizes 64 --seeds 3 --contrastive 2560   # + the contrastive candidate
+    .venv/bin/python bench/label_efficiency.py --sizes 64 --no-auto --no-trainer --set learning_rate=2e-4 --set target_examples=4096
+
+``--set NAME=VALUE`` overrides a field of ``ls_backend.trainer.TrainingArguments`` (what the job's
+settings set) for every candidate, to compare recipes in one run.
 
 Full fine-tuning costs minutes per size on a 2-core CPU; use --no-full / --no-trainer to
 bound the run, or run it where a GPU is lent.
@@ -123,6 +127,23 @@ def trainer_baseline(rows, test, labels, path, seed):
     return float(np.mean([labels[p] == g for p, (_, g) in zip(predicted, test)]))
 
 
+def overrides(pairs: list[str]) -> dict:
+    """``NAME=VALUE`` pairs as TrainingArguments fields, each value of its field's type."""
+    defaults = TrainingArguments()
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if not hasattr(defaults, name) or not value:
+            raise SystemExit(f"--set {pair}: expected NAME=VALUE with NAME a TrainingArguments field")
+        out[name] = type(getattr(defaults, name))(float(value) if isinstance(getattr(defaults, name), int) else value)
+    return out
+
+
+def training_args(args, seed, **extra) -> TrainingArguments:
+    fields = {"seed": seed, "max_length": args.max_length, "self_train_tune_max": args.pseudo, **extra}
+    return TrainingArguments(**{**fields, **overrides(args.set)})
+
+
 def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool):
     """Every recipe a job may train, on ``data``: {name: (encoder to read with, head, seconds)}.
     ``unlabeled``: (embeddings, texts) of the project's unlabeled tasks, or None."""
@@ -134,12 +155,12 @@ def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool):
     warm = fast
     if unlabeled is not None:
         t0 = time.perf_counter()
-        warm, _ = self_train_head(embeddings, data, unlabeled[0], fast, prior, TrainingArguments(seed=seed))
+        warm, _ = self_train_head(embeddings, data, unlabeled[0], fast, prior, training_args(args, seed))
         out["self-train"] = (encoder, warm, time.perf_counter() - t0 + out["fast head"][2])
     if full:
         t0 = time.perf_counter()
         fit, valid = split_for_validation(data, 0.15, seed)  # early stopping: never the slice or the test rows
-        tuning = TrainingArguments(seed=seed, max_length=args.max_length, self_train_tune_max=args.pseudo)
+        tuning = training_args(args, seed)
         if unlabeled is not None:  # as a job: the self-trained head's surest guesses join the labels
             fit, _ = with_pseudo_labels(fit, warm, unlabeled[0], unlabeled[1], tuning)
         student, heads, _ = fine_tune(encoder, {"c": warm}, [fit], tuning, validation=[valid])
@@ -147,7 +168,7 @@ def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool):
     if args.contrastive:
         t0 = time.perf_counter()
         tuned, _ = contrastive_tune(
-            encoder, [data], TrainingArguments(seed=seed, max_length=args.max_length, contrastive_pairs=args.contrastive)
+            encoder, [data], training_args(args, seed, contrastive_pairs=args.contrastive)
         )
         tuned_head, _ = fit_head(tuned.encode(data.texts), data, zero_shot_head(tuned, data.labels), seed)
         out["contrastive"] = (tuned, tuned_head, time.perf_counter() - t0)
@@ -175,7 +196,11 @@ def main() -> int:
     parser.add_argument("--contrastive", type=int, default=0, metavar="PAIRS",
                         help="also the contrastive candidate with this many pairs (0: skip; the jobs use 2560 on CUDA)")
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a TrainingArguments field for every candidate (repeatable)")
     args = parser.parse_args()
+    if args.set:
+        print("TrainingArguments overrides: " + ", ".join(f"{k}={v}" for k, v in overrides(args.set).items()))
     if not DATA.exists():
         print(f"skipped: {DATA} (../shared/data) is not here")
         return 0

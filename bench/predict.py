@@ -3,6 +3,7 @@
 Usage::
 
     .venv/bin/python bench/predict.py [--n 1000] [--latency-requests 50] [--repeats 3]
+    python3 bench/predict.py --baseline-device cuda   # a GPU machine: the baselines on the same card
 
 The backend is started the way the README starts it (``ls-backend serve``, through
 ``tests/support/backend.py``) with one web worker, so that the comparison is one
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="throughput runs per contender; the best counts (default 3)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="TORCH_THREADS for the server, and so for the baselines (default: the server's own choice)")
+    parser.add_argument("--baseline-device", default="cpu",
+                        help="where the pipeline baselines run (cpu; cuda beside a server on a GPU)")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the SST-2 accuracy figure")
     args = parser.parse_args(argv)
 
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             precision = server_precision(server.log())
             print(f"torch threads: server worker {threads}, baselines {torch.get_num_threads()} "
                   f"({os.cpu_count()} cores); model {model_path}")
-            print(f"precision: server {precision} (INFERENCE_PRECISION), baselines fp32 (pipeline default)")
+            print(f"precision: server {precision} (INFERENCE_PRECISION), baselines fp32 (pipeline default) on {args.baseline_device}")
             print(f"texts: first {len(texts)} rows of agnews/test.tsv; batch size {settings.batch_size}, "
                   f"max length {settings.max_length} on our side")
 
@@ -213,12 +216,12 @@ def main(argv: list[str] | None = None) -> int:
             version = client.setup(TOPIC_PROJECT, TOPIC_CONFIG)
             client.predict(TOPIC_PROJECT, TOPIC_CONFIG, tasks_for(texts[:64]))  # warm-up
 
-            warm = pipeline("text-classification", model=model_path, device="cpu")
+            warm = pipeline("text-classification", model=model_path, device=args.baseline_device)
             warm(texts[:8])  # warm-up
 
             def cold_predict(batch: list[str]):
                 # Label Studio's examples: the pipeline is built inside predict()
-                pipe = pipeline("text-classification", model=model_path, device="cpu")
+                pipe = pipeline("text-classification", model=model_path, device=args.baseline_device)
                 return pipe(batch)
 
             # -- throughput: one request / call with all texts, contenders interleaved
