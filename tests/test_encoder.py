@@ -1,0 +1,85 @@
+"""The encoder's bulk tokenization: the tokenizer's own ids, split over threads, safe beside other users."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from ls_backend import model as model_module
+from ls_backend.model import TOKENIZE_CHUNK
+
+from .support.data import agnews
+
+ODD_TEXTS = ["", " ", "héllo wörld ☃ 日本語 🙂", "x" * 20_000, "word " * 5_000, "tab\tand\nnewline"]
+
+
+def test_bulk_tokenize_gives_the_ids_of_the_tokenizer_call(encoder):
+    texts = [t for t, _ in agnews("dev", 2 * TOKENIZE_CHUNK + 37)] + ODD_TEXTS  # more than one chunk: threads
+    for limit in (16, 128):
+        reference = encoder.tokenizer(texts, truncation=True, max_length=limit, add_special_tokens=True)["input_ids"]
+        assert encoder.tokenize(texts, limit) == reference, limit
+    assert encoder.tokenize(ODD_TEXTS[:3], 128) == encoder.tokenizer(ODD_TEXTS[:3], truncation=True, max_length=128)["input_ids"]
+
+
+def test_large_lists_are_tokenized_on_the_pool_threads(encoder, monkeypatch):
+    monkeypatch.setattr(model_module, "tokenize_threads", lambda: 2)
+    seen: set[str] = set()
+    core = encoder._bulk_tokenizer(64)
+    real = model_module._tokenize_pool
+
+    class Watched:
+        def map(self, fn, parts):
+            def watched(part):
+                seen.add(threading.current_thread().name)
+                return fn(part)
+
+            return real().map(watched, parts)
+
+    monkeypatch.setattr(model_module, "_tokenize_pool", lambda: Watched())
+    texts = [t for t, _ in agnews("dev", 3 * TOKENIZE_CHUNK)]
+    ids = encoder.tokenize(texts, 64)
+    assert len(ids) == len(texts) and all(len(x) <= 64 for x in ids)
+    assert seen and all(name.startswith("tokenize") for name in seen), seen
+    seen.clear()
+    encoder.tokenize(texts[: TOKENIZE_CHUNK], 64)  # a short list stays on the caller's thread
+    assert not seen
+    assert encoder._bulk_tokenizer(64) is core  # one tokenizer per length, made once
+
+
+def test_bulk_tokenize_is_safe_while_others_change_the_tokenizers_truncation(encoder):
+    """The NER code calls ``encoder.tokenizer`` with its own truncation settings, which a fast
+    tokenizer applies by mutating its Rust core; bulk tokenization uses a core of its own."""
+    texts = [t for t, _ in agnews("dev", 2 * TOKENIZE_CHUNK + 1)]
+    expected = encoder.tokenize(texts, 128)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def meddle():
+        limits = [16, 32, 48, 96]
+        while not stop.is_set():
+            try:
+                for limit in limits:
+                    encoder.tokenizer(texts[:8], truncation=True, max_length=limit, return_offsets_mapping=True)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+
+    other = threading.Thread(target=meddle)
+    other.start()
+    try:
+        for _ in range(3):
+            assert encoder.tokenize(texts, 128) == expected
+    finally:
+        stop.set()
+        other.join()
+    assert not errors, errors
+
+
+def test_encode_is_encode_ids_of_tokenize(encoder):
+    texts = [t for t, _ in agnews("test", 40)] + ["", "short"]
+    direct = encoder.encode(texts, 8)
+    assert direct.shape == (len(texts), encoder.dim)
+    np.testing.assert_allclose(encoder.encode_ids(encoder.tokenize(texts), 8), direct, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(direct, axis=1), 1.0, atol=1e-5)
+    assert encoder.encode([], 8).shape == (0, encoder.dim)
