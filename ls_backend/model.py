@@ -42,7 +42,15 @@ ZERO_SHOT_MULTI_MIDPOINT = 0.09
 #: for the forward pass).
 TOKENIZE_CHUNK = 512
 
+#: On CUDA, ``Encoder.encode`` of more texts than this tokenizes the next part of this many texts
+#: on a helper thread while the card runs the current part (each part sorted by length on its
+#: own): the tokenizer and the model then run side by side instead of one after the other
+#: (bench/gpu.py on an H100 before this: tokenizer alone 25,823 texts/s, model alone 50,360/s,
+#: end to end 17,126/s, the two in sequence).
+OVERLAP_PART = 4096
+
 _pool: tuple[int, ThreadPoolExecutor] | None = None
+_ahead: tuple[int, ThreadPoolExecutor] | None = None
 _pool_lock = threading.Lock()
 
 
@@ -62,6 +70,15 @@ def _tokenize_pool() -> ThreadPoolExecutor:
         if _pool is None or _pool[0] != os.getpid():
             _pool = (os.getpid(), ThreadPoolExecutor(tokenize_threads(), thread_name_prefix="tokenize"))
         return _pool[1]
+
+
+def _ahead_pool() -> ThreadPoolExecutor:
+    """One thread that tokenizes the next part of a long ``encode`` (it fans out to ``_tokenize_pool``)."""
+    global _ahead
+    with _pool_lock:
+        if _ahead is None or _ahead[0] != os.getpid():
+            _ahead = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="tokenize-ahead"))
+        return _ahead[1]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -189,7 +206,21 @@ class Encoder:
         """Unit-length embeddings, one row per text, in the order given."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.device.type == "cuda" and len(texts) > OVERLAP_PART:
+            return self.encode_overlapped(texts, batch_size, OVERLAP_PART)
         return self.encode_ids(self.tokenize(texts), batch_size)
+
+    def encode_overlapped(self, texts: Sequence[str], batch_size: int, part: int) -> np.ndarray:
+        """``encode`` in parts of ``part`` texts, the next part tokenized while this one runs."""
+        parts = [list(texts[i : i + part]) for i in range(0, len(texts), part)]
+        done: list[np.ndarray] = []
+        ahead = _ahead_pool().submit(self.tokenize, parts[0])
+        for k in range(len(parts)):
+            ids = ahead.result()
+            if k + 1 < len(parts):
+                ahead = _ahead_pool().submit(self.tokenize, parts[k + 1])
+            done.append(self.encode_ids(ids, batch_size))
+        return np.concatenate(done)
 
     def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
         """``encode`` of texts already tokenized by :meth:`tokenize`.

@@ -83,3 +83,13 @@ def test_encode_is_encode_ids_of_tokenize(encoder):
     np.testing.assert_allclose(encoder.encode_ids(encoder.tokenize(texts), 8), direct, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(direct, axis=1), 1.0, atol=1e-5)
     assert encoder.encode([], 8).shape == (0, encoder.dim)
+
+
+def test_overlapped_encode_gives_the_same_embeddings_in_the_same_order(encoder):
+    """What ``encode`` does on CUDA for long lists (run here on the CPU): parts tokenized ahead."""
+    texts = [t for t, _ in agnews("test", 130)] + ["", "short one"]
+    whole = encoder.encode(texts, 16)
+    parted = encoder.encode_overlapped(texts, 16, part=50)  # 3 parts, the last one short
+    assert parted.shape == whole.shape
+    np.testing.assert_allclose(parted, whole, atol=1e-5)
+    assert encoder.encode_overlapped(texts[:7], 16, part=50).shape == (7, encoder.dim)
