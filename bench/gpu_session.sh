@@ -74,7 +74,7 @@ echo "== set-up done after $((SECONDS - T0)) s"
 step tests 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
 # shellcheck disable=SC2086
 step gpu 150 python3 bench/gpu.py ${GPU_ARGS:-} --out "$LOGS/gpu.json"
-step predict 90 python3 bench/predict.py --latency-requests 20 --repeats 2 --no-accuracy --baseline-device cuda
+step predict 120 python3 bench/predict.py --latency-requests 60 --repeats 2 --no-accuracy --baseline-device cuda
 
 # -- 4-6: side by side ---------------------------------------------------------------------------
 limit=$(left)

@@ -142,12 +142,12 @@ def server_threads(server_log: str, fallback: int) -> int:
     return fallback
 
 
-def server_precision(server_log: str) -> str:
-    # "... predictor: serving on cpu in bf16 (INFERENCE_PRECISION=auto)", logged by each web worker
-    for line in server_log.splitlines():
-        if "predictor: serving on " in line:
-            return line.split("predictor: serving on ", 1)[1].replace(" in ", " ", 1)
-    return "unknown"
+def server_precision(url: str, auth) -> str:
+    """The device and precision the server's web worker serves with, from its /health."""
+    import requests
+
+    body = requests.get(url + "/health", auth=auth, timeout=10).json()
+    return f"{body.get('device', '?')} {body.get('precision', '?')}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             threads = server_threads(server.log(), expected_threads)
             torch.set_num_threads(threads)
-            precision = server_precision(server.log())
+            precision = server_precision(server.url, server.auth)
             print(f"torch threads: server worker {threads}, baselines {torch.get_num_threads()} "
                   f"({os.cpu_count()} cores); model {model_path}")
-            print(f"precision: server {precision} (INFERENCE_PRECISION), baselines fp32 (pipeline default) on {args.baseline_device}")
+            print(f"server device and precision: {precision} (DEVICE, INFERENCE_PRECISION); baselines fp32 (pipeline default) on {args.baseline_device}")
             print(f"texts: first {len(texts)} rows of agnews/test.tsv; batch size {settings.batch_size}, "
                   f"max length {settings.max_length} on our side")
 

@@ -153,7 +153,12 @@ def label_config_of(payload: dict) -> str:
 @protocol.get("/")
 @protocol.get("/health")
 def health():
-    return jsonify({"status": "UP", "model_class": "ls-backend", "version": __version__})
+    # the device and precision this web worker serves with (operators and bench/predict.py read them)
+    predictor = services().predictor
+    return jsonify({
+        "status": "UP", "model_class": "ls-backend", "version": __version__,
+        "device": predictor.device.type, "precision": predictor.base_encoder.precision_tag,
+    })
 
 
 @protocol.post("/setup")

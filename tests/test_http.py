@@ -4,6 +4,7 @@ import base64
 
 import pytest
 import requests
+import torch
 
 from .conftest import TOPIC_CONFIG
 from .support.backend import BackendServer
@@ -15,6 +16,8 @@ PROJECT = "21.1732665262"
 def test_health(backend):
     body = requests.get(backend.url + "/health", timeout=5).json()
     assert body["status"] == "UP" and body["model_class"] == "ls-backend"
+    assert body["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # DEVICE=auto
+    assert body["precision"] in {"fp32", "bf16", "fp16"}
 
 
 def test_setup_predict_versions_round_trip(backend):
