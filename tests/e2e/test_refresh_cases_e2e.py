@@ -1,0 +1,170 @@
+"""The refresh's own cases against a real Label Studio 1.23: the bound, unreadable tasks, pages and the
+pool, a re-created project, whose ``model_version`` to follow, and the cold start.
+
+``test_refresh_e2e.py`` drives the whole loop (jobs, promotion, an interrupted refresh resumed, Label
+Studio's ordering); here each case calls ``PredictionRefresh`` directly on a project of its own.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import replace
+from datetime import datetime
+
+import numpy as np
+import pytest
+
+from ls_backend.predictor import Predictor
+from ls_backend.refresh import PredictionRefresh, RefreshError
+from ls_backend.registry import ModelRegistry
+from ls_backend.sampling import PoolStore, next_batch
+from ls_backend.settings import Settings
+from ls_backend.store import CorrectionStore
+from ls_backend.sync import sync_project
+from tests.support.events import TOPIC_CONFIG, choices
+
+pytestmark = pytest.mark.e2e
+
+TEXTS = [
+    "Stocks fell as oil prices rose", "The striker scored twice in the final", "Intel unveils a faster chip",
+    "Rebels seize a town in the north", "The central bank holds rates", "NASA probe reaches Mars orbit",
+    "Coach sacked after the defeat", "Parliament passes the budget", "A new phone from Apple",
+    "Oil company posts record profit", "Tennis star wins the open", "Scientists map the genome",
+]
+
+
+def project_key(project: dict) -> str:
+    created = datetime.fromisoformat(project["created_at"].replace("Z", "+00:00"))
+    return f"{project['id']}.{int(created.timestamp())}"
+
+
+def by_task(ls, project_id: int) -> dict[int, Counter]:
+    found: dict[int, Counter] = defaultdict(Counter)
+    for prediction in ls.predictions(project_id):
+        found[prediction["task"]][prediction["model_version"]] += 1
+    return found
+
+
+@pytest.fixture
+def project(label_studio, tmp_path, encoder):
+    """A Label Studio project of 12 tasks, known to the store, whose current version is a trained copy
+    of its cold start (``p<id>-v1``, as a promotion leaves it); yields what a refresh needs."""
+    ls = label_studio
+    created = ls.create_project("refresh cases (e2e)", TOPIC_CONFIG)
+    key = project_key(created)
+    task_ids = ls.import_tasks(created["id"], [{"text": t} for t in TEXTS])
+    settings = Settings(model_dir=tmp_path / "models", max_length=128, label_studio_url=ls.url,
+                        label_studio_api_key=ls.token, refresh_page_size=4, sync_check_interval=0)
+    registry = ModelRegistry(settings.model_dir)
+    store = CorrectionStore.from_settings(settings)
+    sync_project(store, settings, key)
+    predictor = Predictor(settings, registry, encoder=encoder)
+    v0 = predictor.setup(key, TOPIC_CONFIG)
+    cold = registry.load(key, v0)
+    heads = {name: replace(head, trained=True) for name, head in cold.heads.items()}
+    version = registry.create_version(key, heads, dict(cold.meta, kind="fine-tune", parent=v0))
+    registry.promote(key, version)
+    try:
+        yield {"ls": ls, "id": created["id"], "key": key, "tasks": task_ids, "settings": settings,
+               "registry": registry, "store": store, "version": version}
+    finally:
+        store.close()
+
+
+def refresh(p, encoder, settings=None, key=None):
+    return PredictionRefresh(settings or p["settings"], p["store"], p["registry"], encoder=encoder).run(key or p["key"])
+
+
+def test_labeled_skipped_and_unreadable_tasks_get_nothing_and_the_pool_keeps_the_rest(project, encoder):
+    p, ls = project, project["ls"]
+    labeled, skipped = p["tasks"][0], p["tasks"][3]
+    ls.create_annotation(labeled, choices("Business"))
+    ls.create_annotation(skipped, [], was_cancelled=True)
+    blank = ls.import_tasks(p["id"], [{"text": "   "}])[0]  # no readable text: no prediction
+    report = refresh(p, encoder)
+    unlabeled = [t for t in p["tasks"] if t not in (labeled, skipped)] + [blank]
+    written = by_task(ls, p["id"])
+    assert set(written) == set(unlabeled) - {blank}, written
+    assert all(counts == Counter({p["version"]: 1}) for counts in written.values()), written
+    assert report.state == "finished" and report.written == len(unlabeled) - 1 and report.unreadable == 1
+    assert report.tasks == len(unlabeled) and report.pages == 3  # pages of 4
+    for prediction in ls.predictions(p["id"]):
+        assert 0 <= prediction["score"] <= 1 and prediction["result"][0]["from_name"] == "topic"
+    pool = PoolStore(p["registry"]).load(p["key"], p["version"])
+    assert pool.complete and pool.trained and sorted(pool.task_ids) == sorted(written)
+    assert pool.embeddings.shape == (len(written), encoder.dim) and pool.probabilities.shape == (len(written), 4)
+    assert np.allclose(np.linalg.norm(pool.embeddings, axis=1), 1, atol=1e-2)
+    text_of = {t["id"]: t["data"]["text"] for t in ls.tasks(p["id"])}
+    assert pool.texts == [text_of[t] for t in pool.task_ids]  # in task id order, as Label Studio serves them
+    again = refresh(p, encoder)  # the same version again writes nothing
+    assert again.reason == "already refreshed" and len(ls.predictions(p["id"])) == len(written)
+    batch = next_batch(p["settings"], p["registry"], p["store"], p["key"], 3)
+    assert batch.strategy == "uncertainty" and len(batch.task_ids) == 3 and not batch.stale
+    assert set(batch.task_ids) <= set(written)
+
+
+def test_bounded_by_refresh_max_tasks(project, encoder):
+    p = project
+    report = refresh(p, encoder, settings=replace(p["settings"], refresh_max_tasks=5))
+    assert report.written == 5 and report.bounded
+    assert sorted(by_task(p["ls"], p["id"])) == sorted(p["tasks"])[:5]  # the lowest task ids first
+
+
+def test_a_re_created_project_is_refused(project, encoder):
+    p = project
+    stale_key = f"{p['id']}.{int(p['key'].split('.')[1]) - 3600}"  # same id, created an hour earlier
+    with pytest.raises(RefreshError, match="re-created"):
+        refresh(p, encoder, key=stale_key)
+    assert p["ls"].predictions(p["id"]) == []
+
+
+def test_label_studios_model_version_follows_ours_but_not_another_models(project, encoder):
+    """Label Studio orders tasks by the predictions of the project's ``model_version``. A refresh moves it to
+    the new version when it names one of ours, and leaves it when the user chose another model's."""
+    p, ls, registry = project, project["ls"], project["registry"]
+
+    def promote_newer(parent: str) -> str:
+        loaded = registry.load(p["key"], parent)
+        newer = registry.create_version(p["key"], loaded.heads, dict(loaded.meta, parent=parent))
+        registry.promote(p["key"], newer)
+        return newer
+
+    first = refresh(p, encoder)
+    assert first.written == len(TEXTS) and not first.followed  # the project named no version yet
+    v1 = p["version"]
+    ls.request("PATCH", f"/api/projects/{p['id']}", json={"model_version": v1})  # the user picks ours
+    v2 = promote_newer(v1)
+    second = refresh(p, encoder)
+    assert second.followed and ls.project(p["id"])["model_version"] == v2
+    # predictions of another model, imported by the user, chosen for ordering
+    result = [{"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": ["World"]}}]
+    for task_id in p["tasks"]:
+        ls.request("POST", "/api/predictions", json={"task": task_id, "result": result, "score": 0.5,
+                                                     "model_version": "their-model"})
+    ls.request("PATCH", f"/api/projects/{p['id']}", json={"model_version": "their-model"})
+    v3 = promote_newer(v2)
+    third = refresh(p, encoder)
+    assert third.written == len(TEXTS) and not third.followed
+    assert ls.project(p["id"])["model_version"] == "their-model"
+    assert by_task(ls, p["id"]) == {t: Counter({v1: 1, v2: 1, v3: 1, "their-model": 1}) for t in p["tasks"]}
+    assert [path.name for path in PoolStore(registry).root(p["key"]).iterdir()] == [v3]  # older pools dropped
+
+
+def test_cold_start_refresh_makes_v0_and_the_first_batch_is_chosen_for_coverage(label_studio, tmp_path, encoder):
+    ls = label_studio
+    created = ls.create_project("refresh cold start (e2e)", TOPIC_CONFIG)
+    key = project_key(created)
+    task_ids = ls.import_tasks(created["id"], [{"text": t} for t in TEXTS])
+    settings = Settings(model_dir=tmp_path / "models", max_length=128, label_studio_url=ls.url,
+                        label_studio_api_key=ls.token, refresh_page_size=50, sync_check_interval=0)
+    registry = ModelRegistry(settings.model_dir)
+    store = CorrectionStore.from_settings(settings)  # has never seen the project: its config comes from Label Studio
+    try:
+        report = PredictionRefresh(settings, store, registry, encoder=encoder).run(key)
+        v0 = f"p{created['id']}-v0"
+        assert report.version == v0 == registry.current(key) and report.written == len(TEXTS)
+        assert by_task(ls, created["id"]) == {t: Counter({v0: 1}) for t in task_ids}
+        batch = next_batch(settings, registry, store, key, 4, "uncertainty")
+        assert batch.strategy == "coverage" and len(set(batch.task_ids)) == 4 and set(batch.task_ids) <= set(task_ids)
+    finally:
+        store.close()
