@@ -12,6 +12,7 @@ import requests
 from tests.support.backend import BackendServer
 from tests.support.conll import as_text, read_sentences
 from tests.support.data import data_file
+from tests.support.events import project_key
 
 pytestmark = pytest.mark.e2e
 
@@ -24,12 +25,6 @@ NER_CONFIG = (
 TASKS = 48
 LABELED = 40
 
-
-def project_key(project: dict) -> str:
-    from datetime import datetime
-
-    created = datetime.fromisoformat(project["created_at"].replace("Z", "+00:00"))
-    return f"{project['id']}.{int(created.timestamp())}"
 
 
 def check_predictions(ls, project_id: int, task_ids: list[int], texts: dict[int, str], version: str | None = None) -> list[dict]:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.support.events import project_key
+
 pytestmark = pytest.mark.e2e
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
@@ -52,14 +54,6 @@ def agnews_sample(per_label: int = PER_LABEL) -> list[tuple[str, str]]:
             if len(rows) == per_label * len(LABELS):
                 return rows
     pytest.fail(f"{AGNEWS_TEST} has fewer than {per_label} rows of each topic")
-
-
-def project_key(project: dict) -> str:
-    """The project key Label Studio sends in /setup and /predict: "<id>.<created_at as int timestamp>"."""
-    from datetime import datetime
-
-    created = datetime.fromisoformat(project["created_at"].replace("Z", "+00:00"))
-    return f"{project['id']}.{int(created.timestamp())}"
 
 
 def test_retrieve_predictions_stores_one_valid_prediction_per_task(label_studio, backend):

@@ -7,9 +7,8 @@ Studio's ordering); here each case calls ``PredictionRefresh`` directly on a pro
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import replace
-from datetime import datetime
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from ls_backend.sampling import PoolStore, next_batch
 from ls_backend.settings import Settings
 from ls_backend.store import CorrectionStore
 from ls_backend.sync import sync_project
-from tests.support.events import TOPIC_CONFIG, choices
+from tests.support.events import TOPIC_CONFIG, choices, project_key
 
 pytestmark = pytest.mark.e2e
 
@@ -33,30 +32,24 @@ TEXTS = [
 ]
 
 
-def project_key(project: dict) -> str:
-    created = datetime.fromisoformat(project["created_at"].replace("Z", "+00:00"))
-    return f"{project['id']}.{int(created.timestamp())}"
 
 
-def by_task(ls, project_id: int) -> dict[int, Counter]:
-    found: dict[int, Counter] = defaultdict(Counter)
-    for prediction in ls.predictions(project_id):
-        found[prediction["task"]][prediction["model_version"]] += 1
-    return found
+def new_project(ls, title: str, tmp_path, page_size: int):
+    """A Label Studio project of the 12 texts, and the settings, registry and store of a backend for it."""
+    created = ls.create_project(title, TOPIC_CONFIG)
+    task_ids = ls.import_tasks(created["id"], [{"text": t} for t in TEXTS])
+    settings = Settings(model_dir=tmp_path / "models", max_length=128, label_studio_url=ls.url,
+                        label_studio_api_key=ls.token, refresh_page_size=page_size, sync_check_interval=0)
+    registry = ModelRegistry(settings.model_dir)
+    return created, project_key(created), task_ids, settings, registry, CorrectionStore.from_settings(settings)
 
 
 @pytest.fixture
 def project(label_studio, tmp_path, encoder):
-    """A Label Studio project of 12 tasks, known to the store, whose current version is a trained copy
-    of its cold start (``p<id>-v1``, as a promotion leaves it); yields what a refresh needs."""
+    """A project known to the store, whose current version is a trained copy of its cold start
+    (``p<id>-v1``, as a promotion leaves it); yields what a refresh needs."""
     ls = label_studio
-    created = ls.create_project("refresh cases (e2e)", TOPIC_CONFIG)
-    key = project_key(created)
-    task_ids = ls.import_tasks(created["id"], [{"text": t} for t in TEXTS])
-    settings = Settings(model_dir=tmp_path / "models", max_length=128, label_studio_url=ls.url,
-                        label_studio_api_key=ls.token, refresh_page_size=4, sync_check_interval=0)
-    registry = ModelRegistry(settings.model_dir)
-    store = CorrectionStore.from_settings(settings)
+    created, key, task_ids, settings, registry, store = new_project(ls, "refresh cases (e2e)", tmp_path, 4)
     sync_project(store, settings, key)
     predictor = Predictor(settings, registry, encoder=encoder)
     v0 = predictor.setup(key, TOPIC_CONFIG)
@@ -83,7 +76,7 @@ def test_labeled_skipped_and_unreadable_tasks_get_nothing_and_the_pool_keeps_the
     blank = ls.import_tasks(p["id"], [{"text": "   "}])[0]  # no readable text: no prediction
     report = refresh(p, encoder)
     unlabeled = [t for t in p["tasks"] if t not in (labeled, skipped)] + [blank]
-    written = by_task(ls, p["id"])
+    written = ls.versions_by_task(p["id"])
     assert set(written) == set(unlabeled) - {blank}, written
     assert all(counts == Counter({p["version"]: 1}) for counts in written.values()), written
     assert report.state == "finished" and report.written == len(unlabeled) - 1 and report.unreadable == 1
@@ -107,7 +100,7 @@ def test_bounded_by_refresh_max_tasks(project, encoder):
     p = project
     report = refresh(p, encoder, settings=replace(p["settings"], refresh_max_tasks=5))
     assert report.written == 5 and report.bounded
-    assert sorted(by_task(p["ls"], p["id"])) == sorted(p["tasks"])[:5]  # the lowest task ids first
+    assert sorted(p["ls"].versions_by_task(p["id"])) == sorted(p["tasks"])[:5]  # the lowest task ids first
 
 
 def test_a_re_created_project_is_refused(project, encoder):
@@ -146,24 +139,19 @@ def test_label_studios_model_version_follows_ours_but_not_another_models(project
     third = refresh(p, encoder)
     assert third.written == len(TEXTS) and not third.followed
     assert ls.project(p["id"])["model_version"] == "their-model"
-    assert by_task(ls, p["id"]) == {t: Counter({v1: 1, v2: 1, v3: 1, "their-model": 1}) for t in p["tasks"]}
+    assert ls.versions_by_task(p["id"]) == {t: Counter({v1: 1, v2: 1, v3: 1, "their-model": 1}) for t in p["tasks"]}
     assert [path.name for path in PoolStore(registry).root(p["key"]).iterdir()] == [v3]  # older pools dropped
 
 
 def test_cold_start_refresh_makes_v0_and_the_first_batch_is_chosen_for_coverage(label_studio, tmp_path, encoder):
     ls = label_studio
-    created = ls.create_project("refresh cold start (e2e)", TOPIC_CONFIG)
-    key = project_key(created)
-    task_ids = ls.import_tasks(created["id"], [{"text": t} for t in TEXTS])
-    settings = Settings(model_dir=tmp_path / "models", max_length=128, label_studio_url=ls.url,
-                        label_studio_api_key=ls.token, refresh_page_size=50, sync_check_interval=0)
-    registry = ModelRegistry(settings.model_dir)
-    store = CorrectionStore.from_settings(settings)  # has never seen the project: its config comes from Label Studio
+    # the store has never seen the project (no sync): its label config comes from Label Studio
+    created, key, task_ids, settings, registry, store = new_project(ls, "refresh cold start (e2e)", tmp_path, 50)
     try:
         report = PredictionRefresh(settings, store, registry, encoder=encoder).run(key)
         v0 = f"p{created['id']}-v0"
         assert report.version == v0 == registry.current(key) and report.written == len(TEXTS)
-        assert by_task(ls, created["id"]) == {t: Counter({v0: 1}) for t in task_ids}
+        assert ls.versions_by_task(created["id"]) == {t: Counter({v0: 1}) for t in task_ids}
         batch = next_batch(settings, registry, store, key, 4, "uncertainty")
         assert batch.strategy == "coverage" and len(set(batch.task_ids)) == 4 and set(batch.task_ids) <= set(task_ids)
     finally:

@@ -8,8 +8,7 @@ worker or the embedded runner would run it.
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
-from datetime import datetime
+from collections import Counter
 
 import pytest
 
@@ -20,7 +19,7 @@ from ls_backend.sampling import PoolStore
 from ls_backend.settings import Settings
 from ls_backend.store import CorrectionStore
 from ls_backend.sync import sync_project
-from tests.support.events import TOPIC_CONFIG, choices
+from tests.support.events import TOPIC_CONFIG, choices, project_key
 from tests.support.loop import balanced_agnews
 
 pytestmark = pytest.mark.e2e
@@ -29,16 +28,6 @@ PER_LABEL = 6  # 24 tasks
 LABELED_PER_LABEL = 3  # 12 labeled, 1 skipped, 11 left unlabeled
 
 
-def project_key(project: dict) -> str:
-    created = datetime.fromisoformat(project["created_at"].replace("Z", "+00:00"))
-    return f"{project['id']}.{int(created.timestamp())}"
-
-
-def by_task(ls, project_id: int) -> dict[int, Counter]:
-    found: dict[int, Counter] = defaultdict(Counter)
-    for prediction in ls.predictions(project_id):
-        found[prediction["task"]][prediction["model_version"]] += 1
-    return found
 
 
 def test_refresh_after_promotion_writes_one_prediction_per_unlabeled_task(label_studio, tmp_path, monkeypatch, capsys):
@@ -60,7 +49,7 @@ def test_refresh_after_promotion_writes_one_prediction_per_unlabeled_task(label_
         cold = execute_training(settings, key, "refresh")
         v0 = f"p{project_id}-v0"
         assert cold["state"] == "finished" and cold["version"] == v0 and cold["written"] == len(task_ids), cold
-        assert by_task(ls, project_id) == {t: Counter({v0: 1}) for t in task_ids}
+        assert ls.versions_by_task(project_id) == {t: Counter({v0: 1}) for t in task_ids}
 
         # 2. label 12 tasks, skip one; START_TRAINING syncs, trains, promotes (FORCE_PROMOTE) and refreshes
         labeled = ls.annotate_gold(task_ids, gold, LABELED_PER_LABEL)
@@ -72,7 +61,7 @@ def test_refresh_after_promotion_writes_one_prediction_per_unlabeled_task(label_
         v1 = first["version"]
         assert first["promoted"] and v1 != v0, first
         assert first["refresh"]["state"] == "finished" and first["refresh"]["written"] == len(unlabeled), first
-        predictions = by_task(ls, project_id)
+        predictions = ls.versions_by_task(project_id)
         assert all(predictions[t] == Counter({v0: 1}) for t in untouched), predictions
         assert all(predictions[t] == Counter({v0: 1, v1: 1}) for t in unlabeled), predictions
 
@@ -94,13 +83,13 @@ def test_refresh_after_promotion_writes_one_prediction_per_unlabeled_task(label_
         second = execute_training(settings, key, "labels")
         v2 = second["version"]
         assert second["promoted"] and second["refresh"]["state"] == "failed", second
-        partly = by_task(ls, project_id)
+        partly = ls.versions_by_task(project_id)
         assert sum(partly[t][v2] for t in unlabeled) == 10  # two pages of 5 written
         monkeypatch.setattr(PredictionRefresh, "_save_cursor", original)
         resumed = execute_training(settings, key, "refresh")
         assert resumed["state"] == "finished" and resumed["resumed_after"] is not None, resumed
         assert resumed["already_there"] == 5 and resumed["followed"], resumed
-        final = by_task(ls, project_id)
+        final = ls.versions_by_task(project_id)
         assert all(final[t] == Counter({v0: 1}) for t in untouched), final
         assert all(final[t] == Counter({v0: 1, v1: 1, v2: 1}) for t in unlabeled), final
         assert ls.project(project_id)["model_version"] == v2

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from datetime import datetime
 
 import pytest
 import requests
 
 from tests.support.backend import BackendServer
 from tests.support.data import AGNEWS_LABELS
-from tests.support.events import TOPIC_CONFIG
+from tests.support.events import TOPIC_CONFIG, project_key
 from tests.support.loop import balanced_agnews
 
 pytestmark = pytest.mark.e2e
@@ -30,11 +29,6 @@ pytestmark = pytest.mark.e2e
 PER_LABEL = 10  # 40 tasks
 LABELED_PER_LABEL = 8  # 32 annotated through Label Studio
 
-
-def project_key(project: dict) -> str:
-    """What Label Studio sends to /setup and /predict: "<id>.<created_at as an int timestamp>"."""
-    created = datetime.fromisoformat(project["created_at"].replace("Z", "+00:00"))
-    return f"{project['id']}.{int(created.timestamp())}"
 
 
 def wait_for(condition, timeout: float, what: str, context=lambda: ""):

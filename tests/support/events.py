@@ -46,6 +46,12 @@ def key_of(project_id: int, created_at: str = CREATED_AT) -> str:
     return f"{project_id}.{int(moment.timestamp())}"
 
 
+def project_key(project: dict) -> str:
+    """What Label Studio sends to /setup and /predict for a project (its API payload):
+    "<id>.<created_at as an int timestamp>"."""
+    return key_of(project["id"], project["created_at"])
+
+
 def project(project_id: int = 3, config: str = TOPIC_CONFIG, created_at: str = CREATED_AT, updated: float = 0,
             total: int | None = None, title: str = "topics") -> dict:
     body = {

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -209,6 +210,13 @@ class LabelStudioClient:
 
     def predictions(self, project_id: int) -> list[dict]:
         return self.request("GET", "/api/predictions", params={"project": project_id})
+
+    def versions_by_task(self, project_id: int) -> dict[int, Counter]:
+        """How many predictions of each ``model_version`` every task of the project holds."""
+        found: dict[int, Counter] = defaultdict(Counter)
+        for prediction in self.predictions(project_id):
+            found[prediction["task"]][prediction["model_version"]] += 1
+        return found
 
     # annotations
     def create_annotation(self, task_id: int, result: list[dict], **fields) -> dict:
