@@ -49,9 +49,8 @@ TOKENIZE_CHUNK = 512
 #: end to end 17,126/s, the two in sequence).
 OVERLAP_PART = 4096
 
-_pool: tuple[int, ThreadPoolExecutor] | None = None
-_ahead: tuple[int, ThreadPoolExecutor] | None = None
-_pool_lock = threading.Lock()
+_pools: dict[str, tuple[int, ThreadPoolExecutor]] = {}  # name -> (the process that made it, the pool)
+_pools_lock = threading.Lock()
 
 
 def tokenize_threads() -> int:
@@ -63,22 +62,15 @@ def tokenize_threads() -> int:
     return max(1, min(16, cores))
 
 
-def _tokenize_pool() -> ThreadPoolExecutor:
-    """This process's pool (made after any fork: a forked child gets none of its parent's threads)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(tokenize_threads(), thread_name_prefix="tokenize"))
-        return _pool[1]
-
-
-def _ahead_pool() -> ThreadPoolExecutor:
-    """One thread that tokenizes the next part of a long ``encode`` (it fans out to ``_tokenize_pool``)."""
-    global _ahead
-    with _pool_lock:
-        if _ahead is None or _ahead[0] != os.getpid():
-            _ahead = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="tokenize-ahead"))
-        return _ahead[1]
+def _thread_pool(name: str, workers: int) -> ThreadPoolExecutor:
+    """This process's pool ``name`` (made after any fork: a forked child gets none of its parent's
+    threads).  ``tokenize`` fans out on "tokenize"; "tokenize-ahead" is the one thread that
+    tokenizes the next part of a long ``encode`` meanwhile."""
+    with _pools_lock:
+        made = _pools.get(name)
+        if made is None or made[0] != os.getpid():
+            made = _pools[name] = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix=name))
+        return made[1]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -177,7 +169,7 @@ class Encoder:
             return ids(clipped)
         parts = [clipped[i : i + TOKENIZE_CHUNK] for i in range(0, len(clipped), TOKENIZE_CHUNK)]
         out: list[list[int]] = []
-        for part in _tokenize_pool().map(ids, parts):
+        for part in _thread_pool("tokenize", tokenize_threads()).map(ids, parts):
             out.extend(part)
         return out
 
@@ -215,11 +207,12 @@ class Encoder:
         """``encode`` in parts of ``part`` texts, the next part tokenized while this one runs."""
         parts = [list(texts[i : i + part]) for i in range(0, len(texts), part)]
         done: list[np.ndarray] = []
-        ahead = _ahead_pool().submit(self.tokenize, parts[0])
+        helper = _thread_pool("tokenize-ahead", 1)
+        ahead = helper.submit(self.tokenize, parts[0])
         for k in range(len(parts)):
             ids = ahead.result()
             if k + 1 < len(parts):
-                ahead = _ahead_pool().submit(self.tokenize, parts[k + 1])
+                ahead = helper.submit(self.tokenize, parts[k + 1])
             done.append(self.encode_ids(ids, batch_size))
         return np.concatenate(done)
 

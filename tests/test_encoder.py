@@ -26,17 +26,20 @@ def test_large_lists_are_tokenized_on_the_pool_threads(encoder, monkeypatch):
     monkeypatch.setattr(model_module, "tokenize_threads", lambda: 2)
     seen: set[str] = set()
     core = encoder._bulk_tokenizer(64)
-    real = model_module._tokenize_pool
+    real = model_module._thread_pool
 
     class Watched:
+        def __init__(self, pool):
+            self.pool = pool
+
         def map(self, fn, parts):
             def watched(part):
                 seen.add(threading.current_thread().name)
                 return fn(part)
 
-            return real().map(watched, parts)
+            return self.pool.map(watched, parts)
 
-    monkeypatch.setattr(model_module, "_tokenize_pool", lambda: Watched())
+    monkeypatch.setattr(model_module, "_thread_pool", lambda name, workers: Watched(real(name, workers)))
     texts = [t for t, _ in agnews("dev", 3 * TOKENIZE_CHUNK)]
     ids = encoder.tokenize(texts, 64)
     assert len(ids) == len(texts) and all(len(x) <= 64 for x in ids)
