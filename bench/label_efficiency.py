@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ls_backend.finetune import in_eval_slice, tie_preference  # noqa: E402
+from ls_backend.finetune import in_eval_slice, learned_from_pool, tie_preference  # noqa: E402
 from ls_backend.model import Encoder, resolve_device  # noqa: E402
 from ls_backend.settings import bundled_encoder_path  # noqa: E402
 from ls_backend.trainer import (  # noqa: E402
@@ -141,7 +141,7 @@ def overrides(pairs: list[str]) -> dict:
 
 def training_args(args, seed, **extra) -> TrainingArguments:
     fields = {"seed": seed, "max_length": args.max_length, "self_train_tune_max": args.pseudo, **extra}
-    return TrainingArguments(**{**fields, **overrides(args.set)})
+    return TrainingArguments(**{**fields, **args.overrides})
 
 
 def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool):
@@ -199,8 +199,9 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override a TrainingArguments field for every candidate (repeatable)")
     args = parser.parse_args()
-    if args.set:
-        print("TrainingArguments overrides: " + ", ".join(f"{k}={v}" for k, v in overrides(args.set).items()))
+    args.overrides = overrides(args.set)
+    if args.overrides:
+        print("TrainingArguments overrides: " + ", ".join(f"{k}={v}" for k, v in args.overrides.items()))
     if not DATA.exists():
         print(f"skipped: {DATA} (../shared/data) is not here")
         return 0
@@ -248,7 +249,8 @@ def main() -> int:
                 # what a job promotes: candidates trained outside the slice, the best on the slice
                 held = [i for i in picked if in_eval_slice(int(i), 0.2)]
                 train = [pool[i] for i in picked if i not in held]
-                wants_full = not args.no_full and (len(train) >= TrainingArguments().full_min_labels or device.type == "cuda")
+                job_args = training_args(args, seed)
+                wants_full = not args.no_full and (len(train) >= job_args.full_min_labels or device.type == "cuda")
                 job = train_candidates(encoder, as_data(train), prior, unlabeled, args, seed, wants_full)
                 held_texts, held_gold = [pool[i][0] for i in held], [pool[i][1] for i in held]
 
@@ -257,7 +259,7 @@ def main() -> int:
                     return accuracy(head, reader.encode(held_texts), held_gold, labels) if held else 0.0
 
                 # the full recipe learned from the pool's guesses where there were unlabeled tasks
-                from_pool = unlabeled is not None and args.pseudo > 0 and len(train) >= TrainingArguments().full_min_labels
+                from_pool = learned_from_pool(args.pseudo if unlabeled is not None else 0, len(train), job_args)
                 recipe = max(job, key=lambda name: (
                     on_slice(name), tie_preference(JOB_NAMES.get(name, name), name == "full" and from_pool)
                 ))

@@ -65,6 +65,13 @@ def tie_preference(name: str, learned_from_pool: bool = False) -> int:
     return TIE_PREFERENCE.get("full+pool" if name == "full" and learned_from_pool else name, 0)
 
 
+def learned_from_pool(guesses: int, n_train: int, args: TrainingArguments) -> bool:
+    """Whether a full recipe that trained on ``guesses`` pseudo-labelled unlabeled tasks ranks as
+    "full+pool" on ties: measured from about ``full_min_labels`` training labels up; with fewer (a GPU,
+    TRAIN_MODE=full) ties keep the order of the labels-only recipes."""
+    return guesses > 0 and n_train >= args.full_min_labels
+
+
 def in_eval_slice(task_id: int, share: float) -> bool:
     """A deterministic, stable share of tasks (by a hash of the task id) never trained on."""
     digest = hashlib.sha256(f"eval:{task_id}".encode()).digest()
@@ -289,11 +296,8 @@ class FineTuneJob:
             )
             if pseudo_report:
                 full_report["pseudo_labels"] = pseudo_report
-                # measured from about 50 training labels up; with fewer (a GPU, TRAIN_MODE=full) ties keep
-                # the order of the labels-only recipes
-                full_learned_from_pool = (
-                    any(part["pseudo_labels"] for part in pseudo_report.values()) and n_train >= self.args.full_min_labels
-                )
+                guesses = sum(part["pseudo_labels"] for part in pseudo_report.values())
+                full_learned_from_pool = learned_from_pool(guesses, n_train, self.args)
             merged = dict(start_heads)
             merged.update(full_heads)
             held_embed = {
