@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ls_backend.embeddings import encoder_id
-from ls_backend.finetune import FineTuneJob, tie_preference
+from ls_backend.finetune import FineTuneJob, learned_from_pool, tie_preference
 from ls_backend.model import ClassifierHead
 from ls_backend.registry import ModelRegistry
 from ls_backend.sampling import PoolPart, PoolStore
@@ -50,6 +50,9 @@ def test_ties_on_the_slice_go_to_the_full_recipe_only_where_it_learned_from_the_
     # the order measured in bench/label_efficiency.py (means of 3 seeds, AG News and SST-2, 64 and 256 labels)
     assert tie_preference("full", True) > tie_preference("self-train") > tie_preference("frozen")
     assert tie_preference("frozen") > tie_preference("full") == tie_preference("contrastive") == 0
+    args = TrainingArguments(full_min_labels=50)  # the rank holds where it was measured: from 50 labels, with guesses
+    assert learned_from_pool(1024, 50, args) and not learned_from_pool(0, 500, args)
+    assert not learned_from_pool(1024, 49, args)
 
 
 def test_pseudo_labels_for_fine_tuning_keep_the_labels_and_bring_their_texts():
