@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python bench/training.py [--rows 256] [--labels 50,200,1000] [--skip-throughput] [--skip-loop]
+    .venv/bin/python bench/training.py [--rows 256] [--labels 50,200,1000] [--batch 10] [--skip-throughput] [--skip-loop]
 
 (a) Throughput, in this process, on the bundled encoder, the same ``--rows`` real AG News
     dev rows for both contenders and the same number of examples (``--rows`` x 3):
@@ -25,14 +25,19 @@ Usage::
     embeddings, and with re-encoding the texts first (what a job does today).
 
 (b) Loop latency through the HTTP API of ``ls-backend serve`` (started by
-    ``tests/support/backend.py``; embedded job runner, no Redis; ``TRAIN_EVERY`` = the label
-    count; ``TRAIN_MODE=frozen``; ``FORCE_PROMOTE=true`` so that every job's version goes
-    live, the gate's evaluation still runs): N - 1 labels are sent by webhook first (no job),
-    then the clock runs from sending the N-th label's webhook to ``/setup`` answering the new
-    version.  The job record splits it: webhook -> queued, queued -> started (runner poll),
-    started -> ended (a fresh job process: imports, encoder load, embedding, head fit,
-    evaluation, registry write), ended -> ``/setup`` (web workers check ``current`` every
-    ``VERSION_CHECK_INTERVAL``).
+    ``tests/support/backend.py``; embedded job runner, no Redis; ``TRAIN_MODE=frozen``;
+    ``FORCE_PROMOTE=true`` so that every job's version goes live, the gate's evaluation still
+    runs).  For each N of ``--labels``: (1) the first job: ``TRAIN_EVERY`` = N, N - 1 labels are
+    sent by webhook first (no job), then the clock runs from sending the N-th label's webhook to
+    ``/setup`` answering the new version; (2) a batch in a running loop (``--batch`` B, the
+    default ``TRAIN_EVERY`` of 10): ``TRAIN_EVERY`` = B, the N labels are sent and trained by the
+    jobs they trigger, then B - 1 more, and the clock runs from the B-th one's webhook.  Each is
+    run with the fast lane's job process started ahead (``JOB_STANDBY``, the default) and, as
+    the baseline in the same run, without (a process started for the job, importing
+    torch/transformers first).  The job record splits the time: webhook -> queued, queued ->
+    started (runner poll), started -> ended (imports where not done ahead, encoder load,
+    embedding, head fit, evaluation, registry write), ended -> ``/setup`` (web workers check
+    ``current`` every ``VERSION_CHECK_INTERVAL``).
 
 Skips (exit 0) with a message when ../shared/data is absent.
 """
@@ -208,33 +213,46 @@ def head_timing(labels: int) -> None:
 
 
 # -- (b) loop latency ----------------------------------------------------------------------
-def loop_latency(n: int, workdir: Path) -> dict:
+def loop_latency(n: int, workdir: Path, batch: int = 0, standby: bool = True) -> dict:
     from tests.support.backend import BackendServer
     from tests.support.loop import LoopClient
 
-    rows = dev_rows(n, balanced=True)
+    rows = dev_rows(n + batch, balanced=True)
     labeled = [(task_id, text, label) for task_id, (text, label) in enumerate(rows, start=1)]
     env = {
         "REDIS_URL": "",
-        "TRAIN_EVERY": str(n),
+        "TRAIN_EVERY": str(batch or n),
         "TRAIN_MODE": "frozen",
         "FORCE_PROMOTE": "true",
         "SYNC_CHECK_INTERVAL": "0",
         "LABEL_STUDIO_URL": "",
         "LABEL_STUDIO_API_KEY": "",
         "LOG_LEVEL": "WARNING",
+        "JOB_STANDBY": "true" if standby else "false",
     }
-    with BackendServer(workdir / f"models-{n}", env=env) as server:
+    with BackendServer(workdir / f"models-{n}-{batch}-{standby}", env=env) as server:
         loop = LoopClient(server.url, project_id=7)
         cold = loop.setup()
         started = time.perf_counter()
-        loop.label(labeled[:-1], first_annotation_id=1)
+        if batch:  # the first n labels are trained by the jobs they trigger; then one more batch is timed
+            loop.label(labeled[:n], first_annotation_id=1)
+            loop.wait_idle(timeout=1800)
+            time.sleep(2)  # past VERSION_CHECK_INTERVAL (1 s)
+            cold = loop.setup()
+            ahead = labeled[n:-1]
+        else:
+            ahead = labeled[:-1]
+        jobs_before = len(loop.jobs())
+        loop.label(ahead, first_annotation_id=len(labeled) - len(ahead))
         send_s = time.perf_counter() - started
-        if loop.jobs():
-            raise SystemExit(f"{n - 1} labels already queued a job with TRAIN_EVERY={n}: {loop.jobs()}")
+        if len(loop.jobs()) != jobs_before:
+            raise SystemExit(f"labels before the timed one already queued a job: {loop.jobs()}")
+        # the lane has been idle a while, as between two batches of a team's labels: time for the
+        # runner to start its next job process (JOB_STANDBY) and for that to import what a job needs
+        time.sleep(8)
         sent_at = time.time()
         started = time.perf_counter()
-        loop.label(labeled[-1:], first_annotation_id=n)
+        loop.label(labeled[-1:], first_annotation_id=len(labeled))
         while True:
             version = loop.setup()
             if version != cold:
@@ -260,6 +278,9 @@ def loop_latency(n: int, workdir: Path) -> dict:
     result = job.get("result") or {}
     return {
         "labels": n,
+        "batch": batch,
+        "standby": bool((result.get("process") or {}).get("started_ahead")),
+        "ready_s": (result.get("process") or {}).get("waited_for_job_s"),
         "latency": latency,
         "send_prior_s": send_s,
         "to_queue": job["enqueued_at"] - sent_at,
@@ -274,20 +295,31 @@ def loop_latency(n: int, workdir: Path) -> dict:
 
 
 def print_latency(rows: list[dict], device: str) -> None:
-    print(f"\n## Loop latency on {device}: webhook of the label that crosses TRAIN_EVERY -> /setup answers the new "
+    print(f"\n## Loop latency on {device}: webhook of the label that triggers a job -> /setup answers the new "
           "version (embedded runner, TRAIN_MODE=frozen)")
-    head = ("labels", "latency s", "->queued", "queue wait", "job s", "of which run", "->/setup", "jobs",
-            "version", "N-1 webhooks s")
-    print("{:>7}{:>11}{:>10}{:>12}{:>8}{:>16}{:>10}{:>6}{:>10}{:>16}".format(*head))
+    head = ("labels", "batch", "standby", "latency s", "->queued", "queue wait", "job s", "of which run", "->/setup",
+            "jobs", "version")
+    print("{:>7}{:>7}{:>12}{:>11}{:>10}{:>12}{:>8}{:>14}{:>10}{:>6}{:>10}".format(*head))
     for r in rows:
-        print("{:>7}{:>11.1f}{:>10.2f}{:>12.2f}{:>8.1f}{:>16}{:>10.2f}{:>6}{:>10}{:>16.1f}".format(
-            r["labels"], r["latency"], r["to_queue"], r["queue_wait"], r["job"],
-            f"{r['training']:.1f}" if r["training"] is not None else "-", r["pickup"], r["jobs"], r["version"],
-            r["send_prior_s"]))
-    print("(->queued: the N-th webhook to the job row; queue wait: to the runner taking it; job s: from then to the "
-          "promotion (the 'current' file written); of which run: FineTuneJob.run's own seconds, the rest is the "
-          "fresh job process importing torch/transformers and loading the encoder; ->/setup: from the promotion to "
-          "/setup answering it, polled every 0.1 s)")
+        ready = f"yes ({r['ready_s']:.0f} s)" if r["standby"] and r["ready_s"] is not None else "yes" if r["standby"] else "no"
+        print("{:>7}{:>7}{:>12}{:>11.1f}{:>10.2f}{:>12.2f}{:>8.1f}{:>14}{:>10.2f}{:>6}{:>10}".format(
+            r["labels"], r["batch"] or "-", ready, r["latency"], r["to_queue"],
+            r["queue_wait"], r["job"], f"{r['training']:.1f}" if r["training"] is not None else "-", r["pickup"],
+            r["jobs"], r["version"]))
+    print("(batch -: the first job, on all the labels, none embedded before; batch B: the labels trained first, then "
+          "the job that B more labels trigger (TRAIN_EVERY=B); standby: the job ran in a process the runner had "
+          "started ahead (JOB_STANDBY; in brackets, how long it had been ready when the job came), else in one "
+          "started for it, which imports torch/transformers first. "
+          "->queued: the triggering webhook to the job row; queue wait: to the runner taking it; job s: from then "
+          "to the promotion (the 'current' file written); of which run: FineTuneJob.run's own seconds; ->/setup: "
+          "from the promotion to /setup answering it, polled every 0.1 s)")
+    pairs = {}
+    for r in rows:
+        pairs.setdefault((r["labels"], r["batch"]), {})[r["standby"]] = r["latency"]
+    for (labels, batch), got in pairs.items():
+        if True in got and False in got:
+            print(f"{labels} labels{f' + a batch of {batch}' if batch else ''}: {got[True]:.1f} s with the process "
+                  f"started ahead, {got[False]:.1f} s without: {got[False] / got[True]:.1f}x")
 
 
 def main() -> int:
@@ -297,6 +329,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs per contender; the best is kept")
     parser.add_argument("--head-labels", type=int, default=500)
     parser.add_argument("--labels", default="50,200,1000", help="label counts for the loop latency")
+    parser.add_argument("--batch", type=int, default=10,
+                        help="also time the job a batch of this many more labels triggers (TRAIN_EVERY; 0: skip)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-loop", action="store_true")
     args = parser.parse_args()
@@ -325,8 +359,13 @@ def main() -> int:
         results = []
         with tempfile.TemporaryDirectory(prefix="bench-loop-") as tmp:
             for n in [int(x) for x in args.labels.split(",") if x.strip()]:
-                results.append(loop_latency(n, Path(tmp)))
-                print(f"  {n} labels: {results[-1]['latency']:.1f} s", flush=True)
+                for batch in ([0, args.batch] if args.batch else [0]):
+                    if batch and n % batch:
+                        raise SystemExit(f"--batch {batch} must divide every label count (got {n})")
+                    for standby in (True, False):  # the baseline: a job process started for the job
+                        results.append(loop_latency(n, Path(tmp), batch, standby))
+                        print(f"  {n} labels{f' + {batch}' if batch else ''}, standby {standby}: "
+                              f"{results[-1]['latency']:.1f} s", flush=True)
         print_latency(results, "CUDA" if cuda else "CPU")
     print("\nload average at the end: %.1f %.1f %.1f (other work on this machine slows every figure above)" % os.getloadavg())
     return 0

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import json
 import logging
 import multiprocessing
+import os
 import signal
 import sqlite3
 import threading
@@ -44,6 +46,12 @@ QUEUED, RUNNING, FINISHED, FAILED = "queued", "running", "finished", "failed"
 #: "fast" refits the heads on frozen (cached) embeddings; "full" runs TRAIN_MODE's candidates.
 FAST, FULL = "fast", "full"
 LANES = (FAST, FULL)
+#: Lanes whose next job process the embedded runner starts ahead, while the lane waits: the
+#: process imports torch, transformers and the encoder's classes before its job arrives
+#: (:func:`warm_imports`; about 5 s of a fast-lane job on two CPU cores).  The full lane's jobs
+#: take minutes, so a process idling for them would hold memory for nothing.  ``JOB_STANDBY=false``
+#: turns it off.
+STANDBY_LANES = (FAST,)
 LOCK_TTL = 60  # seconds; a running job renews its project lock every LOCK_TTL / 3
 
 
@@ -432,6 +440,8 @@ def run_rq_worker(settings: Settings, burst: bool = False, lanes: tuple[str, ...
     from rq import Queue, Worker
 
     connection = Redis.from_url(settings.redis_url)
+    # rq forks a work horse per job from this process: import what the jobs need once, here
+    log.info("job imports warmed in %.1f s", warm_imports(settings))
     # a worker that dies (SIGKILL, lost machine) stops heartbeating; its job is found
     # abandoned within about a minute and retried (JOB_RETRIES) or failed with the reason
     worker = Worker(
@@ -616,19 +626,54 @@ class EmbeddedTrainingQueue(TrainingQueue):
         return [self._info(row) for row in rows]
 
 
-def _child_main(settings: Settings, job: JobInfo, pipe) -> None:
+def warm_imports(settings: Settings) -> float:
+    """Import what a job needs, without running a tensor op: the training code, torch,
+    transformers, and the model class of the base encoder (its modeling module is
+    most of the cost).  A job started afterwards in this process, or in a process forked from it
+    (an rq work horse), skips that.  Best effort: a failure costs the job only the time.  Returns
+    the seconds it took.  No tokenizer is built and no tensor made, so forking afterwards is safe."""
+    started = time.perf_counter()
+    try:
+        for module in ("finetune", "ner_job", "refresh", "store"):  # the job's own imports
+            importlib.import_module(f"{__package__}.{module}")
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(settings.encoder_path)
+        AutoModel._model_mapping[type(config)]  # imports the modeling module (what from_pretrained does)
+    except Exception:
+        log.debug("warming the job imports failed", exc_info=True)
+    return time.perf_counter() - started
+
+
+def _job_process(settings: Settings, conn, ahead: bool) -> None:
+    """One job's process: warm the imports, then take one job from ``conn`` and send back its
+    outcome.  ``ahead``: started before its job, as a lane's standby (see ``STANDBY_LANES``)."""
     from .logs import configure
 
     configure(settings.log_level)
+    warmed = warm_imports(settings)
+    ready = time.time()
+    try:
+        job = conn.recv()
+    except (EOFError, OSError):  # the runner went away before handing over a job
+        return
+    if job is None:  # the runner stops: not needed
+        return
     queue = EmbeddedTrainingQueue(settings)
     try:
         result = execute_training(
             settings, job.project, job.trigger, Throttled(lambda u: queue.set_progress(job.id, u)), job.lane
         )
-        pipe.send(("ok", result))
+        result["process"] = {
+            "pid": os.getpid(),
+            "started_ahead": ahead,
+            "warm_imports_s": round(warmed, 2),
+            "waited_for_job_s": round(max(0.0, time.time() - ready), 2) if ahead else 0.0,
+        }
+        conn.send(("ok", result))
     except BaseException as exc:  # report everything, the runner decides
         log.exception("job %s failed", job.id)
-        pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
 class JobRunner:
@@ -641,6 +686,47 @@ class JobRunner:
         self.stopping = threading.Event()
         self.context = multiprocessing.get_context("spawn")
         self._next_schedule = self._schedule_after(time.time())
+        self._standby: dict[str, tuple[Any, Any]] = {}  # lane -> (process, connection), started ahead
+
+    def _start_process(self, ahead: bool) -> tuple[Any, Any]:
+        ours, theirs = self.context.Pipe()
+        process = self.context.Process(target=_job_process, args=(self.settings, theirs, ahead), daemon=True)
+        process.start()
+        theirs.close()
+        return process, ours
+
+    def _process_for(self, lane: str, job: JobInfo) -> tuple[Any, Any]:
+        """The lane's standby process, handed ``job``; else a new process (when the lane keeps
+        none, or its standby died)."""
+        standby = self._standby.pop(lane, None)
+        if standby is not None:
+            process, conn = standby
+            if process.is_alive():
+                try:
+                    conn.send(job)
+                    return process, conn
+                except (OSError, ValueError):
+                    pass
+            log.warning("the %s lane's standby job process was gone (exit code %s); starting one", lane, process.exitcode)
+            self._close(standby)
+        process, conn = self._start_process(ahead=False)
+        conn.send(job)
+        return process, conn
+
+    def _stand_by(self, lane: str) -> None:
+        if self.settings.job_standby and lane in STANDBY_LANES and lane not in self._standby and not self.stopping.is_set():
+            self._standby[lane] = self._start_process(ahead=True)
+
+    @staticmethod
+    def _close(standby: tuple[Any, Any], wait: float = 0.0) -> None:
+        process, conn = standby
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(None)
+        conn.close()
+        process.join(wait)
+        if process.is_alive():
+            process.terminate()
+            process.join(5)
 
     def _schedule_after(self, moment: float) -> float | None:
         schedule = self.settings.train_schedule
@@ -687,17 +773,24 @@ class JobRunner:
                     thread.join(0.5)
 
     def _lane(self, lane: str, burst: bool) -> None:
-        """One lane's loop: its jobs one at a time, each in a child process."""
-        while not self.stopping.is_set():
-            if lane == FULL:
-                self._maybe_schedule()
-            job = self.queue.claim(lane)
-            if job is None:
-                if burst:
-                    return
-                self.stopping.wait(self.poll)
-                continue
-            self.run_one(job)
+        """One lane's loop: its jobs one at a time, each in a child process of its own (for the
+        lanes in ``STANDBY_LANES``, started ahead while the lane waits)."""
+        try:
+            while not self.stopping.is_set():
+                if lane == FULL:
+                    self._maybe_schedule()
+                job = self.queue.claim(lane)
+                if job is None:
+                    if burst:
+                        return
+                    self._stand_by(lane)
+                    self.stopping.wait(self.poll)
+                    continue
+                self.run_one(job)
+        finally:
+            standby = self._standby.pop(lane, None)
+            if standby is not None:
+                self._close(standby, wait=2.0)
 
     def _maybe_schedule(self) -> None:
         if self._next_schedule is None or time.time() < self._next_schedule:
@@ -713,10 +806,7 @@ class JobRunner:
         log.info(
             "job %s: training project %s (%s, %s lane, attempt %d)", job.id, job.project, job.trigger, job.lane, job.attempts
         )
-        receiver, sender = self.context.Pipe(duplex=False)
-        child = self.context.Process(target=_child_main, args=(self.settings, job, sender), daemon=True)
-        child.start()
-        sender.close()
+        child, receiver = self._process_for(job.lane, job)
         deadline = time.monotonic() + self.settings.job_timeout
         outcome = None
         while outcome is None:
@@ -736,6 +826,7 @@ class JobRunner:
                 child.join(10)
                 outcome = ("crash", "the job runner was stopped")
         child.join(10)
+        receiver.close()
         kind, body = outcome
         if kind == "ok":
             self.queue.finish(job.id, body)

@@ -118,6 +118,8 @@ class Settings:
     train_schedule: str = ""  # seconds between scheduled jobs, or a cron expression ("0 * * * *")
     job_timeout: int = 3600
     job_retries: int = 2
+    # the embedded runner starts the fast lane's next job process ahead, while the lane waits
+    job_standby: bool = True
     train_mode: str = "auto"  # auto | frozen | full
     learning_rate: float = 1e-4
     train_epochs: int = 0  # 0: scaled to the label count
@@ -222,6 +224,8 @@ class Settings:
                 values[name.lower()] = _float(name, get(name, ""), low, high)
         if get("FORCE_PROMOTE"):
             values["force_promote"] = _bool("FORCE_PROMOTE", get("FORCE_PROMOTE", ""))
+        if get("JOB_STANDBY"):
+            values["job_standby"] = _bool("JOB_STANDBY", get("JOB_STANDBY", ""))
         if get("DEVICE"):
             values["device"] = _choice("DEVICE", get("DEVICE", ""), ("auto", "cpu", "cuda"))
         if get("TRAIN_GPU_MEMORY_FRACTION"):

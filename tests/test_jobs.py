@@ -300,3 +300,47 @@ def test_embedded_schedule_queues_projects_with_new_labels(tmp_path, monkeypatch
     assert runner._next_schedule > time.time() + 3500
     cron = JobRunner(Settings(model_dir=tmp_path, train_schedule="0 * * * *"))
     assert time.gmtime(cron._next_schedule).tm_min == 0
+
+
+def test_fast_lane_jobs_run_in_processes_started_ahead(tmp_path):
+    """While the fast lane waits, the runner starts its next job process, which imports the job's
+    code before the job arrives; each job still gets a process of its own."""
+    env = {"TRAIN_EVERY": "8", "TRAIN_MODE": "frozen", "REDIS_URL": "", "SYNC_CHECK_INTERVAL": "0"}
+    with BackendServer(tmp_path / "models", env=env) as server:
+        loop = LoopClient(server.url, project_id=5)
+        loop.setup()
+        rows = balanced_agnews(4)
+        loop.label(rows[:8])
+        first = loop.wait_idle(timeout=300)
+        time.sleep(2)  # the lane is idle again: its next process is started ahead
+        loop.label(rows[8:], first_annotation_id=9)
+        deadline = time.monotonic() + 300
+        while len(jobs := loop.jobs()) < 2 or any(job["state"] not in ("finished", "failed") for job in jobs):
+            assert time.monotonic() < deadline, jobs
+            time.sleep(0.5)
+    assert len(first) == 1 and {job["state"] for job in jobs} == {"finished"}, jobs
+    processes = [job["result"]["process"] for job in sorted(jobs, key=lambda job: job["enqueued_at"])]
+    assert all(p["started_ahead"] for p in processes), processes
+    assert processes[0]["pid"] != processes[1]["pid"]  # one process per job, as before
+    # the second process had finished its imports before its labels came
+    assert processes[1]["waited_for_job_s"] > 0, processes
+
+
+def test_a_dead_standby_process_is_replaced_and_the_job_still_runs(tmp_path):
+    from ls_backend.jobs import FAST, JobRunner
+
+    settings = Settings(model_dir=tmp_path, train_mode="frozen")
+    runner = JobRunner(settings)
+    runner._stand_by(FAST)
+    standby, _ = runner._standby[FAST]
+    standby.kill()
+    standby.join(10)
+    job, created = runner.queue.enqueue("8.1", "labels", FAST)
+    assert created
+    claimed = runner.queue.claim(FAST)
+    assert claimed is not None and claimed.id == job.id
+    runner.run_one(claimed)
+    done = runner.queue.get(job.id)
+    assert FAST not in runner._standby  # used up: the lane starts the next one when it waits again
+    assert done.state == "finished", (done.state, done.error)
+    assert done.result["process"]["started_ahead"] is False and done.result["process"]["pid"] != standby.pid
