@@ -5,7 +5,7 @@ Usage::
     .venv/bin/python bench/active_learning.py [--pool 2000] [--test 1000] [--seeds 3] [--first-seed 0]
                                               [--batch 16] [--checkpoints 64,128,256,512]
                                               [--modes margin,entropy] [--self-train]
-                                              [--full-every 64] [--strategies random,uncertainty,diverse]
+                                              [--full-every 64] [--strategies random,uncertainty,diverse,typical]
                                               [--out curves.json]
 
 Simulated annotators: the pool is the first ``--pool`` texts of ``../shared/data/agnews/dev.tsv``
@@ -20,9 +20,11 @@ labels, ``/next`` batches of 20).  The batches are chosen
 (a) ``random``: uniformly from the unlabeled pool;
 (b) ``uncertainty``: the lowest scores under the default ``SCORE_MODE`` (confidence);
 (c) ``diverse``: ``DiverseUncertainty`` (k-means over the 10 x batch most uncertain);
+(d) ``typical``: ``TypicalCoverage`` (the most typical members of the largest clusters no label
+    covers yet; no model needed);
 
 and, as the backend's ``/next`` does, (b) and (c) take their first batch by coverage (k-means
-representatives of the pool), since no trained version exists yet.  ``--modes`` adds uncertainty
+representatives of the pool), since no trained version exists yet; (d) is its own cold start.  ``--modes`` adds uncertainty
 runs under other score modes.  The same ``--seeds`` seeds for every strategy.
 
 ``--self-train`` refits the self-trained fast head between rounds instead (what the fast lane
@@ -69,7 +71,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from ls_backend.model import ClassifierHead, Encoder, resolve_device  # noqa: E402
-from ls_backend.sampling import CoverageSampling, DiverseUncertainty, RandomSampling, UncertaintySampling  # noqa: E402
+from ls_backend.sampling import (  # noqa: E402
+    CoverageSampling,
+    DiverseUncertainty,
+    RandomSampling,
+    TypicalCoverage,
+    UncertaintySampling,
+)
 from ls_backend.settings import Settings  # noqa: E402
 from ls_backend.trainer import (  # noqa: E402
     ControlData,
@@ -151,10 +159,13 @@ def run(strategy: str, mode: str, seed: int, pool: np.ndarray, gold: np.ndarray,
         "random": RandomSampling(),
         "uncertainty": UncertaintySampling(mode),
         "diverse": DiverseUncertainty(mode),
+        "typical": None,  # made each round: it reads the labeled tasks' embeddings
     }[strategy]
     while len(labeled) < checkpoints[-1]:
         unlabeled = np.setdiff1d(np.arange(len(pool)), labeled)
-        if strategy != "random" and not labeled:
+        if strategy == "typical":
+            picked = TypicalCoverage(labeled=pool[labeled]).query(None, pool[unlabeled], batch, rng)
+        elif strategy != "random" and not labeled:
             picked = CoverageSampling().query(None, pool[unlabeled], batch, rng)  # the cold start
         else:
             probabilities = head.probabilities(pool[unlabeled]) if chooser.needs_model else None
@@ -192,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="fine-tune the encoder every K labels (the full recipe; 0: the fast head only)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="with --full-every: override a TrainingArguments field of the fine-tunes (repeatable)")
-    parser.add_argument("--strategies", default="random,uncertainty,diverse", help="which of the three to run")
+    parser.add_argument("--strategies", default="random,uncertainty,diverse,typical", help="which of the four to run")
     parser.add_argument("--out", help="also write every curve here (JSON)")
     args = parser.parse_args(argv)
     if not DATA.is_dir():
@@ -227,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tuner = Tuner(encoder, texts, [t for t, _ in test_rows], args.full_every, settings.batch_size, overrides(args.set))
     strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
-    runs = [(name, "confidence") for name in ("random", "uncertainty", "diverse") if name in strategies]
+    runs = [(name, "confidence") for name in ("random", "uncertainty", "diverse", "typical") if name in strategies]
     runs += [("uncertainty", mode.strip()) for mode in args.modes.split(",") if mode.strip()]
     results: dict[str, np.ndarray] = {}
     for strategy, mode in runs:

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p_rank = sub.add_parser("rank", help="print the next batch of unlabeled task ids to label (JSON)")
     p_rank.add_argument("--project", required=True, help="the project key, or a bare Label Studio id")
     p_rank.add_argument("--n", type=int, default=20, help="how many tasks (default 20)")
-    p_rank.add_argument("--strategy", choices=["uncertainty", "diverse", "random", "coverage"],
+    p_rank.add_argument("--strategy", choices=["uncertainty", "diverse", "random", "coverage", "typical"],
                         help="default: uncertainty under SCORE_MODE (coverage before any trained version)")
     p_rank.add_argument("--refresh", action="store_true", help="refresh the predictions in Label Studio first")
     p_rank.add_argument("--seed", type=int, help="for the random and k-means choices (default SEED)")

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .embeddings import encoder_id
+from .embeddings import EmbeddingCache, encoder_id
 from .labeling import CHOICES, UnsupportedConfig, plan_for
 from .model import ClassifierHead, Encoder, resolve_device
 from .registry import ModelRegistry, version_prefix, write_atomic
@@ -293,11 +293,28 @@ class PredictionRefresh:
             steps = report.tasks + min(max(remaining, 0), limit - report.tasks)
             self.progress({"stage": "refresh", "version": version, "step": report.tasks, "steps": steps,
                            "written": report.written})
+        self._labeled_part(project_key, version, loaded, serving, embed_control)
         cursor.update(state="finished", bounded=report.bounded, finished_at=time.time())
         self._save_cursor(project_key, cursor)
         self.pools.finish(project_key, version, report.to_dict())
         self._follow(project_key, version, api, report)
         return report
+
+    def _labeled_part(self, project_key: str, version: str, loaded, serving, control) -> None:
+        """Beside the pool, the embeddings of the tasks labeled now (the ``typical`` strategy counts
+        their regions as covered).  The jobs embedded these texts with the same weights, so they
+        are read from this machine's embedding cache, or encoded where they are not there."""
+        if control is None or self.store is None:
+            return
+        labeled = [(task_id, text) for task_id, text, _ in
+                   self.store.annotation_results(project_key, control.name, include_empty=True) if text]
+        if not labeled:
+            return
+        vectors, _ = EmbeddingCache(self.settings.local_cache_dir).encode(
+            serving.encoder, encoder_id(loaded.meta, self.settings.encoder_path, serving.encoder),
+            [text for _, text in labeled], self.settings.batch_size,
+        )
+        self.pools.add_labeled(project_key, version, [task_id for task_id, _ in labeled], vectors)
 
     @staticmethod
     def _already_done(project_key: str, version: str | None, cursor: dict) -> RefreshReport | None:

@@ -134,6 +134,22 @@ def _pool_size(probabilities: np.ndarray | None, embeddings: np.ndarray | None) 
     return 0 if probabilities is None else len(probabilities)
 
 
+def _candidates(embeddings: np.ndarray | None, n: int, what: str) -> tuple[np.ndarray, int]:
+    """The candidates' embeddings (float32) and the batch size they allow (at most ``n``)."""
+    if embeddings is None:
+        raise ValueError(f"{what} needs embeddings")
+    x = np.asarray(embeddings, dtype=np.float32)
+    return x, max(0, min(n, len(x)))
+
+
+def _fill_at_random(chosen: list[int], size: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``chosen``, filled up to ``n`` distinct rows of ``size`` with rows drawn at random."""
+    if len(chosen) < n:
+        taken = set(chosen)
+        chosen = chosen + [int(i) for i in rng.permutation(size) if int(i) not in taken][: n - len(chosen)]
+    return np.asarray(chosen, dtype=np.int64)
+
+
 class RandomSampling(QueryStrategy):
     name = "random"
     needs_model = False
@@ -212,21 +228,87 @@ class CoverageSampling(QueryStrategy):
         self.max_points = max_points
 
     def query(self, probabilities, embeddings, n, rng):
-        if embeddings is None:
-            raise ValueError("coverage sampling needs embeddings")
-        x = np.asarray(embeddings, dtype=np.float32)
-        n = max(0, min(n, len(x)))
+        x, n = _candidates(embeddings, n, "coverage sampling")
         if n == 0:
             return np.zeros(0, dtype=np.int64)
         rows = np.arange(len(x))
         if len(x) > self.max_points:  # the clusters of a large pool are found on a sample
             rows = np.sort(rng.choice(len(x), self.max_points, replace=False))
         picked = representatives(x[rows], n, rng)
-        chosen = [int(rows[i]) for i in picked]
-        if len(chosen) < n:
-            taken = set(chosen)
-            chosen += [int(i) for i in rng.permutation(len(x)) if int(i) not in taken][: n - len(chosen)]
-        return np.asarray(chosen, dtype=np.int64)
+        return _fill_at_random([int(rows[i]) for i in picked], len(x), n, rng)
+
+
+class TypicalCoverage(QueryStrategy):
+    """Typical examples of what no label covers yet (TypiClust: Hacohen, Dekel and Weinshall, 2022).
+
+    The labeled tasks' embeddings and the candidates' are clustered together by k-means into
+    (labeled + ``n``) clusters, at most ``max_clusters``.  The clusters are taken with no labeled
+    task first (the least labeled per member after them), largest first; each gives its most
+    typical candidate: the one with the smallest mean distance to its ``neighbours`` nearest
+    cluster-mates.  Clusters of fewer than ``min_cluster`` points (outliers) come last.  So a batch fills the largest regions of the data that no label speaks for yet,
+    with examples that stand for them rather than with outliers.  Needs no model: before any label
+    it is coverage by typical examples."""
+
+    name = "typical"
+    needs_model = False
+
+    def __init__(self, labeled: np.ndarray | None = None, neighbours: int = 20, max_clusters: int = 500,
+                 max_points: int = 20_000, max_mates: int = 2_000, min_cluster: int = 5):
+        self.labeled = np.zeros((0, 0), dtype=np.float32) if labeled is None else np.asarray(labeled, dtype=np.float32)
+        self.neighbours, self.max_clusters = max(1, neighbours), max(1, max_clusters)
+        self.max_points, self.max_mates, self.min_cluster = max_points, max_mates, min_cluster
+
+    def query(self, probabilities, embeddings, n, rng):
+        x, n = _candidates(embeddings, n, "typical coverage")
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        labeled = self.labeled if self.labeled.size and self.labeled.shape[1] == x.shape[1] else x[:0]
+        rows = np.arange(len(x))
+        room = max(n, self.max_points - len(labeled))
+        if len(x) > room:  # the clusters of a large pool are found on a sample of its candidates
+            rows = np.sort(rng.choice(len(x), room, replace=False))
+        points = np.concatenate([labeled, x[rows]])
+        k = min(len(labeled) + n, self.max_clusters, len(points))
+        _, assign = kmeans(points, k, rng)
+        of_labeled, of_rows = assign[: len(labeled)], assign[len(labeled):]
+        sizes = np.bincount(assign, minlength=k)
+        covered = np.bincount(of_labeled, minlength=k) / np.maximum(sizes, 1)
+        # the least covered clusters first, largest first; clusters of fewer than min_cluster points
+        # (outliers) only once the others have no candidate left
+        order = sorted(range(k), key=lambda c: (covered[c], -sizes[c], c))
+        groups: tuple[list, list] = ([], [])  # per cluster in that order, its candidates by typicality
+        for c in order:
+            candidates = np.flatnonzero(of_rows == c)
+            if len(candidates):
+                typical = self.typicality(points, np.flatnonzero(assign == c), len(labeled) + candidates, rng)
+                groups[int(sizes[c] < self.min_cluster)].append(candidates[np.argsort(-typical, kind="stable")])
+        chosen: list[int] = []
+        for ranked in groups:
+            depth = 0
+            while len(chosen) < n and ranked:  # the most typical of each cluster, then the next of each...
+                ranked = [r for r in ranked if len(r) > depth]
+                for candidates in ranked:
+                    if len(chosen) == n:
+                        break
+                    chosen.append(int(rows[candidates[depth]]))
+                depth += 1
+        return _fill_at_random(chosen, len(x), n, rng)  # short only on a sample of a large pool
+
+    def typicality(self, points: np.ndarray, members: np.ndarray, which: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """1 / mean Euclidean distance of each of ``which`` to its nearest ``neighbours`` in ``members``."""
+        mates = members if len(members) <= self.max_mates else rng.choice(members, self.max_mates, replace=False)
+        a, b = points[which].astype(np.float64), points[mates].astype(np.float64)
+        squared = (a**2).sum(axis=1)[:, None] - 2.0 * a @ b.T + (b**2).sum(axis=1)[None, :]
+        distance = np.sqrt(np.maximum(squared, 0.0))
+        distance[which[:, None] == mates[None, :]] = np.inf  # not its own neighbour
+        k = min(self.neighbours, max(1, len(mates) - 1))
+        nearest = np.partition(distance, k - 1, axis=1)[:, :k]
+        finite = np.isfinite(nearest)
+        mean = np.where(finite, nearest, 0.0).sum(axis=1) / np.maximum(finite.sum(axis=1), 1)
+        return np.where(finite.any(axis=1), 1.0 / (mean + 1e-9), 0.0)  # alone in its cluster: least typical
+
+    def __repr__(self) -> str:
+        return f"TypicalCoverage(labeled={len(self.labeled)}, neighbours={self.neighbours})"
 
 
 def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, weights: np.ndarray | None = None,
@@ -252,11 +334,15 @@ def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, weights: np.ndarray 
         nearest = np.minimum(nearest, distances(np.asarray(centres[-1:]))[:, 0])
     centres_arr = np.asarray(centres)
     assign = distances(centres_arr).argmin(axis=1)
+    weighted = x.astype(np.float64) * w[:, None]
     for _ in range(iterations):
-        for c in range(k):
-            members = assign == c
-            if members.any():
-                centres_arr[c] = np.average(x[members], axis=0, weights=w[members])
+        # each centre moves to its members' weighted mean (one pass over the rows sorted by cluster)
+        order = np.argsort(assign, kind="stable")
+        present, starts = np.unique(assign[order], return_index=True)
+        mass = np.add.reduceat(w[order], starts)
+        keep = mass > 0
+        sums = np.add.reduceat(weighted[order], starts, axis=0)
+        centres_arr[present[keep]] = sums[keep] / mass[keep, None]
         updated = distances(centres_arr).argmin(axis=1)
         if np.array_equal(updated, assign):
             break
@@ -288,10 +374,14 @@ def representatives(x: np.ndarray, k: int, rng: np.random.Generator, weights: np
     return [index for _, index in picked]
 
 
-STRATEGIES = ("uncertainty", "diverse", "random", "coverage")
+STRATEGIES = ("uncertainty", "diverse", "random", "coverage", "typical")
 
 
-def strategy_for(name: str, mode: str = CONFIDENCE, multiple: bool = False, threshold: float = 0.5) -> QueryStrategy:
+def strategy_for(name: str, mode: str = CONFIDENCE, multiple: bool = False, threshold: float = 0.5,
+                 labeled: np.ndarray | None = None) -> QueryStrategy:
+    """The strategy called ``name``; ``labeled``: the labeled tasks' embeddings (``typical`` reads them)."""
+    if name == "typical":
+        return TypicalCoverage(labeled)
     if name == "uncertainty":
         return UncertaintySampling(mode, multiple, threshold)
     if name == "diverse":
@@ -316,6 +406,8 @@ class Pool:
     scores: np.ndarray  # the task scores written to Label Studio
     complete: bool = False
     texts: list[str] | None = None  # the text each embedding was made from; None for pools without them
+    labeled_ids: np.ndarray | None = None  # the tasks labeled when the refresh ran, and their embeddings
+    labeled_embeddings: np.ndarray | None = None
 
     @property
     def trained(self) -> bool:
@@ -380,6 +472,14 @@ class PoolStore:
         np.savez(tmp, **arrays)
         tmp.replace(folder / name)
 
+    def add_labeled(self, project_key: str, version: str, task_ids: list[int], embeddings: np.ndarray) -> None:
+        """The embeddings of the tasks labeled when the refresh ran (``labeled.npz``): what the
+        ``typical`` strategy counts as covered."""
+        folder = self.folder(project_key, version)
+        tmp = folder / f".labeled.{uuid.uuid4().hex}.tmp.npz"
+        np.savez(tmp, task_ids=np.asarray(task_ids, dtype=np.int64), embeddings=np.asarray(embeddings, dtype=np.float16))
+        tmp.replace(folder / "labeled.npz")
+
     def finish(self, project_key: str, version: str, report: dict) -> None:
         """Mark ``version``'s pool complete and drop the pools of other versions."""
         folder = self.folder(project_key, version)
@@ -428,7 +528,12 @@ class PoolStore:
             emb = np.zeros((0, int(meta.get("dim", 0))), dtype=np.float32)
             sc = np.zeros(0, dtype=np.float32)
             probs = None
-        return Pool(version, meta, task_ids, emb, probs, sc, complete=bool(meta.get("complete")), texts=pool_texts)
+        labeled_ids = labeled_embeddings = None
+        if (folder / "labeled.npz").is_file():
+            with np.load(folder / "labeled.npz") as part:
+                labeled_ids, labeled_embeddings = part["task_ids"], part["embeddings"].astype(np.float32)
+        return Pool(version, meta, task_ids, emb, probs, sc, complete=bool(meta.get("complete")), texts=pool_texts,
+                    labeled_ids=labeled_ids, labeled_embeddings=labeled_embeddings)
 
     def best(self, project_key: str, current: str | None) -> Pool | None:
         """The current version's pool when complete; else the newest complete one; else whatever exists."""
@@ -514,9 +619,16 @@ def next_batch(settings, registry: ModelRegistry, store, project_key: str, n: in
     probabilities = pool.probabilities[keep] if pool.probabilities is not None else None
     scores = pool.scores[keep]
     name = strategy or "uncertainty"
-    if name != "random" and (not pool.trained or probabilities is None):
+    if name not in ("random", "typical") and (not pool.trained or probabilities is None):
         name = "coverage"
-    chooser = strategy_for(name, settings.score_mode, bool(pool.meta.get("multiple")), float(pool.meta.get("threshold", 0.5)))
+    covered = None
+    if name == "typical":  # labeled when the refresh ran, and labeled since (those rows left the pool)
+        parts = [pool.embeddings[~keep]]
+        if pool.labeled_embeddings is not None and pool.labeled_embeddings.shape[1:] == pool.embeddings.shape[1:]:
+            parts.insert(0, pool.labeled_embeddings)
+        covered = np.concatenate(parts) if parts else None
+    chooser = strategy_for(name, settings.score_mode, bool(pool.meta.get("multiple")), float(pool.meta.get("threshold", 0.5)),
+                           labeled=covered)
     rng = np.random.default_rng(settings.seed if seed is None else seed)
     picked = chooser.query(probabilities, embeddings, n, rng) if len(ids) else np.zeros(0, dtype=np.int64)
     return NextBatch(

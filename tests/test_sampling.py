@@ -17,6 +17,7 @@ from ls_backend.sampling import (
     PoolPart,
     PoolStore,
     RandomSampling,
+    TypicalCoverage,
     UncertaintySampling,
     mode_scores,
     next_batch,
@@ -181,6 +182,27 @@ def test_diverse_uncertainty_spreads_over_the_uncertain_candidates():
     assert set(diverse) <= candidates
 
 
+def test_typical_coverage_takes_typical_members_of_the_clusters_no_label_covers():
+    rng = np.random.default_rng(5)
+    x, cluster = blobs(rng)  # 5 clusters of 40
+    outlier = np.zeros((1, x.shape[1]), dtype=np.float32)
+    outlier[0, -1] = 1.0  # far from every cluster
+    labeled_rows = np.concatenate([np.flatnonzero(cluster == 0)[:2], np.flatnonzero(cluster == 1)[:2]])
+    rest = np.setdiff1d(np.arange(len(x)), labeled_rows)  # clusters 0 and 1 are covered
+    candidates, of = np.concatenate([x[rest], outlier]), np.append(cluster[rest], -1)
+    picked = TypicalCoverage(labeled=x[labeled_rows]).query(None, candidates, 3, np.random.default_rng(6))
+    assert sorted(of[picked]) == [2, 3, 4]  # one per uncovered cluster, not the outlier
+    for i in picked:  # each is nearer its cluster's centre than most of its cluster-mates
+        members = candidates[of == of[i]]
+        distances = np.linalg.norm(members - members.mean(axis=0), axis=1)
+        assert np.linalg.norm(candidates[i] - members.mean(axis=0)) <= np.quantile(distances, 0.25)
+    # labeled everywhere but cluster 4: the whole batch comes from there first
+    covered = TypicalCoverage(labeled=x[cluster < 4]).query(None, x[cluster == 4], 2, np.random.default_rng(7))
+    assert len(set(covered)) == 2
+    assert len(TypicalCoverage().query(None, np.zeros((0, 3)), 5, rng)) == 0
+    assert sorted(TypicalCoverage().query(None, x[:3], 5, rng)) == [0, 1, 2]
+
+
 def test_diverse_batch_covers_more_gold_labels_on_real_agnews(encoder):
     """AG News (dev): among a pool's most uncertain texts, a diverse batch of 20 spans more topics
     than the 20 most uncertain (averaged over seeds; the head is fit on 16 labels per seed)."""
@@ -191,7 +213,7 @@ def test_diverse_batch_covers_more_gold_labels_on_real_agnews(encoder):
     rows = agnews("dev", 280, offset=3000)
     embeddings = encoder.encode([text for text, _ in rows])
     gold = np.array([AGNEWS_LABELS.index(label) for _, label in rows])
-    top, diverse = [], []
+    top, diverse, typical = [], [], []
     for seed in range(5):
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(rows))
@@ -201,7 +223,10 @@ def test_diverse_batch_covers_more_gold_labels_on_real_agnews(encoder):
         p = head.probabilities(embeddings[pool])
         top.append(len(set(gold[pool][UncertaintySampling().query(p, embeddings[pool], 20, rng)])))
         diverse.append(len(set(gold[pool][DiverseUncertainty().query(p, embeddings[pool], 20, rng)])))
+        chooser = TypicalCoverage(labeled=embeddings[labeled])
+        typical.append(len(set(gold[pool][chooser.query(None, embeddings[pool], 20, rng)])))
     assert np.mean(diverse) > np.mean(top), (top, diverse)
+    assert np.mean(typical) > np.mean(top), (top, typical)
 
 
 # -- the pool and the next batch ------------------------------------------------------------
@@ -274,6 +299,26 @@ def test_before_any_trained_version_the_batch_is_chosen_for_coverage(tmp_path):
     (registry.project_dir(PROJECT) / "current").write_text("p5-v0\n")
     batch = next_batch(settings, registry, FakeStore(), PROJECT, 6, "uncertainty")
     assert batch.strategy == "coverage" and len(set(batch.task_ids)) == 6
+
+
+def test_typical_counts_the_tasks_labeled_before_and_since_the_refresh_as_covered(tmp_path):
+    settings = Settings(model_dir=tmp_path / "models")
+    registry = ModelRegistry(settings.model_dir)
+    rng = np.random.default_rng(8)
+    x, cluster = blobs(rng, centres=3, per=20)
+    ids = list(range(100, 160))
+    pools = PoolStore(registry)
+    pools.start(PROJECT, "p5-v0", {"control": "topic", "labels": ["a", "b", "c"], "multiple": False, "trained": False})
+    pools.add(PROJECT, "p5-v0", PoolPart(ids, x, rng.dirichlet(np.ones(3), size=60), [0.5] * 60))
+    pools.add_labeled(PROJECT, "p5-v0", [7, 8], x[cluster == 0][:2] + 0.01)  # labeled before the refresh
+    pools.finish(PROJECT, "p5-v0", {})
+    (registry.project_dir(PROJECT) / "current").write_text("p5-v0\n")
+    since = [ids[i] for i in np.flatnonzero(cluster == 1)[:2]]  # labeled since, still in the pool
+    batch = next_batch(settings, registry, FakeStore(labeled=since), PROJECT, 1, "typical")
+    assert batch.strategy == "typical"  # needs no trained version
+    assert cluster[ids.index(batch.task_ids[0])] == 2 and batch.left_out_labeled == 2
+    loaded = pools.load(PROJECT, "p5-v0")
+    assert loaded.labeled_ids.tolist() == [7, 8] and loaded.labeled_embeddings.shape == (2, x.shape[1])
 
 
 def test_a_newer_version_serves_the_old_complete_pool_until_its_own_is_complete(tmp_path):

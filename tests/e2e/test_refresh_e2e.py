@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from ls_backend.jobs import execute_training
 from ls_backend.refresh import PredictionRefresh
 from ls_backend.registry import ModelRegistry
-from ls_backend.sampling import PoolStore
+from ls_backend.sampling import PoolStore, next_batch
 from ls_backend.settings import Settings
 from ls_backend.store import CorrectionStore
 from ls_backend.sync import sync_project
@@ -145,11 +146,21 @@ def test_jobs_self_train_on_the_tasks_the_refresh_embedded(label_studio, tmp_pat
         pool = PoolStore(registry).best(key, registry.current(key))
         texts = dict(zip(task_ids, (text for _, text, _ in rows)))
         assert pool.texts == [texts[int(t)] for t in pool.task_ids] and len(pool.texts) == len(task_ids)
+        cold_embeddings = {int(t): pool.embeddings[i] for i, t in enumerate(pool.task_ids)}
         labeled = ls.annotate_gold(task_ids, gold, 4)  # 16 labels
         first = execute_training(settings, key, "START_TRAINING")
         meta = registry.meta(key, first["version"])
         assert meta["training"]["self-train"]["topic"]["pool"] == len(task_ids) - len(labeled), meta["training"]
         assert "self-train" in meta["metrics"] and first["refresh"]["written"] == len(task_ids) - len(labeled), first
+        # beside the pool, the labeled tasks' embeddings (what "typical" counts as covered): the same
+        # vectors the cold start's pool held for those tasks (same weights, same texts)
+        pool = PoolStore(registry).best(key, first["version"])
+        assert sorted(pool.labeled_ids.tolist()) == sorted(labeled)
+        for i, task_id in enumerate(pool.labeled_ids.tolist()):
+            assert np.allclose(pool.labeled_embeddings[i], cold_embeddings[task_id], atol=5e-3), task_id
+        typical = next_batch(settings, registry, store, key, 5, "typical")
+        assert typical.strategy == "typical" and len(set(typical.task_ids)) == 5
+        assert not set(typical.task_ids) & set(labeled)
         # four more labels: the next job self-trains on the new version's pool without them
         more = [t for t in task_ids if t not in labeled][:4]
         for task_id in more:
