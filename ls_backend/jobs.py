@@ -714,7 +714,16 @@ class JobRunner:
         return process, conn
 
     def _stand_by(self, lane: str) -> None:
-        if self.settings.job_standby and lane in STANDBY_LANES and lane not in self._standby and not self.stopping.is_set():
+        """Start the lane's next job process if it keeps one and has none (or the one it had died)."""
+        if not self.settings.job_standby or lane not in STANDBY_LANES or self.stopping.is_set():
+            return
+        standby = self._standby.get(lane)
+        if standby is not None and not standby[0].is_alive():
+            log.warning("the %s lane's standby job process died (exit code %s); starting another",
+                        lane, standby[0].exitcode)
+            self._close(self._standby.pop(lane))
+            standby = None
+        if standby is None:
             self._standby[lane] = self._start_process(ahead=True)
 
     @staticmethod

@@ -332,8 +332,13 @@ def test_a_dead_standby_process_is_replaced_and_the_job_still_runs(tmp_path):
     settings = Settings(model_dir=tmp_path, train_mode="frozen")
     runner = JobRunner(settings)
     runner._stand_by(FAST)
+    first, _ = runner._standby[FAST]
+    first.kill()
+    first.join(10)
+    runner._stand_by(FAST)  # the waiting lane notices and starts another
     standby, _ = runner._standby[FAST]
-    standby.kill()
+    assert standby.pid != first.pid and standby.is_alive()
+    standby.kill()  # and this one dies just before a job comes
     standby.join(10)
     job, created = runner.queue.enqueue("8.1", "labels", FAST)
     assert created
