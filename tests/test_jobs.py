@@ -305,7 +305,7 @@ def test_embedded_schedule_queues_projects_with_new_labels(tmp_path, monkeypatch
 def test_fast_lane_jobs_run_in_processes_started_ahead(tmp_path):
     """While the fast lane waits, the runner starts its next job process, which imports the job's
     code before the job arrives; each job still gets a process of its own."""
-    env = {"TRAIN_EVERY": "8", "TRAIN_MODE": "frozen", "REDIS_URL": "", "SYNC_CHECK_INTERVAL": "0"}
+    env = {"TRAIN_EVERY": "8", "TRAIN_MODE": "frozen", "REDIS_URL": "", "SYNC_CHECK_INTERVAL": "0", "JOB_STANDBY": "true"}
     with BackendServer(tmp_path / "models", env=env) as server:
         loop = LoopClient(server.url, project_id=5)
         loop.setup()
