@@ -306,14 +306,18 @@ class PredictionRefresh:
         are read from this machine's embedding cache, or encoded where they are not there."""
         if control is None or self.store is None:
             return
-        labeled = [(task_id, text) for task_id, text, _ in
-                   self.store.annotation_results(project_key, control.name, include_empty=True) if text]
-        if not labeled:
+        try:
+            labeled = [(task_id, text) for task_id, text, _ in
+                       self.store.annotation_results(project_key, control.name, include_empty=True) if text]
+            if not labeled:
+                return
+            vectors, _ = EmbeddingCache(self.settings.local_cache_dir).encode(
+                serving.encoder, encoder_id(loaded.meta, self.settings.encoder_path, serving.encoder),
+                [text for _, text in labeled], self.settings.batch_size,
+            )
+        except Exception:  # the pool serves every other strategy without it; "typical" then sees no labels
+            log.warning("project %s: the labeled tasks' embeddings were not kept", project_key, exc_info=True)
             return
-        vectors, _ = EmbeddingCache(self.settings.local_cache_dir).encode(
-            serving.encoder, encoder_id(loaded.meta, self.settings.encoder_path, serving.encoder),
-            [text for _, text in labeled], self.settings.batch_size,
-        )
         self.pools.add_labeled(project_key, version, [task_id for task_id, _ in labeled], vectors)
 
     @staticmethod
