@@ -48,7 +48,7 @@ FAST, FULL = "fast", "full"
 LANES = (FAST, FULL)
 #: Lanes whose next job process the embedded runner starts ahead, while the lane waits: the
 #: process imports torch, transformers and the encoder's classes before its job arrives
-#: (:func:`warm_imports`; about 5 s of a fast-lane job on two CPU cores).  The full lane's jobs
+#: (:func:`warm_imports`; 6-8 s of every fast-lane job on two CPU cores).  The full lane's jobs
 #: take minutes, so a process idling for them would hold memory for nothing.  ``JOB_STANDBY=false``
 #: turns it off.
 STANDBY_LANES = (FAST,)
