@@ -42,12 +42,12 @@ The candidate pool
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import shutil
 import time
-import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -456,7 +456,6 @@ class PoolStore:
             return
         folder = self.folder(project_key, version)
         name = f"part-{min(part.task_ids):012d}-{max(part.task_ids):012d}.npz"
-        tmp = folder / f".{name}.{uuid.uuid4().hex}.tmp.npz"
         arrays: dict[str, Any] = {
             "task_ids": np.asarray(part.task_ids, dtype=np.int64),
             "embeddings": np.asarray(part.embeddings, dtype=np.float16),
@@ -469,16 +468,22 @@ class PoolStore:
                 raise ValueError(f"{len(part.texts)} texts for {len(part.task_ids)} tasks")
             # UTF-8 JSON bytes: no pickled objects in the pool (np.load's allow_pickle stays off)
             arrays["texts"] = np.frombuffer(json.dumps(list(part.texts)).encode(), dtype=np.uint8)
-        np.savez(tmp, **arrays)
-        tmp.replace(folder / name)
+        self._write(folder / name, arrays)
 
     def add_labeled(self, project_key: str, version: str, task_ids: list[int], embeddings: np.ndarray) -> None:
         """The embeddings of the tasks labeled when the refresh ran (``labeled.npz``): what the
         ``typical`` strategy counts as covered."""
-        folder = self.folder(project_key, version)
-        tmp = folder / f".labeled.{uuid.uuid4().hex}.tmp.npz"
-        np.savez(tmp, task_ids=np.asarray(task_ids, dtype=np.int64), embeddings=np.asarray(embeddings, dtype=np.float16))
-        tmp.replace(folder / "labeled.npz")
+        self._write(self.folder(project_key, version) / "labeled.npz", {
+            "task_ids": np.asarray(task_ids, dtype=np.int64),
+            "embeddings": np.asarray(embeddings, dtype=np.float16),
+        })
+
+    @staticmethod
+    def _write(path: Path, arrays: dict[str, Any]) -> None:
+        """``arrays`` as ``path`` (.npz), atomically: a reader sees the old file or the whole new one."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_atomic(path, buffer.getvalue())
 
     def finish(self, project_key: str, version: str, report: dict) -> None:
         """Mark ``version``'s pool complete and drop the pools of other versions."""
@@ -626,7 +631,7 @@ def next_batch(settings, registry: ModelRegistry, store, project_key: str, n: in
         parts = [pool.embeddings[~keep]]
         if pool.labeled_embeddings is not None and pool.labeled_embeddings.shape[1:] == pool.embeddings.shape[1:]:
             parts.insert(0, pool.labeled_embeddings)
-        covered = np.concatenate(parts) if parts else None
+        covered = np.concatenate(parts)
     chooser = strategy_for(name, settings.score_mode, bool(pool.meta.get("multiple")), float(pool.meta.get("threshold", 0.5)),
                            labeled=covered)
     rng = np.random.default_rng(settings.seed if seed is None else seed)
