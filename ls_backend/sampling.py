@@ -617,6 +617,20 @@ def labeled_task_ids(store, project_key: str, control: str | None) -> set[int]:
         return set()
 
 
+def covered_embeddings(pool: Pool, labeled_since: np.ndarray) -> np.ndarray:
+    """The embeddings of the tasks labeled when the refresh ran (``labeled.npz``) and of the pool's
+    tasks labeled since (``labeled_since``, a mask over its rows), each task once: a task labeled
+    while the refresh ran can be in both."""
+    since = np.asarray(labeled_since, dtype=bool)
+    parts = []
+    if pool.labeled_embeddings is not None and pool.labeled_embeddings.shape[1:] == pool.embeddings.shape[1:]:
+        parts.append(pool.labeled_embeddings)
+        if pool.labeled_ids is not None:
+            since = since & ~np.isin(pool.task_ids, pool.labeled_ids)
+    parts.append(pool.embeddings[since])
+    return np.concatenate(parts)
+
+
 def next_batch(settings, registry: ModelRegistry, store, project_key: str, n: int, strategy: str | None = None,
                seed: int | None = None) -> NextBatch:
     """The next ``n`` unlabeled task ids to label, from the project's candidate pool.
@@ -636,12 +650,7 @@ def next_batch(settings, registry: ModelRegistry, store, project_key: str, n: in
     name = strategy or "uncertainty"
     if name not in ("random", "typical") and (not pool.trained or probabilities is None):
         name = "coverage"
-    covered = None
-    if name == "typical":  # labeled when the refresh ran, and labeled since (those rows left the pool)
-        parts = [pool.embeddings[~keep]]
-        if pool.labeled_embeddings is not None and pool.labeled_embeddings.shape[1:] == pool.embeddings.shape[1:]:
-            parts.insert(0, pool.labeled_embeddings)
-        covered = np.concatenate(parts)
+    covered = covered_embeddings(pool, ~keep) if name == "typical" else None
     chooser = strategy_for(name, settings.score_mode, bool(pool.meta.get("multiple")), float(pool.meta.get("threshold", 0.5)),
                            labeled=covered)
     rng = np.random.default_rng(settings.seed if seed is None else seed)

@@ -14,11 +14,13 @@ from ls_backend.sampling import (
     CoverageSampling,
     DiverseUncertainty,
     NoPool,
+    Pool,
     PoolPart,
     PoolStore,
     RandomSampling,
     TypicalCoverage,
     UncertaintySampling,
+    covered_embeddings,
     mode_scores,
     next_batch,
 )
@@ -319,6 +321,19 @@ def test_typical_counts_the_tasks_labeled_before_and_since_the_refresh_as_covere
     assert cluster[ids.index(batch.task_ids[0])] == 2 and batch.left_out_labeled == 2
     loaded = pools.load(PROJECT, "p5-v0")
     assert loaded.labeled_ids.tolist() == [7, 8] and loaded.labeled_embeddings.shape == (2, x.shape[1])
+
+
+def test_a_task_labeled_while_the_refresh_ran_counts_once_as_covered():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(6, 8)).astype(np.float32)
+    pool = Pool("p5-v1", {}, np.arange(100, 106), x, None, np.full(6, 0.5),
+                labeled_ids=np.asarray([7, 102]), labeled_embeddings=np.stack([x[0] + 1, x[2]]))
+    since = np.isin(pool.task_ids, [102, 104])  # 102 was listed by the refresh and kept as labeled too
+    covered = covered_embeddings(pool, since)
+    assert len(covered) == 3  # 7, 102 and 104, each once
+    assert np.array_equal(covered, np.stack([x[0] + 1, x[2], x[4]]))
+    without_ids = Pool("p5-v1", {}, pool.task_ids, x, None, pool.scores, labeled_embeddings=pool.labeled_embeddings)
+    assert len(covered_embeddings(without_ids, since)) == 4  # no ids to match: nothing dropped
 
 
 def test_a_newer_version_serves_the_old_complete_pool_until_its_own_is_complete(tmp_path):
