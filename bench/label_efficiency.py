@@ -6,9 +6,10 @@ unlabeled tasks, ``self_train_head``; here ``--unlabeled`` texts of the pool sta
 refresh of predictions embeds), ``full`` (``fine_tune``, warm-started from the self-trained head,
 on the labels plus the texts of its ``--pseudo`` surest guesses, as a job does where the
 refresh's pool kept texts; ``--pseudo 0``: labels only), optionally ``contrastive``; and
-``auto``, what a job promotes: every candidate a job would train (full from 50 training labels
-on a CPU), trained outside the evaluation slice (20% of the labels, by task id as in a job) and
-the best on the slice served (ties as in a job: ``ls_backend.finetune.tie_preference``).  The baseline is
+``auto``, what a job promotes: every candidate a job would train (full from 50 labels on a
+CPU), trained outside the evaluation slice (20% of the labels, by task id as in a job) and the
+best on the slice served (figures within one example of the slice count as ties, and ties go as
+in a job: ``ls_backend.finetune.choose_candidate``).  The baseline is
 ``transformers.Trainer`` with default arguments (3 epochs, lr 5e-5, batch 8) on
 ``AutoModelForSequenceClassification`` from the same bundled encoder — what Label Studio's
 example backends do — in the same run, on the same labels.
@@ -36,9 +37,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ls_backend.finetune import in_eval_slice, learned_from_pool, tie_preference  # noqa: E402
+from ls_backend.finetune import choose_candidate, in_eval_slice, learned_from_pool, slice_tolerance, tie_preference  # noqa: E402
 from ls_backend.model import Encoder, resolve_device  # noqa: E402
-from ls_backend.settings import bundled_encoder_path  # noqa: E402
+from ls_backend.settings import Settings, bundled_encoder_path  # noqa: E402
 from ls_backend.trainer import (  # noqa: E402
     ControlData,
     TrainingArguments,
@@ -250,7 +251,7 @@ def main() -> int:
                 held = [i for i in picked if in_eval_slice(int(i), 0.2)]
                 train = [pool[i] for i in picked if i not in held]
                 job_args = training_args(args, seed)
-                wants_full = not args.no_full and (len(train) >= job_args.full_min_labels or device.type == "cuda")
+                wants_full = not args.no_full and (len(picked) >= job_args.full_min_labels or device.type == "cuda")
                 job = train_candidates(encoder, as_data(train), prior, unlabeled, args, seed, wants_full)
                 held_texts, held_gold = [pool[i][0] for i in held], [pool[i][1] for i in held]
 
@@ -259,10 +260,12 @@ def main() -> int:
                     return accuracy(head, reader.encode(held_texts), held_gold, labels) if held else 0.0
 
                 # the full recipe learned from the pool's guesses where there were unlabeled tasks
-                from_pool = learned_from_pool(args.pseudo if unlabeled is not None else 0, len(train), job_args)
-                recipe = max(job, key=lambda name: (
-                    on_slice(name), tie_preference(JOB_NAMES.get(name, name), name == "full" and from_pool)
-                ))
+                from_pool = learned_from_pool(args.pseudo if unlabeled is not None else 0, len(picked), job_args)
+                recipe = choose_candidate(
+                    {name: on_slice(name) for name in job},
+                    lambda name: tie_preference(JOB_NAMES.get(name, name), name == "full" and from_pool),
+                    slice_tolerance(Settings(), len(held)),
+                )
                 auto = test_accuracy(job[recipe])
             baseline, trainer_s = None, 0.0
             if not args.no_trainer:

@@ -65,11 +65,27 @@ def tie_preference(name: str, learned_from_pool: bool = False) -> int:
     return TIE_PREFERENCE.get("full+pool" if name == "full" and learned_from_pool else name, 0)
 
 
-def learned_from_pool(guesses: int, n_train: int, args: TrainingArguments) -> bool:
+def slice_tolerance(settings: Settings, slice_size: int) -> float:
+    """How far apart two figures on a slice of ``slice_size`` labels may be and still count as
+    equal: ``PROMOTION_TOLERANCE`` or one example of the slice, whichever is larger."""
+    return max(settings.promotion_tolerance, 1.0 / slice_size) if slice_size else 1.0
+
+
+def choose_candidate(scores: dict[str, float], preference, tolerance: float) -> str:
+    """The candidate a job keeps: among those within ``tolerance`` of the best figure on the slice
+    (a one-example lead on a small slice is noise, not evidence), the first by ``preference(name)``
+    (``tie_preference``), then by figure, then by name."""
+    top = max(scores.values())
+    close = [name for name, score in scores.items() if score + tolerance >= top - 1e-9]
+    return max(close, key=lambda name: (preference(name), scores[name], name))
+
+
+def learned_from_pool(guesses: int, n_labels: int, args: TrainingArguments) -> bool:
     """Whether a full recipe that trained on ``guesses`` pseudo-labelled unlabeled tasks ranks as
-    "full+pool" on ties: measured from about ``full_min_labels`` training labels up; with fewer (a GPU,
-    TRAIN_MODE=full) ties keep the order of the labels-only recipes."""
-    return guesses > 0 and n_train >= args.full_min_labels
+    "full+pool" on ties: measured from about ``full_min_labels`` labels up (``n_labels``: the
+    project's, slice included); with fewer (a GPU, TRAIN_MODE=full) ties keep the order of the
+    labels-only recipes."""
+    return guesses > 0 and n_labels >= args.full_min_labels
 
 
 def in_eval_slice(task_id: int, share: float) -> bool:
@@ -214,8 +230,11 @@ class FineTuneJob:
             self.store.mark_trained(project_key, cutoff)
             raise NothingToTrain("no labeled tasks for any control")
         n_train = sum(len(s.train) for s in splits.values()) + sum(len(s.train) for s in token_splits.values())
+        # the project's labels, slice included: what FULL_MIN_LABELS counts here and when it queues the job
+        # (counting training labels only, a 64-label project whose slice drew 15 got no fine-tune)
+        n_labels = sum(len(s.train) + len(s.held) for part in (splits, token_splits) for s in part.values())
         wants_full = self.args.mode == "full" or (
-            self.args.mode == "auto" and (n_train >= self.args.full_min_labels or self.device.type == "cuda")
+            self.args.mode == "auto" and (n_labels >= self.args.full_min_labels or self.device.type == "cuda")
         )
         wants_full = wants_full and self.args.mode != "frozen" and not encoder_is_taken(start_heads, token_splits)
         # the labels this job would learn from; NER data is not covered, so those jobs always run
@@ -297,7 +316,7 @@ class FineTuneJob:
             if pseudo_report:
                 full_report["pseudo_labels"] = pseudo_report
                 guesses = sum(part["pseudo_labels"] for part in pseudo_report.values())
-                full_learned_from_pool = learned_from_pool(guesses, n_train, self.args)
+                full_learned_from_pool = learned_from_pool(guesses, n_labels, self.args)
             merged = dict(start_heads)
             merged.update(full_heads)
             held_embed = {
@@ -338,11 +357,19 @@ class FineTuneJob:
         def primary(name: str) -> float:
             return figures[name]["score"] if figures[name]["score"] is not None else -1.0
 
-        def ranking(name: str) -> tuple[float, int]:
-            return primary(name), tie_preference(name, full_learned_from_pool)
-
-        best = max(candidates, key=ranking)
         slice_size = min((len(s.held) for s in splits.values()), default=0)
+        # one example of a small slice is worth more than PROMOTION_TOLERANCE: a single
+        # disagreement on 12 labels is noise, not evidence that one model is better
+        tolerance = slice_tolerance(self.settings, slice_size)
+
+        def choose() -> str:
+            return choose_candidate(
+                {name: primary(name) for name in candidates},
+                lambda name: tie_preference(name, full_learned_from_pool),
+                tolerance,
+            )
+
+        best = choose()
         # decide, write and promote under the project lock, so a pin or rollback cannot interleave
         with self.registry.lock(project_key):
             # a version promoted while this job trained (a fast-lane job, a rollback) is what the
@@ -364,11 +391,8 @@ class FineTuneJob:
                 if not candidates:
                     self.store.mark_trained(project_key, cutoff)
                     raise NothingToTrain(f"no label changed since {serving.version}, which was trained on these labels")
-                best = max(candidates, key=ranking)
+                best = choose()
             gated = slice_size >= self.settings.eval_min
-            # one example of a small slice is worth more than PROMOTION_TOLERANCE: a single
-            # disagreement on 12 labels is noise, not evidence that the candidate is worse
-            tolerance = max(self.settings.promotion_tolerance, 1.0 / slice_size) if slice_size else 1.0
             pinned = self.registry.pinned(project_key)
             if pinned:
                 promote, reason = False, f"the project is pinned to {pinned} (unpin to take new versions)"

@@ -46,7 +46,7 @@ class TrainingArguments:
     # the second epoch's state; bench/label_efficiency.py, 3 seeds: 0.821 before, 0.851 after)
     early_stopping_min: int = 200
     weight_decay: float = 0.01
-    full_min_labels: int = 50  # auto mode on a CPU: fine-tune the encoder from this many training labels
+    full_min_labels: int = 50  # auto mode on a CPU: fine-tune the encoder from this many labels (slice included)
     # contrastive candidate (SetFit-style pairs, then the fast head on the tuned encoder)
     contrastive_pairs: int = 2560  # at most this many pairs per control (0: no contrastive candidate)
     contrastive_rounds: int = 20  # each labeled text anchors this many pairs of each kind, within the cap

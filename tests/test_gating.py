@@ -106,6 +106,27 @@ def test_full_fine_tuning_is_not_repeated_on_the_same_labels(tmp_path):
         store.close()
 
 
+def test_full_min_labels_counts_the_evaluation_slice_too(tmp_path):
+    """FULL_MIN_LABELS counts the project's labels as the trigger that queues the job does: a
+    project at the threshold fine-tunes whatever share of its labels the slice drew."""
+    settings = Settings(model_dir=tmp_path / "models", max_length=64, train_mode="auto", train_epochs=1,
+                        train_min_steps=4, eval_min=1000)
+    store = CorrectionStore.from_settings(settings)
+    try:
+        rows = balanced_agnews(6)
+        label_all(store, rows)
+        held = sum(in_eval_slice(task_id, settings.eval_share) for task_id, _, _ in rows)
+        assert 0 < held < len(rows)  # training labels alone fall short of the threshold below
+        below = FineTuneJob(replace(settings, full_min_labels=len(rows) + 1), store).run(KEY)
+        assert below["recipe"] in ("frozen", "self-train")
+        assert "full" not in ModelRegistry(settings.model_dir).meta(KEY, below["version"])["training"]
+        at = FineTuneJob(replace(settings, full_min_labels=len(rows)), store).run(KEY)
+        meta = ModelRegistry(settings.model_dir).meta(KEY, at["version"])
+        assert "full" in meta["training"] and meta["data"]["topic"]["train"] == len(rows) - held
+    finally:
+        store.close()
+
+
 def test_the_gate_measures_a_version_promoted_while_the_job_trained(job_env):
     """A job compares its candidate with what serves when it decides, not with what served when it
     started: here a deliberately bad version goes live mid-job and is the one measured."""
