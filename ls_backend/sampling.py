@@ -341,8 +341,7 @@ def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, weights: np.ndarray 
         pick = int(rng.choice(n, p=mass / total)) if total > 0 else int(rng.integers(n))
         picks.append(pick)
         nearest = np.minimum(nearest, to(pick))
-    centres = x[picks]
-    centres_arr = np.array(centres)
+    centres_arr = x[picks]  # a copy: the iterations below move it
     assign = distances(centres_arr).argmin(axis=1)
     weighted = x * w[:, None]
     for _ in range(iterations):
