@@ -83,6 +83,33 @@ class JobInfo:
         return body
 
 
+REFRESH_TRIGGER = "refresh"  # a job that only refreshes the predictions (GET /projects/<key>/next)
+SYNC_TRIGGER = "START_TRAINING"  # the job syncs the project from Label Studio before it trains
+
+
+def split_trigger(trigger: str) -> tuple[str, bool]:
+    """(what trains, whether to refresh the predictions at the end whatever the outcome):
+    ``labels`` -> ("labels", False); ``refresh`` -> ("", True); ``labels+refresh`` -> ("labels", True)."""
+    if trigger == REFRESH_TRIGGER:
+        return "", True
+    base, plus, extra = trigger.partition("+")
+    return base, bool(plus) and extra == REFRESH_TRIGGER
+
+
+def merge_triggers(queued: str, new: str) -> str:
+    """The trigger of a queued job once a request with trigger ``new`` joins it.  A training
+    request never disappears into a refresh-only job: the job trains, and still refreshes at the
+    end (promoted or not); a refresh request joining a training job makes it refresh at the end
+    too; Start Training's sync is kept; otherwise the queued job's trigger stands."""
+    queued_base, queued_refresh = split_trigger(queued)
+    new_base, new_refresh = split_trigger(new)
+    base = new_base if not queued_base or new_base == SYNC_TRIGGER else queued_base
+    refresh = queued_refresh or new_refresh
+    if not base:
+        return REFRESH_TRIGGER
+    return f"{base}+{REFRESH_TRIGGER}" if refresh else base
+
+
 def _job_id(project_key: str) -> str:
     """``train-<project key with '.' as '_'>-<random>``: letters, digits, '_' and '-' only (rq's rule)."""
     readable = "".join(c if c.isalnum() else "_" for c in project_key)[:60]
@@ -95,7 +122,7 @@ def execute_training(settings: Settings, project_key: str, trigger: str, progres
     refresh the project's predictions in Label Studio (``ls_backend.refresh``).  The trigger
     ``refresh`` runs only the refresh."""
     from .finetune import FineTuneJob, NothingToTrain
-    from .refresh import REFRESH_TRIGGER, refresh_predictions
+    from .refresh import refresh_predictions
     from .store import CorrectionStore
 
     from .model import resolve_device
@@ -105,17 +132,20 @@ def execute_training(settings: Settings, project_key: str, trigger: str, progres
         log.info("training jobs may use %.0f%% of the GPU's memory", 100 * settings.train_gpu_memory_fraction)
     store = CorrectionStore.from_settings(settings)
     try:
-        if trigger == REFRESH_TRIGGER:
+        base, refresh_anyway = split_trigger(trigger)
+        if not base:
             return refresh_predictions(settings, store, project_key, progress, raise_errors=True)
-        if trigger == "START_TRAINING":
+        if base == SYNC_TRIGGER:
             _sync_before_training(settings, store, project_key)
         try:
             mode = "frozen" if lane == FAST else None
-            result = FineTuneJob(settings, store, progress=progress, mode=mode).run(project_key, trigger)
+            result = FineTuneJob(settings, store, progress=progress, mode=mode).run(project_key, base)
         except NothingToTrain as exc:
             log.info("project %s: nothing to train: %s", project_key, exc)
-            return {"project": project_key, "version": None, "promoted": False, "reason": f"nothing to train: {exc}"}
-        if result.get("promoted"):  # the new version goes live: Label Studio's ordering follows it
+            result = {"project": project_key, "version": None, "promoted": False, "reason": f"nothing to train: {exc}"}
+        # a new version goes live: Label Studio's ordering follows it; a refresh asked for
+        # while the job was queued runs whatever the outcome
+        if result.get("promoted") or refresh_anyway:
             result["refresh"] = refresh_predictions(settings, store, project_key, progress)
         return result
     finally:
@@ -234,6 +264,34 @@ def scheduled_training(project_keys: list[str] | None = None) -> list[str]:
 
 
 # -- rq ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def renewed_lock(connection, key: str, ttl: float, wait: float, what: str) -> Iterator[None]:
+    """Hold the Redis lock ``key`` for the whole block, however long it runs: it expires ``ttl``
+    seconds after its holder dies, and a thread renews it every ``ttl / 3`` while the block runs.
+    The lock keeps its token in the lock object, not per thread (redis-py's default), so that the
+    renewing thread holds it too; with a per-thread token every renewal failed and a job running
+    past ``ttl`` lost the lock to the next one."""
+    lock = connection.lock(key, timeout=ttl, blocking_timeout=wait, thread_local=False)
+    if not lock.acquire():
+        raise RuntimeError(f"{what}: another job held the lock for {wait:.0f}s")
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(ttl / 3):
+            try:
+                lock.reacquire()
+            except Exception as exc:  # Redis away for a moment: try again at the next tick
+                log.warning("%s: could not renew the lock %s: %s", what, key, exc)
+
+    threading.Thread(target=renew, daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            lock.release()
+
+
 def train_project(project_key: str, trigger: str = "manual", lane: str = FULL) -> dict:
     """The rq job function (``ls_backend.jobs.train_project``)."""
     from redis import Redis
@@ -243,18 +301,8 @@ def train_project(project_key: str, trigger: str = "manual", lane: str = FULL) -
     connection = Redis.from_url(settings.redis_url)
     queue = RedisTrainingQueue(settings, connection)
     job = get_current_job()
-    lock = connection.lock(queue.key(f"lock:{lane}", project_key), timeout=LOCK_TTL, blocking_timeout=settings.job_timeout)
-    if not lock.acquire():
-        raise RuntimeError(f"project {project_key}: another job held the project lock for {settings.job_timeout}s")
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(LOCK_TTL / 3):
-            with contextlib.suppress(Exception):
-                lock.reacquire()
-
-    threading.Thread(target=renew, daemon=True).start()
-    try:
+    with renewed_lock(connection, queue.key(f"lock:{lane}", project_key), LOCK_TTL, settings.job_timeout,
+                      f"project {project_key}"):
         # from here on, new labels queue the next job instead of joining this one
         queue.release_queued(project_key, job.id if job else None, lane)
         if job is not None:
@@ -267,10 +315,6 @@ def train_project(project_key: str, trigger: str = "manual", lane: str = FULL) -
                 job.save_meta()
 
         result = execute_training(settings, project_key, trigger, Throttled(sink), lane)
-    finally:
-        stop.set()
-        with contextlib.suppress(Exception):
-            lock.release()
     queue.requeue_if_behind(project_key, lane)
     return result
 
@@ -315,43 +359,63 @@ class RedisTrainingQueue(TrainingQueue):
         from rq.job import Job
 
         key = self.key(f"queued:{lane}", project_key)
-        for _ in range(5):
-            job_id = _job_id(project_key)
-            if self.connection.set(key, job_id, nx=True, ex=self.settings.job_timeout * 4):
-                retries = self.settings.job_retries
-                job = self.queues[lane].enqueue(
-                    train_project,
-                    project_key,
-                    trigger,
-                    lane,
-                    job_id=job_id,
-                    job_timeout=self.settings.job_timeout,
-                    result_ttl=7 * 86400,
-                    failure_ttl=30 * 86400,
-                    retry=Retry(max=retries, interval=[10, 60, 300][:retries] or 10) if retries else None,
-                    meta={"project": project_key, "trigger": trigger, "lane": lane, "enqueued_at": time.time()},
-                    description=f"train {project_key} ({trigger}, {lane} lane)",
-                )
-                now = time.time()
-                pipe = self.connection.pipeline()
-                pipe.zadd(self.key("jobs", project_key), {job_id: now})
-                pipe.zadd(self.key("jobs"), {job_id: now})
-                pipe.execute()
-                log.info("project %s: queued %s-lane job %s (%s)", project_key, lane, job_id, trigger)
-                return self._info(job), True
-            existing = self.connection.get(key)
-            if existing is None:
-                continue
-            existing_id = existing.decode()
-            try:
-                job = Job.fetch(existing_id, connection=self.connection)
-                if job.get_status(refresh=True) in self.LIVE:
-                    log.debug("project %s: %s coalesced into queued job %s", project_key, trigger, existing_id)
-                    return self._info(job), False
-            except Exception:
-                pass
-            self.release_queued(project_key, existing_id, lane)  # stale: its job is gone or over
-        raise RuntimeError(f"project {project_key}: could not queue a job")
+        # one enqueuer at a time per project and lane: between setting the key and rq writing the job,
+        # another enqueuer would find no job behind the key, take it for stale and queue a second one
+        with self.connection.lock(self.key(f"enqueue:{lane}", project_key), timeout=30, blocking_timeout=30,
+                                  thread_local=False):
+            for _ in range(5):
+                job_id = _job_id(project_key)
+                if self.connection.set(key, job_id, nx=True, ex=self.settings.job_timeout * 4):
+                    retries = self.settings.job_retries
+                    job = self.queues[lane].enqueue(
+                        train_project,
+                        project_key,
+                        trigger,
+                        lane,
+                        job_id=job_id,
+                        job_timeout=self.settings.job_timeout,
+                        result_ttl=7 * 86400,
+                        failure_ttl=30 * 86400,
+                        retry=Retry(max=retries, interval=[10, 60, 300][:retries] or 10) if retries else None,
+                        meta={"project": project_key, "trigger": trigger, "lane": lane, "enqueued_at": time.time()},
+                        description=f"train {project_key} ({trigger}, {lane} lane)",
+                    )
+                    now = time.time()
+                    pipe = self.connection.pipeline()
+                    pipe.zadd(self.key("jobs", project_key), {job_id: now})
+                    pipe.zadd(self.key("jobs"), {job_id: now})
+                    pipe.execute()
+                    log.info("project %s: queued %s-lane job %s (%s)", project_key, lane, job_id, trigger)
+                    return self._info(job), True
+                existing = self.connection.get(key)
+                if existing is None:
+                    continue
+                existing_id = existing.decode()
+                try:
+                    job = Job.fetch(existing_id, connection=self.connection)
+                    status = job.get_status(refresh=True)
+                    status = getattr(status, "value", status)
+                except Exception:
+                    job, status = None, None
+                if status in self.LIVE:
+                    queued_trigger = (job.meta or {}).get("trigger", trigger)
+                    merged = merge_triggers(queued_trigger, trigger)
+                    if merged == queued_trigger:
+                        log.debug("project %s: %s coalesced into queued job %s", project_key, trigger, existing_id)
+                        return self._info(job), False
+                    # the queued job's trigger changes: take it off the queue (unless a worker took it
+                    # first), change it, and put it back in its place (same id)
+                    if status == "queued" and self.queues[lane].remove(existing_id):
+                        job.func_name  # noqa: B018  (loads the stored call, so that it can be written back)
+                        job.args = (project_key, merged, lane)
+                        job.meta["trigger"] = merged
+                        job.description = f"train {project_key} ({merged}, {lane} lane)"
+                        job.save()
+                        self.queues[lane].enqueue_job(job, at_front=True)
+                        log.info("project %s: %s joined queued job %s, now %s", project_key, trigger, existing_id, merged)
+                        return self._info(job), False
+                self.release_queued(project_key, existing_id, lane)  # stale, or started: queue a new one
+            raise RuntimeError(f"project {project_key}: could not queue a job")
 
     def requeue_if_behind(self, project_key: str, lane: str = FULL) -> None:
         every = self.settings.train_every
@@ -546,6 +610,11 @@ class EmbeddedTrainingQueue(TrainingQueue):
                 "SELECT * FROM jobs WHERE project = ? AND state = ? AND lane = ?", (project_key, QUEUED, lane)
             ).fetchone()
             if row is not None:
+                merged = merge_triggers(row["trigger"], trigger)
+                if merged != row["trigger"]:
+                    db.execute("UPDATE jobs SET trigger = ? WHERE id = ?", (merged, row["id"]))
+                    row = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
+                    log.info("project %s: %s joined queued job %s, now %s", project_key, trigger, row["id"], merged)
                 return self._info(row), False
             job_id = _job_id(project_key)
             db.execute(

@@ -45,6 +45,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .embeddings import EmbeddingCache, encoder_id
+from .jobs import REFRESH_TRIGGER  # noqa: F401  (what GET /projects/<key>/next queues)
 from .labeling import CHOICES, UnsupportedConfig, plan_for
 from .model import ClassifierHead, Encoder, resolve_device
 from .registry import ModelRegistry, version_prefix, write_atomic
@@ -53,7 +54,6 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-REFRESH_TRIGGER = "refresh"
 # the pool keeps each task's text up to this many characters a token of MAX_LENGTH (a token is
 # rarely over 10 characters): enough for the encoder, bounded for a huge task
 POOL_TEXT_CHARS_PER_TOKEN = 16

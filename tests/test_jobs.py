@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
 
@@ -152,6 +153,101 @@ def test_burst_of_labels_coalesces_into_at_most_two_jobs(tmp_path):
     assert queue.claim() is None  # one running job per project at a time
     assert [job.state for job in queue.jobs("5.1")] == ["queued", "running"]
     assert queue.enqueue("6.1", "labels")[1]  # other projects are independent
+
+
+def test_triggers_merge_so_that_no_request_is_lost():
+    from ls_backend.jobs import merge_triggers, split_trigger
+
+    assert merge_triggers("refresh", "labels") == "labels+refresh"  # training is not swallowed by a refresh
+    assert merge_triggers("refresh", "START_TRAINING") == "START_TRAINING+refresh"
+    assert merge_triggers("labels", "refresh") == "labels+refresh"
+    assert merge_triggers("labels", "START_TRAINING") == "START_TRAINING"  # its sync is kept
+    assert merge_triggers("START_TRAINING", "labels") == "START_TRAINING"
+    assert merge_triggers("labels+refresh", "manual") == "labels+refresh"
+    assert merge_triggers("refresh", "refresh") == "refresh"
+    assert merge_triggers("manual", "labels") == "manual"
+    assert split_trigger("refresh") == ("", True)
+    assert split_trigger("api+refresh") == ("api", True)
+    assert split_trigger("schedule") == ("schedule", False)
+
+
+def test_a_training_request_joins_a_queued_refresh_instead_of_vanishing(tmp_path):
+    queue = EmbeddedTrainingQueue(Settings(model_dir=tmp_path))
+    refresh, created = queue.enqueue("5.1", "refresh")
+    assert created
+    joined, created = queue.enqueue("5.1", "START_TRAINING")
+    assert not created and joined.id == refresh.id
+    assert joined.trigger == queue.get(refresh.id).trigger == "START_TRAINING+refresh"
+    assert queue.claim().trigger == "START_TRAINING+refresh"
+
+
+def test_redis_queue_merges_triggers_in_place(redis_url, queue_name, tmp_path):
+    queue = RedisTrainingQueue(Settings(model_dir=tmp_path, redis_url=redis_url, queue_name=queue_name))
+    try:
+        first, _ = queue.enqueue("5.1", "labels", "fast")
+        other, _ = queue.enqueue("6.1", "labels", "fast")
+        refresh, created = queue.enqueue("5.1", "refresh", "fast")
+        assert not created and refresh.id == first.id and refresh.trigger == "labels+refresh"
+        from rq.job import Job
+
+        job = Job.fetch(first.id, connection=queue.connection)
+        assert job.args == ("5.1", "labels+refresh", "fast")  # what the worker will run
+        assert queue.queues["fast"].job_ids == [first.id, other.id]  # in its place, once
+        assert queue.enqueue("5.1", "manual", "fast")[0].trigger == "labels+refresh"
+    finally:
+        for q in queue.queues.values():
+            q.empty()
+        queue.close()
+
+
+def test_redis_queue_coalesces_enqueues_that_race(redis_url, queue_name, tmp_path):
+    """Webhooks arrive together: between one enqueuer setting the queued key and rq writing the
+    job, another must not take the key for stale and queue a second job."""
+    settings = Settings(model_dir=tmp_path, redis_url=redis_url, queue_name=queue_name)
+    for trial in range(5):
+        queues = [RedisTrainingQueue(settings) for _ in range(8)]
+        barrier = threading.Barrier(len(queues))
+        created = []
+
+        def enqueue(queue):
+            barrier.wait()
+            created.append(queue.enqueue(f"{trial}.1", "labels")[1])
+
+        threads = [threading.Thread(target=enqueue, args=(q,)) for q in queues]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        try:
+            assert created.count(True) == 1
+            assert len(queues[0].queue.job_ids) == 1
+        finally:
+            queues[0].queue.empty()
+            for queue in queues:
+                queue.close()
+
+
+def test_a_job_keeps_its_redis_lock_past_the_lock_ttl(redis_url, queue_name):
+    """The lock is renewed by another thread than the one that took it: a job running past the
+    TTL must still hold it, or a second job of the project would start beside it."""
+    import redis
+
+    from ls_backend.jobs import renewed_lock
+
+    connection = redis.Redis.from_url(redis_url)
+    key = f"{queue_name}:lock:full:5.1"
+    try:
+        with renewed_lock(connection, key, 0.6, 1, "project 5.1"):
+            deadline = time.monotonic() + 2.0  # over three TTLs
+            while time.monotonic() < deadline:
+                assert not connection.lock(key, timeout=5).acquire(blocking=False), "the lock expired while held"
+                time.sleep(0.1)
+        other = connection.lock(key, timeout=5)
+        assert other.acquire(blocking=False)  # released at the end
+        other.release()
+    finally:
+        connection.delete(key)
+        connection.close()
 
 
 def test_redis_queue_coalesces(redis_url, queue_name, tmp_path):

@@ -1,4 +1,4 @@
-"""What the worker does after a job: a refresh of predictions after a promotion only.
+"""What the worker does after a job: a refresh of predictions after a promotion, or where one was asked for.
 
 The refresh itself runs against a real Label Studio 1.23 in ``tests/e2e/test_refresh_cases_e2e.py``
 (its bound, unreadable tasks, pages and pool, a re-created project, whose ``model_version`` it
@@ -27,3 +27,25 @@ def test_the_worker_refreshes_after_a_promotion_only(tmp_path, monkeypatch):
     assert calls == [(PROJECT, False)]
     assert jobs.execute_training(settings, PROJECT, "refresh") == {"state": "finished"}
     assert calls[-1] == (PROJECT, True)
+
+
+def test_a_refresh_asked_for_while_a_job_was_queued_runs_whatever_the_outcome(tmp_path, monkeypatch):
+    from ls_backend import finetune, jobs, refresh as refresh_module
+
+    calls = []
+    monkeypatch.setattr(refresh_module, "refresh_predictions",
+                        lambda settings, store, key, progress=None, raise_errors=False: calls.append(key) or {"state": "finished"})
+    settings = Settings(model_dir=tmp_path / "models")
+    trained = []
+
+    def run(self, key, trigger):
+        trained.append(trigger)
+        raise finetune.NothingToTrain("no label changed")
+
+    monkeypatch.setattr(finetune.FineTuneJob, "run", run)
+    result = jobs.execute_training(settings, PROJECT, "labels+refresh")
+    assert trained == ["labels"]  # the job trains under its own trigger
+    assert result["version"] is None and result["refresh"] == {"state": "finished"}
+    assert calls == [PROJECT]
+    assert "refresh" not in jobs.execute_training(settings, PROJECT, "labels")
+    assert calls == [PROJECT]
