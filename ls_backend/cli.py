@@ -98,16 +98,21 @@ class EmbeddedRunnerProcess:
         atexit.register(self.stop)
         self.thread.start()
 
+    #: a runner up this long counts as healthy again: the next restart waits 1 s, not the backoff
+    HEALTHY_AFTER = 60.0
+
     def _supervise(self) -> None:
-        delay = 1.0
+        import time
+
+        delay, started = 1.0, time.monotonic()
         while not self.stopping.wait(delay):
             # exit code 0 means it was asked to stop (the server is shutting down): no restart
             if self.process is not None and self.process.poll() not in (None, 0) and not self.stopping.is_set():
                 print(f"ls-backend: job runner exited with {self.process.returncode}; restarting", file=sys.stderr, flush=True)
-                self.process = self._spawn()
+                self.process, started = self._spawn(), time.monotonic()
                 delay = min(delay * 2, 30.0)
-            elif delay > 1.0:
-                delay = 1.0
+            elif delay > 1.0 and time.monotonic() - started >= self.HEALTHY_AFTER:
+                delay = 1.0  # (a runner that dies a few seconds after each start keeps backing off)
 
     def stop(self) -> None:
         import subprocess

@@ -57,10 +57,20 @@ def version_rows(settings: Settings, project_key: str) -> list[dict]:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from .jobs import queue_from_settings, run_embedded_runner, run_rq_scheduler, run_rq_worker
     from .logs import configure
+    from .store import UnknownProject
 
     configure(settings.log_level)
+    try:
+        return _run(args, settings)
+    except UnknownProject as exc:  # a mistyped --project: say so, no traceback
+        print(f"ls-backend: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from .jobs import queue_from_settings, run_embedded_runner, run_rq_scheduler, run_rq_worker
+
     if args.command == "worker":
         if settings.redis_url:
             lanes = ("fast", "full") if args.lane == "all" else (args.lane,)
@@ -89,6 +99,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             if args.wait:
                 job = queue.wait(job.id, args.timeout)
             print(json.dumps(job.to_dict(), indent=2))
+            if args.wait and job.state not in ("finished", "failed"):
+                print(f"ls-backend: job {job.id} is still {job.state} after {args.timeout:g} s (--timeout)", file=sys.stderr)
+                return 1
             return 0 if job.state != "failed" else 1
     finally:
         queue.close()

@@ -740,6 +740,9 @@ def _job_process(settings: Settings, conn, ahead: bool) -> None:
             "waited_for_job_s": round(max(0.0, time.time() - ready), 2) if ahead else 0.0,
         }
         conn.send(("ok", result))
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C reached the whole group: retried, like a stop
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("crash", f"the job process was interrupted ({type(exc).__name__})"))
     except BaseException as exc:  # report everything, the runner decides
         log.exception("job %s failed", job.id)
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -853,22 +856,42 @@ class JobRunner:
     def _lane(self, lane: str, burst: bool) -> None:
         """One lane's loop: its jobs one at a time, each in a child process of its own (for the
         lanes in ``STANDBY_LANES``, started ahead while the lane waits)."""
+        failures = 0
         try:
             while not self.stopping.is_set():
-                if lane == FULL:
-                    self._maybe_schedule()
-                job = self.queue.claim(lane)
-                if job is None:
-                    if burst:
-                        return
-                    self._stand_by(lane)
-                    self.stopping.wait(self.poll)
-                    continue
-                self.run_one(job)
+                job = None
+                try:
+                    if lane == FULL:
+                        self._maybe_schedule()
+                    job = self.queue.claim(lane)
+                    if job is None:
+                        if burst:
+                            return
+                        self._stand_by(lane)
+                        self.stopping.wait(self.poll)
+                        continue
+                    self.run_one(job)
+                    failures = 0
+                except Exception as exc:  # a database blip, a failed spawn: the lane goes on
+                    failures += 1
+                    pause = min(30.0, 2.0 ** failures)
+                    log.exception("the %s lane's loop failed (%d in a row); going on in %.0f s", lane, failures, pause)
+                    if job is not None:
+                        self._fail_if_running(job.id, f"the job runner failed around this job: {type(exc).__name__}: {exc}")
+                    self.stopping.wait(pause)
         finally:
             standby = self._standby.pop(lane, None)
             if standby is not None:
                 self._close(standby, wait=2.0)
+
+    def _fail_if_running(self, job_id: str, reason: str) -> None:
+        """After a failure of the runner itself: a claimed job that did not end is retried."""
+        try:
+            job = self.queue.get(job_id)
+            if job is not None and job.state == RUNNING:
+                self.queue.fail(job_id, reason, retry=True)
+        except Exception:
+            log.exception("job %s: could not be marked for a retry; the next start of the runner retries it", job_id)
 
     def _maybe_schedule(self) -> None:
         if self._next_schedule is None or time.time() < self._next_schedule:

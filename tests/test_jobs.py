@@ -6,6 +6,7 @@ Redis with real rq worker processes, and real training of the bundled encoder's 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -445,3 +446,102 @@ def test_a_dead_standby_process_is_replaced_and_the_job_still_runs(tmp_path):
     assert FAST not in runner._standby  # used up: the lane starts the next one when it waits again
     assert done.state == "finished", (done.state, done.error)
     assert done.result["process"]["started_ahead"] is False and done.result["process"]["pid"] != standby.pid
+
+
+def test_a_failure_of_the_runner_loop_does_not_end_the_lane(tmp_path, monkeypatch):
+    """A database blip or a failed process start in the lane's loop: the lane goes on, and a job
+    it had claimed is retried rather than left "running" for ever."""
+    import sqlite3
+
+    from ls_backend.jobs import FAST, JobRunner
+
+    runner = JobRunner(Settings(model_dir=tmp_path, train_mode="frozen", job_standby=False), poll=0.01)
+    job, _ = runner.queue.enqueue("8.1", "labels", FAST)
+    claim, calls, pauses = runner.queue.claim, {"claim": 0, "run": 0}, []
+
+    def flaky_claim(lane):
+        calls["claim"] += 1
+        if calls["claim"] == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return claim(lane)
+
+    def run_one(claimed):
+        calls["run"] += 1
+        if calls["run"] == 1:
+            raise OSError("cannot start the job process")
+        runner.queue.finish(claimed.id, {"version": "p8-v1"})
+
+    monkeypatch.setattr(runner.queue, "claim", flaky_claim)
+    monkeypatch.setattr(runner, "run_one", run_one)
+    monkeypatch.setattr(runner.stopping, "wait", lambda timeout=None: pauses.append(timeout) or False)
+    runner._lane(FAST, burst=True)
+    done = runner.queue.get(job.id)
+    assert done.state == "finished" and done.attempts == 2, done
+    assert pauses == [2.0, 4.0]  # backs off between failures
+
+
+def test_an_interrupted_job_process_reports_a_crash_so_the_job_is_retried(tmp_path, monkeypatch):
+    """Ctrl-C in the terminal reaches the job process too: its job must be retried, as for any
+    stop of the runner, not failed for good."""
+    import multiprocessing
+
+    from ls_backend import jobs
+
+    monkeypatch.setattr(jobs, "warm_imports", lambda settings: 0.0)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs, "execute_training", interrupted)
+    settings = Settings(model_dir=tmp_path)
+    job, _ = jobs.EmbeddedTrainingQueue(settings).enqueue("8.1", "labels")
+    ours, theirs = multiprocessing.Pipe()
+    ours.send(job)
+    jobs._job_process(settings, theirs, ahead=False)
+    kind, reason = ours.recv()
+    assert kind == "crash" and "KeyboardInterrupt" in reason  # run_one retries a crash
+
+
+def test_the_train_command_says_what_went_wrong_in_its_exit_code(tmp_path, monkeypatch, capsys):
+    from ls_backend import cli
+    from ls_backend.store import CorrectionStore
+
+    from .support.events import annotation_event, choices, key_of, project
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("REDIS_URL", "")
+    store = CorrectionStore.from_settings(Settings.from_env())
+    try:
+        store.record_event(annotation_event(1, 1, choices("World"), proj=project(3)))
+    finally:
+        store.close()
+    assert cli.main(["train", "--project", "99"]) == 1  # a mistyped project: a message, no traceback
+    assert "no project '99'" in capsys.readouterr().err
+    # no runner takes the job: --wait gives up after --timeout, and that is not a success
+    assert cli.main(["train", "--project", "3", "--wait", "--timeout", "0.5"]) == 1
+    captured = capsys.readouterr()
+    assert "is still queued after 0.5 s" in captured.err
+    assert json.loads(captured.out)["project"] == key_of(3)
+
+
+def test_a_job_runner_that_keeps_dying_soon_after_start_is_restarted_with_a_growing_pause(monkeypatch):
+    from ls_backend.cli import EmbeddedRunnerProcess
+
+    class DiesAfterOneCheck:
+        returncode = 1
+
+        def __init__(self):
+            self.checks = 0
+
+        def poll(self):
+            self.checks += 1
+            return None if self.checks == 1 else 1
+
+    supervisor = EmbeddedRunnerProcess()
+    supervisor.process = DiesAfterOneCheck()
+    monkeypatch.setattr(supervisor, "_spawn", DiesAfterOneCheck)
+    pauses = []
+    monkeypatch.setattr(supervisor.stopping, "wait", lambda delay: pauses.append(delay) or len(pauses) > 12)
+    monkeypatch.setattr(supervisor.stopping, "is_set", lambda: False)
+    supervisor._supervise()
+    assert pauses[-1] == 30.0 and pauses == sorted(pauses), pauses  # 1, 2, 4, ... up to 30 s
