@@ -303,7 +303,7 @@ def project_learning_curve_png(key: str):
 @operator.get("/projects/<path:key>/next")
 def project_next(key: str):
     """The next batch of unlabeled task ids to label, ranked from the last refresh's pool (files only)."""
-    from .refresh import REFRESH_TRIGGER
+    from .jobs import REFRESH_TRIGGER
     from .sampling import STRATEGIES, NoPool, next_batch
 
     project = _project_key(key)

@@ -45,7 +45,6 @@ from typing import Any, Callable
 import numpy as np
 
 from .embeddings import EmbeddingCache, encoder_id
-from .jobs import REFRESH_TRIGGER  # noqa: F401  (what GET /projects/<key>/next queues)
 from .labeling import CHOICES, UnsupportedConfig, plan_for
 from .model import ClassifierHead, Encoder, resolve_device
 from .registry import ModelRegistry, version_prefix, write_atomic
