@@ -47,7 +47,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from label_efficiency import sample, trainer_baseline  # noqa: E402
-from ls_backend.settings import bundled_encoder_path  # noqa: E402
+from ls_backend.finetune import not_worse, slice_size, slice_tolerance  # noqa: E402
+from ls_backend.settings import Settings, bundled_encoder_path  # noqa: E402
 from tests.support.backend import BackendServer  # noqa: E402
 from tests.support.data import AGNEWS_LABELS, DATA, agnews, sst2  # noqa: E402
 from tests.support.events import SENTIMENT_CONFIG, TOPIC_CONFIG, annotation_event, choices, key_of, project  # noqa: E402
@@ -226,13 +227,12 @@ def report(name: str, curve: list[dict], zero_shot: float, versions: dict) -> No
         before = (metrics.get("current") or {}).get("score")
         data = row.get("data") or {}
         sizes = ", ".join(f"{v['train']}+{v['eval']}" for v in data.values())
-        slice_size = min((v["eval"] for v in data.values()), default=0)
-        tolerance = max(0.02, 1 / slice_size) if slice_size else 1.0
+        tolerance = slice_tolerance(Settings(), slice_size(v["eval"] for v in data.values()))
         candidates = " ".join(f"{k} {fmt(v.get('score'))}" for k, v in metrics.items() if k != "current")
         if row["promoted"] and chosen is not None and before is not None and chosen < before - 1e-9:
             if "ungated" in (row.get("reason") or ""):
                 ungated += 1
-            elif chosen < before - tolerance - 1e-9:
+            elif not not_worse(chosen, before, tolerance):
                 gated_worse += 1
             else:
                 within += 1

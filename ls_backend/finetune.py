@@ -65,10 +65,23 @@ def tie_preference(name: str, learned_from_pool: bool = False) -> int:
     return TIE_PREFERENCE.get("full+pool" if name == "full" and learned_from_pool else name, 0)
 
 
-def slice_tolerance(settings: Settings, slice_size: int) -> float:
-    """How far apart two figures on a slice of ``slice_size`` labels may be and still count as
+def slice_tolerance(settings: Settings, size: int) -> float:
+    """How far apart two figures on a slice of ``size`` labels may be and still count as
     equal: ``PROMOTION_TOLERANCE`` or one example of the slice, whichever is larger."""
-    return max(settings.promotion_tolerance, 1.0 / slice_size) if slice_size else 1.0
+    return max(settings.promotion_tolerance, 1.0 / size) if size else 1.0
+
+
+def slice_size(held_sizes) -> int:
+    """The evaluation slice a job's decision rests on: the smallest among the controls that have
+    one (a control whose labels all fell outside the slice, e.g. one added last week, is not
+    measured, and must not turn the gate off for the others)."""
+    return min((n for n in held_sizes if n), default=0)
+
+
+def not_worse(candidate: float, current: float, tolerance: float) -> bool:
+    """The gate: ``candidate`` at most ``tolerance`` below ``current`` (float sums such as
+    0.7 + 0.1 land a hair under 0.8: one slice example's tolerance must cover one example)."""
+    return candidate + tolerance >= current - 1e-9
 
 
 def choose_candidate(scores: dict[str, float], preference, tolerance: float) -> str:
@@ -76,7 +89,7 @@ def choose_candidate(scores: dict[str, float], preference, tolerance: float) -> 
     (a one-example lead on a small slice is noise, not evidence), the first by ``preference(name)``
     (``tie_preference``), then by figure, then by name."""
     top = max(scores.values())
-    close = [name for name, score in scores.items() if score + tolerance >= top - 1e-9]
+    close = [name for name, score in scores.items() if not_worse(score, top, tolerance)]
     return max(close, key=lambda name: (preference(name), scores[name], name))
 
 
@@ -344,7 +357,10 @@ class FineTuneJob:
                     )
                 candidates["contrastive"] = (tuned_heads, tuned, contrastive_report)
                 figures["contrastive"] = self._measure({n: tuned_heads[n] for n in splits}, splits, tuned_embed)
-        if self.args.mode == "full":
+        # TRAIN_MODE=full serves the fine-tune alone; where the encoder serves a trained entity
+        # head and this job has no span labels, it cannot be tuned for the Choices, and the
+        # fast heads are all there is to train
+        if self.args.mode == "full" and (wants_full or token_splits):
             for name in FAST_RECIPES:
                 candidates.pop(name, None)
         if token_splits:  # NER labels: the encoder is tuned for them (see ner_job)
@@ -357,10 +373,10 @@ class FineTuneJob:
         def primary(name: str) -> float:
             return figures[name]["score"] if figures[name]["score"] is not None else -1.0
 
-        slice_size = min((len(s.held) for s in splits.values()), default=0)
+        held_size = slice_size(len(s.held) for s in splits.values())
         # one example of a small slice is worth more than PROMOTION_TOLERANCE: a single
         # disagreement on 12 labels is noise, not evidence that one model is better
-        tolerance = slice_tolerance(self.settings, slice_size)
+        tolerance = slice_tolerance(self.settings, held_size)
 
         def choose() -> str:
             return choose_candidate(
@@ -392,7 +408,7 @@ class FineTuneJob:
                     self.store.mark_trained(project_key, cutoff)
                     raise NothingToTrain(f"no label changed since {serving.version}, which was trained on these labels")
                 best = choose()
-            gated = slice_size >= self.settings.eval_min
+            gated = held_size >= self.settings.eval_min
             pinned = self.registry.pinned(project_key)
             if pinned:
                 promote, reason = False, f"the project is pinned to {pinned} (unpin to take new versions)"
@@ -405,9 +421,9 @@ class FineTuneJob:
                 )
             elif not gated:
                 promote, reason = True, (
-                    f"evaluation slice has {slice_size} labels (< EVAL_MIN={self.settings.eval_min}): promoted ungated"
+                    f"evaluation slice has {held_size} labels (< EVAL_MIN={self.settings.eval_min}): promoted ungated"
                 )
-            elif primary(best) + tolerance >= primary("current"):
+            elif not_worse(primary(best), primary("current"), tolerance):
                 promote, reason = True, f"{best} {primary(best):.4f} vs current {primary('current'):.4f}: not worse"
             else:
                 promote, reason = False, (

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from ls_backend.curve import learning_curve, learning_curve_figure, learning_curve_png
-from ls_backend.finetune import FineTuneJob, NothingToTrain, in_eval_slice
+from ls_backend.finetune import FineTuneJob, NothingToTrain, in_eval_slice, not_worse, slice_size
 from ls_backend.model import Encoder
 from ls_backend.registry import ModelRegistry
 from ls_backend.settings import Settings, bundled_encoder_path
@@ -46,6 +46,38 @@ def test_evaluation_slice_is_deterministic_and_about_the_share():
     assert 0.18 < len(chosen) / 20_000 < 0.22
     assert chosen == [i for i in ids if in_eval_slice(i, 0.2)]  # stable: a pure function of the id
     assert set(chosen) <= {i for i in ids if in_eval_slice(i, 0.3)}  # a larger share keeps the old slice
+
+
+def test_one_example_of_the_slice_is_within_its_tolerance_whatever_the_float_sums():
+    for size in range(10, 200):
+        tolerance = 1 / size
+        for right in range(1, size + 1):
+            assert not_worse((right - 1) / size, right / size, tolerance), (size, right)
+            if right >= 2:
+                assert not not_worse((right - 2) / size, right / size, tolerance), (size, right)
+    assert not_worse(0.7, 0.8, 0.1)  # 0.7 + 0.1 is 0.7999999999999999
+
+
+def test_a_control_with_no_label_in_the_slice_leaves_the_gate_to_the_others():
+    assert slice_size([40, 0]) == 40  # a control added last week, none of its 3 labels in the slice
+    assert slice_size([40, 12]) == 12
+    assert slice_size([0, 0]) == 0 and slice_size([]) == 0
+
+
+def test_train_mode_full_keeps_the_fast_heads_when_the_encoder_cannot_be_tuned(tmp_path, monkeypatch):
+    """An encoder that serves a trained entity head is not fine-tuned for the Choices; with no
+    span labels in the job, TRAIN_MODE=full trains the fast heads rather than nothing at all."""
+    from ls_backend import finetune
+
+    monkeypatch.setattr(finetune, "encoder_is_taken", lambda heads, token_splits: True)
+    settings = Settings(model_dir=tmp_path / "models", max_length=64, train_mode="full", eval_min=1000)
+    store = CorrectionStore.from_settings(settings)
+    try:
+        label_all(store, balanced_agnews(6))
+        outcome = FineTuneJob(settings, store).run(KEY)
+    finally:
+        store.close()
+    assert outcome["promoted"] and outcome["recipe"] in ("frozen", "self-train"), outcome
 
 
 def test_a_candidate_trained_on_shuffled_labels_is_rejected(job_env):
