@@ -244,11 +244,15 @@ class ModelRegistry:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def promote(self, project_key: str, version: str, reason: str = "promoted") -> None:
-        """Make ``version`` the served one (an atomic pointer switch), and note it in the history."""
+    def promote(self, project_key: str, version: str, reason: str = "promoted", away_from: str | None = None) -> None:
+        """Make ``version`` the served one (an atomic pointer switch), and note it in the history;
+        ``away_from``: a rollback's version, which a later rollback passes over."""
         self.meta(project_key, version)  # must exist and be complete
         write_atomic(self.project_dir(project_key) / "current", (version + "\n").encode())
-        self._note(project_key, {"event": "current", "version": version, "reason": reason})
+        entry = {"event": "current", "version": version, "reason": reason}
+        if away_from:
+            entry["away_from"] = away_from
+        self._note(project_key, entry)
         log.info("project %s: current version is now %s (%s)", project_key, version, reason)
 
     # -- history, pinning, rollback ------------------------------------------------------
@@ -270,6 +274,28 @@ class ModelRegistry:
             except ValueError:
                 continue  # a torn last line after a crash
         return entries
+
+    def _served_before(self, project_key: str, current: str | None) -> str | None:
+        """The version that served before ``current`` last became current, passing over the
+        versions an operator rolled back away from (unless one was made current again later), so
+        that rollback after rollback walks back, and a rollback after a rolled-back-to version was
+        followed by a new one returns to the version the operator chose."""
+        switches = [e for e in self.history(project_key) if e.get("event") == "current" and e.get("version")]
+        rejected: set[str] = set()
+        for entry in switches:
+            away = entry.get("away_from")
+            if away is None and str(entry.get("reason", "")).startswith("rollback from "):
+                away = entry["reason"][len("rollback from "):]  # noted before away_from existed
+            if away:
+                rejected.add(away)
+            rejected.discard(entry["version"])
+        last = max((i for i, e in enumerate(switches) if e["version"] == current), default=len(switches))
+        existing = {v.name for v in self.versions(project_key)}
+        for entry in reversed(switches[:last]):
+            version = entry["version"]
+            if version != current and version not in rejected and version in existing:
+                return version
+        return None
 
     def pinned(self, project_key: str) -> str | None:
         try:
@@ -303,15 +329,11 @@ class ModelRegistry:
         with self.lock(project_key):
             current = self.current(project_key)
             if to is None:
-                number = _VERSION.match(current or "")
-                ceiling = int(number["number"]) if number else 10**9
-                served = {e["version"] for e in self.history(project_key) if e.get("event") == "current"}
-                earlier = [v for v in self.versions(project_key) if v.name in served and v.number < ceiling]
-                if not earlier:
+                to = self._served_before(project_key, current)
+                if to is None:
                     raise RegistryError(f"project {project_key}: no earlier served version to roll back to")
-                to = earlier[-1].name
             self.meta(project_key, to)
-            self.promote(project_key, to, reason=f"rollback from {current}")
+            self.promote(project_key, to, reason=f"rollback from {current}", away_from=current)
             if self.pinned(project_key):
                 write_atomic(self.project_dir(project_key) / "pinned", (to + "\n").encode())
         return to

@@ -255,3 +255,19 @@ def test_an_error_that_is_not_a_name_collision_is_raised_at_once(tmp_path, monke
         registry.create_version(PROJECT, _heads(0, 0), {"kind": "test"})
     assert len(calls) == 1, f"retried {len(calls)} times an error that no other name would fix"
     assert list(registry.versions_dir(PROJECT).iterdir()) == [], "the temporary folder was left behind"
+
+
+def test_rollback_returns_to_the_version_served_before_and_passes_over_rolled_back_ones(tmp_path):
+    registry = ModelRegistry(tmp_path)
+    v = {n: registry.create_version(PROJECT, _heads(0, n), {"kind": "test"}) for n in range(1, 6)}
+    for n in (1, 2, 3):
+        registry.promote(PROJECT, v[n])
+    assert registry.rollback(PROJECT) == v[2]
+    assert registry.rollback(PROJECT) == v[1]  # rollback after rollback walks back, not to the undone v3
+    registry.promote(PROJECT, v[4])  # a job promotes a new version on top of the operator's choice
+    assert registry.rollback(PROJECT) == v[1]  # what served before v4, not the rolled-back v2 or v3
+    assert registry.rollback(PROJECT, v[3]) == v[3]  # the operator takes v3 back on purpose
+    registry.promote(PROJECT, v[5])
+    assert registry.rollback(PROJECT) == v[3]
+    with pytest.raises(RegistryError, match="no earlier served version"):
+        ModelRegistry(tmp_path / "other").rollback("8.1")
