@@ -3,8 +3,8 @@
 One SQLite file per machine and ``MODEL_DIR`` (``CACHE_DIR``, by default under ``~/.cache``, never on
 the possibly shared ``MODEL_DIR``: SQLite does not belong on a network share): a cache, not a source
 of truth — several machines sharing the registry each keep their own, and a miss only costs an encode.
-The encoder id names the weights: ``base:<path>`` for the base encoder, or the version that
-holds a fine-tuned ``encoder/`` folder.
+The encoder id names the weights: ``base:<path>`` for the base encoder, or the project and version
+that hold a fine-tuned ``encoder/`` folder, with the stamp the registry gave those weights.
 """
 
 from __future__ import annotations
@@ -21,10 +21,16 @@ from .model import Encoder
 
 
 def encoder_id(meta: dict, base_path: str, encoder: Encoder) -> str:
-    """The name of the weights a version's embeddings come from, and their precision: the version
-    that holds its fine-tuned ``encoder/`` folder (``meta["encoder"]``), else ``base:<path>``;
-    ``@bf16``/``@fp16`` where the encoder serves in that precision."""
-    name = meta.get("encoder") or f"base:{base_path}"
+    """The name of the weights a version's embeddings come from, and their precision: the project
+    and version that hold its fine-tuned ``encoder/`` folder (``meta["encoder"]``) with the stamp
+    the registry gave those weights when it wrote them, else ``base:<path>``; ``@bf16``/``@fp16``
+    where the encoder serves in that precision.  Version names carry only Label Studio's project
+    id, so two projects of one id (two Label Studio instances, a re-created database) or a project
+    whose folder was removed and trained again would otherwise read each other's embeddings."""
+    name = f"base:{base_path}"
+    if meta.get("encoder"):
+        stamp = meta.get("encoder_stamp")
+        name = f"{meta.get('project', '')}/{meta['encoder']}" + (f":{stamp}" if stamp else "")
     return name if encoder.precision_tag == "fp32" else f"{name}@{encoder.precision_tag}"
 
 

@@ -437,6 +437,7 @@ class FineTuneJob:
                 "recipe": best,
                 "trigger": trigger,
                 "encoder": current.meta.get("encoder") if student is None else None,
+                "encoder_stamp": current.meta.get("encoder_stamp") if student is None else None,
                 "base_model": self.settings.encoder_path,
                 "plan_signature": plan.signature,
                 "plan": [c.signature() for c in plan.controls],

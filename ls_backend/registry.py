@@ -227,8 +227,8 @@ class ModelRegistry:
                     created_at=body.get("created_at") or time.time(),
                     controls=controls,
                 )
-                if write_encoder is not None:
-                    body["encoder"] = name
+                if write_encoder is not None:  # a stamp of its own: the name alone recurs (see encoder_id)
+                    body.update(encoder=name, encoder_stamp=uuid.uuid4().hex[:12])
                 write_atomic(tmp / "meta.json", json.dumps(body, indent=2, sort_keys=True).encode())
                 try:
                     os.rename(tmp, versions / name)  # fails if another writer took the name
@@ -355,6 +355,7 @@ class ModelRegistry:
             "parent": parent.version if parent else None,
             "kind": "config-change" if parent else "cold-start",
             "encoder": parent.meta.get("encoder") if parent else None,
+            "encoder_stamp": parent.meta.get("encoder_stamp") if parent else None,
             "base_model": settings.encoder_path,
             "plan_signature": plan.signature,
             "plan": [c.signature() for c in plan.controls],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import multiprocessing
+import shutil
 import time
 from pathlib import Path
 
@@ -271,3 +272,30 @@ def test_rollback_returns_to_the_version_served_before_and_passes_over_rolled_ba
     assert registry.rollback(PROJECT) == v[3]
     with pytest.raises(RegistryError, match="no earlier served version"):
         ModelRegistry(tmp_path / "other").rollback("8.1")
+
+
+def test_fine_tuned_encoders_of_projects_with_one_label_studio_id_have_distinct_cache_ids(tmp_path):
+    """Two Label Studio instances (or a re-created database) both have a project 3, and a removed
+    project folder trained again starts at v1: the embedding cache must not mix their encoders."""
+    from types import SimpleNamespace
+
+    from ls_backend.embeddings import encoder_id
+
+    fp32 = SimpleNamespace(precision_tag="fp32")
+
+    def tuned(registry, key):
+        name = registry.create_version(key, _heads(0, 1), {"kind": "test"}, write_encoder=lambda folder: folder.mkdir())
+        return registry.meta(key, name)
+
+    registry = ModelRegistry(tmp_path)
+    one, other = tuned(registry, "3.1700000000"), tuned(registry, "3.1800000000")
+    assert one["version"] == other["version"]  # the same version name ...
+    assert encoder_id(one, "base", fp32) != encoder_id(other, "base", fp32)  # ... not the same weights
+    shutil.rmtree(registry.project_dir("3.1700000000"))
+    again = tuned(registry, "3.1700000000")
+    assert again["version"] == one["version"] and encoder_id(again, "base", fp32) != encoder_id(one, "base", fp32)
+    # a version that shares its parent's encoder reads the same cache entries
+    child = registry.meta("3.1700000000", registry.create_version(
+        "3.1700000000", _heads(0, 2), {"kind": "test", "encoder": again["encoder"], "encoder_stamp": again["encoder_stamp"]}))
+    assert encoder_id(child, "base", fp32) == encoder_id(again, "base", fp32)
+    assert encoder_id({}, "base", fp32) == "base:base"
