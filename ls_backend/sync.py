@@ -232,11 +232,16 @@ def sync_project(
     report = SyncReport(project_key=key, ls_project_id=ls_id, reason=reason,
                         label_studio_annotations=info.total_annotations)
     start_seq = store.global_seq()  # what the store held before we started reading
+    # the label config just read is in force now: noted at once, and not again by the flushes
+    # below (each would stamp it with its own clock, and a sync that runs for minutes put back
+    # the old config over one a PROJECT_UPDATED webhook brought meanwhile)
+    store.ingest(info, [])
+    later = replace(info, current=False, updated_us=None)
     seen: set[int] = set()
     batch: list[AnnotationRecord] = []
 
     def flush() -> None:
-        counts = store.ingest(info, batch)
+        counts = store.ingest(later, batch)
         report.inserted += counts.inserted
         report.updated += counts.updated
         report.unchanged += counts.unchanged
@@ -257,8 +262,8 @@ def sync_project(
             batch.append(record)
             if len(batch) >= BATCH:
                 flush()
-    if batch or report.tasks == 0:
-        flush()  # also records the project (title, label config) when it has no annotations yet
+    if batch:
+        flush()
     candidates = store.annotation_ids(key, up_to_seq=start_seq) - seen
     if candidates:
         gone = _confirm_gone(source, ls_id, candidates)

@@ -92,6 +92,34 @@ def test_a_webhook_during_the_sync_is_not_taken_for_a_deletion(store):
     assert store.annotation_ids(KEY) == {1, 2, 9}
 
 
+def test_a_config_change_during_a_sync_is_not_undone_by_it(store):
+    """The sync reads the project (and its config) first, then pages through the tasks for
+    minutes; a PROJECT_UPDATED webhook meanwhile brings a new config, which must stay."""
+    import time
+    from dataclasses import replace
+
+    from tests.support.events import SENTIMENT_CONFIG, TOPIC_CONFIG
+
+    class ReadNow(FakeLabelStudio):
+        def project(self, ls_id):  # as LabelStudioSource: the API's config is the one in force
+            return replace(super().project(ls_id), current=True)
+
+    changed = {"action": "PROJECT_UPDATED", "project": {**project(3, config=SENTIMENT_CONFIG),
+                                                        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 1))}}
+    store.record_event(annotation_event(1, 10, choices("World")))
+    studio = ReadNow(
+        {10: [api_annotation(1, 10, "World")], 11: [api_annotation(2, 11, "World")], 12: [api_annotation(3, 12, "Sports")]},
+        during=lambda: store.record_event(changed),
+    )
+    assert studio.project(3).label_config == TOPIC_CONFIG
+    report = sync_project(store, SETTINGS, KEY, source=studio)
+    assert report.inserted == 2
+    assert store.latest_label_config(KEY) == SENTIMENT_CONFIG
+    # with no change meanwhile, what the API says wins, whatever the store held
+    sync_project(store, SETTINGS, KEY, source=ReadNow({10: [api_annotation(1, 10, "World")]}))
+    assert store.latest_label_config(KEY) == TOPIC_CONFIG
+
+
 def test_only_annotations_confirmed_gone_are_deleted(store):
     store.record_event(annotation_event(1, 10, choices("World")))
     store.record_event(annotation_event(2, 11, choices("World")))
