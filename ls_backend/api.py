@@ -17,7 +17,7 @@ from . import __version__
 from .curve import learning_curve, learning_curve_png
 from .jobs import TrainingQueue, queue_from_settings
 from .predictor import Predictor
-from .registry import ModelRegistry, RegistryError
+from .registry import ModelRegistry, RegistryError, safe_key
 from .settings import Settings
 from .store import BadEvent, CorrectionStore, EventOutcome, UnknownProject
 from .sync import SyncScheduler
@@ -138,6 +138,18 @@ def require_str(payload: dict, *names: str) -> str:
     raise BadRequest(f"missing field '{names[0]}'" + (f" (or '{names[1]}')" if len(names) > 1 else ""))
 
 
+def project_key_of(value: str, name: str = "project") -> str:
+    """A project key Label Studio could have sent ("<id>.<created timestamp>", or a name of
+    printable characters that makes a folder name); 400 otherwise."""
+    if not value.isprintable() or len(value) > 200:
+        raise BadRequest(f"'{name}' must be printable text of at most 200 characters, like \"3.1732665262\"")
+    try:
+        safe_key(value)
+    except RegistryError as exc:
+        raise BadRequest(f"'{name}': {exc}") from None
+    return value
+
+
 def label_config_of(payload: dict) -> str:
     params = payload.get("params") if isinstance(payload.get("params"), dict) else {}
     for source in (payload, params):
@@ -164,7 +176,7 @@ def health():
 @protocol.post("/setup")
 def setup():
     payload = json_body()
-    project = require_str(payload, "project")
+    project = project_key_of(require_str(payload, "project"))
     schema = label_config_of(payload)
     services().note_setup(project, payload, schema)
     version = services().predictor.setup(project, schema)
@@ -182,7 +194,7 @@ def predict():
     limit = services().settings.max_tasks_per_request
     if len(tasks) > limit:
         raise BadRequest(f"{len(tasks)} tasks in one request; at most {limit} (MAX_TASKS_PER_REQUEST)", 413)
-    project = require_str(payload, "project")
+    project = project_key_of(require_str(payload, "project"))
     config = label_config_of(payload)
     results = services().predictor.predict(project, config, tasks)
     return jsonify({"results": results})
@@ -207,7 +219,7 @@ def webhook():
 def versions():
     registry = services().registry
     project = request.args.get("project")
-    keys = [project] if project else registry.projects()
+    keys = [project_key_of(project)] if project else registry.projects()
     names = [v.name for key in keys for v in registry.versions(key)]
     return jsonify({"versions": names})
 
@@ -308,9 +320,9 @@ def project_next(key: str):
 
     project = _project_key(key)
     n, seed = request.args.get("n", "20"), request.args.get("seed")
-    if not n.isdigit() or not 1 <= int(n) <= 1000:
+    if not n.isdecimal() or not 1 <= int(n) <= 1000:
         raise BadRequest("'n' must be an integer from 1 to 1000")
-    if seed is not None and not seed.isdigit():
+    if seed is not None and not seed.isdecimal():
         raise BadRequest("'seed' must be a non-negative integer")
     strategy = request.args.get("strategy") or None
     if strategy is not None and strategy not in STRATEGIES:
@@ -336,7 +348,7 @@ def project_next(key: str):
 def list_jobs():
     project = request.args.get("project")
     limit = request.args.get("limit", "50")
-    if not limit.isdigit():
+    if not limit.isdecimal():
         raise BadRequest("'limit' must be a positive integer")
     jobs = services().queue.jobs(_project_key(project) if project else None, int(limit))
     return jsonify({"jobs": [job.to_dict() for job in jobs]})
@@ -356,11 +368,13 @@ def _credentials_ok(settings: Settings) -> bool:
     if not header.lower().startswith("basic "):
         return False
     try:
-        user, _, password = base64.b64decode(header[6:].strip()).decode("utf-8").partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+        decoded = base64.b64decode(header[6:].strip().encode("ascii"), validate=False)
+    except (binascii.Error, ValueError):  # ValueError: a header with non-ASCII characters
         return False
-    return hmac.compare_digest(user, settings.basic_auth_user) & hmac.compare_digest(
-        password, settings.basic_auth_pass
+    user, _, password = decoded.partition(b":")
+    # compared as UTF-8 bytes: compare_digest refuses str with non-ASCII characters
+    return hmac.compare_digest(user, settings.basic_auth_user.encode("utf-8")) & hmac.compare_digest(
+        password, settings.basic_auth_pass.encode("utf-8")
     )
 
 

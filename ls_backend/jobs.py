@@ -527,7 +527,7 @@ def run_rq_scheduler(settings: Settings) -> int:
         raise SystemExit("TRAIN_SCHEDULE is not set: nothing to schedule")
     scheduler = CronScheduler(connection=Redis.from_url(settings.redis_url), logging_level=settings.log_level)
     schedule = settings.train_schedule
-    timing = {"interval": int(schedule)} if schedule.isdigit() else {"cron": schedule}
+    timing = {"interval": int(schedule)} if schedule.isdecimal() else {"cron": schedule}
     scheduler.register(scheduled_training, settings.queue_name, job_timeout=600, **timing)
     scheduler.start()
     return 0
@@ -813,7 +813,7 @@ class JobRunner:
         schedule = self.settings.train_schedule
         if not schedule:
             return None
-        if schedule.isdigit():
+        if schedule.isdecimal():
             return moment + int(schedule)
         from croniter import croniter
 

@@ -53,6 +53,16 @@ _pools: dict[str, tuple[int, ThreadPoolExecutor]] = {}  # name -> (the process t
 _pools_lock = threading.Lock()
 
 
+def tokenizable(text: str) -> str:
+    """``text`` as a fast tokenizer takes it: a lone surrogate ("\ud800", valid JSON) would fail
+    the whole batch, so each becomes "?" (one character for one: offsets stay)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def tokenize_threads() -> int:
     """Threads for bulk tokenization: the cores this process may run on, at most 16."""
     try:
@@ -158,7 +168,7 @@ class Encoder:
         limit = max_length or self.max_length
         # A token covers at least one character, so cutting absurdly long texts
         # before tokenizing loses nothing that truncation would have kept.
-        clipped = [t if len(t) <= limit * 32 else t[: limit * 32] for t in texts]
+        clipped = [tokenizable(t if len(t) <= limit * 32 else t[: limit * 32]) for t in texts]
         core = self._bulk_tokenizer(limit)
         encode = getattr(core, "encode_batch_fast", core.encode_batch)  # no character offsets
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
+from .model import tokenizable
 from .precision import TrainingStep
 from .spans import IGNORE, FoundSpan, Span, TaggingReport, bio_tags, decode, span_scores, token_tags, window_owners, windows
 
@@ -190,7 +191,7 @@ def tokenize(tokenizer, texts: Sequence[str]) -> list[Tokenized]:
     if not texts:
         return []
     out = tokenizer(
-        list(texts), add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False
+        [tokenizable(t) for t in texts], add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False
     )
     return [
         Tokenized(list(ids), [(int(a), int(b)) for a, b in offsets])

@@ -68,7 +68,7 @@ def safe_key(project_key: str) -> str:
 
 def version_prefix(project_key: str) -> str:
     head = str(project_key).split(".", 1)[0]
-    return f"p{head}" if head.isdigit() else f"p{safe_key(project_key)}"
+    return f"p{head}" if head.isdecimal() else f"p{safe_key(project_key)}"
 
 
 def write_atomic(path: Path, data: bytes) -> None:

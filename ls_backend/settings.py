@@ -77,7 +77,7 @@ def _mask_password(url: str) -> str:
 
 def _schedule(raw: str) -> str:
     value = raw.strip()
-    if value.isdigit():
+    if value.isdecimal():
         if int(value) < 10:
             raise SettingsError(f"TRAIN_SCHEDULE={raw!r}: an interval is at least 10 seconds")
         return value

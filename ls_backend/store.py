@@ -125,7 +125,22 @@ class UnknownProject(LookupError):
 
 # -- what goes in ----------------------------------------------------------------------
 def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800", valid JSON): kept, \u-escaped, as UTF-8 cannot hold it
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return text
+
+
+def storable(text: str) -> str:
+    """``text`` as a SQLite and PostgreSQL text column can hold it: a lone surrogate becomes "?",
+    a NUL character U+FFFD (PostgreSQL refuses NUL in text)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text.replace("\x00", "\ufffd")
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -173,7 +188,7 @@ def _int_id(value: Any, what: str) -> int:
 def _annotator(value: Any) -> str:
     if isinstance(value, dict):
         value = value.get("id", value.get("email"))
-    return "" if value is None else str(value)
+    return "" if value is None else storable(str(value))
 
 
 @dataclass(frozen=True)
@@ -206,11 +221,11 @@ class ProjectInfo:
         return cls(
             key=key,
             ls_id=ls_id,
-            title=str(project.get("title") or ""),
-            created_at=created if isinstance(created, str) else str(created),
-            label_config=config or None,
+            title=storable(str(project.get("title") or "")),
+            created_at=storable(created if isinstance(created, str) else str(created)),
+            label_config=storable(config) if config else None,
             updated_us=micros(updated) if updated else None,
-            total_annotations=total if isinstance(total, int) and not isinstance(total, bool) else None,
+            total_annotations=total if isinstance(total, int) and not isinstance(total, bool) and 0 <= total < 2**63 else None,
         )
 
 
@@ -317,11 +332,14 @@ def parse_event(payload: Any) -> ParsedEvent:
         annotations, tasks = payload.get("annotation"), payload.get("task")
         if not isinstance(annotations, list) or not isinstance(tasks, list):
             raise BadEvent("ANNOTATIONS_CREATED needs 'annotation' and 'task' lists")
-        by_id = {task.get("id"): task for task in tasks if isinstance(task, dict)}
+        # ids are matched as Label Studio sends them (numbers); anything else finds no task, and
+        # the record then says what is missing
+        by_id = {task.get("id"): task for task in tasks if isinstance(task, dict) and isinstance(task.get("id"), (int, str))}
         for annotation in annotations:
             ref = annotation.get("task") if isinstance(annotation, dict) else None
             ref = ref.get("id") if isinstance(ref, dict) else ref
-            parsed.records.append(AnnotationRecord.from_payload(annotation, by_id.get(ref), project.ls_id))
+            task = by_id.get(ref) if isinstance(ref, (int, str)) else None
+            parsed.records.append(AnnotationRecord.from_payload(annotation, task, project.ls_id))
     elif action == ANNOTATIONS_DELETED:
         parsed.deleted_ids = _ids_of(payload.get("annotations"), "annotations")
     elif action == TASKS_DELETED:
@@ -1320,7 +1338,7 @@ class CorrectionStore:
                    access_token: str | None = None) -> None:
         """Remember what ``/setup`` told us: the project, its config, and how to reach Label Studio."""
         head = key.split(".", 1)[0]
-        if not head.isdigit():
+        if not head.isdecimal():
             return
         now = time.time()
         with self._write() as (conn, _seq):
@@ -1466,7 +1484,7 @@ class CorrectionStore:
             if conn.execute(sa.select(projects.c.key).where(projects.c.key == text)).scalar_one_or_none():
                 return text
             known = conn.execute(sa.select(projects.c.key).order_by(projects.c.key)).scalars().all()
-            if text.isdigit():
+            if text.isdecimal():
                 matches = conn.execute(
                     sa.select(projects.c.key).where(projects.c.ls_id == int(text)).order_by(projects.c.key)
                 ).scalars().all()

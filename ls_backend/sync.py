@@ -206,7 +206,7 @@ def resolve_for_sync(store: CorrectionStore, settings: Settings, key_or_id: str)
     except UnknownProject:
         if _KEY.match(text):
             return text
-        if not text.isdigit():
+        if not text.isdecimal():
             raise
     return source_for(settings, store, None).project(int(text)).key
 

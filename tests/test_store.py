@@ -472,3 +472,15 @@ def test_concurrent_events_share_commits_and_one_failure_spoils_no_other(store, 
     assert store.annotation_ids(KEY) == set(range(1, 41)) - {13}
     assert store.stored_annotations(KEY) == 39
     assert sum(batches) >= 40  # every event went through a shared or a single transaction
+
+
+def test_text_no_utf8_column_can_hold_is_kept_exactly(store):
+    """On SQLite and PostgreSQL alike: a lone surrogate in the task text (valid JSON) and a NUL in
+    the title or annotator (PostgreSQL refuses NUL in text) cost no annotation."""
+    text = "half \ud800 of a pair and a \x00 NUL"
+    event = annotation_event(1, 10, choices("World"), text=text)
+    event["project"] = {**event["project"], "title": "t\x00\udfff"}
+    event["annotation"]["completed_by"] = "a\x00b"
+    assert store.record_event(event).changed == 1
+    assert [(e.text, e.labels) for e in store.training_examples(KEY, TOPIC)] == [(text, ("World",))]
+    assert store.project_summary(KEY).title == "t\ufffd?"

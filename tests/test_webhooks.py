@@ -40,6 +40,9 @@ def test_deletes_and_replays_through_the_route(client):
         (b'{"action": "ANNOTATION_CREATED", "annotation": {"id": 1}}', "names no project"),
         (b'{"action": "ANNOTATIONS_DELETED", "annotations": [{"x": 1}], '
          b'"project": {"id": 3, "created_at": "2026-11-27T00:54:22.448107Z"}}', "has no 'id'"),
+        # ids that are lists cannot name a task
+        (b'{"action": "ANNOTATIONS_CREATED", "annotation": [{"id": 1, "task": [1], "result": []}], '
+         b'"task": [{"id": [1]}], "project": {"id": 3, "created_at": "2026-11-27T00:54:22.448107Z"}}', "task"),
     ],
 )
 def test_malformed_payloads_get_4xx_json_and_nothing_is_stored(client, body, fragment):
@@ -108,6 +111,61 @@ def test_with_basic_auth_an_unauthenticated_webhook_gets_401_and_nothing_is_stor
     assert client.get("/projects", headers=header).get_json()["projects"] == []
     accepted = client.post("/webhook", json=annotation_event(1, 10, choices("World")), headers=header)
     assert accepted.status_code == 200 and accepted.get_json()["changed"] == 1
+
+
+def test_odd_but_valid_json_text_is_stored_and_read_back_exactly(client, app):
+    """A lone UTF-16 surrogate is valid JSON, yet UTF-8 cannot hold it; a NUL cannot go in a
+    PostgreSQL text column. Neither may cost an annotation."""
+    text = "bad \ud800 half of a pair, and a \x00 NUL"
+    event = annotation_event(1, 10, choices("World"), text=text)
+    event["project"] = {**event["project"], "title": "odd \udfff\x00 title", "total_annotations_number": 10**30}
+    event["annotation"]["completed_by"] = "\ud83d"
+    response = client.post("/webhook", json=event)
+    assert response.status_code == 200 and response.get_json()["changed"] == 1, response.get_json()
+    store = app.extensions["ls_backend"].store
+    assert [(e.text, e.labels) for e in store.training_examples(KEY, _topic())] == [(text, ("World",))]
+    assert client.get(f"/projects/{KEY}").status_code == 200
+
+
+def test_a_lone_surrogate_fails_neither_its_task_nor_the_batch(client):
+    tasks = [{"id": 1, "data": {"text": "Stocks rally as \ud800 markets rise"}}, {"id": 2, "data": {"text": "Goal!"}}]
+    response = client.post("/predict", json={"tasks": tasks, "project": KEY, "label_config": TOPIC_CONFIG})
+    assert response.status_code == 200, response.get_json()
+    results = response.get_json()["results"]
+    assert len(results) == 2 and all(r["result"] for r in results)
+
+
+@pytest.mark.parametrize("path, fragment", [
+    ("/projects/\u00b2", "no project"),  # "²".isdigit() is true, int("²") fails
+    ("/projects/3/next?n=\u00b2", "'n'"),
+    ("/jobs?limit=\u00b2", "'limit'"),
+    ("/versions?project=..", "'project'"),
+])
+def test_odd_query_values_are_4xx_not_500(client, path, fragment):
+    client.post("/webhook", json=annotation_event(1, 10, choices("World")))  # project 3 exists
+    response = client.get(path)
+    assert 400 <= response.status_code < 500 and fragment in response.get_json()["message"], response.get_json()
+
+
+@pytest.mark.parametrize("key", ["..", "...", "3.1\x00", "\ud800"])
+def test_an_unusable_project_key_is_a_400(client, key):
+    for route, body in (("/setup", {"project": key, "schema": TOPIC_CONFIG}),
+                        ("/predict", {"project": key, "label_config": TOPIC_CONFIG, "tasks": []})):
+        response = client.post(route, json=body)
+        assert response.status_code == 400 and "'project'" in response.get_json()["message"], response.get_json()
+
+
+def test_basic_auth_with_non_ascii_credentials(settings, encoder):
+    secured = settings.with_overrides(basic_auth_user="josé", basic_auth_pass="pässwort")
+    client = create_app(secured, Predictor(secured, encoder=encoder)).test_client()
+
+    def basic(raw: bytes) -> dict:
+        return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+
+    assert client.get("/projects", headers=basic("josé:pässwort".encode())).status_code == 200
+    assert client.get("/projects", headers=basic("josé:passwort".encode())).status_code == 401
+    assert client.get("/projects", headers=basic(b"\xff\xfe:x")).status_code == 401
+    assert client.get("/projects", headers={"Authorization": "Basic \u00e9t\u00e9"}).status_code == 401
 
 
 def _topic():
