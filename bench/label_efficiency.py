@@ -7,8 +7,8 @@ refresh of predictions embeds), ``full`` (``fine_tune``, warm-started from the s
 on the labels plus the texts of its ``--pseudo`` surest guesses, as a job does where the
 refresh's pool kept texts; ``--pseudo 0``: labels only), optionally ``contrastive``; and
 ``auto``, what a job promotes: every candidate a job would train (full from 50 labels on a
-CPU), trained outside the evaluation slice (20% of the labels, by task id as in a job) and the
-best on the slice served (figures within one example of the slice count as ties, and ties go as
+CPU), trained outside the evaluation slice (20% of the labels, by task id as in a job; nor does
+it guess the unlabeled tasks of the slice) and the best on the slice served (figures within one example of the slice count as ties, and ties go as
 in a job: ``ls_backend.finetune.choose_candidate``).  The baseline is
 ``transformers.Trainer`` with default arguments (3 epochs, lr 5e-5, batch 8) on
 ``AutoModelForSequenceClassification`` from the same bundled encoder — what Label Studio's
@@ -233,10 +233,13 @@ def main() -> int:
         for seed in range(args.seeds):
             picked = sample(pool, labels, n, seed)
             rows = [pool[i] for i in picked]
-            unlabeled = None
+            unlabeled = job_unlabeled = None
             if unlabeled_emb is not None:
                 left = ~np.isin(unlabeled_rows, picked)
                 unlabeled = (unlabeled_emb[left], [pool[i][0] for i in unlabeled_rows[left]])
+                # a job guesses no task of its evaluation slice (pool rows stand for task ids)
+                outside = left & np.array([not in_eval_slice(int(i), 0.2) for i in unlabeled_rows])
+                job_unlabeled = (unlabeled_emb[outside], [pool[i][0] for i in unlabeled_rows[outside]])
 
             def as_data(items):
                 return ControlData("c", labels, False, [t for t, _ in items], [(g,) for _, g in items])
@@ -252,7 +255,7 @@ def main() -> int:
                 train = [pool[i] for i in picked if i not in held]
                 job_args = training_args(args, seed)
                 wants_full = not args.no_full and (len(picked) >= job_args.full_min_labels or device.type == "cuda")
-                job = train_candidates(encoder, as_data(train), prior, unlabeled, args, seed, wants_full)
+                job = train_candidates(encoder, as_data(train), prior, job_unlabeled, args, seed, wants_full)
                 held_texts, held_gold = [pool[i][0] for i in held], [pool[i][1] for i in held]
 
                 def on_slice(name):
@@ -260,7 +263,7 @@ def main() -> int:
                     return accuracy(head, reader.encode(held_texts), held_gold, labels) if held else 0.0
 
                 # the full recipe learned from the pool's guesses where there were unlabeled tasks
-                from_pool = learned_from_pool(args.pseudo if unlabeled is not None else 0, len(picked), job_args)
+                from_pool = learned_from_pool(args.pseudo if job_unlabeled is not None else 0, len(picked), job_args)
                 recipe = choose_candidate(
                     {name: on_slice(name) for name in job},
                     lambda name: tie_preference(JOB_NAMES.get(name, name), name == "full" and from_pool),

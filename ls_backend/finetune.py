@@ -474,7 +474,8 @@ class FineTuneJob:
         """The project's unlabeled tasks for self-training, by control: the pool the last refresh of
         predictions kept (``sampling.PoolStore``), when it was embedded exactly as this job embeds
         (same encoder, same precision) for a single-label control this job trains; tasks labeled
-        since are left out, and a pool over ``self_train_max_pool`` is sampled."""
+        since and tasks of the evaluation slice are left out, and a pool over ``self_train_max_pool``
+        is sampled."""
         if self.args.self_train_share <= 0:
             return {}
         pool = PoolStore(self.registry).best(project_key, version)
@@ -485,6 +486,10 @@ class FineTuneJob:
         if split is None or split.train.multiple:
             return {}
         rows = np.flatnonzero(~np.isin(pool.task_ids, np.fromiter(split.task_ids, dtype=np.int64)))
+        # the slice's tasks are never trained on, labeled or not: no guess on one of them either, or
+        # the model that fitted its own guess would later be judged on that very task's label
+        share = self.settings.eval_share
+        rows = rows[np.array([not in_eval_slice(int(t), share) for t in pool.task_ids[rows]], dtype=bool)]
         if len(rows) < SELF_TRAIN_MIN_POOL:
             return {}
         if len(rows) > self.args.self_train_max_pool:

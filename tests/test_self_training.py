@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from ls_backend.embeddings import encoder_id
-from ls_backend.finetune import FineTuneJob, choose_candidate, learned_from_pool, slice_tolerance, tie_preference
+from ls_backend.finetune import (
+    FineTuneJob,
+    choose_candidate,
+    in_eval_slice,
+    learned_from_pool,
+    slice_tolerance,
+    tie_preference,
+)
 from ls_backend.model import ClassifierHead
 from ls_backend.registry import ModelRegistry
 from ls_backend.sampling import PoolPart, PoolStore
@@ -103,6 +110,11 @@ def agnews_embeddings(encoder):
     )
 
 
+def _guessable(task_ids, settings: Settings) -> int:
+    """Unlabeled tasks a job may guess: those outside the evaluation slice."""
+    return sum(not in_eval_slice(t, settings.eval_share) for t in task_ids)
+
+
 def test_self_training_beats_the_fast_head_on_real_agnews(agnews_embeddings):
     x, y, test_x, test_y, texts = agnews_embeddings
     gains, errors = [], []
@@ -170,7 +182,8 @@ def test_a_job_self_trains_on_the_refresh_pool_without_the_labeled_tasks(tmp_pat
         second = FineTuneJob(settings, store, registry).run(key)
         meta = registry.meta(key, second["version"])
         report = meta["training"]["self-train"]["topic"]
-        assert report["pool"] == 1000 - 60  # every labeled task, train and slice, is left out
+        # every labeled task (train and slice) is left out, and so is every task of the slice
+        assert report["pool"] == _guessable(range(61, 1001), settings) < 1000 - 60
         assert set(meta["metrics"]) >= {"current", "frozen", "self-train"}
         scores = {name: meta["metrics"][name]["score"] for name in ("frozen", "self-train")}
         assert second["recipe"] == max(scores, key=lambda n: (scores[n], n == "self-train"))
@@ -240,7 +253,7 @@ def test_the_full_recipe_fine_tunes_on_the_pools_surest_guesses(tmp_path, encode
         meta = registry.meta(key, result["version"])
         report = meta["training"]["full"]
         pseudo = report["pseudo_labels"]["topic"]
-        assert pseudo["pool"] == 1000 - 50 and pseudo["pseudo_labels"] == 64
+        assert pseudo["pool"] == _guessable(range(51, 1001), settings) and pseudo["pseudo_labels"] == 64
         assert set(pseudo["per_label"].values()) == {16}
         assert report["examples_seen"] == meta["data"]["topic"]["train"] + 64  # one epoch: labels and guesses
         scores = {name: meta["metrics"][name]["score"] for name in ("frozen", "self-train", "full")}
