@@ -18,6 +18,7 @@ example backends do — in the same run, on the same labels.
     .venv/bin/python bench/label_efficiency.py --dataset sst2 --sizes 64 256 --no-trainer
     .venv/bin/python bench/label_efficiency.py --sizes 64 --seeds 3 --contrastive 2560   # + the contrastive candidate
     .venv/bin/python bench/label_efficiency.py --sizes 64 --no-auto --no-trainer --set learning_rate=2e-4 --set target_examples=4096
+    .venv/bin/python bench/label_efficiency.py --sizes 64 256 --seeds 3 --no-trainer --auto-only   # what a job serves only
 
 ``--set NAME=VALUE`` overrides a field of ``ls_backend.trainer.TrainingArguments`` (what the job's
 settings set) for every candidate, to compare recipes in one run.
@@ -194,6 +195,8 @@ def main() -> int:
                         help="the full recipe's pseudo-labelled texts (SELF_TRAIN_TUNE_MAX; 0: labels only)")
     parser.add_argument("--no-auto", action="store_true", help="skip the job's own choice (trains every candidate twice)")
     parser.add_argument("--no-trainer", action="store_true", help="skip the transformers.Trainer baseline")
+    parser.add_argument("--auto-only", action="store_true",
+                        help="only what a job promotes: skip the recipes trained on all N labels (half the time)")
     parser.add_argument("--contrastive", type=int, default=0, metavar="PAIRS",
                         help="also the contrastive candidate with this many pairs (0: skip; the jobs use 2560 on CUDA)")
     parser.add_argument("--max-length", type=int, default=128)
@@ -245,7 +248,8 @@ def main() -> int:
                 return ControlData("c", labels, False, [t for t, _ in items], [(g,) for _, g in items])
 
             prior = zero_shot_head(encoder, labels)
-            models = train_candidates(encoder, as_data(rows), prior, unlabeled, args, seed, not args.no_full)
+            models = {} if args.auto_only else train_candidates(encoder, as_data(rows), prior, unlabeled, args, seed,
+                                                                 not args.no_full)
             figures = {name: test_accuracy(model) for name, model in models.items()}
             seconds = {name: model[2] for name, model in models.items()}
             auto, recipe = None, "-"
