@@ -910,22 +910,28 @@ class JobRunner:
         child, receiver = self._process_for(job.lane, job)
         deadline = time.monotonic() + self.settings.job_timeout
         outcome = None
-        while outcome is None:
-            if receiver.poll(0.5):
-                try:
-                    outcome = receiver.recv()
-                except EOFError:
+        try:
+            while outcome is None:
+                if receiver.poll(0.5):
+                    try:
+                        outcome = receiver.recv()
+                    except EOFError:
+                        outcome = ("crash", f"the job process died (exit code {child.exitcode})")
+                elif not child.is_alive():
+                    child.join()
                     outcome = ("crash", f"the job process died (exit code {child.exitcode})")
-            elif not child.is_alive():
-                child.join()
-                outcome = ("crash", f"the job process died (exit code {child.exitcode})")
-            elif time.monotonic() > deadline:
+                elif time.monotonic() > deadline:
+                    child.kill()
+                    outcome = ("timeout", f"timed out after {self.settings.job_timeout}s (JOB_TIMEOUT)")
+                elif self.stopping.is_set():
+                    child.terminate()
+                    child.join(10)
+                    outcome = ("crash", "the job runner was stopped")
+        except BaseException:  # the lane retries the job: never beside this process still training
+            with contextlib.suppress(Exception):
                 child.kill()
-                outcome = ("timeout", f"timed out after {self.settings.job_timeout}s (JOB_TIMEOUT)")
-            elif self.stopping.is_set():
-                child.terminate()
                 child.join(10)
-                outcome = ("crash", "the job runner was stopped")
+            raise
         child.join(10)
         receiver.close()
         kind, body = outcome

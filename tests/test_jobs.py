@@ -545,3 +545,30 @@ def test_a_job_runner_that_keeps_dying_soon_after_start_is_restarted_with_a_grow
     monkeypatch.setattr(supervisor.stopping, "is_set", lambda: False)
     supervisor._supervise()
     assert pauses[-1] == 30.0 and pauses == sorted(pauses), pauses  # 1, 2, 4, ... up to 30 s
+
+
+def test_a_job_process_is_killed_when_the_runner_loses_track_of_it(tmp_path, monkeypatch):
+    """The lane retries a job whose runner failed: the first process must not go on training beside the retry."""
+    from ls_backend.jobs import FAST, JobRunner
+
+    class Child:
+        killed = False
+        exitcode = None
+
+        def kill(self):
+            self.killed = True
+
+        def join(self, timeout=None):
+            pass
+
+    class BrokenPipe:
+        def poll(self, timeout):
+            raise OSError("the pipe broke")
+
+    runner = JobRunner(Settings(model_dir=tmp_path, job_standby=False))
+    child = Child()
+    monkeypatch.setattr(runner, "_process_for", lambda lane, job: (child, BrokenPipe()))
+    job, _ = runner.queue.enqueue("8.1", "labels", FAST)
+    with pytest.raises(OSError):
+        runner.run_one(runner.queue.claim(FAST))
+    assert child.killed
