@@ -13,6 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from ls_backend.finetune import in_eval_slice
 from ls_backend.jobs import execute_training
 from ls_backend.refresh import PredictionRefresh
 from ls_backend.registry import ModelRegistry
@@ -123,11 +124,16 @@ def test_refresh_after_promotion_writes_one_prediction_per_unlabeled_task(label_
         store.close()
 
 
+def guessable(task_ids, labeled) -> int:
+    """Tasks a job may guess: unlabeled, and outside the evaluation slice (EVAL_SHARE 0.2)."""
+    return sum(t not in labeled and not in_eval_slice(t, 0.2) for t in task_ids)
+
+
 def test_jobs_self_train_on_the_tasks_the_refresh_embedded(label_studio, tmp_path):
     """The pool a refresh keeps of a real project's unlabeled tasks feeds the next job's self-trained
     fast head, with the settings' defaults for precision (the refresh and the job embed alike)."""
     ls = label_studio
-    rows = balanced_agnews(20, split="dev", offset=3000)  # 80 tasks
+    rows = balanced_agnews(25, split="dev", offset=3000)  # 100 tasks
     project = ls.create_project("AG News self-training (e2e)", TOPIC_CONFIG)
     project_id, key = project["id"], project_key(project)
     task_ids = ls.import_tasks(project_id, [{"text": text} for _, text, _ in rows])
@@ -150,7 +156,8 @@ def test_jobs_self_train_on_the_tasks_the_refresh_embedded(label_studio, tmp_pat
         labeled = ls.annotate_gold(task_ids, gold, 4)  # 16 labels
         first = execute_training(settings, key, "START_TRAINING")
         meta = registry.meta(key, first["version"])
-        assert meta["training"]["self-train"]["topic"]["pool"] == len(task_ids) - len(labeled), meta["training"]
+        # the pool a job guesses from: the unlabeled tasks outside the evaluation slice
+        assert meta["training"]["self-train"]["topic"]["pool"] == guessable(task_ids, labeled), meta["training"]
         assert "self-train" in meta["metrics"] and first["refresh"]["written"] == len(task_ids) - len(labeled), first
         # beside the pool, the labeled tasks' embeddings (what "typical" counts as covered): the same
         # vectors the cold start's pool held for those tasks (same weights, same texts)
@@ -168,6 +175,6 @@ def test_jobs_self_train_on_the_tasks_the_refresh_embedded(label_studio, tmp_pat
         sync_project(store, settings, key)
         second = execute_training(settings, key, "labels")
         meta = registry.meta(key, second["version"])
-        assert meta["training"]["self-train"]["topic"]["pool"] == len(task_ids) - len(labeled) - len(more), meta
+        assert meta["training"]["self-train"]["topic"]["pool"] == guessable(task_ids, labeled + more), meta
     finally:
         store.close()
