@@ -177,6 +177,7 @@ def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool):
     return out
 
 
+EVAL_SHARE = Settings().eval_share  # the job's evaluation slice (20%)
 # the job's names for the bench's columns (ls_backend.finetune.tie_preference ranks ties on the slice)
 JOB_NAMES = {"fast head": "frozen"}
 COLUMNS = ["fast head", "self-train", "full", "contrastive"]
@@ -220,6 +221,8 @@ def main() -> int:
     # the project's unlabeled tasks: a fixed sample of the pool; each run leaves out its own labels
     unlabeled_rows = np.sort(np.random.default_rng(123).permutation(len(pool))[: args.unlabeled])
     unlabeled_emb = encoder.encode([pool[i][0] for i in unlabeled_rows]) if args.unlabeled else None
+    # the rows a job leaves unguessed: its evaluation slice (pool rows stand for task ids)
+    in_slice = np.array([in_eval_slice(int(i), EVAL_SHARE) for i in unlabeled_rows], dtype=bool)
     print(f"{args.dataset}: pool {len(pool)}, test {len(test)}, unlabeled {len(unlabeled_rows)}, device {device}; "
           f"embedded in {time.perf_counter() - started:.0f}s")
     zero = accuracy(zero_shot_head(encoder, labels), test_emb, test_gold, labels)
@@ -240,8 +243,7 @@ def main() -> int:
             if unlabeled_emb is not None:
                 left = ~np.isin(unlabeled_rows, picked)
                 unlabeled = (unlabeled_emb[left], [pool[i][0] for i in unlabeled_rows[left]])
-                # a job guesses no task of its evaluation slice (pool rows stand for task ids)
-                outside = left & np.array([not in_eval_slice(int(i), 0.2) for i in unlabeled_rows])
+                outside = left & ~in_slice  # a job guesses no task of its evaluation slice
                 job_unlabeled = (unlabeled_emb[outside], [pool[i][0] for i in unlabeled_rows[outside]])
 
             def as_data(items):
@@ -255,7 +257,7 @@ def main() -> int:
             auto, recipe = None, "-"
             if not args.no_auto:
                 # what a job promotes: candidates trained outside the slice, the best on the slice
-                held = [i for i in picked if in_eval_slice(int(i), 0.2)]
+                held = [i for i in picked if in_eval_slice(int(i), EVAL_SHARE)]
                 train = [pool[i] for i in picked if i not in held]
                 job_args = training_args(args, seed)
                 wants_full = not args.no_full and (len(picked) >= job_args.full_min_labels or device.type == "cuda")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .precision import autocast, inference_dtype, short_name
+from .text import utf8_safe
 
 if TYPE_CHECKING:  # annotations only: the encoder and trainer import without label_studio_sdk
     from .labeling import ControlSpec, LabelingPlan
@@ -51,16 +52,6 @@ OVERLAP_PART = 4096
 
 _pools: dict[str, tuple[int, ThreadPoolExecutor]] = {}  # name -> (the process that made it, the pool)
 _pools_lock = threading.Lock()
-
-
-def tokenizable(text: str) -> str:
-    """``text`` as a fast tokenizer takes it: a lone surrogate ("\ud800", valid JSON) would fail
-    the whole batch, so each becomes "?" (one character for one: offsets stay)."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def tokenize_threads() -> int:
@@ -168,7 +159,7 @@ class Encoder:
         limit = max_length or self.max_length
         # A token covers at least one character, so cutting absurdly long texts
         # before tokenizing loses nothing that truncation would have kept.
-        clipped = [tokenizable(t if len(t) <= limit * 32 else t[: limit * 32]) for t in texts]
+        clipped = [utf8_safe(t if len(t) <= limit * 32 else t[: limit * 32]) for t in texts]
         core = self._bulk_tokenizer(limit)
         encode = getattr(core, "encode_batch_fast", core.encode_batch)  # no character offsets
 

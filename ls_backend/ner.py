@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from .model import tokenizable
 from .precision import TrainingStep
 from .spans import IGNORE, FoundSpan, Span, TaggingReport, bio_tags, decode, span_scores, token_tags, window_owners, windows
+from .text import utf8_safe
 
 if TYPE_CHECKING:
     from .labeling import ControlSpec
@@ -191,7 +191,7 @@ def tokenize(tokenizer, texts: Sequence[str]) -> list[Tokenized]:
     if not texts:
         return []
     out = tokenizer(
-        [tokenizable(t) for t in texts], add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False
+        [utf8_safe(t) for t in texts], add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False
     )
     return [
         Tokenized(list(ids), [(int(a), int(b)) for a, b in offsets])

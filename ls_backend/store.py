@@ -75,6 +75,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from .labeling import CHOICES, LABELS, ControlSpec, UnsupportedConfig, plan_for
+from .text import utf8_safe
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +137,7 @@ def canonical_json(value: Any) -> str:
 def storable(text: str) -> str:
     """``text`` as a SQLite and PostgreSQL text column can hold it: a lone surrogate becomes "?",
     a NUL character U+FFFD (PostgreSQL refuses NUL in text)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "replace").decode("utf-8")
-    return text.replace("\x00", "\ufffd")
+    return utf8_safe(text).replace("\x00", "\ufffd")
 
 
 def parse_time(value: Any) -> datetime | None:
