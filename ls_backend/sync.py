@@ -103,6 +103,7 @@ class LabelStudioSource:
 
         self.url = url.rstrip("/")
         self.include: str | None = TASK_FIELDS
+        self.complete = False  # whether the last listing reached Label Studio's total
         try:
             self.client = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
         except Exception as exc:  # the SDK raises ApiError for an expired personal access token
@@ -130,9 +131,14 @@ class LabelStudioSource:
 
         The SDK's own pager asks for one page past the end and relies on the 404 that
         Label Studio answers there; this loop stops at ``total`` instead, so a 404 in the
-        middle (the project deleted meanwhile) is an error, not a silent end.
+        middle (the project deleted meanwhile) is an error, not a silent end.  A page
+        shorter than asked for is not the end while ``total`` says more tasks remain:
+        Label Studio caps pages at its ``TASK_API_PAGE_SIZE_MAX`` setting.  Afterwards
+        ``complete`` says whether the listing reached ``total`` (a listing that ended short
+        of it may have missed tasks, so it never proves an annotation gone).
         """
         page, seen = 1, 0
+        self.complete = False
         while True:
             pager = self._page(ls_id, page, page_size)
             items = pager.items or []
@@ -147,7 +153,11 @@ class LabelStudioSource:
                 data = task.data if isinstance(task.data, dict) else {}
                 yield int(task.id), data, list(task.annotations or [])
             seen += len(items)
-            if not items or len(items) < page_size or (total is not None and seen >= total):
+            if total is not None and seen >= total:
+                self.complete = True
+                return
+            if not items or (total is None and len(items) < page_size):
+                self.complete = total is None
                 return
             page += 1
 
@@ -169,6 +179,8 @@ class LabelStudioSource:
         except ApiError as exc:
             if exc.status_code == 404:
                 return True
+            raise SyncError(f"Label Studio at {self.url}: annotation {annotation_id}: {_reason(exc)}") from None
+        except Exception as exc:  # timeouts, refused connections: the sync stops, nothing is deleted
             raise SyncError(f"Label Studio at {self.url}: annotation {annotation_id}: {_reason(exc)}") from None
         return False
 
@@ -285,6 +297,10 @@ def _confirm_gone(source: LabelStudioSource, ls_id: int, candidates: set[int]) -
         for annotation in annotations
         if isinstance(annotation, dict) and annotation.get("id") is not None
     }
+    if not getattr(source, "complete", True):
+        log.warning("project %s: the second listing ended short of Label Studio's total; %d deletion candidates "
+                    "are kept until a sync can confirm them", ls_id, len(candidates))
+        return set()
     return candidates - still_there
 
 

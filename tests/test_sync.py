@@ -171,6 +171,66 @@ def test_pages_stop_at_the_total_and_trimmed_annotations_fall_back_to_whole_task
     assert calls == [(1, "id,data"), (1, None), (2, None)]
 
 
+class CappedLabelStudio(LabelStudioSource):
+    """The real listing loop over a client whose pages hold at most ``cap`` tasks, as Label
+    Studio answers under its ``TASK_API_PAGE_SIZE_MAX`` setting; ``claimed`` is the ``total``
+    it reports (more than it lists: tasks deleted while the listing ran)."""
+
+    def __init__(self, tasks: dict[int, list[dict]], cap: int, claimed: int | None = None):
+        self.url, self.include, self.complete = "http://label-studio.test", None, False
+        self.tasks_by_id = tasks
+        ordered = sorted(tasks)
+
+        def listing(*, project, fields, include, page, page_size):
+            size = min(page_size, cap)
+            chunk = ordered[(page - 1) * size : page * size]
+            items = [SimpleNamespace(id=t, data={"text": f"text of {t}"}, annotations=tasks[t]) for t in chunk]
+            total = len(ordered) if claimed is None else claimed
+            return SimpleNamespace(items=items, response=SimpleNamespace(total=total))
+
+        def get(*, id):
+            return {"id": id}  # every annotation asked about is still there
+
+        self.client = SimpleNamespace(tasks=SimpleNamespace(list=listing), annotations=SimpleNamespace(get=get))
+
+    def project(self, ls_id: int) -> ProjectInfo:
+        total = sum(len(a) for a in self.tasks_by_id.values())
+        return ProjectInfo.from_payload({**project(ls_id), "total_annotations_number": total})
+
+
+def test_capped_pages_are_read_to_the_total_and_delete_nothing(store):
+    events = [annotation_event(i, 1000 + i, choices("World")) for i in range(1, 251)]
+    for event in events:
+        store.record_event(event)
+    studio = CappedLabelStudio({1000 + i: [api_annotation(i, 1000 + i, "World")] for i in range(1, 251)}, cap=100)
+    report = sync_project(store, SETTINGS, KEY, source=studio)
+    assert report.tasks == 250 and report.deleted == 0 and studio.complete
+    assert len(store.annotation_ids(KEY)) == 250
+
+
+def test_a_listing_short_of_the_total_never_proves_annotations_gone(store):
+    for i in range(1, 151):
+        store.record_event(annotation_event(i, 1000 + i, choices("World")))
+    # Label Studio lists 20 of the tasks but reports 150: 130 candidates, more than are confirmed singly
+    studio = CappedLabelStudio({1000 + i: [api_annotation(i, 1000 + i, "World")] for i in range(1, 21)}, cap=100,
+                               claimed=150)
+    report = sync_project(store, SETTINGS, KEY, source=studio)
+    assert not studio.complete and report.deleted == 0
+    assert len(store.annotation_ids(KEY)) == 150
+
+
+def test_a_timeout_while_confirming_a_deletion_is_a_sync_error():
+    source = LabelStudioSource.__new__(LabelStudioSource)
+    source.url = "http://x"
+
+    def get(*, id):
+        raise TimeoutError("timed out")
+
+    source.client = SimpleNamespace(annotations=SimpleNamespace(get=get))
+    with pytest.raises(SyncError, match="annotation 7: TimeoutError"):
+        source.annotation_gone(7)
+
+
 def test_setup_finds_the_store_behind_and_syncs_in_the_background(store, monkeypatch):
     from ls_backend import sync as sync_module
 
