@@ -20,7 +20,7 @@ import numpy as np
 
 from .labeling import CHOICES, LabelingPlan, UnsupportedConfig, plan_for
 from .model import ClassifierHead, Encoder, resolve_device, zero_shot_head
-from .ner_job import encoder_is_taken, token_candidates, token_data
+from .ner_job import encoder_is_taken, token_candidates, token_data, version_figures
 from .registry import LoadedHeads, ModelRegistry
 from .sampling import PoolStore
 from .settings import Settings
@@ -363,6 +363,7 @@ class FineTuneJob:
         if self.args.mode == "full" and (wants_full or token_splits):
             for name in FAST_RECIPES:
                 candidates.pop(name, None)
+        class_splits = splits
         if token_splits:  # NER labels: the encoder is tuned for them (see ner_job)
             candidates, figures = token_candidates(
                 self, plan, base_encoder, start_heads, splits, token_splits, candidates, figures
@@ -392,10 +393,12 @@ class FineTuneJob:
             # candidate must beat: measure it on the same slice
             against = self.registry.current(project_key) or current.version
             serving = current
-            if against != current.version and not token_splits:
+            if against != current.version:
                 latest = self.registry.load(project_key, against)
                 if latest.meta.get("plan_signature") == plan.signature:
-                    figures["current"] = self._measure_version(latest, current, splits, embed)
+                    figures["current"] = self._measure_version(
+                        latest, current, class_splits, embed, token_splits, base_encoder
+                    )
                     serving = latest
             # the fast head on these very labels already serves: a second copy is no news
             frozen_serves = (
@@ -498,18 +501,32 @@ class FineTuneJob:
         texts = [pool.texts[r] for r in rows] if pool.texts is not None else None
         return {name: Unlabeled(pool.embeddings[rows], texts)}
 
-    def _measure_version(self, version: LoadedHeads, measured: LoadedHeads, splits: dict[str, Split], embed: dict) -> dict:
-        """``version``'s figures on the slice; the job's embeddings serve when it reads with the
-        same encoder as ``measured`` (the version they were made with), else the slice is encoded."""
-        if version.encoder_path != measured.encoder_path:
+    def _measure_version(
+        self,
+        version: LoadedHeads,
+        measured: LoadedHeads,
+        splits: dict[str, Split],
+        embed: dict,
+        token_splits: dict | None = None,
+        measured_encoder: Encoder | None = None,
+    ) -> dict:
+        """``version``'s figures on the slice, Labels controls (``token_splits``) included; the
+        job's embeddings and ``measured_encoder`` serve when it reads with the same encoder as
+        ``measured`` (the version they were made with), else its own encoder is loaded."""
+        encoder = measured_encoder
+        if version.encoder_path != measured.encoder_path or encoder is None and token_splits:
             encoder = Encoder(
                 version.encoder_path or self.settings.encoder_path,
                 self.device,
                 self.settings.max_length,
                 self.settings.inference_precision,
             )
+        if version.encoder_path != measured.encoder_path:
             embed = {name: (None, encoder.encode(split.held.texts, self.settings.batch_size)) for name, split in splits.items()}
-        return self._measure({name: version.heads[name] for name in splits}, splits, embed)
+        figures = self._measure({name: version.heads[name] for name in splits}, splits, embed)
+        if token_splits:
+            figures = version_figures(figures, encoder, version.heads, token_splits, self.settings.batch_size)
+        return figures
 
     def _measure(self, heads: dict[str, ClassifierHead], splits: dict[str, Split], embed: dict) -> dict:
         per_control = {}

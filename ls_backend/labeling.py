@@ -104,6 +104,10 @@ def _labels_of(control) -> tuple[LabelSpec, ...]:
     return tuple(specs)
 
 
+def _true(value: object) -> bool:
+    return str(value or "").strip().lower() in ("true", "1", "yes")
+
+
 def _plan(config: str) -> LabelingPlan:
     try:
         interface = LabelInterface(config)
@@ -121,6 +125,13 @@ def _plan(config: str) -> LabelingPlan:
             skipped.append((control.name, "only controls over exactly one <Text> object are predicted"))
             continue
         obj = text_objects[0]
+        if tag == CHOICES and _true(control.attr.get("perRegion")):
+            skipped.append((control.name, "per-region <Choices> (perRegion=\"true\") are not predicted"))
+            continue
+        if (obj.attr.get("valueType") or "text").lower() == "url":
+            skipped.append((control.name, f"object {obj.name!r} reads its text from a URL (valueType=\"url\"), "
+                                          "which is not fetched"))
+            continue
         if tag == LABELS and (obj.tag or "").lower() != "text":
             skipped.append((control.name, "<Labels> are predicted over <Text> only"))
             continue

@@ -46,6 +46,10 @@ Progress = Callable[[dict], None]
 #: Bias given to the rows of labels added to a trained head: far below ``O``, so a new
 #: label is never predicted before it has been trained.
 NEW_LABEL_BIAS = -10.0
+#: At most this many token states feed the frozen token head's full-batch fit (each costs
+#: ``dim`` floats twice over, float32 and the solver's float64): 250,000 tokens of a 384-wide
+#: encoder are about 1.1 GB; beyond it windows are sampled.
+MAX_FIT_TOKENS = 250_000
 
 
 @dataclass
@@ -532,7 +536,8 @@ def token_states(encoder: "Encoder", windows_: Sequence[tuple[list[int], list[in
         for start in range(0, len(windows_), batch_size):
             chunk = windows_[start : start + batch_size]
             ids, mask = _pad_batch([ids for ids, _ in chunk], pad)
-            hidden = encoder.model(input_ids=ids.to(encoder.device), attention_mask=mask.to(encoder.device)).last_hidden_state
+            with encoder.autocast():  # the states the head is fitted on are those it will be served
+                hidden = encoder.model(input_ids=ids.to(encoder.device), attention_mask=mask.to(encoder.device)).last_hidden_state
             hidden = hidden.float().cpu()
             for r, (_, window_tags) in enumerate(chunk):
                 keep = [k for k, t in enumerate(window_tags) if t != IGNORE]
@@ -551,6 +556,7 @@ def fit_token_head(
     started = time.perf_counter()
     examples, report = training_windows(encoder.tokenizer, data, args.max_length)
     _log_report(data.name, report)
+    examples, sampled = capped_windows(examples, MAX_FIT_TOKENS, args.seed)
     x, y = token_states(encoder, examples)
     if not len(y):
         return head, {"tokens": 0, "tagging": report.as_dict()}
@@ -559,14 +565,46 @@ def fit_token_head(
     fitted = TokenHead(list(head.labels), weight.numpy(), bias.numpy(), trained=True, source="trained")
     return fitted, {
         "tokens": int(len(y)),
+        "windows_sampled": sampled,
         "l2": l2,
         "seconds": round(time.perf_counter() - started, 3),
         "tagging": report.as_dict(),
     }
 
 
+def capped_windows(windows_: list, max_tokens: int, seed: int) -> tuple[list, bool]:
+    """The windows whose tagged tokens fit in ``max_tokens``: all of them when they do, else a
+    seeded sample in text order; and whether it was sampled."""
+    sizes = [sum(1 for t in tags if t != IGNORE) for _, tags in windows_]
+    if sum(sizes) <= max_tokens:
+        return windows_, False
+    order = list(range(len(windows_)))
+    random.Random(seed).shuffle(order)
+    chosen, total = [], 0
+    for i in order:
+        if total + sizes[i] > max_tokens:
+            continue
+        chosen.append(i)
+        total += sizes[i]
+    log.info("%d of %d training windows (%d tokens) sampled for the frozen token head", len(chosen), len(windows_),
+             total)
+    return [windows_[i] for i in sorted(chosen)], True
+
+
+def _trimmed(text: str, span: Span) -> Span:
+    start, end, label = span
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end, label
+
+
 def evaluate_tokens(encoder: "Encoder", head: TokenHead, data: TokenData, batch_size: int = 32) -> dict:
-    """Entity-level P/R/F1 of ``head`` against the annotated spans (exact match)."""
+    """Entity-level P/R/F1 of ``head`` against the annotated spans (exact match).  Gold spans
+    are trimmed of surrounding whitespace, as predicted spans are, so a region drawn over
+    ``"Paris "`` matches a prediction of ``"Paris"``."""
     predicted = [[s.span for s in found] for found in predict_spans(encoder, head, data.texts, batch_size)]
-    return span_scores(data.spans, predicted)
+    gold = [[_trimmed(text, span) for span in spans] for text, spans in zip(data.texts, data.spans)]
+    return span_scores(gold, predicted)
 

@@ -28,7 +28,7 @@ import numpy as np
 from .labeling import LABELS, LabelingPlan
 from .model import ClassifierHead, zero_shot_head
 from .ner import TokenData, TokenHead, evaluate_tokens, fine_tune_tokens, fit_token_head, token_head_for
-from .spans import Span, resolve_span
+from .spans import Span, region_labels, resolve_span, span_scores
 from .trainer import evaluate, fit_head
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ def spans_of(text: str, items: list[dict], labels: tuple[str, ...]) -> tuple[lis
 
     Each item's first label that the control still has is taken (a region carrying two
     labels trains as the first); items whose offsets and text do not match the task
-    text are resolved by ``spans.resolve_span`` or left out.
+    text are resolved by ``spans.resolve_span``, else counted ``unresolved``, as is a
+    region whose ``labels`` is not a list of names.
     """
     spans: list[Span] = []
     counts = {"unresolved": 0, "unknown_label": 0}
@@ -59,7 +60,10 @@ def spans_of(text: str, items: list[dict], labels: tuple[str, ...]) -> tuple[lis
         value = item.get("value") if isinstance(item, dict) else None
         if not isinstance(value, dict):
             continue
-        names = value.get("labels") or []
+        names = region_labels(value)
+        if value.get("labels") and not names:
+            counts["unresolved"] += 1
+            continue
         label = next((name for name in names if name in labels), None)
         if label is None:
             counts["unknown_label"] += bool(names)
@@ -94,9 +98,12 @@ def token_data(
 ) -> dict[str, TokenSplit]:
     """Train/evaluation examples of every Labels control that has at least one span.
 
-    Every annotated task is an example (one with no span of the control is a negative);
-    the evaluation slice is the same hash of the task id as for classification.  A
-    control without a head in ``heads`` (a version older than token heads) gets an
+    Every task annotated since the control's first region is an example (one with no
+    span of the control is a negative; annotations made before anyone labeled an entity
+    of it, as under an earlier config without it, are not); a task with a region that
+    cannot be placed in its text is left out whole, since its entity would train as
+    ``O``.  The evaluation slice is the same hash of the task id as for classification.
+    A control without a head in ``heads`` (a version older than token heads) gets an
     untrained one, added to ``heads``.
     """
     from .finetune import in_eval_slice
@@ -105,7 +112,7 @@ def token_data(
     for control in plan.controls:
         if control.kind != LABELS:
             continue
-        rows = store.annotation_results(project_key, control.name, field=control.field, include_empty=True)
+        rows = store.annotation_results(project_key, control.name, field=control.field, include_empty="since_first")
         examples, problems = [], {"unresolved": 0, "unknown_label": 0, "no_text": 0}
         for task_id, text, items in rows:
             if not text:
@@ -114,6 +121,8 @@ def token_data(
             spans, counts = spans_of(text, items, control.values)
             for key, n in counts.items():
                 problems[key] += n
+            if counts["unresolved"]:
+                continue
             examples.append((task_id, text, spans))
         for key, n in problems.items():
             if n:
@@ -148,6 +157,23 @@ def _token_figures(encoder: "Encoder", heads: dict, token_splits: dict[str, Toke
         for name, split in token_splits.items()
         if len(split.held)
     }
+
+
+def version_figures(classification: dict | None, encoder: "Encoder", heads: dict,
+                    token_splits: dict[str, TokenSplit], batch_size: int) -> dict:
+    """A version's slice figures over all controls: ``classification`` (measured by the job)
+    with its token heads read through ``encoder``; a Labels control it has no token head
+    for finds nothing, as it does when serving."""
+    tokens = {}
+    for name, split in token_splits.items():
+        if not len(split.held):
+            continue
+        head = heads.get(name)
+        if isinstance(head, TokenHead):
+            tokens[name] = evaluate_tokens(encoder, head, split.held, batch_size)
+        else:
+            tokens[name] = span_scores(split.held.spans, [[] for _ in split.held.texts])
+    return _combine(classification, tokens)
 
 
 def _combine(classification: dict | None, tokens: dict) -> dict:

@@ -65,20 +65,33 @@ def utf16_to_index(text: str, position: int) -> int | None:
     return len(text) if units == position else None
 
 
+def region_labels(value: object) -> list[str]:
+    """The labels of a region's ``value`` (``{"labels": [...]}``); anything else reads as none."""
+    labels = value.get("labels") if isinstance(value, dict) else None
+    return [label for label in labels if isinstance(label, str)] if isinstance(labels, list) else []
+
+
+def _squeezed(text: str) -> str:
+    return " ".join(text.split())
+
+
 def resolve_span(text: str, value: dict) -> tuple[int, int] | None:
     """Where an annotation's ``{"start","end","text"}`` lies in ``text``, or None.
 
     The offsets are trusted when ``text[start:end]`` equals the span's text (or no
-    text is given).  Otherwise they are read as UTF-16 positions (what a browser
-    counts when the text holds emoji or other characters beyond the BMP); failing
-    that, the occurrence of the span's text nearest ``start`` is taken.
+    text is given), also where they differ only in runs of whitespace: Label Studio's
+    editor writes a region's text with each run of spaces, tabs or newlines shown as one
+    space, and its offsets still count the original characters.  Otherwise they are read
+    as UTF-16 positions (what a browser counts when the text holds emoji or other
+    characters beyond the BMP); failing that, the occurrence of the span's text nearest
+    ``start`` is taken.
     """
     start, end, quoted = value.get("start"), value.get("end"), value.get("text")
     if not isinstance(start, int) or not isinstance(end, int) or isinstance(start, bool) or isinstance(end, bool):
         return None
     if not isinstance(quoted, str) or not quoted:
         return (start, end) if 0 <= start < end <= len(text) else None
-    if 0 <= start < end <= len(text) and text[start:end] == quoted:
+    if 0 <= start < end <= len(text) and (text[start:end] == quoted or _squeezed(text[start:end]) == _squeezed(quoted)):
         return start, end
     a, b = utf16_to_index(text, start), utf16_to_index(text, end)
     if a is not None and b is not None and a < b and text[a:b] == quoted:
@@ -317,11 +330,17 @@ def _prf(tp: int, predicted: int, gold: int) -> tuple[float, float, float]:
 def span_scores(gold: Sequence[Iterable[Span]], predicted: Sequence[Iterable[Span]]) -> dict:
     """Entity-level precision, recall and F1, exact match of start, end and label
     (the figures seqeval reports in its default mode, on character spans), micro over
-    all entities, plus the same per label.  ``primary`` is the micro F1."""
+    all entities, plus the same per label.  ``primary`` is the micro F1, or, where the
+    texts hold no entity at all, the share of them with no span predicted: F1 would be
+    1 for a model that finds nothing and 0 for one with a single false alarm, and a
+    gate on it would never let a trained model replace an untrained one."""
     if len(gold) != len(predicted):
         raise ValueError("gold and predicted must list the same texts")
     counts = SpanCounts()
+    quiet = 0  # texts with no span predicted
     for g, p in zip(gold, predicted):
+        p = list(p)
+        quiet += not p
         counts.add(g, p)
     precision, recall, f1 = _prf(counts.tp, counts.predicted, counts.gold)
     per_label = {}
@@ -336,5 +355,5 @@ def span_scores(gold: Sequence[Iterable[Span]], predicted: Sequence[Iterable[Spa
         "recall": round(recall, 4),
         "f1": round(f1, 4),
         "per_label": per_label,
-        "primary": f1,
+        "primary": f1 if counts.gold else quiet / max(len(gold), 1),
     }

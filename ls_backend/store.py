@@ -75,6 +75,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from .labeling import CHOICES, LABELS, ControlSpec, UnsupportedConfig, plan_for
+from .spans import region_labels
 from .text import utf8_safe
 
 log = logging.getLogger(__name__)
@@ -1564,7 +1565,7 @@ class CorrectionStore:
         return examples
 
     def annotation_results(
-        self, project_key: str, control_name: str, field: str | None = None, include_empty: bool = False
+        self, project_key: str, control_name: str, field: str | None = None, include_empty: bool | str = False
     ) -> list[tuple[int, str, list[dict]]]:
         """Raw result items per task for one control: ``(task_id, text, items)``.
 
@@ -1573,7 +1574,10 @@ class CorrectionStore:
         the project's current label config.  With ``include_empty``, an annotation without
         items for the control counts too (a text with no entity is a negative example for
         NER): every annotated task appears, with the items of the annotation chosen by the
-        same rule (possibly none).
+        same rule (possibly none).  With ``include_empty="since_first"``, only annotations
+        last updated no earlier than the first one holding items for the control count
+        without items (the ones before were made with no such control in mind, as under an
+        earlier label config without it).
         """
         with self._read() as conn:
             rows = self._rows(conn, project_key)
@@ -1592,12 +1596,18 @@ class CorrectionStore:
 
     @staticmethod
     def _results(
-        rows: Sequence[Any], control_name: str, field: str | None, include_empty: bool = False
+        rows: Sequence[Any], control_name: str, field: str | None, include_empty: bool | str = False
     ) -> list[tuple[int, str, list[dict]]]:
         by_task: dict[int, list[tuple[Any, list[dict]]]] = defaultdict(list)
-        for row in rows:
-            items = [item for item in json.loads(row.result) if item.get("from_name") == control_name]
-            if items or include_empty:
+        parsed = [
+            (row, [item for item in json.loads(row.result) if isinstance(item, dict) and item.get("from_name") == control_name])
+            for row in rows
+        ]
+        since = None
+        if include_empty == "since_first":
+            since = min((row.updated_us for row, items in parsed if items), default=None)
+        for row, items in parsed:
+            if items or (include_empty and (since is None or row.updated_us >= since)):
                 by_task[row.task_id].append((row, items))
         out = []
         for task_id, entries in sorted(by_task.items()):
@@ -1663,8 +1673,7 @@ class CorrectionStore:
             elif control.kind == LABELS:
                 for _task, _text, items in self._results(rows, control.name, control.field):
                     for item in items:
-                        value = item.get("value") if isinstance(item.get("value"), dict) else {}
-                        tally.update(str(label) for label in value.get("labels") or [])
+                        tally.update(region_labels(item.get("value")))
             counts[control.name] = {label: tally.get(label, 0) for label in control.values}
             counts[control.name].update({label: n for label, n in tally.items() if label not in control.values})
         return counts

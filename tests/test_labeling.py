@@ -48,9 +48,18 @@ def test_several_controls_predicts_supported_and_skips_the_rest():
         ('<View><Text name="t" value="$text"/><TextArea name="a" toName="t"/></View>', "TextArea"),
         ("<View><Text name='t' value='$text'/><Choices name='c' toName='t'><Choice value='only'/></Choices></View>", "too few labels"),
         ("<View><Text", "does not parse"),
+        ('<View><Text name="t" value="$url" valueType="url"/><Choices name="c" toName="t"><Choice value="a"/>'
+         '<Choice value="b"/></Choices></View>', "valueType"),
+        ('<View><Text name="t" value="$text"/><Labels name="l" toName="t"><Label value="PER"/></Labels>'
+         '<Choices name="c" toName="t" perRegion="true"><Choice value="a"/><Choice value="b"/></Choices></View>',
+         None),
     ],
 )
 def test_unsupported_configs_say_why(config, reason):
+    if reason is None:  # the rest is served; the unsupported control is skipped with its reason
+        plan = plan_for(config)
+        assert [c.name for c in plan.controls] == ["l"] and "perRegion" in dict(plan.skipped)["c"]
+        return
     with pytest.raises(UnsupportedConfig) as info:
         plan_for(config)
     assert reason in str(info.value)

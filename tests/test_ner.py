@@ -399,3 +399,107 @@ def test_a_job_trains_the_labels_control_refits_the_choices_head_and_serves_both
                 spans_found += 1
         assert 0 <= prediction["score"] <= 1
     assert spans_found > 0
+
+
+# -- what a job learns from, and how it is judged -----------------------------------------------
+def test_region_text_with_whitespace_runs_shown_as_one_space_keeps_its_offsets():
+    # Label Studio's editor writes a region's text with each run of whitespace as one space
+    text = "Text: Berlin,  Germany.\nMeet John\n\tSmith today"
+    assert resolve_span(text, {"start": 6, "end": 22, "text": "Berlin, Germany"}) == (6, 22)
+    start = text.index("John")
+    assert resolve_span(text, {"start": start, "end": start + 12, "text": "John Smith"}) == (start, start + 12)
+
+
+def test_a_task_with_a_region_that_cannot_be_placed_or_read_is_left_out_of_ner_training():
+    from ls_backend.ner_job import spans_of
+
+    text = "Angela Merkel visited Paris"
+    placed, counts = spans_of(text, [span(0, 13, "Angela Merkel", "PER")], ("PER", "LOC"))
+    assert placed == [(0, 13, "PER")] and counts["unresolved"] == 0
+    lost, counts = spans_of(text, [span(0, 5, "Berlin", "LOC")], ("PER", "LOC"))
+    assert lost == [] and counts["unresolved"] == 1
+    malformed = {"from_name": "ner", "value": {"start": 0, "end": 13, "text": "Angela Merkel", "labels": 5}}
+    spans_found, counts = spans_of(text, [malformed], ("PER", "LOC"))
+    assert spans_found == [] and counts["unresolved"] == 1
+
+
+def test_annotations_made_before_the_first_entity_are_not_ner_negatives(tmp_path):
+    """A project labeled with Choices for a while, then given a Labels control: its earlier
+    annotations say nothing about entities and must not teach the head that there are none."""
+    from ls_backend.store import CorrectionStore
+
+    store = CorrectionStore(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    try:
+        proj = project(7, config=NER_AND_TOPIC_CONFIG)
+        for n in range(5):  # before the Labels control existed
+            store.record_event(annotation_event(n + 1, 100 + n, choices("World"), updated=100 + n,
+                                                text=f"Angela Merkel visited Paris {n}", proj=proj))
+        store.record_event(annotation_event(20, 200, [span(0, 13, "Angela Merkel", "PER")], updated=300,
+                                            text="Angela Merkel met Bob", proj=proj))
+        store.record_event(annotation_event(21, 201, choices("World"), updated=301, text="Nothing here", proj=proj))
+        rows = store.annotation_results(key_of(7), "ner", include_empty="since_first")
+        assert [task for task, _, _ in rows] == [200, 201]  # 201: labeled since, with no entity: a negative
+        assert len(store.annotation_results(key_of(7), "ner", include_empty=True)) == 7
+        # a region whose labels are not a list of names counts nothing and breaks nothing
+        store.record_event(annotation_event(22, 202, [{"from_name": "ner", "to_name": "text", "type": "labels",
+                                                       "value": {"start": 0, "end": 2, "text": "No", "labels": 5}}],
+                                            updated=302, text="No entity", proj=proj))
+        assert store.project_summary(key_of(7)).labels["ner"]["PER"] == 1
+    finally:
+        store.close()
+
+
+def test_on_a_slice_without_entities_a_false_alarm_costs_a_share_not_the_whole_score():
+    gold = [[] for _ in range(12)]
+    nothing = span_scores(gold, [[] for _ in range(12)])
+    one_alarm = span_scores(gold, [[(0, 3, "PER")]] + [[] for _ in range(11)])
+    assert nothing["primary"] == 1.0 and one_alarm["primary"] == pytest.approx(11 / 12)
+    assert one_alarm["f1"] == 0.0  # the entity-level figures are kept as they are
+    # with entities in the slice, the primary figure is the micro F1
+    assert span_scores([[(0, 3, "PER")], []], [[(0, 3, "PER")], [(1, 2, "PER")]])["primary"] == pytest.approx(2 / 3)
+
+
+def test_an_ner_job_is_judged_against_a_version_promoted_while_it_trained(tmp_path):
+    from ls_backend.finetune import FineTuneJob
+    from ls_backend.store import CorrectionStore
+
+    settings = Settings(model_dir=tmp_path / "models", max_length=MAX_LENGTH, train_max_length=MAX_LENGTH,
+                        train_mode="frozen", eval_min=5)
+    store = CorrectionStore.from_settings(settings)
+    key = key_of(7)
+    proj = project(7, config=NER_CONFIG)
+    for n, sentence in enumerate(read_sentences(data_file("conll2003", "eng.train"), limit=60)):
+        text, spans, _ = as_text(sentence, natural=True)
+        result = [span(a, b, text[a:b], label) for a, b, label in spans if label in ("PER", "ORG", "LOC", "MISC")]
+        store.record_event(annotation_event(n + 1, 100 + n, result, text=text, proj=proj))
+    registry = ModelRegistry(settings.model_dir)
+    try:
+        first = FineTuneJob(settings, store).run(key)
+        assert first["promoted"] and first["metrics"][first["recipe"]]["controls"]["ner"]["f1"] > 0
+        untrained = registry.meta(key, first["version"])["parent"]
+        registry.promote(key, untrained, reason="test: back to the untrained version")
+
+        def promote_midway(update: dict) -> None:
+            if update.get("stage") == "ner-frozen" and registry.current(key) != first["version"]:
+                registry.promote(key, first["version"], reason="test: promoted while the job trains")
+
+        second = FineTuneJob(settings, store, progress=promote_midway).run(key)
+    finally:
+        store.close()
+    meta = registry.meta(key, second["version"])
+    assert meta["parent"] == untrained and meta["decision"]["against"] == first["version"]
+    # measured: the trained version's F1 on the slice, not the untrained start's 0
+    assert meta["metrics"]["current"]["controls"]["ner"]["f1"] == pytest.approx(
+        first["metrics"][first["recipe"]]["controls"]["ner"]["f1"], abs=1e-6)
+
+
+def test_the_frozen_token_fit_samples_windows_beyond_its_token_cap_and_gold_is_trimmed_like_predictions():
+    from ls_backend.ner import _trimmed, capped_windows
+    from ls_backend.spans import IGNORE
+
+    windows_ = [([1, 2, 3, 4], [IGNORE, 0, 1, IGNORE]) for _ in range(10)]  # 2 tagged tokens each
+    kept, sampled = capped_windows(windows_, 100, seed=0)
+    assert kept == windows_ and not sampled
+    kept, sampled = capped_windows(windows_, 7, seed=0)
+    assert sampled and len(kept) == 3 and kept == capped_windows(windows_, 7, seed=0)[0]
+    assert _trimmed("see Paris now", (3, 10, "LOC")) == (4, 9, "LOC")
