@@ -23,6 +23,13 @@ One prediction per task per version
     and runs again resumes after the last finished page and never writes a second prediction
     of a version to a task.  Refreshes of one project run one at a time (an flock).
 
+Asked again for the same version: a top-up
+    A refresh of the version whose refresh has finished goes on from its cursor: only tasks with
+    higher ids than any it listed (imported since, or left past the ``REFRESH_MAX_TASKS`` bound)
+    are predicted, at most ``REFRESH_MAX_TASKS`` more, and join the same pool.  It runs when asked
+    (``ls-backend rank --refresh``, a refresh job while the version still serves) and when
+    ``/next`` finds the pool used up; with nothing new it costs one API call.
+
 Older versions' predictions are kept
     Label Studio orders by the predictions of one version (the project's ``model_version``; with
     the newer model-version dropdown, the connected backend's), so older ones do not disturb the
@@ -78,6 +85,7 @@ class RefreshReport:
     unreadable: int = 0  # tasks without a readable text: no prediction written
     pages: int = 0
     resumed_after: int | None = None  # the task id this run resumed after, when it resumed
+    top_up_after: int | None = None  # a top-up of a finished refresh: the task id it went on after
     bounded: bool = False  # stopped at REFRESH_MAX_TASKS with unlabeled tasks left
     label_studio_model_version: str | None = None  # the project's model_version when done
     followed: bool = False  # whether this refresh moved it to the new version
@@ -228,9 +236,6 @@ class PredictionRefresh:
         if limit <= 0:
             return RefreshReport(project_key, None, "skipped", "REFRESH_MAX_TASKS=0")
         cursor = self.cursor(project_key)
-        done = self._already_done(project_key, self.registry.current(project_key), cursor)
-        if done is not None:
-            return done
         api = self.api_for(project_key)
         ls_key, _, ls_config = api.project()
         if ls_key != project_key:
@@ -241,9 +246,6 @@ class PredictionRefresh:
         version = self.registry.current(project_key) or self._cold_start(project_key, ls_config)
         if version is None:
             return RefreshReport(project_key, None, "skipped", "no version yet, and no label config we can serve")
-        done = self._already_done(project_key, version, cursor)
-        if done is not None:
-            return done
         loaded = self.registry.load(project_key, version)
         config = loaded.meta.get("label_config") or self.store.latest_label_config(project_key) or ls_config
         try:
@@ -258,8 +260,16 @@ class PredictionRefresh:
         predictor, serving = self._serving(project_key, loaded)
         if cursor.get("version") == version and cursor.get("state") == "running":
             report.resumed_after = int(cursor.get("after_id", 0))
+            report.top_up_after = cursor.get("top_up_after")
             for name in ("tasks", "written", "already_there", "unreadable", "pages"):
                 setattr(report, name, int(cursor.get(name, 0)))
+        elif cursor.get("version") == version and cursor.get("state") == "finished" and self.pools.exists(
+            project_key, version
+        ):
+            report.top_up_after = int(cursor.get("after_id", 0))
+            cursor = {"version": version, "state": "running", "after_id": report.top_up_after,
+                      "top_up_after": report.top_up_after, "started_at": time.time()}
+            self._save_cursor(project_key, cursor)
         else:
             head = loaded.heads.get(primary.name) if primary else None
             trained = any(isinstance(h, ClassifierHead) and h.trained for h in loaded.heads.values())
@@ -319,15 +329,6 @@ class PredictionRefresh:
             return
         self.pools.add_labeled(project_key, version, [task_id for task_id, _ in labeled], vectors)
 
-    @staticmethod
-    def _already_done(project_key: str, version: str | None, cursor: dict) -> RefreshReport | None:
-        if version is None or cursor.get("version") != version or cursor.get("state") != "finished":
-            return None
-        done = RefreshReport(project_key, version, "finished", "already refreshed")
-        for name in ("tasks", "written", "already_there", "unreadable", "pages", "bounded"):
-            setattr(done, name, cursor.get(name, getattr(done, name)))
-        return done
-
     def _cold_start(self, project_key: str, ls_config: str | None) -> str | None:
         """The zero-shot ``v0`` for a project that has no version yet (as ``/setup`` would make it)."""
         config = (self.store.latest_label_config(project_key) if self.store is not None else None) or ls_config
@@ -369,7 +370,7 @@ class PredictionRefresh:
         rows, ids, rows_of_embedding, probabilities, scores = [], [], [], [], []
         for i, (task, result) in enumerate(zip(tasks, results)):
             slot = keep["slot"].get((embed_control.field, i)) if embed_control is not None else None
-            if not result["result"] or slot is None:
+            if slot is None:  # no text to read; a text with nothing found (no entity) still has its score
                 report.unreadable += 1
                 continue
             ids.append(task["id"])

@@ -452,6 +452,9 @@ class PoolStore:
             raise ValueError(f"bad version name {version!r}")
         return self.root(project_key) / version
 
+    def exists(self, project_key: str, version: str) -> bool:
+        return self._meta(self.folder(project_key, version)) is not None
+
     def start(self, project_key: str, version: str, meta: dict) -> None:
         """A fresh pool for ``version`` (anything left of an earlier try is dropped)."""
         folder = self.folder(project_key, version)
@@ -605,6 +608,17 @@ class NextBatch:
         }
 
 
+def skipped_task_ids(store, project_key: str) -> set[int]:
+    """Tasks an annotator skipped since the refresh listed them (none where the store cannot tell)."""
+    if store is None or not hasattr(store, "skipped_task_ids"):
+        return set()
+    try:
+        return store.skipped_task_ids(project_key)
+    except Exception:
+        log.debug("project %s: skipped tasks unknown", project_key, exc_info=True)
+        return set()
+
+
 def labeled_task_ids(store, project_key: str, control: str | None) -> set[int]:
     """Tasks with a live annotation in the corrections store (what the webhooks and syncs told us)."""
     if store is None or not control:
@@ -641,7 +655,9 @@ def next_batch(settings, registry: ModelRegistry, store, project_key: str, n: in
     if pool is None:
         raise NoPool(f"project {project_key}: no refresh has listed its unlabeled tasks yet")
     labeled = labeled_task_ids(store, project_key, pool.meta.get("control"))
-    keep = np.asarray([int(t) not in labeled for t in pool.task_ids], dtype=bool)
+    skipped = skipped_task_ids(store, project_key) - labeled
+    was_labeled = np.asarray([int(t) in labeled for t in pool.task_ids], dtype=bool)
+    keep = ~was_labeled & np.asarray([int(t) not in skipped for t in pool.task_ids], dtype=bool)
     ids = pool.task_ids[keep]
     embeddings = pool.embeddings[keep]
     probabilities = pool.probabilities[keep] if pool.probabilities is not None else None
@@ -649,7 +665,7 @@ def next_batch(settings, registry: ModelRegistry, store, project_key: str, n: in
     name = strategy or "uncertainty"
     if name not in ("random", "typical") and (not pool.trained or probabilities is None):
         name = "coverage"
-    covered = covered_embeddings(pool, ~keep) if name == "typical" else None
+    covered = covered_embeddings(pool, was_labeled) if name == "typical" else None
     chooser = strategy_for(name, settings.score_mode, bool(pool.meta.get("multiple")), float(pool.meta.get("threshold", 0.5)),
                            labeled=covered)
     rng = np.random.default_rng(settings.seed if seed is None else seed)

@@ -1585,6 +1585,15 @@ class CorrectionStore:
             field = self._field_of(project_key, control_name)
         return self._results(rows, control_name, field, include_empty)
 
+    def skipped_task_ids(self, project_key: str) -> set[int]:
+        """Tasks with a live cancelled (skipped) annotation: Label Studio's "unlabeled" filter leaves them out too."""
+        with self._read() as conn:
+            return set(conn.execute(
+                sa.select(annotations.c.task_id).distinct().where(
+                    annotations.c.project_key == project_key, annotations.c.was_cancelled.is_(True)
+                )
+            ).scalars().all())
+
     def _field_of(self, project_key: str, control_name: str) -> str | None:
         config = self.latest_label_config(project_key)
         if not config:

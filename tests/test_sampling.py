@@ -233,11 +233,15 @@ def test_diverse_batch_covers_more_gold_labels_on_real_agnews(encoder):
 
 # -- the pool and the next batch ------------------------------------------------------------
 class FakeStore:
-    def __init__(self, labeled=()):
+    def __init__(self, labeled=(), skipped=()):
         self.labeled = set(labeled)
+        self.skipped = set(skipped)
 
     def annotation_results(self, project_key, control, include_empty=False):
         return [(t, "", []) for t in sorted(self.labeled)]
+
+    def skipped_task_ids(self, project_key):
+        return set(self.skipped)
 
 
 def write_pool(registry, version, trained=True, ids=range(100, 140), complete=True, seed=0):
@@ -268,6 +272,9 @@ def test_next_batch_ranks_the_pool_and_leaves_labeled_tasks_out(tmp_path):
     batch = next_batch(settings, registry, FakeStore(labeled=[expected[0]]), PROJECT, 5)
     assert batch.strategy == "uncertainty" and not batch.stale and batch.left_out_labeled == 1
     assert batch.task_ids == expected[1:6]
+    # a task skipped since the refresh is left out as Label Studio's "unlabeled" filter leaves it out
+    skipped = next_batch(settings, registry, FakeStore(labeled=[expected[0]], skipped=[expected[1]]), PROJECT, 5)
+    assert skipped.task_ids == expected[2:7] and skipped.left_out_labeled == 2
     diverse = next_batch(settings, registry, FakeStore(), PROJECT, 5, "diverse")
     assert len(set(diverse.task_ids)) == 5 and set(diverse.task_ids) <= set(int(i) for i in ids)
     assert next_batch(settings, registry, FakeStore(), PROJECT, 5, "random").strategy == "random"
@@ -367,4 +374,9 @@ def test_next_route(client, app):
     assert body["n"] == 7 and len(set(body["task_ids"])) == 7 and body["pool_version"] == current
     assert body["strategy"] == "diverse" and not body["stale"]
     assert set(body["task_ids"]) <= set(int(i) for i in ids)
+    assert "refresh_job" not in body
+    # every task of the pool labeled or skipped: a refresh (a top-up) is queued to list what is left
+    write_pool(svc.registry, current, trained=True, ids=[])
+    used_up = client.get(f"/projects/{PROJECT}/next").json
+    assert used_up["task_ids"] == [] and not used_up["stale"] and used_up["refresh_job"]
     assert client.get("/projects/999.1/next").status_code == 404

@@ -484,3 +484,11 @@ def test_text_no_utf8_column_can_hold_is_kept_exactly(store):
     assert store.record_event(event).changed == 1
     assert [(e.text, e.labels) for e in store.training_examples(KEY, TOPIC)] == [(text, ("World",))]
     assert store.project_summary(KEY).title == "t\ufffd?"
+
+
+def test_skipped_tasks_are_listed_apart_from_labeled_ones(store):
+    store.record_event(annotation_event(1, 10, choices("World")))
+    store.record_event(annotation_event(2, 11, [], cancelled=True))
+    store.record_event(annotation_event(3, 12, [], cancelled=True))
+    store.record_event(deleted_event(3))
+    assert store.skipped_task_ids(KEY) == {11}

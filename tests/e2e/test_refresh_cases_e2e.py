@@ -20,7 +20,7 @@ from ls_backend.sampling import PoolStore, next_batch
 from ls_backend.settings import Settings
 from ls_backend.store import CorrectionStore
 from ls_backend.sync import sync_project
-from tests.support.events import TOPIC_CONFIG, choices, project_key
+from tests.support.events import NER_CONFIG, TOPIC_CONFIG, choices, project_key
 
 pytestmark = pytest.mark.e2e
 
@@ -34,9 +34,9 @@ TEXTS = [
 
 
 
-def new_project(ls, title: str, tmp_path, page_size: int):
+def new_project(ls, title: str, tmp_path, page_size: int, config: str = TOPIC_CONFIG):
     """A Label Studio project of the 12 texts, and the settings, registry and store of a backend for it."""
-    created = ls.create_project(title, TOPIC_CONFIG)
+    created = ls.create_project(title, config)
     task_ids = ls.import_tasks(created["id"], [{"text": t} for t in TEXTS])
     settings = Settings(model_dir=tmp_path / "models", max_length=128, label_studio_url=ls.url,
                         label_studio_api_key=ls.token, refresh_page_size=page_size, sync_check_interval=0)
@@ -89,11 +89,21 @@ def test_labeled_skipped_and_unreadable_tasks_get_nothing_and_the_pool_keeps_the
     assert np.allclose(np.linalg.norm(pool.embeddings, axis=1), 1, atol=1e-2)
     text_of = {t["id"]: t["data"]["text"] for t in ls.tasks(p["id"])}
     assert pool.texts == [text_of[t] for t in pool.task_ids]  # in task id order, as Label Studio serves them
-    again = refresh(p, encoder)  # the same version again writes nothing
-    assert again.reason == "already refreshed" and len(ls.predictions(p["id"])) == len(written)
+    again = refresh(p, encoder)  # the same version again: a top-up, and nothing new to write
+    last = max(p["tasks"] + [blank])
+    assert again.top_up_after == last and again.tasks == again.written == 0
+    assert len(ls.predictions(p["id"])) == len(written)
     batch = next_batch(p["settings"], p["registry"], p["store"], p["key"], 3)
     assert batch.strategy == "uncertainty" and len(batch.task_ids) == 3 and not batch.stale
     assert set(batch.task_ids) <= set(written)
+    # tasks imported after the refresh: the next one for the same version predicts them alone
+    new = ls.import_tasks(p["id"], [{"text": "Markets rally on the news"}, {"text": "A late goal wins the cup"}])
+    topped = refresh(p, encoder)
+    assert topped.top_up_after == last and topped.written == 2 and topped.tasks == 2
+    assert ls.versions_by_task(p["id"]).keys() == set(written) | set(new)
+    assert all(counts == Counter({p["version"]: 1}) for counts in ls.versions_by_task(p["id"]).values())
+    pool = PoolStore(p["registry"]).load(p["key"], p["version"])
+    assert pool.complete and sorted(pool.task_ids) == sorted(set(written) | set(new))
 
 
 def test_bounded_by_refresh_max_tasks(project, encoder):
@@ -154,5 +164,29 @@ def test_cold_start_refresh_makes_v0_and_the_first_batch_is_chosen_for_coverage(
         assert ls.versions_by_task(created["id"]) == {t: Counter({v0: 1}) for t in task_ids}
         batch = next_batch(settings, registry, store, key, 4, "uncertainty")
         assert batch.strategy == "coverage" and len(set(batch.task_ids)) == 4 and set(batch.task_ids) <= set(task_ids)
+    finally:
+        store.close()
+
+
+def test_a_task_where_a_trained_ner_head_finds_nothing_still_gets_its_prediction_and_score(label_studio, tmp_path,
+                                                                                         encoder):
+    """An empty result is a prediction too: a text with no entity found has a score (the lowest probability of
+    ``O``), which Label Studio orders by and the ``/next`` pool ranks."""
+    ls = label_studio
+    created, key, task_ids, settings, registry, store = new_project(ls, "refresh ner (e2e)", tmp_path, 50, NER_CONFIG)
+    try:
+        sync_project(store, settings, key)
+        v0 = Predictor(settings, registry, encoder=encoder).setup(key, NER_CONFIG)
+        cold = registry.load(key, v0)
+        # a "trained" head of zero rows: every tag equally likely, so no span and a real score on every text
+        heads = {name: replace(head, trained=True) for name, head in cold.heads.items()}
+        version = registry.create_version(key, heads, dict(cold.meta, kind="fine-tune", parent=v0))
+        registry.promote(key, version)
+        report = PredictionRefresh(settings, store, registry, encoder=encoder).run(key)
+        assert report.written == len(TEXTS) and report.unreadable == 0, report
+        written = ls.predictions(created["id"])
+        assert {p["task"] for p in written} == set(task_ids)
+        assert all(p["result"] == [] and 0 < p["score"] < 1 for p in written), written[:2]
+        assert next_batch(settings, registry, store, key, 4, "uncertainty").pool_size == len(TEXTS)
     finally:
         store.close()
