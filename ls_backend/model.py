@@ -74,6 +74,29 @@ def _thread_pool(name: str, workers: int) -> ThreadPoolExecutor:
         return made[1]
 
 
+#: A tokenizer's ``model_max_length`` below this is a real limit; above, it is the "no limit
+#: known" placeholder (``int(1e30)``) of tokenizers saved without one.
+SANE_MODEL_MAX_LENGTH = 100_000
+
+
+def position_limit(model, tokenizer) -> int:
+    """The most tokens ``model`` reads in one input.
+
+    ``max_position_embeddings`` alone overstates it for RoBERTa-style models (RoBERTa, XLM-R,
+    MPNet): their position ids start after the padding index, so of their 514 positions 512
+    are usable; a text cut at 514 tokens would fail the forward pass.  The tokenizer's own
+    ``model_max_length``, where it names one, bounds it too."""
+    limit = int(getattr(model.config, "max_position_embeddings", 512) or 512)
+    positions = getattr(getattr(model, "embeddings", None), "position_embeddings", None)
+    padding_idx = getattr(positions, "padding_idx", None)
+    if padding_idx is not None:  # position ids run from padding_idx + 1
+        limit -= int(padding_idx) + 1
+    told = getattr(tokenizer, "model_max_length", None)
+    if isinstance(told, int) and 0 < told < SANE_MODEL_MAX_LENGTH:
+        limit = min(limit, told)
+    return limit
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -105,13 +128,14 @@ class Encoder:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         if not getattr(self.tokenizer, "is_fast", False):
             raise RuntimeError(f"{self.path}: a fast tokenizer is required (offset mapping)")
-        self.model = AutoModel.from_pretrained(self.path).to(self.device).eval()
+        # float32 whatever the checkpoint was saved in (``dtype`` defaults to "auto": a folder saved
+        # in fp16 would load in fp16 behind ``weights_dtype``, ``precision_tag`` and ``trainable``)
+        self.model = AutoModel.from_pretrained(self.path, dtype=torch.float32).to(self.device).eval()
         # on a CPU the weights themselves take the inference dtype; on CUDA autocast does
         self.weights_dtype = self.dtype if self.device.type == "cpu" else torch.float32
         if self.weights_dtype is not torch.float32:
             self.model = self.model.to(self.weights_dtype)
-        model_max = getattr(self.model.config, "max_position_embeddings", 512) or 512
-        self.max_length = int(min(max_length, model_max))
+        self.max_length = int(min(max_length, position_limit(self.model, self.tokenizer)))
         self.dim = int(self.model.config.hidden_size)
         self._lock = threading.Lock()
         self._bulk: dict[int, object] = {}  # max length -> a tokenizer only ``tokenize`` uses

@@ -2,7 +2,8 @@
 
 One :class:`Predictor` per process.  The base encoder is loaded once when the
 predictor is built; a fine-tuned encoder is loaded once per version, in a
-background thread, while the previous version keeps serving.
+background thread, while the previous version keeps serving, and released once no
+project serves it any more.
 """
 
 from __future__ import annotations
@@ -116,6 +117,43 @@ class Predictor:
                 encoder = self._encoders.setdefault(path, encoder)
         return encoder
 
+    def _release_unused_encoders(self) -> None:
+        """Drop the fine-tuned encoders no project serves any more (call with ``_lock`` held).
+
+        Every promoted version with an encoder of its own would otherwise stay in memory in
+        every web worker for good.  A request still running on a dropped encoder keeps it
+        alive through its ``Serving`` until it ends."""
+        used = {serving.encoder.path for serving in self._serving.values()}
+        for path in [p for p in self._encoders if p not in used]:
+            del self._encoders[path]
+            log.info("predictor: released the encoder %s (no project serves it any more)", path)
+
+    def _readable_version(self, project_key: str, serving: Serving | None) -> LoadedHeads | None:
+        """The registry's current version; when it names a version that is missing or unreadable
+        (a deleted folder, a corrupt meta.json), what this process served for the project, else
+        the project's newest readable version, so that a broken pointer costs its requests the
+        newest model, not a 500.  None: the project has no readable version."""
+        current = self.registry.current(project_key)
+        if current is None:
+            return None
+        try:
+            return self.registry.load(project_key, current)
+        except Exception:
+            log.exception("project %s: current version %s is unreadable", project_key, current)
+        fallbacks = [serving.version] if serving is not None else []
+        fallbacks += [v.name for v in reversed(self.registry.versions(project_key))]
+        for version in fallbacks:
+            if version == current:
+                continue
+            try:
+                loaded = self.registry.load(project_key, version)
+            except Exception:
+                log.warning("project %s: version %s is unreadable too", project_key, version, exc_info=True)
+                continue
+            log.warning("project %s: serving %s until current (%s) is readable", project_key, version, current)
+            return loaded
+        return None
+
     def ensure_version(self, project_key: str, plan: LabelingPlan) -> str:
         """The project's current version, creating the cold start (``v0``) or a version
         re-shaped to a changed label config when needed.  Cheap when nothing changed."""
@@ -123,8 +161,7 @@ class Predictor:
         if serving is not None and serving.signature == plan.signature:
             return serving.version
         with self.registry.lock(project_key):
-            current = self.registry.current(project_key)
-            loaded = self.registry.load(project_key, current) if current else None
+            loaded = self._readable_version(project_key, serving)
             if loaded is None or loaded.meta.get("plan_signature") != plan.signature:
                 loaded = self._write_version_for_plan(project_key, plan, loaded)
         self._install(project_key, loaded)
@@ -134,8 +171,8 @@ class Predictor:
         encoder = self.encoder_for(parent.encoder_path if parent else None)
         return self.registry.write_plan_version(project_key, plan, parent, encoder, self.settings)
 
-    def _install(self, project_key: str, loaded: LoadedHeads) -> None:
-        encoder = self.encoder_for(loaded.encoder_path)
+    def _install(self, project_key: str, loaded: LoadedHeads, encoder: Encoder | None = None) -> None:
+        encoder = encoder or self.encoder_for(loaded.encoder_path)
         serving = Serving(
             version=loaded.version,
             heads=loaded.heads,
@@ -145,12 +182,23 @@ class Predictor:
         )
         with self._lock:
             self._serving[project_key] = serving
+            if loaded.encoder_path is not None:  # back in the cache if released while it loaded
+                self._encoders.setdefault(loaded.encoder_path, encoder)
+            self._release_unused_encoders()
         log.info("project %s: serving %s", project_key, loaded.version)
 
     def _load_in_background(self, project_key: str, version: str) -> None:
         def run() -> None:
             try:
-                self._install(project_key, self.registry.load(project_key, version))
+                loaded = self.registry.load(project_key, version)
+                encoder = self.encoder_for(loaded.encoder_path)  # the slow part, while the previous version serves
+                # a rollback (or a newer promotion) while it loaded: the version is no longer the one to serve
+                if self.registry.current(project_key) != version:
+                    log.info("project %s: %s is no longer current; not serving it", project_key, version)
+                    with self._lock:
+                        self._release_unused_encoders()
+                    return
+                self._install(project_key, loaded, encoder)
             except Exception:
                 log.exception("project %s: could not load version %s; keeping the previous one", project_key, version)
             finally:
@@ -176,11 +224,9 @@ class Predictor:
             serving.checked_at = now
             if serving.version == current or serving.loading == current:
                 return serving
-        try:
-            loaded = self.registry.load(project_key, current)
-        except Exception:
-            log.exception("project %s: current version %s is unreadable", project_key, current)
-            return serving
+        loaded = self._readable_version(project_key, serving)
+        if loaded is None or (serving is not None and loaded.version != current):
+            return serving  # current is unreadable: keep what this process serves
         if serving is None or loaded.encoder_path is None or loaded.encoder_path in self._encoders:
             self._install(project_key, loaded)  # heads only: milliseconds
         else:
@@ -215,8 +261,9 @@ class Predictor:
         self, serving: Serving, plan: LabelingPlan, tasks: Sequence[Any], project_key: str = "", keep: dict | None = None
     ) -> list[dict]:
         """Results for ``tasks``; ``keep``, when given, receives what the refresh saves for ranking:
-        ``embeddings`` (one row per text), ``texts`` (the text of each row), ``slot`` ((field, task
-        index) -> row) and ``probabilities`` (control -> one row or None per task)."""
+        ``embeddings`` (one row per text), ``texts`` (the text of each row: its first ``max_text_chars``
+        characters), ``slot`` ((field, task index) -> row) and ``probabilities`` (control -> one row
+        or None per task)."""
         started = time.perf_counter()
         controls = [c for c in plan.controls if c.kind == CHOICES and isinstance(serving.heads.get(c.name), ClassifierHead)]
         # Labels controls whose token head was trained; an untrained one finds no spans
@@ -236,7 +283,8 @@ class Predictor:
                     problems.setdefault(i, read.problem or "unreadable")
                     continue
                 slot[(data_field, i)] = len(texts)
-                texts.append(read.text)
+                # a prefix: span offsets found in it hold for the whole text
+                texts.append(read.text[: self.settings.max_text_chars])
         token_rows: dict[int, list] = {}
         for control in token_controls:
             for i in range(len(tasks)):

@@ -7,6 +7,7 @@ documented in the README's settings table.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -48,6 +49,8 @@ def _float(name: str, raw: str, low: float | None = None, high: float | None = N
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r}: expected a number") from None
+    if not math.isfinite(value):  # nan passes every range check below
+        raise SettingsError(f"{name}={raw!r}: expected a finite number")
     if (low is not None and value < low) or (high is not None and value > high):
         raise SettingsError(f"{name}={raw!r}: must lie in [{low}, {high}]")
     return value
@@ -58,6 +61,22 @@ def _choice(name: str, raw: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise SettingsError(f"{name}={raw!r}: expected one of {', '.join(allowed)}")
     return value
+
+
+def _zero_shot_template(raw: str) -> str:
+    """The template checked as the cold start will use it, ``raw.format(label=...)``: any other
+    field (``{x}``, ``{}``) would otherwise fail every ``/setup`` and ``/predict`` with a 500."""
+    sample = "\x00label\x00"
+    try:
+        formatted = raw.format(label=sample)
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise SettingsError(
+            f"ZERO_SHOT_TEMPLATE={raw!r}: cannot be filled in ({type(exc).__name__}: {exc}); "
+            "{label} is its only field: write literal braces as {{ and }}"
+        ) from None
+    if sample not in formatted:
+        raise SettingsError("ZERO_SHOT_TEMPLATE must contain {label}")
+    return raw
 
 
 def _database_url(raw: str) -> str:
@@ -159,7 +178,7 @@ class Settings:
     web_workers: int = 0  # 0: one per core, at most 4
     web_timeout: int = 120
     max_tasks_per_request: int = 10_000
-    max_text_chars: int = 100_000
+    max_text_chars: int = 100_000  # characters of a task's text read for prediction (the rest is ignored)
     log_level: str = "INFO"
     # how often (seconds) a web worker looks for a new current version
     version_check_interval: float = 1.0
@@ -200,9 +219,11 @@ class Settings:
             values["cache_dir"] = get("CACHE_DIR", "")
         if get("BASE_MODEL"):
             values["base_model"] = get("BASE_MODEL", "")
-        for name in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS", "LABEL_STUDIO_API_KEY", "ZERO_SHOT_TEMPLATE"):
+        for name in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS", "LABEL_STUDIO_API_KEY"):
             if get(name):
                 values[name.lower()] = get(name, "")
+        if get("ZERO_SHOT_TEMPLATE"):
+            values["zero_shot_template"] = _zero_shot_template(get("ZERO_SHOT_TEMPLATE", ""))
         if get("LABEL_STUDIO_URL"):
             values["label_studio_url"] = get("LABEL_STUDIO_URL", "").rstrip("/")
         if get("DATABASE_URL"):
@@ -279,8 +300,6 @@ class Settings:
             raise SettingsError("INFERENCE_PRECISION=float16 needs CUDA; with DEVICE=cpu use bfloat16 or float32")
         if bool(get("BASIC_AUTH_USER")) != bool(get("BASIC_AUTH_PASS")):
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
-        if "{label}" not in values.get("zero_shot_template", "{label}"):  # type: ignore[operator]
-            raise SettingsError("ZERO_SHOT_TEMPLATE must contain {label}")
         return cls(**values)  # type: ignore[arg-type]
 
     def describe(self) -> dict[str, object]:

@@ -169,3 +169,86 @@ def test_versions_lists_every_version(client):
     client.post("/setup", json={"project": "8.1", "schema": MULTI_CONFIG})
     assert sorted(client.get("/versions").json["versions"]) == ["p7-v0", "p8-v0"]
     assert client.get(f"/versions?project={PROJECT}").json == {"versions": ["p7-v0"]}
+
+
+# -- a current pointer naming a missing or unreadable version ---------------------------------------
+def fresh_client(settings, encoder):
+    """A web worker started now: nothing served yet in its process."""
+    from ls_backend.api import create_app
+    from ls_backend.predictor import Predictor
+
+    return create_app(settings, Predictor(settings, encoder=encoder)).test_client()
+
+
+def test_an_unreadable_current_version_serves_the_newest_readable_one(client, settings, encoder):
+    assert client.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).json["model_version"] == "p7-v0"
+    registry = ModelRegistry(settings.model_dir)
+    loaded = registry.load(PROJECT, "p7-v0")
+    for _ in range(2):
+        name = registry.create_version(PROJECT, loaded.heads, dict(loaded.meta, parent="p7-v0", kind="test"))
+    registry.promote(PROJECT, name)
+    (registry.version_dir(PROJECT, name) / "meta.json").write_text("{not json")  # p7-v2: corrupt
+    worker = fresh_client(settings, encoder)
+    setup = worker.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG})
+    assert setup.status_code == 200 and setup.json["model_version"] == "p7-v1"  # the newest readable one
+    assert predict(worker, [{"id": 1, "data": {"text": "The Lakers won"}}])[0]["model_version"] == "p7-v1"
+    assert registry.current(PROJECT) == name  # serving around a broken pointer does not move it
+
+
+def test_a_missing_current_version_keeps_the_served_one_and_config_changes_work(client, settings, app):
+    assert client.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).json["model_version"] == "p7-v0"
+    registry = ModelRegistry(settings.model_dir)
+    (registry.project_dir(PROJECT) / "current").write_text("p7-v9\n")  # a deleted version
+    app.extensions["ls_backend"].predictor._serving[PROJECT].checked_at = -1e9
+    assert predict(client, [{"id": 1, "data": {"text": "The Lakers won"}}])[0]["model_version"] == "p7-v0"
+    grown = TOPIC_CONFIG.replace('<Choice value="World"/>', '<Choice value="World"/><Choice value="Health"/>')
+    setup = client.post("/setup", json={"project": PROJECT, "schema": grown})
+    assert setup.status_code == 200 and setup.json["model_version"] == "p7-v1"
+    assert registry.meta(PROJECT, "p7-v1")["parent"] == "p7-v0"  # re-shaped from the version it served
+    assert registry.current(PROJECT) == "p7-v1"
+
+
+def test_a_project_whose_versions_are_all_gone_starts_over_at_zero_shot(client, settings, encoder):
+    import shutil
+
+    client.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG})
+    registry = ModelRegistry(settings.model_dir)
+    shutil.rmtree(registry.versions_dir(PROJECT))
+    worker = fresh_client(settings, encoder)
+    results = worker.post("/predict", json={"tasks": [{"id": 1, "data": {"text": "The Lakers won"}}],
+                                            "project": PROJECT, "label_config": TOPIC_CONFIG})
+    assert results.status_code == 200, results.json
+    version = results.json["results"][0]["model_version"]
+    assert registry.current(PROJECT) == version and registry.meta(PROJECT, version)["kind"] == "cold-start"
+    assert results.json["results"][0]["result"][0]["value"]["choices"] == ["Sports"]
+
+
+# -- MAX_TEXT_CHARS ---------------------------------------------------------------------------------
+def test_long_texts_are_read_up_to_max_text_chars(tmp_path, encoder):
+    from ls_backend.ner import TokenHead
+    from ls_backend.predictor import Predictor
+    from ls_backend.settings import Settings, SettingsError
+
+    from .support.events import NER_CONFIG
+
+    settings = Settings.from_env({"MODEL_DIR": str(tmp_path / "models"), "MAX_LENGTH": "128", "MAX_TEXT_CHARS": "1000"})
+    assert settings.max_text_chars == 1000 and Settings.from_env({}).max_text_chars == 100_000
+    with pytest.raises(SettingsError, match="MAX_TEXT_CHARS"):
+        Settings.from_env({"MAX_TEXT_CHARS": "0"})
+    predictor = Predictor(settings, encoder=encoder)
+    key = "12.1"
+    predictor.setup(key, NER_CONFIG)
+    registry = predictor.registry
+    loaded = registry.load(key, registry.current(key))
+    untrained = loaded.heads["ner"]
+    bias = np.zeros_like(untrained.bias)
+    bias[1] = 5.0  # every token the beginning of a PER: spans all along the text
+    heads = {"ner": TokenHead(untrained.labels, np.zeros_like(untrained.weight), bias, trained=True, source="trained")}
+    registry.promote(key, registry.create_version(key, heads, dict(loaded.meta, parent=loaded.version, kind="test")))
+    predictor._serving[key].checked_at = -1e9
+    text = "Angela Merkel met Barack Obama in Berlin. " * 500  # 21,000 characters
+    (entry,) = predictor.predict(key, NER_CONFIG, [{"id": 1, "data": {"text": text}}])
+    spans = [item["value"] for item in entry["result"]]
+    assert len(spans) > 100  # the first 1,000 characters are read...
+    assert max(value["end"] for value in spans) <= 1000  # ...and no more
+    assert all(value["text"] == text[value["start"] : value["end"]] for value in spans)  # offsets into the whole text

@@ -1,0 +1,171 @@
+"""Which encoder serves: loaded as float32 whatever its checkpoint holds, reading no more tokens
+than its model can, released once no project serves it, never installed after a rollback.
+
+The checkpoints here are tiny, randomly initialised models written to a temporary folder (no
+hub access): what is tested is how they load and are kept, not what they predict."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ls_backend import predictor as predictor_module
+from ls_backend.model import Encoder
+from ls_backend.predictor import Predictor
+from ls_backend.registry import ModelRegistry
+from ls_backend.settings import Settings, bundled_encoder_path
+
+from .conftest import TOPIC_CONFIG
+
+PROJECT = "7.1732665262"
+OTHER = "8.1732665262"
+TASKS = [{"id": 1, "data": {"text": "The Yankees beat the Red Sox"}}]
+
+
+def tiny_bert(folder: Path, dtype: torch.dtype = torch.float32, model_max_length: int | None = None) -> Path:
+    """A two-layer BERT of width 32 with the bundled encoder's tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    BertModel(config).to(dtype).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(bundled_encoder_path())
+    if model_max_length is not None:
+        tokenizer.model_max_length = model_max_length
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_roberta(folder: Path) -> Path:
+    """A RoBERTa of width 32 with 514 positions (512 usable: ids start after the padding index 1),
+    and a fast word-level tokenizer with RoBERTa's special tokens that names no length limit."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaModel
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "word": 4, "other": 5}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=514, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+    )
+    RobertaModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return tiny_bert(tmp_path_factory.mktemp("tiny") / "bert")
+
+
+# -- loading ----------------------------------------------------------------------------------------
+def test_a_checkpoint_saved_in_fp16_loads_as_float32(tmp_path):
+    folder = tiny_bert(tmp_path / "half", torch.float16)
+    encoder = Encoder(folder, "cpu", 64, "float32")
+    assert next(encoder.model.parameters()).dtype is torch.float32
+    assert encoder.weights_dtype is torch.float32 and encoder.precision_tag == "fp32"
+    assert encoder.trainable() is encoder  # training gets float32 weights, as it believes
+    assert encoder.encode(["a short text", "another one"]).shape == (2, 32)
+
+
+def test_roberta_style_positions_bound_the_max_length(tmp_path):
+    encoder = Encoder(tiny_roberta(tmp_path / "roberta"), "cpu", 1024)
+    assert encoder.tokenizer.model_max_length > 100_000  # no limit named: the positions alone bound it
+    assert encoder.max_length == 512  # 514 positions, ids from padding index + 1
+    long = " ".join(["word"] * 2000)
+    embeddings = encoder.encode([long, "other word", long[:3000]], 2)
+    assert embeddings.shape == (3, 32)
+
+
+def test_the_tokenizers_model_max_length_bounds_the_max_length(tmp_path, tiny):
+    assert Encoder(tiny, "cpu", 1024).max_length == 512  # BERT: every position usable
+    bounded = Encoder(tiny_bert(tmp_path / "short", model_max_length=128), "cpu", 1024)
+    assert bounded.max_length == 128
+    assert Encoder(tmp_path / "short", "cpu", 64).max_length == 64  # MAX_LENGTH still bounds it first
+    assert len(bounded.tokenize(["word " * 1000])[0]) == 128
+
+
+# -- serving ----------------------------------------------------------------------------------------
+def promote_own_encoder(registry: ModelRegistry, project: str, tiny: Path) -> str:
+    """A new current version of ``project`` with an encoder folder of its own (a copy of ``tiny``)."""
+    parent = registry.current(project)
+    loaded = registry.load(project, parent)
+    name = registry.create_version(
+        project, loaded.heads, dict(loaded.meta, parent=parent, kind="test"),
+        write_encoder=lambda folder: shutil.copytree(tiny, folder),
+    )
+    registry.promote(project, name)
+    return name
+
+
+def served_after_check(predictor: Predictor, project: str, version: str, timeout: float = 60) -> str:
+    """Make ``predictor`` look for a new version now, and wait for its background load of ``version``."""
+    predictor._serving[project].checked_at = -1e9  # past the check interval
+    assert predictor.setup(project, TOPIC_CONFIG)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        serving = predictor._serving[project]
+        if serving.loading is None and serving.version == version:
+            break
+        time.sleep(0.05)
+    return predictor.predict(project, TOPIC_CONFIG, TASKS)[0]["model_version"]
+
+
+def test_encoders_no_project_serves_are_released(tmp_path, tiny):
+    settings = Settings(model_dir=tmp_path / "models", max_length=64)
+    predictor = Predictor(settings, encoder=Encoder(tiny, "cpu", 64))
+    registry = predictor.registry
+    for project in (PROJECT, OTHER):
+        predictor.setup(project, TOPIC_CONFIG)
+    other = promote_own_encoder(registry, OTHER, tiny)
+    assert served_after_check(predictor, OTHER, other) == other
+    for _ in range(4):
+        name = promote_own_encoder(registry, PROJECT, tiny)
+        assert served_after_check(predictor, PROJECT, name) == name
+        # this project's current encoder and the other project's: the earlier ones are gone
+        assert sorted(predictor._encoders) == sorted(
+            [registry.load(PROJECT, name).encoder_path, registry.load(OTHER, other).encoder_path]
+        )
+    assert set(predictor._serving) == {PROJECT, OTHER}  # one entry per project, replaced on each switch
+    registry.rollback(OTHER)  # back to the base encoder: its fine-tuned one goes too
+    assert served_after_check(predictor, OTHER, "p8-v0") == "p8-v0"
+    assert list(predictor._encoders) == [registry.load(PROJECT, name).encoder_path]
+
+
+def test_a_version_rolled_back_while_it_loaded_is_not_installed(tmp_path, tiny, monkeypatch):
+    settings = Settings(model_dir=tmp_path / "models", max_length=64)
+    predictor = Predictor(settings, encoder=Encoder(tiny, "cpu", 64))
+    registry = predictor.registry
+    assert predictor.setup(PROJECT, TOPIC_CONFIG) == "p7-v0"
+    started, release = threading.Event(), threading.Event()
+
+    def slow_encoder(*args, **kwargs):
+        started.set()
+        assert release.wait(30)
+        return Encoder(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "Encoder", slow_encoder)
+    name = promote_own_encoder(registry, PROJECT, tiny)
+    predictor._serving[PROJECT].checked_at = -1e9
+    assert predictor.predict(PROJECT, TOPIC_CONFIG, TASKS)[0]["model_version"] == "p7-v0"  # served while it loads
+    assert started.wait(30) and predictor._serving[PROJECT].loading == name
+    assert registry.rollback(PROJECT) == "p7-v0"
+    release.set()
+    deadline = time.monotonic() + 30
+    while predictor._serving[PROJECT].loading is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert predictor._serving[PROJECT].loading is None
+    assert predictor._serving[PROJECT].version == "p7-v0"
+    assert predictor._encoders == {}  # the encoder it loaded for nothing is not kept
+    assert predictor.predict(PROJECT, TOPIC_CONFIG, TASKS)[0]["model_version"] == "p7-v0"
