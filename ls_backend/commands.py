@@ -127,8 +127,12 @@ def _registry_command(args: argparse.Namespace, settings: Settings) -> int:
         else:
             curve = learning_curve(registry, project)
             if args.png:
-                with open(args.png, "wb") as handle:
-                    handle.write(learning_curve_png(curve))
+                try:
+                    with open(args.png, "wb") as handle:
+                        handle.write(learning_curve_png(curve))
+                except OSError as exc:
+                    print(f"ls-backend: cannot write the plot to {args.png}: {exc.strerror or exc}", file=sys.stderr)
+                    return 1
             print(json.dumps(curve, indent=2))
             return 0
     except RegistryError as exc:

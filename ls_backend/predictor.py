@@ -68,8 +68,12 @@ def choices_result(control, head: ClassifierHead, probs: np.ndarray) -> tuple[di
         picked = [i for i, p in enumerate(probs) if p >= head.threshold]
         if not picked:  # always suggest something; the low score says how unsure it is
             picked = [int(np.argmax(probs))]
-        # probability that the whole set is right, labels taken as independent
-        score = float(np.prod(np.maximum(probs, 1.0 - probs)))
+        # probability that the whole set is right, labels taken as independent: each suggested
+        # label present, each other one absent (at a threshold other than 0.5 a label can be
+        # suggested below one half, or left out above it)
+        suggested = np.zeros(len(probs), dtype=bool)
+        suggested[picked] = True
+        score = float(np.prod(np.where(suggested, probs, 1.0 - probs)))
         if len(picked) == 1 and probs[picked[0]] < head.threshold:
             score = float(probs[picked[0]])
     else:

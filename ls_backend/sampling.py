@@ -80,9 +80,12 @@ def mode_scores(probabilities: np.ndarray, mode: str = CONFIDENCE, multiple: boo
     if multiple:
         likely = np.prod(np.maximum(p, 1.0 - p), axis=1)
         if mode == CONFIDENCE:
-            # as the predictor suggests: the labels at or above the threshold, else the top one alone
-            none_picked = ~(p >= threshold).any(axis=1)
-            return np.where(none_picked, p.max(axis=1), likely)
+            # as the predictor suggests: the labels at or above the threshold, else the top one alone;
+            # the probability that exactly the suggested set is right
+            suggested = p >= threshold
+            none_picked = ~suggested.any(axis=1)
+            right = np.prod(np.where(suggested, p, 1.0 - p), axis=1)
+            return np.where(none_picked, p.max(axis=1), right)
         if mode == LEAST_CONFIDENCE:
             return likely
         if mode == MARGIN:

@@ -5,6 +5,8 @@
 #                                            copied by each test run so that a start takes seconds
 # LS_BACKEND_CACHE defaults to ~/.cache/ls-backend. Safe to run again: it only does what is missing,
 # and rebuilds a template that has no completion marker (an interrupted build).
+# The virtualenv is made with LS_PYTHON, else PYTHON, else the first of python3.11, python3.12, python3
+# that is Python 3.10 or newer (what Label Studio supports).
 set -euo pipefail
 
 LS_VERSION=1.23.2
@@ -13,7 +15,6 @@ VENV="$CACHE/label-studio-venv"
 TEMPLATE="$CACHE/label-studio-template"
 MARKER_NAME=".ls-backend-template-complete"
 MARKER="$TEMPLATE/$MARKER_NAME"
-PYTHON="${LS_PYTHON:-python3.11}"
 BUILD_TIMEOUT="${LS_TEMPLATE_TIMEOUT:-600}"
 
 # Credentials baked into the template (a throwaway local instance on 127.0.0.1, never exposed).
@@ -24,8 +25,19 @@ ADMIN_TOKEN="lsbackende2e0000000000000000000000000000"
 say() { echo "ensure-label-studio: $*"; }
 die() { echo "ensure-label-studio: ERROR: $*" >&2; exit 1; }
 
-command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
-command -v "$PYTHON" >/dev/null 2>&1 || die "no python3.11 (or python3) on PATH; set LS_PYTHON to a Python 3.11 interpreter"
+# the interpreter that makes the virtualenv
+new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 10))' >/dev/null 2>&1; }
+if [[ -n "${LS_PYTHON:-}" || -n "${PYTHON:-}" ]]; then
+    if [[ -n "${LS_PYTHON:-}" ]]; then chosen="LS_PYTHON=$LS_PYTHON"; PYTHON="$LS_PYTHON"; else chosen="PYTHON=$PYTHON"; fi
+    command -v "$PYTHON" >/dev/null 2>&1 || die "$chosen is not an executable; set LS_PYTHON to a Python 3.10 or newer (3.11 is what the tests use)"
+    new_enough "$PYTHON" || die "$chosen is not a Python 3.10 or newer, which Label Studio $LS_VERSION needs; set LS_PYTHON to one"
+else
+    PYTHON=""
+    for candidate in python3.11 python3.12 python3; do
+        if command -v "$candidate" >/dev/null 2>&1 && new_enough "$candidate"; then PYTHON="$candidate"; break; fi
+    done
+    [[ -n "$PYTHON" ]] || die "no Python 3.10 or newer found (tried python3.11, python3.12, python3); set LS_PYTHON to one"
+fi
 mkdir -p "$CACHE" || die "cannot create the cache folder $CACHE"
 
 # One builder at a time: parallel test runs wait here instead of building twice.
@@ -33,6 +45,20 @@ exec 9>"$CACHE/.ensure-label-studio.lock"
 if command -v flock >/dev/null 2>&1; then
     flock -w 1800 9 || die "timed out waiting for another ensure-label-studio.sh (lock $CACHE/.ensure-label-studio.lock)"
 fi
+
+# Does Label Studio answer $1 with the admin token? Python's urllib, as minimal images have no curl;
+# no proxy, as the server is on 127.0.0.1.
+answers() {
+    "$VENV/bin/python" - "$1" "$ADMIN_TOKEN" >/dev/null 2>&1 <<'PY'
+import sys
+import urllib.request
+
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+request = urllib.request.Request(sys.argv[1], headers={"Authorization": "Token " + sys.argv[2]})
+with opener.open(request, timeout=5) as response:  # an HTTP error status raises: exit 1
+    response.read()
+PY
+}
 
 installed_version() {
     "$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("label-studio"))' 2>/dev/null || true
@@ -114,7 +140,7 @@ while (( $(date +%s) < deadline )); do
         die "Label Studio exited while building the template; see $LOG"
     fi
     if grep -q "Starting development server at http://127.0.0.1:$LS_PORT/" "$LOG" \
-        && curl -sf -H "Authorization: Token $ADMIN_TOKEN" "http://127.0.0.1:$LS_PORT/api/projects" >/dev/null 2>&1; then
+        && answers "http://127.0.0.1:$LS_PORT/api/projects"; then
         ok=1
         break
     fi

@@ -187,9 +187,10 @@ def mounts(service: dict) -> dict[str, str]:
 
 
 def test_services_are_the_ones_the_readme_names(compose):
-    assert {"redis", "postgres", "backend", "worker"} <= set(compose["services"])
-    assert set(compose["services"]) <= {"redis", "postgres", "backend", "worker", "scheduler"}
+    assert {"redis", "postgres", "backend", "worker", "worker-fast"} <= set(compose["services"])
+    assert set(compose["services"]) <= {"redis", "postgres", "backend", "worker", "worker-fast", "scheduler"}
     assert compose["services"]["scheduler"]["profiles"] == ["scheduler"]  # optional: only with --profile scheduler
+    assert "profiles" not in compose["services"]["worker-fast"]  # always there, beside the GPU workers
 
 
 def test_redis_is_persistent(compose):
@@ -228,8 +229,55 @@ def test_worker_is_the_gpu_image_with_a_gpu_reservation_and_scales(compose):
     assert environment(worker)["DEVICE"] == "auto"
 
 
+def test_fast_lane_worker_runs_on_the_cpu_image_beside_the_gpu_workers(compose):
+    """README (two lanes): a GPU worker busy with a full fine-tune takes no fast job, so one worker of the fast
+    lane alone keeps head refits flowing; a CPU is enough."""
+    fast = compose["services"]["worker-fast"]
+    assert fast["build"]["dockerfile"] == "docker/Dockerfile" and fast["build"]["context"] == ".."
+    assert fast["image"] == compose["services"]["backend"]["image"]  # the web image, built once
+    assert fast["command"] == ["ls-backend", "worker", "--lane", "fast"]
+    assert environment(fast)["DEVICE"] == "cpu" and "deploy" not in fast, "no GPU reservation"
+    assert "container_name" not in fast and "ports" not in fast and "hostname" not in fast  # --scale worker-fast=N
+    # the web image's own check probes :9090/health, which a worker does not serve: healthy while registered in
+    # Redis, as the GPU worker image is
+    check = fast["healthcheck"]
+    test = " ".join(check["test"])
+    assert check["test"][0] == "CMD" and "Worker.all" in test and "REDIS_URL" in test and "/health" not in test
+    worker_image_check = next(a for k, a in instructions(REPO / "docker" / "Dockerfile.worker") if k == "HEALTHCHECK")
+    assert ["CMD", *json.loads(worker_image_check[worker_image_check.index("CMD") + 3 :].strip())] == check["test"]
+    assert fast["restart"] == "unless-stopped"
+
+
+def test_the_embedding_cache_is_each_hosts_own_and_on_a_volume(compose):
+    """CACHE_DIR (the embedding cache, one per machine) on a named volume, so a recreated container does not
+    encode every text again; kept off the models volume, which several machines may share."""
+    for name in ("backend", "worker", "worker-fast"):
+        service = compose["services"][name]
+        cache_dir = environment(service)["CACHE_DIR"]
+        volume = mounts(service).get(cache_dir)
+        assert volume in compose["volumes"], f"{name}: CACHE_DIR {cache_dir} is on no named volume"
+        assert volume != "models" and cache_dir != environment(service)["MODEL_DIR"], name
+    for dockerfile in (REPO / "docker" / "Dockerfile", REPO / "docker" / "Dockerfile.worker"):
+        steps = instructions(dockerfile)
+        env = " ".join(a for k, a in steps if k == "ENV")
+        assert re.search(r"\bCACHE_DIR=/data/cache\b", env), dockerfile.name
+        # a new named volume takes the owner of the image's folder: the unprivileged user must be able to write
+        assert any(k == "RUN" and re.search(r"chown app:app [^&]*/data/cache", a) for k, a in steps), dockerfile.name
+
+
+def test_the_scheduler_without_a_schedule_stops_instead_of_restarting_forever(compose):
+    """`ls-backend scheduler` exits at once without TRAIN_SCHEDULE; `unless-stopped` would restart it forever.
+    And TRAIN_SCHEDULE is no required variable: that would stop `docker compose config`/`up` for everyone,
+    the profile's users or not (Compose interpolates every service)."""
+    restart = compose["services"]["scheduler"]["restart"]
+    match = re.fullmatch(r"on-failure:(\d+)", restart)
+    assert match and 1 <= int(match[1]) <= 5, restart
+    assert not re.search(r"\$\{TRAIN_SCHEDULE:?\?", COMPOSE.read_text())
+    interpolated({"POSTGRES_PASSWORD": "s3cret"})  # no TRAIN_SCHEDULE: still a compose file
+
+
 def test_backend_and_workers_share_the_registry_volume_the_queue_and_the_store(compose):
-    users = {name: compose["services"][name] for name in ("backend", "worker", "scheduler")}
+    users = {name: compose["services"][name] for name in ("backend", "worker", "worker-fast", "scheduler")}
     model_dirs = set()
     for name, service in users.items():
         env = environment(service)
@@ -249,7 +297,7 @@ def test_the_queue_and_the_store_can_be_pointed_elsewhere():
     """Several machines: every service reads REDIS_URL / DATABASE_URL from docker/.env when set there."""
     env = {"POSTGRES_PASSWORD": "x", "REDIS_URL": "redis://:pw@queue:6379/1", "DATABASE_URL": "postgresql://u:p@db:5432/ls"}
     compose = interpolated(env)
-    for name in ("backend", "worker", "scheduler"):
+    for name in ("backend", "worker", "worker-fast", "scheduler"):
         assert environment(compose["services"][name])["REDIS_URL"] == env["REDIS_URL"]
         assert environment(compose["services"][name])["DATABASE_URL"] == env["DATABASE_URL"]
 

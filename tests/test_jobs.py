@@ -21,7 +21,7 @@ from ls_backend.jobs import EmbeddedTrainingQueue, RedisTrainingQueue
 from ls_backend.settings import Settings
 from ls_backend.trainer import TrainingArguments, full_schedule
 
-from .support.backend import REPO, BackendServer, console_script
+from .support.backend import REPO, BackendServer, console_script, server_environment
 from .support.data import AGNEWS_LABELS, agnews
 from .support.events import TOPIC_CONFIG
 from .support.loop import LoopClient, balanced_agnews
@@ -47,7 +47,9 @@ def queue_name():
 
 
 def start_worker(model_dir, env: dict) -> subprocess.Popen:
-    full_env = dict(os.environ, MODEL_DIR=str(model_dir), HF_HUB_OFFLINE="1", **env)
+    # the backend's settings come from the test alone, as for its web server (a deploy host's
+    # DATABASE_URL would give the worker another store than the server's)
+    full_env = server_environment(dict(MODEL_DIR=str(model_dir), HF_HUB_OFFLINE="1", **env))
     log = open(model_dir.parent / f"worker-{uuid.uuid4().hex[:6]}.log", "ab")
     process = subprocess.Popen(
         console_script() + ["worker"], env=full_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -522,6 +524,9 @@ def test_the_train_command_says_what_went_wrong_in_its_exit_code(tmp_path, monke
     captured = capsys.readouterr()
     assert "is still queued after 0.5 s" in captured.err
     assert json.loads(captured.out)["project"] == key_of(3)
+    # a plot that cannot be written: a message, no traceback
+    assert cli.main(["curve", "--project", "3", "--png", str(tmp_path / "no" / "such" / "folder.png")]) == 1
+    assert "cannot write the plot" in capsys.readouterr().err
 
 
 def test_a_job_runner_that_keeps_dying_soon_after_start_is_restarted_with_a_growing_pause(monkeypatch):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from hypothesis import assume, given, strategies as st
@@ -114,6 +116,23 @@ def test_multiple_choice_scores(p, mode):
         assert s == pytest.approx(np.prod(np.maximum(p, 1 - p)))
     if mode == "margin":
         assert s == pytest.approx(np.min(np.abs(2 * p - 1)))
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_multiple_choice_confidence_is_the_probability_of_the_suggested_set_and_matches_the_result(threshold):
+    from ls_backend.model import ClassifierHead
+    from ls_backend.predictor import choices_result
+
+    rng = np.random.default_rng(0)
+    p = rng.uniform(size=(200, 3))
+    scores = mode_scores(p, "confidence", multiple=True, threshold=threshold)
+    head = ClassifierHead(["a", "b", "c"], np.zeros((3, 4)), np.zeros(3), multiple=True, threshold=threshold)
+    for row, s in zip(p, scores):
+        picked = row >= threshold
+        expected = np.prod(np.where(picked, row, 1 - row)) if picked.any() else row.max()
+        assert s == pytest.approx(expected)
+        result, served = choices_result(SimpleNamespace(name="c", to_name="t"), head, row)
+        assert served == pytest.approx(s)  # the score written to Label Studio is the one /next ranks by
 
 
 def test_score_mode_setting():

@@ -8,11 +8,33 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import requests
 
+from ls_backend.settings import Settings
+
 REPO = Path(__file__).resolve().parents[2]
+
+#: the backend's own settings: each field of ls_backend/settings.py is read from its name in capitals
+#: (``model_dir`` from MODEL_DIR, ``redis_url`` from REDIS_URL, ``basic_auth_user`` from BASIC_AUTH_USER, ...)
+SETTINGS_VARIABLES = frozenset(field.name.upper() for field in fields(Settings))
+
+
+def under_pytest() -> bool:
+    return "PYTEST_CURRENT_TEST" in os.environ
+
+
+def server_environment(env: dict[str, str] | None = None, inherit_settings: bool = False) -> dict[str, str]:
+    """This process's environment (PATH, HOME, proxies, ...) with ``env`` on top. Unless
+    ``inherit_settings``, the backend's settings are left out of what is inherited, so that a deploy
+    host's DATABASE_URL, REDIS_URL, BASIC_AUTH_*, LABEL_STUDIO_* ... never reach a test's backend:
+    a setting a test needs goes in ``env``."""
+    inherited = dict(os.environ)
+    if not inherit_settings:
+        inherited = {name: value for name, value in inherited.items() if name not in SETTINGS_VARIABLES}
+    return {**inherited, **(env or {})}
 
 
 def free_port() -> int:
@@ -29,15 +51,27 @@ def console_script() -> list[str]:
 
 
 class BackendServer:
-    """``ls-backend serve`` in a child process with its own MODEL_DIR."""
+    """``ls-backend serve`` in a child process with its own MODEL_DIR.
 
-    def __init__(self, model_dir: Path, env: dict[str, str] | None = None, port: int | None = None, args: list[str] | None = None):
+    Its settings are ``env`` and nothing else (see :func:`server_environment`) when it runs under pytest;
+    the benchmarks under bench/, run as scripts, keep the caller's (``INFERENCE_PRECISION=float32 python3
+    bench/predict.py``). ``inherit_settings`` says so explicitly either way."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        args: list[str] | None = None,
+        inherit_settings: bool | None = None,
+    ):
         self.model_dir = Path(model_dir)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = dict(os.environ)
-        self.env.update({"MODEL_DIR": str(self.model_dir), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-        self.env.update(env or {})
+        own = {"MODEL_DIR": str(self.model_dir), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if inherit_settings is None:
+            inherit_settings = not under_pytest()
+        self.env = server_environment({**own, **(env or {})}, inherit_settings)
         self.args = args or []
         self.log_path = self.model_dir.parent / f"backend-{self.port}.log"
         self.process: subprocess.Popen | None = None
