@@ -266,8 +266,10 @@ class Predictor:
     ) -> list[dict]:
         """Results for ``tasks``; ``keep``, when given, receives what the refresh saves for ranking:
         ``embeddings`` (one row per text), ``texts`` (the text of each row: its first ``max_text_chars``
-        characters), ``slot`` ((field, task index) -> row) and ``probabilities`` (control -> one row
-        or None per task)."""
+        characters), ``slot`` ((field, task index) -> row), ``probabilities`` (control -> one row
+        or None per task) and ``scored`` (per task: whether a control gave it a score).  For ``keep``
+        the texts of untrained Labels controls are embedded too: a project with nothing trained yet
+        still gets a pool to choose its first batch from."""
         started = time.perf_counter()
         controls = [c for c in plan.controls if c.kind == CHOICES and isinstance(serving.heads.get(c.name), ClassifierHead)]
         # Labels controls whose token head was trained; an untrained one finds no spans
@@ -276,7 +278,8 @@ class Predictor:
             if c.kind == LABELS and isinstance(serving.heads.get(c.name), TokenHead) and serving.heads[c.name].trained
         ]
         # one encoder pass over every distinct (field, task) text
-        fields = sorted({c.field for c in controls + token_controls})
+        read_by = controls + token_controls + ([c for c in plan.controls if c.kind == LABELS] if keep is not None else [])
+        fields = sorted({c.field for c in read_by})
         texts: list[str] = []
         slot: dict[tuple[str, int], int] = {}
         problems: dict[int, str] = {}
@@ -303,7 +306,7 @@ class Predictor:
             probs = serving.heads[control.name].probabilities(embeddings[valid]) if valid else np.zeros((0, 0))
             lookup = {r: probs[k] for k, r in enumerate(valid)}
             probabilities[control.name] = [lookup.get(r) if r >= 0 else None for r in rows]
-        out = []
+        out, scored = [], []
         for i in range(len(tasks)):
             result, scores = [], []
             for control in controls:
@@ -322,6 +325,7 @@ class Predictor:
                     scores.append(found[1])
             if i in problems and not result:
                 log.info("project %s: task %s gets an empty prediction: %s", project_key, _task_id(tasks[i]), problems[i])
+            scored.append(bool(scores))
             out.append(
                 {
                     "result": result,
@@ -330,7 +334,7 @@ class Predictor:
                 }
             )
         if keep is not None:
-            keep.update(embeddings=embeddings, texts=texts, slot=slot, probabilities=probabilities)
+            keep.update(embeddings=embeddings, texts=texts, slot=slot, probabilities=probabilities, scored=scored)
         log.info(
             "project %s version %s: predicted %d tasks in %.1f ms",
             project_key,

@@ -83,6 +83,7 @@ class RefreshReport:
     written: int = 0  # predictions created in Label Studio
     already_there: int = 0  # tasks that held a prediction of this version already (a resumed page)
     unreadable: int = 0  # tasks without a readable text: no prediction written
+    pooled_only: int = 0  # tasks in the pool without a prediction: no trained head reads them yet
     pages: int = 0
     resumed_after: int | None = None  # the task id this run resumed after, when it resumed
     top_up_after: int | None = None  # a top-up of a finished refresh: the task id it went on after
@@ -261,7 +262,7 @@ class PredictionRefresh:
         if cursor.get("version") == version and cursor.get("state") == "running":
             report.resumed_after = int(cursor.get("after_id", 0))
             report.top_up_after = cursor.get("top_up_after")
-            for name in ("tasks", "written", "already_there", "unreadable", "pages"):
+            for name in ("tasks", "written", "already_there", "unreadable", "pooled_only", "pages"):
                 setattr(report, name, int(cursor.get(name, 0)))
         elif cursor.get("version") == version and cursor.get("state") == "finished" and self.pools.exists(
             project_key, version
@@ -295,7 +296,7 @@ class PredictionRefresh:
             after_id = tasks[-1]["id"]
             report.pages += 1
             cursor.update(after_id=after_id, **{name: getattr(report, name) for name in
-                                                 ("tasks", "written", "already_there", "unreadable", "pages")})
+                                                 ("tasks", "written", "already_there", "unreadable", "pooled_only", "pages")})
             self._save_cursor(project_key, cursor)
             remaining = (left or 0) - len(tasks)
             report.bounded = remaining > 0 and report.tasks >= limit
@@ -378,6 +379,9 @@ class PredictionRefresh:
             scores.append(result["score"])
             if primary is not None:
                 probabilities.append(keep["probabilities"][primary.name][i])
+            if not keep["scored"][i]:  # nothing trained reads it yet (an untrained entity head): pool only
+                report.pooled_only += 1
+                continue
             if version in task["versions"]:
                 report.already_there += 1
                 continue

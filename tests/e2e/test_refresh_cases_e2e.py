@@ -190,3 +190,18 @@ def test_a_task_where_a_trained_ner_head_finds_nothing_still_gets_its_prediction
         assert next_batch(settings, registry, store, key, 4, "uncertainty").pool_size == len(TEXTS)
     finally:
         store.close()
+
+
+def test_an_ner_project_before_any_training_gets_a_pool_for_its_first_batch_and_no_empty_predictions(
+        label_studio, tmp_path, encoder):
+    ls = label_studio
+    created, key, task_ids, settings, registry, store = new_project(ls, "refresh ner cold start (e2e)", tmp_path, 50,
+                                                                    NER_CONFIG)
+    try:
+        report = PredictionRefresh(settings, store, registry, encoder=encoder).run(key)
+        assert report.written == 0 and report.pooled_only == len(TEXTS) and report.unreadable == 0, report
+        assert ls.predictions(created["id"]) == []  # an untrained entity head has nothing to say
+        batch = next_batch(settings, registry, store, key, 4, "uncertainty")
+        assert batch.strategy == "coverage" and len(set(batch.task_ids)) == 4 and set(batch.task_ids) <= set(task_ids)
+    finally:
+        store.close()
