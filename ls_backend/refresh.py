@@ -54,6 +54,7 @@ import numpy as np
 from .embeddings import EmbeddingCache, encoder_id
 from .labeling import CHOICES, UnsupportedConfig, plan_for
 from .model import ClassifierHead, Encoder, resolve_device
+from .ner import TokenHead
 from .registry import ModelRegistry, version_prefix, write_atomic
 from .sampling import NoPool, PoolPart, PoolStore, next_batch
 from .settings import Settings
@@ -273,7 +274,11 @@ class PredictionRefresh:
             self._save_cursor(project_key, cursor)
         else:
             head = loaded.heads.get(primary.name) if primary else None
-            trained = any(isinstance(h, ClassifierHead) and h.trained for h in loaded.heads.values())
+            # what the ranking reads was trained: the classification head, or (no Choices) an entity head
+            trained = any(
+                (isinstance(h, ClassifierHead) if primary else isinstance(h, TokenHead)) and h.trained
+                for h in loaded.heads.values()
+            )
             self.pools.start(project_key, version, {
                 "control": primary.name if primary else None,
                 "labels": list(head.labels) if head else [],

@@ -167,12 +167,15 @@ class UncertaintySampling(QueryStrategy):
 
     name = "uncertainty"
 
-    def __init__(self, mode: str = CONFIDENCE, multiple: bool = False, threshold: float = 0.5):
+    def __init__(self, mode: str = CONFIDENCE, multiple: bool = False, threshold: float = 0.5, given: bool = False):
         if mode not in SCORE_MODES:
             raise ValueError(f"unknown score mode {mode!r}")
         self.mode, self.multiple, self.threshold = mode, multiple, threshold
+        self.given = given  # ``probabilities`` are the tasks' scores already (an entity-only pool)
 
     def scores(self, probabilities: np.ndarray) -> np.ndarray:
+        if self.given:
+            return np.asarray(probabilities, dtype=np.float64).reshape(-1)
         return mode_scores(probabilities, self.mode, self.multiple, self.threshold)
 
     def query(self, probabilities, embeddings, n, rng):
@@ -193,8 +196,9 @@ class DiverseUncertainty(UncertaintySampling):
 
     name = "diverse"
 
-    def __init__(self, mode: str = CONFIDENCE, multiple: bool = False, threshold: float = 0.5, candidates: int = 10):
-        super().__init__(mode, multiple, threshold)
+    def __init__(self, mode: str = CONFIDENCE, multiple: bool = False, threshold: float = 0.5, candidates: int = 10,
+                 given: bool = False):
+        super().__init__(mode, multiple, threshold, given)
         self.candidates = max(1, int(candidates))
 
     def query(self, probabilities, embeddings, n, rng):
@@ -390,14 +394,15 @@ STRATEGIES = ("uncertainty", "diverse", "random", "coverage", "typical")
 
 
 def strategy_for(name: str, mode: str = CONFIDENCE, multiple: bool = False, threshold: float = 0.5,
-                 labeled: np.ndarray | None = None) -> QueryStrategy:
-    """The strategy called ``name``; ``labeled``: the labeled tasks' embeddings (``typical`` reads them)."""
+                 labeled: np.ndarray | None = None, given: bool = False) -> QueryStrategy:
+    """The strategy called ``name``; ``labeled``: the labeled tasks' embeddings (``typical`` reads them);
+    ``given``: the uncertainty strategies rank scores they are given instead of probabilities."""
     if name == "typical":
         return TypicalCoverage(labeled)
     if name == "uncertainty":
-        return UncertaintySampling(mode, multiple, threshold)
+        return UncertaintySampling(mode, multiple, threshold, given=given)
     if name == "diverse":
-        return DiverseUncertainty(mode, multiple, threshold)
+        return DiverseUncertainty(mode, multiple, threshold, given=given)
     if name == "random":
         return RandomSampling()
     if name == "coverage":
@@ -666,11 +671,16 @@ def next_batch(settings, registry: ModelRegistry, store, project_key: str, n: in
     probabilities = pool.probabilities[keep] if pool.probabilities is not None else None
     scores = pool.scores[keep]
     name = strategy or "uncertainty"
-    if name not in ("random", "typical") and (not pool.trained or probabilities is None):
+    if name not in ("random", "typical") and not pool.trained:
         name = "coverage"
+    # a pool without a classification control (entities only) ranks by the task scores its
+    # refresh wrote to Label Studio: the least sure span, or the least sure "no entity"
+    given = name in ("uncertainty", "diverse") and probabilities is None
+    if given:
+        probabilities = scores
     covered = covered_embeddings(pool, was_labeled) if name == "typical" else None
     chooser = strategy_for(name, settings.score_mode, bool(pool.meta.get("multiple")), float(pool.meta.get("threshold", 0.5)),
-                           labeled=covered)
+                           labeled=covered, given=given)
     rng = np.random.default_rng(settings.seed if seed is None else seed)
     picked = chooser.query(probabilities, embeddings, n, rng) if len(ids) else np.zeros(0, dtype=np.int64)
     return NextBatch(

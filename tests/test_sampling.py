@@ -399,3 +399,21 @@ def test_next_route(client, app):
     used_up = client.get(f"/projects/{PROJECT}/next").json
     assert used_up["task_ids"] == [] and not used_up["stale"] and used_up["refresh_job"]
     assert client.get("/projects/999.1/next").status_code == 404
+
+
+def test_an_entity_only_pool_is_ranked_by_the_task_scores_its_refresh_wrote(tmp_path):
+    settings = Settings(model_dir=tmp_path / "models")
+    registry = ModelRegistry(settings.model_dir)
+    rng = np.random.default_rng(0)
+    ids = list(range(100, 160))
+    scores = rng.uniform(size=len(ids))
+    pools = PoolStore(registry)
+    pools.start(PROJECT, "p5-v2", {"control": None, "labels": [], "multiple": False, "threshold": 0.5, "trained": True})
+    pools.add(PROJECT, "p5-v2", PoolPart(ids, rng.standard_normal((len(ids), 8)).astype(np.float32), None, list(scores)))
+    pools.finish(PROJECT, "p5-v2", {})
+    (registry.project_dir(PROJECT) / "current").write_text("p5-v2\n")
+    lowest = [ids[i] for i in np.argsort(scores, kind="stable")]
+    batch = next_batch(settings, registry, FakeStore(), PROJECT, 5)
+    assert batch.strategy == "uncertainty" and batch.task_ids == lowest[:5]
+    diverse = next_batch(settings, registry, FakeStore(), PROJECT, 5, "diverse")
+    assert diverse.strategy == "diverse" and len(set(diverse.task_ids)) == 5 and set(diverse.task_ids) <= set(lowest[:50])

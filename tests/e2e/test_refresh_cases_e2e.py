@@ -187,7 +187,8 @@ def test_a_task_where_a_trained_ner_head_finds_nothing_still_gets_its_prediction
         written = ls.predictions(created["id"])
         assert {p["task"] for p in written} == set(task_ids)
         assert all(p["result"] == [] and 0 < p["score"] < 1 for p in written), written[:2]
-        assert next_batch(settings, registry, store, key, 4, "uncertainty").pool_size == len(TEXTS)
+        batch = next_batch(settings, registry, store, key, 4, "uncertainty")
+        assert batch.pool_size == len(TEXTS) and batch.strategy == "uncertainty"  # by the scores written
     finally:
         store.close()
 
