@@ -99,6 +99,7 @@ class Predictor:
             settings.encoder_path, self.device, settings.max_length, settings.inference_precision
         )
         self._encoders: dict[str, Encoder] = {}
+        self._loading: dict[str, threading.Lock] = {}  # one lock per encoder path being loaded
         self._serving: dict[str, Serving] = {}
         self._lock = threading.RLock()
         log.info(
@@ -115,10 +116,15 @@ class Predictor:
             return self.base_encoder
         with self._lock:
             encoder = self._encoders.get(path)
+            loading = self._loading.setdefault(path, threading.Lock())
         if encoder is None:
-            encoder = Encoder(path, self.device, self.settings.max_length, self.settings.inference_precision)
-            with self._lock:
-                encoder = self._encoders.setdefault(path, encoder)
+            with loading:  # requests that need the same encoder at once load it once, not once each
+                with self._lock:
+                    encoder = self._encoders.get(path)
+                if encoder is None:
+                    encoder = Encoder(path, self.device, self.settings.max_length, self.settings.inference_precision)
+                    with self._lock:
+                        encoder = self._encoders.setdefault(path, encoder)
         return encoder
 
     def _release_unused_encoders(self) -> None:
@@ -130,6 +136,7 @@ class Predictor:
         used = {serving.encoder.path for serving in self._serving.values()}
         for path in [p for p in self._encoders if p not in used]:
             del self._encoders[path]
+            self._loading.pop(path, None)
             log.info("predictor: released the encoder %s (no project serves it any more)", path)
 
     def _readable_version(self, project_key: str, serving: Serving | None) -> LoadedHeads | None:

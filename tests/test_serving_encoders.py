@@ -169,3 +169,23 @@ def test_a_version_rolled_back_while_it_loaded_is_not_installed(tmp_path, tiny, 
     assert predictor._serving[PROJECT].version == "p7-v0"
     assert predictor._encoders == {}  # the encoder it loaded for nothing is not kept
     assert predictor.predict(PROJECT, TOPIC_CONFIG, TASKS)[0]["model_version"] == "p7-v0"
+
+
+def test_requests_that_need_the_same_encoder_at_once_load_it_once(tmp_path, tiny, monkeypatch):
+    settings = Settings(model_dir=tmp_path / "models", max_length=64)
+    predictor = Predictor(settings, encoder=Encoder(tiny, "cpu", 64))
+    built = []
+
+    def counted(*args, **kwargs):
+        built.append(args[0])
+        time.sleep(0.3)  # long enough for every thread to ask while the first one loads
+        return Encoder(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "Encoder", counted)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(predictor.encoder_for(str(tiny)))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(built) == 1 and len(got) == 4 and all(e is got[0] for e in got)
