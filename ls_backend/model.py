@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -95,6 +96,22 @@ def position_limit(model, tokenizer) -> int:
     if isinstance(told, int) and 0 < told < SANE_MODEL_MAX_LENGTH:
         limit = min(limit, told)
     return limit
+
+
+_VISIBLE = re.compile(r"\S+")
+
+
+def clip_visible(text: str, visible: int) -> str:
+    """``text`` up to its first ``visible`` non-whitespace characters: whitespace, however long its
+    runs, does not count (a text of 9,000 newlines and then a sentence keeps its sentence)."""
+    if len(text) <= visible:
+        return text
+    seen = 0
+    for match in _VISIBLE.finditer(text):
+        seen += match.end() - match.start()
+        if seen >= visible:
+            return text[: match.end() - (seen - visible)]
+    return text
 
 
 def resolve_device(name: str) -> torch.device:
@@ -181,9 +198,9 @@ class Encoder:
         own ``__call__`` with ``truncation=True``); lists of over ``2 * TOKENIZE_CHUNK`` texts are
         split over ``tokenize_threads()`` threads."""
         limit = max_length or self.max_length
-        # A token covers at least one character, so cutting absurdly long texts
-        # before tokenizing loses nothing that truncation would have kept.
-        clipped = [utf8_safe(t if len(t) <= limit * 32 else t[: limit * 32]) for t in texts]
+        # A token rarely spans more than 32 characters besides whitespace, so cutting absurdly long
+        # texts after that many visible characters a token loses nothing truncation would keep.
+        clipped = [utf8_safe(clip_visible(t, limit * 32)) for t in texts]
         core = self._bulk_tokenizer(limit)
         encode = getattr(core, "encode_batch_fast", core.encode_batch)  # no character offsets
 

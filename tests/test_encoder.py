@@ -96,3 +96,14 @@ def test_overlapped_encode_gives_the_same_embeddings_in_the_same_order(encoder):
     assert parted.shape == whole.shape
     np.testing.assert_allclose(parted, whole, atol=1e-5)
     assert encoder.encode_overlapped(texts[:7], 16, part=50).shape == (7, encoder.dim)
+
+
+def test_whitespace_runs_do_not_push_a_long_texts_words_out_of_what_is_read():
+    from ls_backend.model import Encoder, clip_visible
+    from ls_backend.settings import bundled_encoder_path
+
+    encoder = Encoder(bundled_encoder_path(), "cpu", 32)
+    text = "\n" * 9000 + "The central bank raised interest rates again on Tuesday."
+    expected = encoder.tokenizer(text, truncation=True, max_length=32)["input_ids"]
+    assert encoder.tokenize([text]) == [expected] and len(expected) > 5
+    assert clip_visible("abc  def ghi", 5) == "abc  de" and clip_visible("ab", 5) == "ab"
