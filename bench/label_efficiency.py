@@ -163,10 +163,18 @@ def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool):
         t0 = time.perf_counter()
         fit, valid = split_for_validation(data, 0.15, seed)  # early stopping: never the slice or the test rows
         tuning = training_args(args, seed)
+        labels_only = fit
         if unlabeled is not None:  # as a job: the self-trained head's surest guesses join the labels
             fit, _ = with_pseudo_labels(fit, warm, unlabeled[0], unlabeled[1], tuning)
         student, heads, _ = fine_tune(encoder, {"c": warm}, [fit], tuning, validation=[valid])
         out["full"] = (student, heads["c"], time.perf_counter() - t0)
+        if unlabeled is not None and args.full_rounds >= 2:  # as a job's second round: the tuned model teaches
+            t0 = time.perf_counter()
+            rounds = training_args(args, seed, self_train_tune_share=tuning.second_round_share,
+                                   self_train_tune_max=tuning.second_round_max)
+            taught, _ = with_pseudo_labels(labels_only, heads["c"], student.encode(unlabeled[1]), unlabeled[1], rounds)
+            second, second_heads, _ = fine_tune(encoder, {"c": warm}, [taught], tuning, validation=[valid])
+            out["full-2"] = (second, second_heads["c"], time.perf_counter() - t0 + out["full"][2])
     if args.contrastive:
         t0 = time.perf_counter()
         tuned, _ = contrastive_tune(
@@ -180,7 +188,7 @@ def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool):
 EVAL_SHARE = Settings().eval_share  # the job's evaluation slice (20%)
 # the job's names for the bench's columns (ls_backend.finetune.tie_preference ranks ties on the slice)
 JOB_NAMES = {"fast head": "frozen"}
-COLUMNS = ["fast head", "self-train", "full", "contrastive"]
+COLUMNS = ["fast head", "self-train", "full", "full-2", "contrastive"]
 
 
 def main() -> int:
@@ -194,6 +202,8 @@ def main() -> int:
     parser.add_argument("--no-full", action="store_true", help="skip our full fine-tuning")
     parser.add_argument("--pseudo", type=int, default=TrainingArguments().self_train_tune_max,
                         help="the full recipe's pseudo-labelled texts (SELF_TRAIN_TUNE_MAX; 0: labels only)")
+    parser.add_argument("--full-rounds", type=int, choices=[1, 2], default=1,
+                        help="rounds of the full recipe with the pool (SELF_TRAIN_TUNE_ROUNDS; 2: also the second round)")
     parser.add_argument("--no-auto", action="store_true", help="skip the job's own choice (trains every candidate twice)")
     parser.add_argument("--no-trainer", action="store_true", help="skip the transformers.Trainer baseline")
     parser.add_argument("--auto-only", action="store_true",

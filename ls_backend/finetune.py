@@ -55,7 +55,9 @@ FAST_RECIPES = ("frozen", "self-train")
 # candidate there), self-training (ahead of the plain fast head at every size), the plain fast head;
 # then the other recipes that change the encoder (a new encoder to load and cached embeddings to redo,
 # for a gain the slice did not show)
-TIE_PREFERENCE = {"full+pool": 3, "self-train": 2, "frozen": 1}
+TIE_PREFERENCE = {"full-2": 4, "full+pool": 3, "self-train": 2, "frozen": 1}
+# the candidates that fine-tune the encoder
+ENCODER_RECIPES = ("full", "full-2", "contrastive")
 SELF_TRAIN_MIN_POOL = 50  # fewer unlabeled tasks than this: no self-training
 
 
@@ -115,6 +117,15 @@ def contrastive_pairs(settings: Settings) -> int:
     return 2560 if resolve_device(settings.device).type == "cuda" else 0
 
 
+def self_train_tune_rounds(settings: Settings) -> int:
+    """``SELF_TRAIN_TUNE_ROUNDS``, or where unset 2 on CUDA (seconds there) and 1 on a CPU (the second
+    round about doubles a full-lane job: 380-440 s instead of 210-270 s at 256 AG News labels on two
+    cores)."""
+    if settings.self_train_tune_rounds >= 1:
+        return settings.self_train_tune_rounds
+    return 2 if resolve_device(settings.device).type == "cuda" else 1
+
+
 def training_arguments(settings: Settings) -> TrainingArguments:
     return TrainingArguments(
         mode=settings.train_mode,
@@ -127,6 +138,7 @@ def training_arguments(settings: Settings) -> TrainingArguments:
         contrastive_pairs=contrastive_pairs(settings),
         self_train_share=settings.self_train_share,
         self_train_tune_max=settings.self_train_tune_max,
+        self_train_tune_rounds=self_train_tune_rounds(settings),
         max_train_examples=settings.max_train_examples,
         seed=settings.seed,
     )
@@ -257,7 +269,7 @@ class FineTuneJob:
         if wants_full and digest:
             # the encoder was tuned on exactly these labels already (promoted or kept back)
             tried = [v.name for v in self.registry.versions(project_key)
-                     if v.meta.get("data_digest") == digest and v.meta.get("recipe") in ("full", "contrastive")]
+                     if v.meta.get("data_digest") == digest and v.meta.get("recipe") in ENCODER_RECIPES]
             if tried:
                 if self.args.mode == "full":
                     self.store.mark_trained(project_key, cutoff)
@@ -314,6 +326,7 @@ class FineTuneJob:
         if wants_full:
             # early stopping and the temperature use a split of the training labels, never the slice
             fit, valid = map(list, zip(*(split_for_validation(s.train, 0.15, self.args.seed) for s in splits.values())))
+            labels_only = list(fit)
             # with the project's unlabeled texts, the encoder also learns from the self-trained head's
             # surest guesses; the heads start from the best fast heads (self-trained where they are)
             pseudo_report = {}
@@ -337,6 +350,14 @@ class FineTuneJob:
             }
             candidates["full"] = (merged, student, full_report)
             figures["full"] = self._measure({n: merged[n] for n in splits}, splits, held_embed)
+            # candidate 2b: a second round, the fine-tuned model as teacher: it guesses the pool anew
+            # (better than the fast head did) and a student from the same start learns from the
+            # labels and its surest guesses
+            if self.args.self_train_tune_rounds >= 2 and pseudo_report:
+                second = self._second_round(base_encoder, taught, labels_only, valid, splits, unlabeled, student,
+                                            merged, pseudo_report)
+                candidates["full-2"] = second[0]
+                figures["full-2"] = second[1]
             # candidate 3: contrastive pairs tune the encoder, then fast heads on its embeddings
             tuned, contrastive_report = contrastive_tune(
                 base_encoder, [s.train for s in splits.values()], self.args, self.progress
@@ -500,6 +521,26 @@ class FineTuneJob:
             rows = rows[np.sort(keep)]
         texts = [pool.texts[r] for r in rows] if pool.texts is not None else None
         return {name: Unlabeled(pool.embeddings[rows], texts)}
+
+    def _second_round(self, base_encoder, taught, labels_only, valid, splits, unlabeled, teacher, teacher_heads,
+                      first_round) -> tuple[tuple, dict]:
+        """The second round of the full recipe with the project's unlabeled tasks (noisy student):
+        the candidate ``(heads, encoder, report)`` and its slice figures."""
+        fit, report = list(labels_only), {}
+        rounds = replace(self.args, self_train_tune_share=self.args.second_round_share,
+                         self_train_tune_max=self.args.second_round_max)
+        for i, name in enumerate(splits):
+            if name in first_round:
+                rows = unlabeled[name]
+                guessed = teacher.encode(rows.texts, self.settings.batch_size)
+                fit[i], report[name] = with_pseudo_labels(fit[i], teacher_heads[name], guessed, rows.texts, rounds)
+        self.progress({"stage": "full-2"})
+        student, heads, full_report = fine_tune(base_encoder, taught, fit, self.args, self.progress, validation=valid)
+        full_report["pseudo_labels"] = report
+        merged = {**teacher_heads, **heads}
+        held_embed = {name: (None, student.encode(split.held.texts, self.settings.batch_size))
+                      for name, split in splits.items()}
+        return (merged, student, full_report), self._measure({n: merged[n] for n in splits}, splits, held_embed)
 
     def _measure_version(
         self,

@@ -152,6 +152,9 @@ class Settings:
     self_train_share: float = 0.5
     # the full recipe's pseudo-labelled texts from those tasks: at most this many (0: labels only)
     self_train_tune_max: int = 1024
+    # rounds of the full recipe with those tasks: 2 adds a student taught by the first round's model
+    # (unset: 2 on CUDA, 1 on a CPU)
+    self_train_tune_rounds: int = -1
     max_train_examples: int = 20_000
     seed: int = 13
     # evaluation slice and promotion gate
@@ -282,6 +285,10 @@ class Settings:
         for name, minimum in ints.items():
             if get(name):
                 values[name.lower()] = _int(name, get(name, ""), minimum)
+        if get("SELF_TRAIN_TUNE_ROUNDS"):
+            values["self_train_tune_rounds"] = _int("SELF_TRAIN_TUNE_ROUNDS", get("SELF_TRAIN_TUNE_ROUNDS", ""), 1)
+            if values["self_train_tune_rounds"] > 2:
+                raise SettingsError(f"SELF_TRAIN_TUNE_ROUNDS={get('SELF_TRAIN_TUNE_ROUNDS', '')!r}: must be 1 or 2")
         if get("ZERO_SHOT_TEMPERATURE"):
             values["zero_shot_temperature"] = _float("ZERO_SHOT_TEMPERATURE", get("ZERO_SHOT_TEMPERATURE", ""), 1e-4, 10)
         if get("MULTI_LABEL_THRESHOLD"):

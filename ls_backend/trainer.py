@@ -59,6 +59,12 @@ class TrainingArguments:
     # this share of the pool, at most this many texts (0: labels only)
     self_train_tune_share: float = 0.25
     self_train_tune_max: int = 1024
+    # a second round (``self_train_tune_rounds=2``): the first round's fine-tuned model guesses the pool
+    # anew, and a student fine-tuned from the same start learns from the labels and this share of its
+    # surest guesses, at most this many
+    self_train_tune_rounds: int = 1
+    second_round_share: float = 0.5
+    second_round_max: int = 2048
     max_train_examples: int = 20_000  # bounded work per job: newest first, then a replay sample
     seed: int = 13
 

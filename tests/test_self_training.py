@@ -262,3 +262,45 @@ def test_the_full_recipe_fine_tunes_on_the_pools_surest_guesses(tmp_path, encode
         assert result["recipe"] == choose_candidate(scores, lambda n: tie_preference(n, n == "full"), tolerance)
     finally:
         store.close()
+
+
+def test_a_second_round_learns_from_the_fine_tuned_models_guesses(tmp_path, encoder, agnews_embeddings):
+    """``SELF_TRAIN_TUNE_ROUNDS=2``: the first round's tuned model guesses the pool anew and a second
+    student trains on the labels and half the pool's surest guesses; both are candidates, and on
+    equal figures the second round wins."""
+    from ls_backend.finetune import self_train_tune_rounds
+
+    assert self_train_tune_rounds(Settings(device="cpu")) == 1  # unset: off on a CPU
+    assert self_train_tune_rounds(Settings.from_env({"SELF_TRAIN_TUNE_ROUNDS": "2"})) == 2
+    with pytest.raises(Exception, match="SELF_TRAIN_TUNE_ROUNDS"):
+        Settings.from_env({"SELF_TRAIN_TUNE_ROUNDS": "3"})
+    x, y, _, _, texts = agnews_embeddings
+    settings = Settings(model_dir=tmp_path / "models", max_length=128, inference_precision="float32",
+                        train_mode="auto", train_epochs=1, train_min_steps=1, train_max_length=32,
+                        self_train_tune_max=64, self_train_tune_rounds=2, eval_min=10, full_min_labels=10)
+    labeled = [(i + 1, texts[i], AGNEWS_LABELS[y[i]]) for i in range(50)]
+    store = _store_with_labels(settings, labeled[:40])
+    registry = ModelRegistry(settings.model_dir)
+    key = key_of(3)
+    try:
+        FineTuneJob(replace(settings, train_mode="frozen"), store, registry).run(key)
+        current = registry.load(key, registry.current(key))
+        name = encoder_id(current.meta, settings.encoder_path, encoder)
+        pool = range(51, 601)
+        _write_pool(registry, key, current.version, pool, x[50:600], name, texts[50:600])
+        for task_id, text, label in labeled[40:]:
+            store.record_event(annotation_event(task_id, task_id, choices(label), text=text))
+        result = FineTuneJob(settings, store, registry).run(key)
+        meta = registry.meta(key, result["version"])
+    finally:
+        store.close()
+    assert {"full", "full-2"} <= set(meta["training"]) and "full-2" in meta["metrics"]
+    second = meta["training"]["full-2"]
+    guesses = second["pseudo_labels"]["topic"]["pseudo_labels"]
+    guessable = _guessable(pool, settings)
+    assert 64 < guesses <= guessable // 2  # half the pool's surest guesses, not the first round's 64
+    assert second["examples_seen"] == meta["data"]["topic"]["train"] + guesses  # one epoch: labels and guesses
+    scores = {n: meta["metrics"][n]["score"] for n in ("frozen", "self-train", "full", "full-2")}
+    tolerance = slice_tolerance(settings, meta["data"]["topic"]["eval"])
+    assert result["recipe"] == choose_candidate(scores, lambda n: tie_preference(n, n == "full"), tolerance)
+    assert tie_preference("full-2") > tie_preference("full", True)
