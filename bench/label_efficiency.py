@@ -38,7 +38,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ls_backend.finetune import choose_candidate, in_eval_slice, learned_from_pool, slice_tolerance, tie_preference  # noqa: E402
+from ls_backend.finetune import (  # noqa: E402
+    choose_candidate,
+    in_eval_slice,
+    learned_from_pool,
+    self_train_tune_rounds,
+    slice_tolerance,
+    tie_preference,
+)
 from ls_backend.model import Encoder, resolve_device  # noqa: E402
 from ls_backend.settings import Settings, bundled_encoder_path  # noqa: E402
 from ls_backend.trainer import (  # noqa: E402
@@ -202,8 +209,9 @@ def main() -> int:
     parser.add_argument("--no-full", action="store_true", help="skip our full fine-tuning")
     parser.add_argument("--pseudo", type=int, default=TrainingArguments().self_train_tune_max,
                         help="the full recipe's pseudo-labelled texts (SELF_TRAIN_TUNE_MAX; 0: labels only)")
-    parser.add_argument("--full-rounds", type=int, choices=[1, 2], default=1,
-                        help="rounds of the full recipe with the pool (SELF_TRAIN_TUNE_ROUNDS; 2: also the second round)")
+    parser.add_argument("--full-rounds", type=int, choices=[1, 2], default=None,
+                        help="rounds of the full recipe with the pool (SELF_TRAIN_TUNE_ROUNDS; 2: also the second "
+                             "round; default: as a job, 2 on CUDA and 1 on a CPU)")
     parser.add_argument("--no-auto", action="store_true", help="skip the job's own choice (trains every candidate twice)")
     parser.add_argument("--no-trainer", action="store_true", help="skip the transformers.Trainer baseline")
     parser.add_argument("--auto-only", action="store_true",
@@ -215,6 +223,8 @@ def main() -> int:
                         help="override a TrainingArguments field for every candidate (repeatable)")
     args = parser.parse_args()
     args.overrides = overrides(args.set)
+    if args.full_rounds is None:
+        args.full_rounds = self_train_tune_rounds(Settings())
     if args.overrides:
         print("TrainingArguments overrides: " + ", ".join(f"{k}={v}" for k, v in args.overrides.items()))
     if not DATA.exists():
