@@ -554,15 +554,16 @@ class FineTuneJob:
         """``version``'s figures on the slice, Labels controls (``token_splits``) included; the
         job's embeddings and ``measured_encoder`` serve when it reads with the same encoder as
         ``measured`` (the version they were made with), else its own encoder is loaded."""
-        encoder = measured_encoder
-        if version.encoder_path != measured.encoder_path or encoder is None and token_splits:
+        same_reader = version.encoder_path == measured.encoder_path
+        encoder = measured_encoder if same_reader else None
+        if encoder is None and (token_splits or not same_reader):
             encoder = Encoder(
                 version.encoder_path or self.settings.encoder_path,
                 self.device,
                 self.settings.max_length,
                 self.settings.inference_precision,
             )
-        if version.encoder_path != measured.encoder_path:
+        if not same_reader:
             embed = {name: (None, encoder.encode(split.held.texts, self.settings.batch_size)) for name, split in splits.items()}
         figures = self._measure({name: version.heads[name] for name in splits}, splits, embed)
         if token_splits:

@@ -152,8 +152,12 @@ def encoder_is_taken(heads: dict, token_splits: dict) -> bool:
 
 
 def _token_figures(encoder: "Encoder", heads: dict, token_splits: dict[str, TokenSplit], batch_size: int) -> dict:
+    """Each Labels control's slice figures with ``heads`` read through ``encoder``; a control
+    without a token head finds nothing, as it does when serving."""
     return {
         name: evaluate_tokens(encoder, heads[name], split.held, batch_size)
+        if isinstance(heads.get(name), TokenHead)
+        else span_scores(split.held.spans, [[] for _ in split.held.texts])
         for name, split in token_splits.items()
         if len(split.held)
     }
@@ -162,18 +166,8 @@ def _token_figures(encoder: "Encoder", heads: dict, token_splits: dict[str, Toke
 def version_figures(classification: dict | None, encoder: "Encoder", heads: dict,
                     token_splits: dict[str, TokenSplit], batch_size: int) -> dict:
     """A version's slice figures over all controls: ``classification`` (measured by the job)
-    with its token heads read through ``encoder``; a Labels control it has no token head
-    for finds nothing, as it does when serving."""
-    tokens = {}
-    for name, split in token_splits.items():
-        if not len(split.held):
-            continue
-        head = heads.get(name)
-        if isinstance(head, TokenHead):
-            tokens[name] = evaluate_tokens(encoder, head, split.held, batch_size)
-        else:
-            tokens[name] = span_scores(split.held.spans, [[] for _ in split.held.texts])
-    return _combine(classification, tokens)
+    with its token heads read through ``encoder``."""
+    return _combine(classification, _token_figures(encoder, heads, token_splits, batch_size))
 
 
 def _combine(classification: dict | None, tokens: dict) -> dict:

@@ -97,6 +97,10 @@ class RefreshReport:
         return asdict(self)
 
 
+# the report's counts the cursor keeps, so that a resumed refresh goes on counting
+CURSOR_COUNTS = ("tasks", "written", "already_there", "unreadable", "pooled_only", "pages")
+
+
 def _field(item: Any, name: str, default: Any = None) -> Any:
     if isinstance(item, dict):
         return item.get(name, default)
@@ -263,7 +267,7 @@ class PredictionRefresh:
         if cursor.get("version") == version and cursor.get("state") == "running":
             report.resumed_after = int(cursor.get("after_id", 0))
             report.top_up_after = cursor.get("top_up_after")
-            for name in ("tasks", "written", "already_there", "unreadable", "pooled_only", "pages"):
+            for name in CURSOR_COUNTS:
                 setattr(report, name, int(cursor.get(name, 0)))
         elif cursor.get("version") == version and cursor.get("state") == "finished" and self.pools.exists(
             project_key, version
@@ -300,8 +304,7 @@ class PredictionRefresh:
             self._page(project_key, version, plan, predictor, serving, embed_control, primary, tasks, report)
             after_id = tasks[-1]["id"]
             report.pages += 1
-            cursor.update(after_id=after_id, **{name: getattr(report, name) for name in
-                                                 ("tasks", "written", "already_there", "unreadable", "pooled_only", "pages")})
+            cursor.update(after_id=after_id, **{name: getattr(report, name) for name in CURSOR_COUNTS})
             self._save_cursor(project_key, cursor)
             remaining = (left or 0) - len(tasks)
             report.bounded = remaining > 0 and report.tasks >= limit

@@ -618,7 +618,7 @@ class NextBatch:
 
 def skipped_task_ids(store, project_key: str) -> set[int]:
     """Tasks an annotator skipped since the refresh listed them (none where the store cannot tell)."""
-    if store is None or not hasattr(store, "skipped_task_ids"):
+    if store is None:
         return set()
     try:
         return store.skipped_task_ids(project_key)
@@ -663,7 +663,7 @@ def next_batch(settings, registry: ModelRegistry, store, project_key: str, n: in
     if pool is None:
         raise NoPool(f"project {project_key}: no refresh has listed its unlabeled tasks yet")
     labeled = labeled_task_ids(store, project_key, pool.meta.get("control"))
-    skipped = skipped_task_ids(store, project_key) - labeled
+    skipped = skipped_task_ids(store, project_key)
     was_labeled = np.asarray([int(t) in labeled for t in pool.task_ids], dtype=bool)
     keep = ~was_labeled & np.asarray([int(t) not in skipped for t in pool.task_ids], dtype=bool)
     ids = pool.task_ids[keep]

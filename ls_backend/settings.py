@@ -286,9 +286,7 @@ class Settings:
             if get(name):
                 values[name.lower()] = _int(name, get(name, ""), minimum)
         if get("SELF_TRAIN_TUNE_ROUNDS"):
-            values["self_train_tune_rounds"] = _int("SELF_TRAIN_TUNE_ROUNDS", get("SELF_TRAIN_TUNE_ROUNDS", ""), 1)
-            if values["self_train_tune_rounds"] > 2:
-                raise SettingsError(f"SELF_TRAIN_TUNE_ROUNDS={get('SELF_TRAIN_TUNE_ROUNDS', '')!r}: must be 1 or 2")
+            values["self_train_tune_rounds"] = int(_choice("SELF_TRAIN_TUNE_ROUNDS", get("SELF_TRAIN_TUNE_ROUNDS", ""), ("1", "2")))
         if get("ZERO_SHOT_TEMPERATURE"):
             values["zero_shot_temperature"] = _float("ZERO_SHOT_TEMPERATURE", get("ZERO_SHOT_TEMPERATURE", ""), 1e-4, 10)
         if get("MULTI_LABEL_THRESHOLD"):

@@ -176,11 +176,9 @@ class LabelStudioSource:
 
         try:
             self.client.annotations.get(id=annotation_id)
-        except ApiError as exc:
-            if exc.status_code == 404:
+        except Exception as exc:  # any answer but a 404 (timeouts too) stops the sync: nothing is deleted
+            if isinstance(exc, ApiError) and exc.status_code == 404:
                 return True
-            raise SyncError(f"Label Studio at {self.url}: annotation {annotation_id}: {_reason(exc)}") from None
-        except Exception as exc:  # timeouts, refused connections: the sync stops, nothing is deleted
             raise SyncError(f"Label Studio at {self.url}: annotation {annotation_id}: {_reason(exc)}") from None
         return False
 
