@@ -254,8 +254,9 @@ class LabelStudio(LabelStudioClient):
     :class:`LabelStudioClient` are available once started.
     """
 
-    def __init__(self, start_timeout: float = 180, keep_data: bool = False):
+    def __init__(self, start_timeout: float = 180, keep_data: bool = False, extra_env: Optional[dict] = None):
         self.start_timeout = start_timeout
+        self.extra_env = dict(extra_env or {})  # Label Studio settings of this server (e.g. TASK_API_PAGE_SIZE_MAX)
         self.keep_data = keep_data or os.environ.get("LS_E2E_KEEP") == "1"
         self.process: Optional[subprocess.Popen] = None
         self.workdir: Optional[Path] = None
@@ -315,6 +316,7 @@ class LabelStudio(LabelStudioClient):
             LABEL_STUDIO_LATEST_VERSION_CHECK="false",
             PYTHONUNBUFFERED="1",
         )
+        env.update(self.extra_env)
         return env
 
     def _launch_and_wait(self, port: int) -> tuple[Optional[str], bool]:
