@@ -133,7 +133,7 @@ def sync(device) -> None:
 
 # -- the four measurements -------------------------------------------------------------
 def ours_inference(model: str, device, texts: list[str], seq_len: int, batch: int, repeats: int) -> dict:
-    from ls_backend.model import Encoder, tokenize_threads
+    from ls_backend.model import OVERLAP_PART, Encoder, tokenize_threads
 
     # as the predictor builds it: INFERENCE_PRECISION=auto (bf16 autocast on CUDA, fp16 without bf16)
     encoder = Encoder(model, device, seq_len, "auto")
@@ -157,6 +157,11 @@ def ours_inference(model: str, device, texts: list[str], seq_len: int, batch: in
     lengths = {len(x) for x in ids}
     assert lengths == {seq_len}, f"texts were not all cut to {seq_len} tokens: {sorted(lengths)[:5]}"
     assert embeddings.shape == (len(texts), encoder.dim)
+    # end to end (in parts, tokenized ahead, where it is long enough on CUDA) gives the embeddings of
+    # the tokenizer and the model one after the other, row for row
+    sequential = encoder.encode_ids(ids, batch)
+    cosine = float((embeddings * sequential).sum(axis=1).min())
+    assert cosine > 0.99, f"end-to-end embeddings differ from tokenize + encode_ids: min cosine {cosine:.4f}"
     return {
         "sequences": len(texts),
         "batch_size": batch,
@@ -165,6 +170,8 @@ def ours_inference(model: str, device, texts: list[str], seq_len: int, batch: in
         "tokenize_only_sequences_per_second": significant(len(texts) / tokenize_seconds, 5),
         "model_only_sequences_per_second": significant(len(texts) / model_seconds, 5),
         "tokenize_threads": tokenize_threads(),
+        "overlapped": encoder.device.type == "cuda" and len(texts) > OVERLAP_PART,
+        "min_cosine_vs_sequential": round(cosine, 5),
         "precision": encoder.precision_tag,
     }
 
@@ -377,6 +384,9 @@ def main() -> int:
                        ("            model alone", "model_only_sequences_per_second")):
         if parts.get(key):
             log(f"{label:26}{parts[key]:>12,.1f}{format(100 * parts[key] / FORWARD_CEILING, '.3g') + '%':>18}")
+    if parts:
+        log(f"  end to end {'in parts, tokenized ahead' if parts['overlapped'] else 'tokenizer, then model'}; "
+            f"rows against tokenize + encode_ids: min cosine {parts['min_cosine_vs_sequential']}")
     for key in ("inference_speedup_over_pipeline", "training_speedup_over_trainer"):
         if key in summary:
             log(f"{key}: {summary[key]}x")

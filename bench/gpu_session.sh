@@ -14,10 +14,13 @@
 #   4. bench/active_learning.py --full-every 64: the encoder fine-tuned every 64 labels, 3 strategies x 3 seeds
 #   5. bench/label_efficiency.py at 1,024 labels (AG News, SST-2; 3 seeds, with the Trainer baseline)
 #   6. bench/label_efficiency.py at 64 and 256 labels: the full recipe's defaults and variants (--set)
+#   7. bench/label_efficiency.py --auto-only at 64 and 256 labels: what a job serves with the GPU's
+#      defaults (the second round included), one process per data set and size, 3 seeds each
 #
-# STEPS picks some of them (default: "tests gpu predict al le1024 variants"); GPU_ARGS replaces
-# bench/gpu.py's arguments; AL_GROUPS lists the active-learning seed groups, FIRST:COUNT each, one
-# process per group and strategy (default "0:3").  A second, shorter call, for example:
+# STEPS picks some of them (default: "tests gpu predict al le1024 variants"; "auto" adds 7); GPU_ARGS
+# replaces bench/gpu.py's arguments; AL_GROUPS lists the active-learning seed groups, FIRST:COUNT each,
+# one process per group and strategy (default "0:3"), AL_STRATEGIES the strategies (default "random
+# uncertainty diverse").  A second, shorter call, for example:
 #   BUDGET=270 STEPS="gpu al" GPU_ARGS="--infer-n 20000 --repeats 2" AL_GROUPS="3:2 5:2 7:2" bash bench/gpu_session.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -25,6 +28,7 @@ OUT=${OUT:-/tmp/ls-backend-gpu}
 BUDGET=${BUDGET:-540}
 STEPS=" ${STEPS:-tests gpu predict al le1024 variants} "
 AL_GROUPS=${AL_GROUPS:-0:3}
+AL_STRATEGIES=${AL_STRATEGIES:-random uncertainty diverse}
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
 T0=$SECONDS
@@ -82,7 +86,7 @@ export OMP_NUM_THREADS=2
 pids=()
 for group in $AL_GROUPS; do
     wanted al || break
-    for strategy in random uncertainty diverse; do
+    for strategy in $AL_STRATEGIES; do
         name=al-$strategy-${group%%:*}
         LS_BACKEND_CACHE=/tmp/cache-$name timeout -k 5 "$limit" python3 bench/active_learning.py --full-every 64 \
             --first-seed "${group%%:*}" --seeds "${group##*:}" --strategies "$strategy" --out "$LOGS/$name.json" \
@@ -95,6 +99,14 @@ for dataset in agnews sst2; do
     timeout -k 5 "$limit" python3 bench/label_efficiency.py --dataset "$dataset" --sizes 1024 --seeds 3 \
         > "$LOGS/le1024-$dataset.log" 2>&1 &
     pids+=($!)
+done
+for dataset in agnews sst2; do
+    for size in 64 256; do
+        wanted auto || break 2
+        LS_BACKEND_CACHE=/tmp/cache-auto-$dataset-$size timeout -k 5 "$limit" python3 bench/label_efficiency.py \
+            --dataset "$dataset" --sizes "$size" --seeds 3 --no-trainer --auto-only > "$LOGS/auto-$dataset-$size.log" 2>&1 &
+        pids+=($!)
+    done
 done
 variant() {  # variant NAME --set ... : both data sets, 64 and 256 labels, 3 seeds, candidates only
     local name=$1
@@ -120,6 +132,7 @@ echo "== side-by-side runs done after $((SECONDS - T0)) s"
     echo "-- predict"; tail -n 25 "$LOGS/predict.log"
     for f in "$LOGS"/al-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "labels,|^[a-z]+ +[0-9]|per seed" "$f"; }; done
     for f in "$LOGS"/le1024-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "^ +[0-9]+ +[0-9]+ |labels:|zero-shot" "$f"; }; done
+    for f in "$LOGS"/auto-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "^ +[0-9]+ +[0-9]+ |labels:|auto|rounds" "$f"; }; done
     for f in "$LOGS"/var-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "labels:|overrides|pool" "$f"; }; done
 } > "$LOGS/summary.txt" 2>&1
 tail -c 11000 "$LOGS/summary.txt"

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
@@ -44,11 +45,10 @@ ZERO_SHOT_MULTI_MIDPOINT = 0.09
 #: the model alone runs 50,360/s).
 TOKENIZE_CHUNK = 512
 
-#: On CUDA, ``Encoder.encode`` of more texts than this tokenizes the next part of this many texts
-#: on a helper thread while the card runs the current part (each part sorted by length on its
-#: own): the tokenizer and the model then run side by side instead of one after the other
-#: (bench/gpu.py on an H100 before this: tokenizer alone 25,823 texts/s, model alone 50,360/s,
-#: end to end 17,126/s, the two in sequence).
+#: On CUDA, ``Encoder.encode`` of more texts than this runs them in parts of this many (each part
+#: sorted by length on its own), while the tokenizer's threads work on the parts ahead: the
+#: tokenizer and the model run side by side instead of one after the other (bench/gpu.py on an
+#: H100 before this: tokenizer alone 25,823 texts/s, model alone 50,360/s, end to end 17,126/s).
 OVERLAP_PART = 4096
 
 _pools: dict[str, tuple[int, ThreadPoolExecutor]] = {}  # name -> (the process that made it, the pool)
@@ -66,8 +66,7 @@ def tokenize_threads() -> int:
 
 def _thread_pool(name: str, workers: int) -> ThreadPoolExecutor:
     """This process's pool ``name`` (made after any fork: a forked child gets none of its parent's
-    threads).  ``tokenize`` fans out on "tokenize"; "tokenize-ahead" is the one thread that
-    tokenizes the next part of a long ``encode`` meanwhile."""
+    threads).  ``tokenize`` and ``encode_overlapped`` fan out on "tokenize"."""
     with _pools_lock:
         made = _pools.get(name)
         if made is None or made[0] != os.getpid():
@@ -193,25 +192,24 @@ class Encoder:
                 self._bulk[limit] = core
             return core
 
-    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
-        """Token ids with the special tokens, cut at ``max_length`` (the same ids as the tokenizer's
-        own ``__call__`` with ``truncation=True``); lists of over ``2 * TOKENIZE_CHUNK`` texts are
-        split over ``tokenize_threads()`` threads."""
-        limit = max_length or self.max_length
+    def _tokenize_chunk(self, texts: Sequence[str], limit: int) -> list[list[int]]:
         # A token rarely spans more than 32 characters besides whitespace, so cutting absurdly long
         # texts after that many visible characters a token loses nothing truncation would keep.
         clipped = [utf8_safe(clip_visible(t, limit * 32)) for t in texts]
         core = self._bulk_tokenizer(limit)
         encode = getattr(core, "encode_batch_fast", core.encode_batch)  # no character offsets
+        return [e.ids for e in encode(clipped)]
 
-        def ids(part: list[str]) -> list[list[int]]:
-            return [e.ids for e in encode(part)]
-
-        if len(clipped) < 2 * TOKENIZE_CHUNK or tokenize_threads() == 1:
-            return ids(clipped)
-        parts = [clipped[i : i + TOKENIZE_CHUNK] for i in range(0, len(clipped), TOKENIZE_CHUNK)]
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        """Token ids with the special tokens, cut at ``max_length`` (the same ids as the tokenizer's
+        own ``__call__`` with ``truncation=True``); lists of over ``2 * TOKENIZE_CHUNK`` texts are
+        split over ``tokenize_threads()`` threads."""
+        limit = max_length or self.max_length
+        if len(texts) < 2 * TOKENIZE_CHUNK or tokenize_threads() == 1:
+            return self._tokenize_chunk(texts, limit)
+        parts = [texts[i : i + TOKENIZE_CHUNK] for i in range(0, len(texts), TOKENIZE_CHUNK)]
         out: list[list[int]] = []
-        for part in _thread_pool("tokenize", tokenize_threads()).map(ids, parts):
+        for part in _thread_pool("tokenize", tokenize_threads()).map(lambda p: self._tokenize_chunk(p, limit), parts):
             out.extend(part)
         return out
 
@@ -246,15 +244,27 @@ class Encoder:
         return self.encode_ids(self.tokenize(texts), batch_size)
 
     def encode_overlapped(self, texts: Sequence[str], batch_size: int, part: int) -> np.ndarray:
-        """``encode`` in parts of ``part`` texts, the next part tokenized while this one runs."""
-        parts = [list(texts[i : i + part]) for i in range(0, len(texts), part)]
+        """``encode`` in parts of ``part`` texts while every tokenizer thread works on the parts
+        ahead: chunks of the list are queued on the tokenizer's pool in order (at most
+        ``2 * max(parts' chunks, threads)`` ahead, so memory stays bounded), and the card runs each
+        part as soon as its chunks are tokenized."""
+        chunk = max(1, min(TOKENIZE_CHUNK, part))
+        per_part = max(1, part // chunk)
+        threads = tokenize_threads()
+        window = 2 * max(per_part, threads)
+        pool = _thread_pool("tokenize", threads)
+        limit = self.max_length
+        starts = iter(range(0, len(texts), chunk))
+        queued: deque = deque()
         done: list[np.ndarray] = []
-        helper = _thread_pool("tokenize-ahead", 1)
-        ahead = helper.submit(self.tokenize, parts[0])
-        for k in range(len(parts)):
-            ids = ahead.result()
-            if k + 1 < len(parts):
-                ahead = helper.submit(self.tokenize, parts[k + 1])
+        while True:
+            for start in starts:
+                queued.append(pool.submit(self._tokenize_chunk, texts[start : start + chunk], limit))
+                if len(queued) >= window:
+                    break
+            if not queued:
+                break
+            ids = [row for _ in range(min(per_part, len(queued))) for row in queued.popleft().result()]
             done.append(self.encode_ids(ids, batch_size))
         return np.concatenate(done)
 

@@ -95,6 +95,8 @@ def test_overlapped_encode_gives_the_same_embeddings_in_the_same_order(encoder):
     parted = encoder.encode_overlapped(texts, 16, part=50)  # 3 parts, the last one short
     assert parted.shape == whole.shape
     np.testing.assert_allclose(parted, whole, atol=1e-5)
+    # 14 parts: more than the tokenizer's queue holds ahead, so it is refilled as parts are taken
+    np.testing.assert_allclose(encoder.encode_overlapped(texts, 16, part=10), whole, atol=1e-5)
     assert encoder.encode_overlapped(texts[:7], 16, part=50).shape == (7, encoder.dim)
 
 
