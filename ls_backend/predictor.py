@@ -62,6 +62,15 @@ def read_text(task: Any, data_field: str) -> TaskText:
     return TaskText(value)
 
 
+def reads_nothing(encoder: Encoder, text: str) -> bool:
+    """Whether the model reads no token of ``text``: it holds only characters its tokenizer drops
+    (zero-width, control or combining marks, a byte-order mark).  Such a text is as empty as
+    whitespace; embedded, it would be the special tokens alone and get a confident guess."""
+    if any(ch.isalnum() for ch in text):  # stops at the first letter or digit: almost every text
+        return False
+    return len(encoder.tokenize([text])[0]) <= len(encoder.tokenize([""])[0])
+
+
 def choices_result(control, head: ClassifierHead, probs: np.ndarray) -> tuple[dict, float]:
     """One Label Studio ``choices`` result and its score, from one row of probabilities."""
     if head.multiple:
@@ -295,6 +304,9 @@ class Predictor:
                 read = read_text(task, data_field)
                 if read.text is None:
                     problems.setdefault(i, read.problem or "unreadable")
+                    continue
+                if reads_nothing(serving.encoder, read.text):
+                    problems.setdefault(i, f"task data field {data_field!r} holds no character the model reads")
                     continue
                 slot[(data_field, i)] = len(texts)
                 # a prefix: span offsets found in it hold for the whole text

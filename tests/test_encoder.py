@@ -109,3 +109,19 @@ def test_whitespace_runs_do_not_push_a_long_texts_words_out_of_what_is_read():
     expected = encoder.tokenizer(text, truncation=True, max_length=32)["input_ids"]
     assert encoder.tokenize([text]) == [expected] and len(expected) > 5
     assert clip_visible("abc  def ghi", 5) == "abc  de" and clip_visible("ab", 5) == "ab"
+
+
+def test_batches_are_sorted_by_length_and_padded_row_for_row(encoder):
+    rng = np.random.default_rng(3)
+    ids = [list(rng.integers(1000, 2000, size=int(n))) for n in rng.integers(2, 40, size=75)]
+    pad = encoder.tokenizer.pad_token_id or 0
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # stable: ties keep the given order
+    batches = list(encoder._batches(ids, 16))
+    assert [i for rows, _, _ in batches for i in rows] == order
+    for rows, input_ids, mask in batches:
+        width = max(len(ids[i]) for i in rows)
+        assert input_ids.shape == mask.shape == (len(rows), width)
+        for row, i in enumerate(rows):
+            n = len(ids[i])
+            assert input_ids[row, :n].tolist() == ids[i] and set(input_ids[row, n:].tolist()) <= {pad}
+            assert mask[row].tolist() == [1] * n + [0] * (width - n)
