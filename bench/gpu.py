@@ -289,6 +289,8 @@ def main() -> int:
     parser.add_argument("--train-batch", type=int, default=256, help="our training batch size")
     parser.add_argument("--trainer-steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--tokenize-threads", type=int, default=0,
+                        help="threads of our bulk tokenizer (0: the backend's own choice, the cores, at most 16)")
     parser.add_argument("--skip", default="", help="comma-separated: ours-infer,pipeline,ours-train,trainer")
     parser.add_argument("--out", help="also write the results here (JSON)")
     args = parser.parse_args()
@@ -296,11 +298,14 @@ def main() -> int:
     import torch
     import transformers
 
+    from ls_backend import model as backend_model
     from ls_backend.model import resolve_device
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tokenize_threads:  # before the tokenizer's pool is made (on first use)
+        backend_model.tokenize_threads = lambda: args.tokenize_threads
     device = resolve_device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -323,8 +328,11 @@ def main() -> int:
             "seq_len": args.seq_len,
             "texts": source,
             "ceilings_h100": {"forward": FORWARD_CEILING, "train_step": STEP_CEILING},
+            "torch_threads": torch.get_num_threads(),
+            "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM"),
         }
-        log(f"device: {card}; torch {torch.__version__}, transformers {transformers.__version__}; texts: {source}")
+        log(f"device: {card}; torch {torch.__version__}, transformers {transformers.__version__}; texts: {source}; "
+            f"torch threads {torch.get_num_threads()}, TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM')}")
         runs = [
             ("ours_inference", "ours-infer", lambda: ours_inference(model, device, texts[: args.infer_n], args.seq_len, args.infer_batch, args.repeats)),
             ("pipeline_inference", "pipeline", lambda: pipeline_inference(model, device, texts[: args.pipeline_n], args.seq_len)),

@@ -17,6 +17,11 @@
 #   7. bench/label_efficiency.py --auto-only at 64 and 256 labels: what a job serves with the GPU's
 #      defaults (the second round included), one process per data set and size, 3 seeds each
 #
+# and, alone on the card, "sweep": bench/gpu.py's end-to-end inference only, in five set-ups (as is; Rust
+# tokenizer threads off, TOKENIZERS_PARALLELISM=false as in the worker; one torch CPU thread; 15 tokenizer
+# threads, a core left to the thread feeding the card; all three), to find what keeps end to end from the
+# tokenizer's own rate.
+#
 # STEPS picks some of them (default: "tests gpu predict al le1024 variants"; "auto" adds 7); GPU_ARGS
 # replaces bench/gpu.py's arguments; AL_GROUPS lists the active-learning seed groups, FIRST:COUNT each,
 # one process per group and strategy (default "0:3"), AL_STRATEGIES the strategies (default "random
@@ -37,10 +42,10 @@ left() { echo $((BUDGET - (SECONDS - T0) - 20)); }  # 20 s kept for the summary 
 
 wanted() { [[ $STEPS == *" $1 "* ]]; }
 
-step() {  # step NAME LIMIT COMMAND...: run alone, stopped at LIMIT seconds or the budget
-    local name=$1 limit=$2 l
+step() {  # step NAME LIMIT COMMAND...: run alone, stopped at LIMIT seconds or the budget (GATE: the
+    local name=$1 limit=$2 l  # STEPS word that turns it on, when not NAME)
     shift 2
-    wanted "$name" || return 0
+    wanted "${GATE:-$name}" || return 0
     l=$(left)
     ((limit > l)) && limit=$l
     if ((limit < 15)); then
@@ -78,6 +83,20 @@ echo "== set-up done after $((SECONDS - T0)) s"
 step tests 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
 # shellcheck disable=SC2086
 step gpu 150 python3 bench/gpu.py ${GPU_ARGS:-} --out "$LOGS/gpu.json"
+sweep() {  # sweep NAME ENV... -- ARGS...: one end-to-end inference run of bench/gpu.py
+    local name=$1
+    shift
+    local envs=()
+    while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+    shift
+    GATE=sweep step "sweep-$name" 60 env "${envs[@]}" python3 bench/gpu.py --skip pipeline,ours-train,trainer \
+        --infer-n 50000 --repeats 2 "$@"
+}
+sweep as-is TOKENIZERS_PARALLELISM=true --
+sweep rust-threads-off TOKENIZERS_PARALLELISM=false --
+sweep torch-1-thread TOKENIZERS_PARALLELISM=true -- --threads 1
+sweep tokenize-15 TOKENIZERS_PARALLELISM=true -- --tokenize-threads 15
+sweep all-three TOKENIZERS_PARALLELISM=false -- --threads 1 --tokenize-threads 15
 step predict 120 python3 bench/predict.py --latency-requests 60 --repeats 2 --no-accuracy --baseline-device cuda
 
 # -- 4-6: side by side ---------------------------------------------------------------------------
@@ -129,6 +148,7 @@ echo "== side-by-side runs done after $((SECONDS - T0)) s"
     cat "$LOGS/steps.log" 2>/dev/null
     echo "-- tests"; tail -n 8 "$LOGS/tests.log"
     echo "-- gpu"; tail -n 25 "$LOGS/gpu.log"
+    for f in "$LOGS"/sweep-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "threads|ours, inference|tokenizer alone|model alone" "$f"; }; done
     echo "-- predict"; tail -n 25 "$LOGS/predict.log"
     for f in "$LOGS"/al-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "labels,|^[a-z]+ +[0-9]|per seed" "$f"; }; done
     for f in "$LOGS"/le1024-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "^ +[0-9]+ +[0-9]+ |labels:|zero-shot" "$f"; }; done
