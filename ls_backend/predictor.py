@@ -305,12 +305,13 @@ class Predictor:
                 if read.text is None:
                     problems.setdefault(i, read.problem or "unreadable")
                     continue
-                if reads_nothing(serving.encoder, read.text):
+                # a prefix: span offsets found in it hold for the whole text
+                text = read.text[: self.settings.max_text_chars]
+                if reads_nothing(serving.encoder, text):
                     problems.setdefault(i, f"task data field {data_field!r} holds no character the model reads")
                     continue
                 slot[(data_field, i)] = len(texts)
-                # a prefix: span offsets found in it hold for the whole text
-                texts.append(read.text[: self.settings.max_text_chars])
+                texts.append(text)
         token_rows: dict[int, list] = {}
         for control in token_controls:
             for i in range(len(tasks)):
