@@ -123,7 +123,8 @@ for dataset in agnews sst2; do
     for size in 64 256; do
         wanted auto || break 2
         LS_BACKEND_CACHE=/tmp/cache-auto-$dataset-$size timeout -k 5 "$limit" python3 bench/label_efficiency.py \
-            --dataset "$dataset" --sizes "$size" --seeds 3 --no-trainer --auto-only > "$LOGS/auto-$dataset-$size.log" 2>&1 &
+            --dataset "$dataset" --sizes "$size" --seeds 3 --no-trainer --auto-only --job-detail \
+            > "$LOGS/auto-$dataset-$size.log" 2>&1 &
         pids+=($!)
     done
 done
@@ -152,7 +153,7 @@ echo "== side-by-side runs done after $((SECONDS - T0)) s"
     echo "-- predict"; tail -n 25 "$LOGS/predict.log"
     for f in "$LOGS"/al-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "labels,|^[a-z]+ +[0-9]|per seed" "$f"; }; done
     for f in "$LOGS"/le1024-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "^ +[0-9]+ +[0-9]+ |labels:|zero-shot" "$f"; }; done
-    for f in "$LOGS"/auto-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "^ +[0-9]+ +[0-9]+ |labels:|auto|rounds" "$f"; }; done
+    for f in "$LOGS"/auto-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "^ +[0-9]+ +[0-9]+ |labels:|auto|rounds|job, " "$f"; }; done
     for f in "$LOGS"/var-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "labels:|overrides|pool" "$f"; }; done
 } > "$LOGS/summary.txt" 2>&1
 tail -c 11000 "$LOGS/summary.txt"

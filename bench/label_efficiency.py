@@ -19,6 +19,7 @@ example backends do — in the same run, on the same labels.
     .venv/bin/python bench/label_efficiency.py --sizes 64 --seeds 3 --contrastive 2560   # + the contrastive candidate
     .venv/bin/python bench/label_efficiency.py --sizes 64 --no-auto --no-trainer --set learning_rate=2e-4 --set target_examples=4096
     .venv/bin/python bench/label_efficiency.py --sizes 64 256 --seeds 3 --no-trainer --auto-only   # what a job serves only
+    .venv/bin/python bench/label_efficiency.py --sizes 64 --no-trainer --auto-only --job-detail  # + each candidate of the job
 
 ``--set NAME=VALUE`` overrides a field of ``ls_backend.trainer.TrainingArguments`` (what the job's
 settings set) for every candidate, to compare recipes in one run.
@@ -216,6 +217,8 @@ def main() -> int:
     parser.add_argument("--no-trainer", action="store_true", help="skip the transformers.Trainer baseline")
     parser.add_argument("--auto-only", action="store_true",
                         help="only what a job promotes: skip the recipes trained on all N labels (half the time)")
+    parser.add_argument("--job-detail", action="store_true",
+                        help="with auto: also each candidate of the job, its figure on the slice and on the test rows")
     parser.add_argument("--contrastive", type=int, default=0, metavar="PAIRS",
                         help="also the contrastive candidate with this many pairs (0: skip; the jobs use 2560 on CUDA)")
     parser.add_argument("--max-length", type=int, default=128)
@@ -296,6 +299,10 @@ def main() -> int:
                     slice_tolerance(Settings(), len(held)),
                 )
                 auto = test_accuracy(job[recipe])
+                if args.job_detail:  # what the slice saw beside what the test rows say, per candidate
+                    print(f"  job, {n} labels, seed {seed}, slice of {len(held)}: " + "; ".join(
+                        f"{name} {on_slice(name):.3f} / {test_accuracy(job[name]):.3f}" for name in job
+                    ) + f" (slice / test; served {recipe})", flush=True)
             baseline, trainer_s = None, 0.0
             if not args.no_trainer:
                 t0 = time.perf_counter()
