@@ -1,5 +1,7 @@
 """Pre-labels from the first task on: the cold-start model through the Flask app."""
 
+import time
+
 import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
@@ -256,3 +258,14 @@ def test_long_texts_are_read_up_to_max_text_chars(tmp_path, encoder):
     assert len(spans) > 100  # the first 1,000 characters are read...
     assert max(value["end"] for value in spans) <= 1000  # ...and no more
     assert all(value["text"] == text[value["start"] : value["end"]] for value in spans)  # offsets into the whole text
+
+
+def test_predict_answers_its_own_time_in_a_server_timing_header(client):
+    body = {"tasks": [{"id": 1, "data": {"text": "Stocks fell as oil prices rose"}}], "project": PROJECT,
+            "label_config": TOPIC_CONFIG}
+    started = time.perf_counter()
+    response = client.post("/predict", json=body)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    name, _, duration = response.headers["Server-Timing"].partition(";dur=")
+    assert response.status_code == 200 and name == "predict"
+    assert 0 < float(duration) <= elapsed_ms
