@@ -117,7 +117,10 @@ class Services:
 def json_body() -> dict:
     if not request.data:
         raise BadRequest("empty body: send a JSON object")
-    payload = request.get_json(silent=True, force=True)
+    try:
+        payload = request.get_json(silent=True, force=True)
+    except RecursionError:  # silent=True covers ValueError only
+        raise BadRequest("the body's JSON is nested too deeply") from None
     if payload is None:
         raise BadRequest("the body is not valid JSON")
     if not isinstance(payload, dict):

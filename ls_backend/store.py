@@ -1350,9 +1350,13 @@ class CorrectionStore:
                 )
                 row = self._project_row(conn, key)
             values = {}
-            if hostname and hostname != row.ls_url:
-                values["ls_url"] = hostname.rstrip("/")
-            if access_token and access_token != row.ls_token:
+            url = hostname.rstrip("/") if hostname else None
+            if url and url != row.ls_url:
+                values["ls_url"] = url
+                # a token is only ever sent to the address it came with: a new address without a
+                # token of its own (Label Studio always sends both) must not receive the old one
+                values["ls_token"] = None
+            if access_token and (access_token != row.ls_token or "ls_token" in values):
                 values["ls_token"] = access_token
             if values:
                 conn.execute(projects.update().where(projects.c.key == key).values(**values))

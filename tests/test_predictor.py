@@ -139,6 +139,7 @@ def test_a_new_current_version_is_picked_up_without_restart(client, settings, ap
     "body, status, words",
     [
         (b"{not json", 400, "not valid JSON"),
+        (b'{"tasks": ' + b"[" * 100_000, 400, "nested too deeply"),
         (b"", 400, "empty body"),
         (b"[1, 2]", 400, "JSON object"),
         (b'{"project": "1.1", "label_config": "<View/>"}', 400, "missing field 'tasks'"),

@@ -35,6 +35,7 @@ def test_deletes_and_replays_through_the_route(client):
     [
         (b"", "empty body"),
         (b"{not json", "not valid JSON"),
+        (b"[" * 100_000, "nested too deeply"),  # past the JSON parser's recursion limit
         (b"[1, 2]", "JSON object"),
         (b'{"annotation": {}}', "action"),
         (b'{"action": "ANNOTATION_CREATED", "annotation": {"id": 1}}', "names no project"),
@@ -99,6 +100,23 @@ def test_setup_remembers_the_token_without_logging_it(settings, encoder, caplog)
     assert store.connection_of(KEY) == ("http://localhost:8080", "tok-very-secret")
     assert "tok-very-secret" not in caplog.text
     assert "tok-very-secret" not in client.get("/projects").get_data(as_text=True)
+
+
+def test_a_new_address_without_a_token_of_its_own_never_gets_the_stored_token(settings, encoder):
+    app = create_app(settings.with_overrides(sync_check_interval=0), Predictor(settings, encoder=encoder))
+    client = app.test_client()
+    store = app.extensions["ls_backend"].store
+    owner = {"project": KEY, "schema": TOPIC_CONFIG, "hostname": "http://localhost:8080", "access_token": "tok-owner"}
+    assert client.post("/setup", json=owner).status_code == 200
+    # the same address again, with or without a trailing slash or a token: nothing changes
+    client.post("/setup", json={"project": KEY, "schema": TOPIC_CONFIG, "hostname": "http://localhost:8080/"})
+    assert store.connection_of(KEY) == ("http://localhost:8080", "tok-owner")
+    # another address and no token: the owner's token is not kept for it
+    client.post("/setup", json={"project": KEY, "schema": TOPIC_CONFIG, "hostname": "http://elsewhere:9999"})
+    assert store.connection_of(KEY) == ("http://elsewhere:9999", None)
+    # Label Studio itself sends both: a move with its token is remembered whole
+    assert client.post("/setup", json={**owner, "hostname": "http://moved:8080"}).status_code == 200
+    assert store.connection_of(KEY) == ("http://moved:8080", "tok-owner")
 
 
 def test_with_basic_auth_an_unauthenticated_webhook_gets_401_and_nothing_is_stored(settings, encoder):
