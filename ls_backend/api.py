@@ -99,13 +99,17 @@ class Services:
         except Exception:  # /setup must answer even when the store cannot be written
             log.exception("setup of project %s: could not be recorded in the store", project)
 
-    def notify(self, outcome: EventOutcome) -> None:
+    def notify(self, outcome: EventOutcome) -> list[Exception]:
+        """Tell the listeners (the training queue) of a stored event; returns their failures."""
+        failures = []
         for listener in list(self.event_listeners):
             try:
                 listener(outcome)
-            except Exception:
+            except Exception as exc:
+                failures.append(exc)
                 log.exception("event listener %r failed on %s for project %s", listener, outcome.action,
                               outcome.project_key)
+        return failures
 
     @property
     def predictor(self) -> Predictor:
@@ -219,7 +223,14 @@ def webhook():
         outcome = svc.store.record_event(payload)  # durable before we answer
     except BadEvent as exc:
         raise BadRequest(f"{action}: {exc.message}") from None
-    svc.notify(outcome)
+    failures = svc.notify(outcome)
+    if failures and outcome.trigger:
+        # a label that could not queue its job is caught up by the next one; a press of Start
+        # Training is not, so Label Studio must show that it failed
+        raise BadRequest(
+            f"Start Training could not be queued ({type(failures[0]).__name__}: {failures[0]}); the request is "
+            "stored: press Start Training again once the job queue (Redis) answers", 503
+        )
     return jsonify({"status": "ok", "action": action, "project": outcome.project_key, "changed": outcome.changed})
 
 
@@ -358,8 +369,8 @@ def project_next(key: str):
 def list_jobs():
     project = request.args.get("project")
     limit = request.args.get("limit", "50")
-    if not limit.isdecimal():
-        raise BadRequest("'limit' must be a positive integer")
+    if not (limit.isdecimal() and 1 <= int(limit) <= 10_000):
+        raise BadRequest("'limit' must be an integer from 1 to 10000")
     jobs = services().queue.jobs(_project_key(project) if project else None, int(limit))
     return jsonify({"jobs": [job.to_dict() for job in jobs]})
 

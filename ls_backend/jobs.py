@@ -683,6 +683,18 @@ class EmbeddedTrainingQueue(TrainingQueue):
                     "UPDATE jobs SET state = ?, started_at = NULL, error = ?, enqueued_at = ? WHERE id = ?",
                     (QUEUED, f"attempt {row['attempts']} failed: {error}", time.time(), job_id),
                 )
+            elif retry and row["attempts"] <= self.settings.job_retries:
+                # the job queued for this project and lane is the retry: it must also do what this
+                # one was asked (Start Training's sync, a refresh at the end)
+                merged = merge_triggers(
+                    db.execute("SELECT trigger FROM jobs WHERE id = ?", (queued["id"],)).fetchone()["trigger"],
+                    row["trigger"],
+                )
+                db.execute("UPDATE jobs SET trigger = ? WHERE id = ?", (merged, queued["id"]))
+                db.execute(
+                    "UPDATE jobs SET state = ?, ended_at = ?, error = ? WHERE id = ?",
+                    (FAILED, time.time(), f"{error} (retried as {queued['id']})", job_id),
+                )
             else:
                 db.execute(
                     "UPDATE jobs SET state = ?, ended_at = ?, error = ? WHERE id = ?",
@@ -714,9 +726,26 @@ def warm_imports(settings: Settings) -> float:
     return time.perf_counter() - started
 
 
-def _job_process(settings: Settings, conn, ahead: bool) -> None:
+def exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """End this process as soon as it finds itself orphaned (its parent ``parent`` gone: killed
+    hard, by SIGKILL or the OOM killer, so it could not stop its children).  A job process left
+    running would train beside the retry the restarted runner starts, and promote a version the
+    job table never shows."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _job_process(settings: Settings, conn, ahead: bool, parent: int | None = None) -> None:
     """One job's process: warm the imports, then take one job from ``conn`` and send back its
-    outcome.  ``ahead``: started before its job, as a lane's standby (see ``STANDBY_LANES``)."""
+    outcome.  ``ahead``: started before its job, as a lane's standby (see ``STANDBY_LANES``);
+    ``parent``: the runner's pid, whose death ends this process too."""
+    if parent is not None:
+        exit_with_parent(parent)
     from .logs import configure
 
     configure(settings.log_level)
@@ -762,7 +791,9 @@ class JobRunner:
 
     def _start_process(self, ahead: bool) -> tuple[Any, Any]:
         ours, theirs = self.context.Pipe()
-        process = self.context.Process(target=_job_process, args=(self.settings, theirs, ahead), daemon=True)
+        process = self.context.Process(
+            target=_job_process, args=(self.settings, theirs, ahead, os.getpid()), daemon=True
+        )
         process.start()
         theirs.close()
         return process, ours

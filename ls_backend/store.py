@@ -220,7 +220,9 @@ class ProjectInfo:
             key=key,
             ls_id=ls_id,
             title=storable(str(project.get("title") or "")),
-            created_at=storable(created if isinstance(created, str) else str(created)),
+            # as sent, for the operator view (the key is built from the parsed time); a column of 64
+            # characters holds any real one (PostgreSQL refuses a longer string, where SQLite keeps it)
+            created_at=storable(created if isinstance(created, str) else str(created))[:64],
             label_config=storable(config) if config else None,
             updated_us=micros(updated) if updated else None,
             total_annotations=total if isinstance(total, int) and not isinstance(total, bool) and 0 <= total < 2**63 else None,
@@ -1482,11 +1484,13 @@ class CorrectionStore:
     def resolve_project(self, key_or_id: str) -> str:
         """A stored project key from a key or a bare Label Studio id (when only one project has it)."""
         text = str(key_or_id).strip()
+        if not text.isprintable() or len(text) > 200:  # no stored key is (PostgreSQL refuses a NUL outright)
+            raise UnknownProject(f"no project {text[:200]!r} in the store (a key is printable text)")
         with self._read() as conn:
             if conn.execute(sa.select(projects.c.key).where(projects.c.key == text)).scalar_one_or_none():
                 return text
             known = conn.execute(sa.select(projects.c.key).order_by(projects.c.key)).scalars().all()
-            if text.isdecimal():
+            if text.isdecimal() and int(text) < 2**63:  # a Label Studio id fits a signed 64-bit column
                 matches = conn.execute(
                     sa.select(projects.c.key).where(projects.c.ls_id == int(text)).order_by(projects.c.key)
                 ).scalars().all()

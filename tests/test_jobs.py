@@ -174,6 +174,20 @@ def test_triggers_merge_so_that_no_request_is_lost():
     assert split_trigger("schedule") == ("schedule", False)
 
 
+def test_a_failed_job_with_a_queued_successor_hands_its_trigger_on(tmp_path):
+    queue = EmbeddedTrainingQueue(Settings(model_dir=tmp_path, job_retries=1))
+    pressed, _ = queue.enqueue("5.1", "START_TRAINING+refresh")
+    assert queue.claim().id == pressed.id
+    labels, created = queue.enqueue("5.1", "labels")  # queued while the first one runs
+    assert created
+    queue.fail(pressed.id, "the job process died", retry=True)
+    # the queued job is the retry: it syncs first and refreshes at the end, as the pressed one would have
+    assert queue.get(labels.id).trigger == "START_TRAINING+refresh"
+    failed = queue.get(pressed.id)
+    assert failed.state == "failed" and f"retried as {labels.id}" in failed.error
+    assert [job.state for job in queue.jobs("5.1")].count("queued") == 1
+
+
 def test_a_training_request_joins_a_queued_refresh_instead_of_vanishing(tmp_path):
     queue = EmbeddedTrainingQueue(Settings(model_dir=tmp_path))
     refresh, created = queue.enqueue("5.1", "refresh")
@@ -577,3 +591,38 @@ def test_a_job_process_is_killed_when_the_runner_loses_track_of_it(tmp_path, mon
     with pytest.raises(OSError):
         runner.run_one(runner.queue.claim(FAST))
     assert child.killed
+
+
+def test_a_job_process_ends_when_its_runner_is_killed_hard():
+    """SIGKILL leaves a runner no chance to stop its job process: the process notices it was
+    orphaned and ends, instead of training beside the retry of a restarted runner."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.support.orphans import PARENT
+
+    runner = subprocess.Popen([sys.executable, "-c", PARENT, str(Path(__file__).resolve().parents[1])],
+                              stdout=subprocess.PIPE, text=True)
+    child = int(runner.stdout.readline())
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    try:
+        time.sleep(1.0)
+        assert alive(child)  # it waits while its runner lives
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+        deadline = time.time() + 10
+        while alive(child) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not alive(child), "the orphaned job process kept running"
+    finally:
+        runner.kill()
+        if alive(child):
+            os.kill(child, signal.SIGKILL)

@@ -492,3 +492,13 @@ def test_skipped_tasks_are_listed_apart_from_labeled_ones(store):
     store.record_event(annotation_event(3, 12, [], cancelled=True))
     store.record_event(deleted_event(3))
     assert store.skipped_task_ids(KEY) == {11}
+
+
+def test_a_project_created_at_with_many_fraction_digits_costs_no_annotation(store):
+    """Python reads any number of fractional-second digits; the stored copy fits its 64-character
+    column on PostgreSQL as on SQLite."""
+    created = "2026-11-27T00:54:22." + "4" * 70 + "Z"
+    event = annotation_event(1, 10, choices("World"))
+    event["project"] = project(created_at=created)
+    outcome = store.record_event(event)
+    assert outcome.changed == 1 and len(labels_of(store, outcome.project_key)) == 1

@@ -70,10 +70,25 @@ def test_listeners_hear_each_stored_event_and_cannot_break_the_webhook(client, a
 
     listeners[:] = [broken, heard.append]
     with caplog.at_level(logging.ERROR):
-        response = client.post("/webhook", json={"action": "START_TRAINING", "project": project()})
-    assert response.status_code == 200
-    assert [(o.action, o.project_key, o.trigger) for o in heard] == [("START_TRAINING", KEY, True)]
+        response = client.post("/webhook", json=annotation_event(1, 10, choices("World")))
+    assert response.status_code == 200 and response.get_json()["changed"] == 1  # the next label catches up
+    assert [(o.action, o.project_key) for o in heard] == [("ANNOTATION_CREATED", KEY)]
     assert "listener bug" in caplog.text
+
+
+def test_a_start_training_that_cannot_be_queued_answers_503_and_is_still_stored(client, app):
+    heard = []
+    listeners = app.extensions["ls_backend"].event_listeners
+
+    def queue_down(outcome):
+        raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    listeners[:] = [queue_down, heard.append]
+    response = client.post("/webhook", json={"action": "START_TRAINING", "project": project()})
+    body = response.get_json()
+    assert response.status_code == 503 and "Start Training could not be queued" in body["message"]
+    assert "Connection refused" in body["message"] and "press Start Training again" in body["message"]
+    assert [(o.action, o.project_key, o.trigger) for o in heard] == [("START_TRAINING", KEY, True)]
 
 
 def test_operator_view(client):
@@ -190,3 +205,12 @@ def _topic():
     from ls_backend.labeling import plan_for
 
     return plan_for(TOPIC_CONFIG).control("topic")
+
+
+def test_operator_routes_answer_4xx_for_ids_and_limits_out_of_range(client):
+    for path in ("/projects/99999999999999999999999", "/projects/%00", "/jobs?project=%00"):
+        response = client.get(path)
+        assert 400 <= response.status_code < 500 and response.get_json()["message"], path
+    for limit in ("99999999999999999999999", "0"):
+        response = client.get(f"/jobs?limit={limit}")
+        assert response.status_code == 400 and "1 to 10000" in response.get_json()["message"]
