@@ -786,7 +786,11 @@ class JobRunner:
         self.poll = poll
         self.stopping = threading.Event()
         self.context = multiprocessing.get_context("spawn")
-        self._next_schedule = self._schedule_after(time.time())
+        # counted from the schedule's last run, kept across restarts: a runner restarted more often
+        # than TRAIN_SCHEDULE's interval (deploys, a supervisor) would otherwise never reach it; a
+        # run missed while no runner ran comes at once
+        last = self._last_scheduled()
+        self._next_schedule = self._schedule_after(last if last is not None else time.time())
         self._standby: dict[str, tuple[Any, Any]] = {}  # lane -> (process, connection), started ahead
 
     def _start_process(self, ahead: bool) -> tuple[Any, Any]:
@@ -839,6 +843,17 @@ class JobRunner:
         if process.is_alive():
             process.terminate()
             process.join(5)
+
+    @property
+    def _schedule_mark(self):
+        return self.settings.model_dir / ".schedule-last"
+
+    def _last_scheduled(self) -> float | None:
+        """When the schedule last queued its jobs (``MODEL_DIR/.schedule-last``), if ever."""
+        try:
+            return float(self._schedule_mark.read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     def _schedule_after(self, moment: float) -> float | None:
         schedule = self.settings.train_schedule
@@ -927,7 +942,14 @@ class JobRunner:
     def _maybe_schedule(self) -> None:
         if self._next_schedule is None or time.time() < self._next_schedule:
             return
-        self._next_schedule = self._schedule_after(time.time())
+        now = time.time()
+        self._next_schedule = self._schedule_after(now)
+        try:
+            partial = self._schedule_mark.with_suffix(".tmp")
+            partial.write_text(f"{now:.3f}\n")
+            partial.replace(self._schedule_mark)
+        except OSError:
+            log.warning("schedule: could not write %s; a restart counts the interval from then", self._schedule_mark)
         try:
             queued = scheduled_training()
             log.info("schedule: queued %d project(s)", len(queued))

@@ -411,6 +411,11 @@ def test_embedded_schedule_queues_projects_with_new_labels(tmp_path, monkeypatch
     jobs = runner.queue.jobs()
     assert [(job.project, job.trigger, job.lane) for job in jobs] == [(key_of(3), "schedule", "full")]
     assert runner._next_schedule > time.time() + 3500
+    # a restart counts from that run, not from the start: restarts more often than the interval
+    # would otherwise keep pushing the schedule back
+    assert JobRunner(settings)._next_schedule == pytest.approx(runner._next_schedule, abs=1)
+    (tmp_path / ".schedule-last").write_text(f"{time.time() - 4000}\n")  # missed while no runner ran
+    assert JobRunner(settings)._next_schedule < time.time()  # comes at once
     cron = JobRunner(Settings(model_dir=tmp_path, train_schedule="0 * * * *"))
     assert time.gmtime(cron._next_schedule).tm_min == 0
 
