@@ -99,14 +99,14 @@ class Services:
         except Exception:  # /setup must answer even when the store cannot be written
             log.exception("setup of project %s: could not be recorded in the store", project)
 
-    def notify(self, outcome: EventOutcome) -> list[Exception]:
-        """Tell the listeners (the training queue) of a stored event; returns their failures."""
+    def notify(self, outcome: EventOutcome) -> list[tuple[Callable, Exception]]:
+        """Tell the listeners (the sync, the training queue) of a stored event; returns their failures."""
         failures = []
         for listener in list(self.event_listeners):
             try:
                 listener(outcome)
             except Exception as exc:
-                failures.append(exc)
+                failures.append((listener, exc))
                 log.exception("event listener %r failed on %s for project %s", listener, outcome.action,
                               outcome.project_key)
         return failures
@@ -223,12 +223,12 @@ def webhook():
         outcome = svc.store.record_event(payload)  # durable before we answer
     except BadEvent as exc:
         raise BadRequest(f"{action}: {exc.message}") from None
-    failures = svc.notify(outcome)
-    if failures and outcome.trigger:
+    unqueued = [exc for listener, exc in svc.notify(outcome) if listener == svc.maybe_train]
+    if unqueued and outcome.trigger:
         # a label that could not queue its job is caught up by the next one; a press of Start
         # Training is not, so Label Studio must show that it failed
         raise BadRequest(
-            f"Start Training could not be queued ({type(failures[0]).__name__}: {failures[0]}); the request is "
+            f"Start Training could not be queued ({type(unqueued[0]).__name__}: {unqueued[0]}); the request is "
             "stored: press Start Training again once the job queue (Redis) answers", 503
         )
     return jsonify({"status": "ok", "action": action, "project": outcome.project_key, "changed": outcome.changed})
