@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from .registry import safe_key
+from .registry import safe_key, write_atomic
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -675,7 +675,7 @@ class EmbeddedTrainingQueue(TrainingQueue):
             if row is None:
                 return
             queued = db.execute(
-                "SELECT id FROM jobs WHERE project = ? AND state = ? AND lane = ? AND id != ?",
+                "SELECT id, trigger FROM jobs WHERE project = ? AND state = ? AND lane = ? AND id != ?",
                 (row["project"], QUEUED, row["lane"], job_id),
             ).fetchone()
             if retry and row["attempts"] <= self.settings.job_retries and queued is None:
@@ -686,10 +686,7 @@ class EmbeddedTrainingQueue(TrainingQueue):
             elif retry and row["attempts"] <= self.settings.job_retries:
                 # the job queued for this project and lane is the retry: it must also do what this
                 # one was asked (Start Training's sync, a refresh at the end)
-                merged = merge_triggers(
-                    db.execute("SELECT trigger FROM jobs WHERE id = ?", (queued["id"],)).fetchone()["trigger"],
-                    row["trigger"],
-                )
+                merged = merge_triggers(queued["trigger"], row["trigger"])
                 db.execute("UPDATE jobs SET trigger = ? WHERE id = ?", (merged, queued["id"]))
                 db.execute(
                     "UPDATE jobs SET state = ?, ended_at = ?, error = ? WHERE id = ?",
@@ -945,9 +942,7 @@ class JobRunner:
         now = time.time()
         self._next_schedule = self._schedule_after(now)
         try:
-            partial = self._schedule_mark.with_suffix(".tmp")
-            partial.write_text(f"{now:.3f}\n")
-            partial.replace(self._schedule_mark)
+            write_atomic(self._schedule_mark, f"{now:.3f}\n".encode())
         except OSError:
             log.warning("schedule: could not write %s; a restart counts the interval from then", self._schedule_mark)
         try:
