@@ -122,7 +122,7 @@ def execute_training(settings: Settings, project_key: str, trigger: str, progres
     refresh the project's predictions in Label Studio (``ls_backend.refresh``).  The trigger
     ``refresh`` runs only the refresh."""
     from .finetune import FineTuneJob, NothingToTrain
-    from .refresh import refresh_predictions
+    from .refresh import refresh_predictions, unfinished_refresh
     from .store import CorrectionStore
 
     from .model import resolve_device
@@ -144,8 +144,9 @@ def execute_training(settings: Settings, project_key: str, trigger: str, progres
             log.info("project %s: nothing to train: %s", project_key, exc)
             result = {"project": project_key, "version": None, "promoted": False, "reason": f"nothing to train: {exc}"}
         # a new version goes live: Label Studio's ordering follows it; a refresh asked for
-        # while the job was queued runs whatever the outcome
-        if result.get("promoted") or refresh_anyway:
+        # while the job was queued runs whatever the outcome, and so does the served version's
+        # refresh that a killed job left unfinished (its retry resumes it)
+        if result.get("promoted") or refresh_anyway or unfinished_refresh(settings, project_key):
             result["refresh"] = refresh_predictions(settings, store, project_key, progress)
         return result
     finally:

@@ -418,6 +418,18 @@ class PredictionRefresh:
             log.warning("project %s: could not move Label Studio's model_version to %s: %s", project_key, version, exc)
 
 
+def unfinished_refresh(settings: Settings, project_key: str) -> str | None:
+    """The served version, when its refresh started and did not finish (its job was killed by
+    JOB_TIMEOUT or a crash, or Label Studio failed mid-way): the next job of the project resumes
+    it, so a retried job whose labels did not change still completes what was cut short."""
+    registry = ModelRegistry(settings.model_dir)
+    cursor = PredictionRefresh(settings, None, registry=registry).cursor(project_key)
+    current = registry.current(project_key)
+    if current is not None and cursor.get("state") == "running" and cursor.get("version") == current:
+        return current
+    return None
+
+
 def refresh_predictions(settings: Settings, store, project_key: str, progress: Progress | None = None,
                         raise_errors: bool = False) -> dict:
     """Refresh a project's predictions in Label Studio (what the worker runs after a promotion).

@@ -49,3 +49,29 @@ def test_a_refresh_asked_for_while_a_job_was_queued_runs_whatever_the_outcome(tm
     assert calls == [PROJECT]
     assert "refresh" not in jobs.execute_training(settings, PROJECT, "labels")
     assert calls == [PROJECT]
+
+
+def test_a_job_resumes_the_served_versions_refresh_that_a_killed_job_left_unfinished(tmp_path, monkeypatch):
+    """A job killed by JOB_TIMEOUT while refreshing is retried; its labels did not change, so it makes
+    no version, and it must still finish the refresh (else Label Studio orders by a half-written version)."""
+    import json
+
+    from ls_backend import finetune, jobs, refresh as refresh_module
+    from ls_backend.registry import ModelRegistry
+
+    calls = []
+    monkeypatch.setattr(refresh_module, "refresh_predictions",
+                        lambda settings, store, key, progress=None, raise_errors=False: calls.append(key) or {"state": "finished"})
+    monkeypatch.setattr(finetune.FineTuneJob, "run",
+                        lambda self, key, trigger: (_ for _ in ()).throw(finetune.NothingToTrain("no label changed")))
+    settings = Settings(model_dir=tmp_path / "models")
+    folder = ModelRegistry(settings.model_dir).project_dir(PROJECT)
+    folder.mkdir(parents=True)
+    (folder / "current").write_text("p5-v2\n")
+    cursor = folder / "refresh.json"
+    for state, version, resumed in (("running", "p5-v2", True), ("finished", "p5-v2", False),
+                                    ("running", "p5-v1", False)):  # an older version's: not served any more
+        cursor.write_text(json.dumps({"version": version, "state": state, "after_id": 40}))
+        result = jobs.execute_training(settings, PROJECT, "labels")
+        assert ("refresh" in result) is resumed, (state, version, result)
+    assert calls == [PROJECT]

@@ -68,7 +68,7 @@ def test_refresh_after_promotion_writes_one_prediction_per_unlabeled_task(label_
         assert all(predictions[t] == Counter({v0: 1, v1: 1}) for t in unlabeled), predictions
 
         # 3. the user picks v1 as the project's predictions (Settings > Annotation); the next refresh is
-        #    interrupted after writing its second page, before moving its cursor, then runs again
+        #    interrupted after writing its second page, before moving its cursor, then its job is retried
         ls.request("PATCH", f"/api/projects/{project_id}", json={"model_version": v1})
         original = PredictionRefresh._save_cursor
 
@@ -88,7 +88,11 @@ def test_refresh_after_promotion_writes_one_prediction_per_unlabeled_task(label_
         partly = ls.versions_by_task(project_id)
         assert sum(partly[t][v2] for t in unlabeled) == 10  # two pages of 5 written
         monkeypatch.setattr(PredictionRefresh, "_save_cursor", original)
-        resumed = execute_training(settings, key, "refresh")
+        # the killed job is retried: its labels did not change, so it makes no version, and it
+        # resumes the served version's refresh
+        retried = execute_training(settings, key, "labels")
+        assert retried["version"] is None and not retried["promoted"], retried
+        resumed = retried["refresh"]
         assert resumed["state"] == "finished" and resumed["resumed_after"] is not None, resumed
         assert resumed["already_there"] == 5 and resumed["followed"], resumed
         final = ls.versions_by_task(project_id)
