@@ -132,6 +132,11 @@ def _plan(config: str) -> LabelingPlan:
             skipped.append((control.name, f"object {obj.name!r} reads its text from a URL (valueType=\"url\"), "
                                           "which is not fetched"))
             continue
+        encoding = (obj.attr.get("encoding") or "none").strip().lower()
+        if encoding != "none":  # Label Studio shows (and offsets refer to) the decoded text, not the task's data
+            skipped.append((control.name, f"object {obj.name!r} holds encoded text (encoding=\"{encoding}\"), "
+                                          "which is not decoded"))
+            continue
         if tag == LABELS and (obj.tag or "").lower() != "text":
             skipped.append((control.name, "<Labels> are predicted over <Text> only"))
             continue

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .precision import TrainingStep
-from .spans import IGNORE, FoundSpan, Span, TaggingReport, bio_tags, decode, span_scores, token_tags, window_owners, windows
+from .spans import IGNORE, FoundSpan, Span, TaggingReport, bio_tags, decode, span_scores, through_marks, token_tags, window_owners, windows
 from .text import utf8_safe
 
 if TYPE_CHECKING:
@@ -597,13 +597,13 @@ def _trimmed(text: str, span: Span) -> Span:
         start += 1
     while end > start and text[end - 1].isspace():
         end -= 1
-    return start, end, label
+    return start, through_marks(text, end) if start < end else end, label
 
 
 def evaluate_tokens(encoder: "Encoder", head: TokenHead, data: TokenData, batch_size: int = 32) -> dict:
     """Entity-level P/R/F1 of ``head`` against the annotated spans (exact match).  Gold spans
-    are trimmed of surrounding whitespace, as predicted spans are, so a region drawn over
-    ``"Paris "`` matches a prediction of ``"Paris"``."""
+    are trimmed of surrounding whitespace and run on through combining marks, as predicted
+    spans do, so a region drawn over ``"Paris "`` matches a prediction of ``"Paris"``."""
     predicted = [[s.span for s in found] for found in predict_spans(encoder, head, data.texts, batch_size)]
     gold = [[_trimmed(text, span) for span in spans] for text, spans in zip(data.texts, data.spans)]
     return span_scores(gold, predicted)

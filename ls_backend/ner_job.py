@@ -52,13 +52,15 @@ def spans_of(text: str, items: list[dict], labels: tuple[str, ...]) -> tuple[lis
     Each item's first label that the control still has is taken (a region carrying two
     labels trains as the first); items whose offsets and text do not match the task
     text are resolved by ``spans.resolve_span``, else counted ``unresolved``, as is a
-    region whose ``labels`` is not a list of names.
+    region whose ``value`` or ``labels`` is malformed; a region with none of the control's
+    labels (renamed or removed since) is counted ``unknown_label``.
     """
     spans: list[Span] = []
     counts = {"unresolved": 0, "unknown_label": 0}
     for item in items:
         value = item.get("value") if isinstance(item, dict) else None
         if not isinstance(value, dict):
+            counts["unresolved"] += 1
             continue
         names = region_labels(value)
         if value.get("labels") and not names:
@@ -101,8 +103,8 @@ def token_data(
     Every task annotated since the control's first region is an example (one with no
     span of the control is a negative; annotations made before anyone labeled an entity
     of it, as under an earlier config without it, are not); a task with a region that
-    cannot be placed in its text is left out whole, since its entity would train as
-    ``O``.  The evaluation slice is the same hash of the task id as for classification.
+    cannot be placed in its text, or whose label the control no longer has, is left out
+    whole, since its entity would train as ``O``.  The evaluation slice is the same hash of the task id as for classification.
     A control without a head in ``heads`` (a version older than token heads) gets an
     untrained one, added to ``heads``.
     """
@@ -121,7 +123,7 @@ def token_data(
             spans, counts = spans_of(text, items, control.values)
             for key, n in counts.items():
                 problems[key] += n
-            if counts["unresolved"]:
+            if counts["unresolved"] or counts["unknown_label"]:
                 continue
             examples.append((task_id, text, spans))
         for key, n in problems.items():

@@ -17,6 +17,7 @@ Conventions:
 from __future__ import annotations
 
 import logging
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -213,6 +214,17 @@ class FoundSpan:
         return self.start, self.end, self.label
 
 
+def through_marks(text: str, end: int, limit: int | None = None) -> int:
+    """``end`` moved past the combining marks that follow it (accents of decomposed text, Arabic
+    vowel marks, variation selectors), up to ``limit``: the tokenizer drops them, so a token's end
+    can fall between a letter and its mark, and a span must not split a character the reader sees
+    as one."""
+    limit = len(text) if limit is None else min(limit, len(text))
+    while end < limit and unicodedata.category(text[end]).startswith("M"):
+        end += 1
+    return end
+
+
 def decode(
     text: str,
     offsets: Sequence[tuple[int, int]],
@@ -225,8 +237,8 @@ def decode(
     ``B-X`` always starts a new entity (so two adjacent entities of one type stay
     apart); ``I-X`` continues an ``X`` entity, or starts one after ``O`` or another
     type (as conlleval and seqeval read IOB).  A span runs from its first token's start
-    to its last token's end and is trimmed of surrounding whitespace; tokens with no
-    characters are skipped.  ``text[start:end]`` is the span's text by construction.
+    to its last token's end, is trimmed of surrounding whitespace and runs on through the
+    combining marks after it (``through_marks``); tokens with no characters are skipped.  ``text[start:end]`` is the span's text by construction.
     """
     found: list[FoundSpan] = []
     current: list[int] = []  # token indices of the open entity
@@ -240,7 +252,9 @@ def decode(
                 start += 1
             while end > start and text[end - 1].isspace():
                 end -= 1
-            if start < end:
+            if start < end:  # through the marks after it, never into the next token
+                following = (offsets[t][0] for t in range(current[-1] + 1, len(offsets)) if offsets[t][1] > offsets[t][0])
+                end = through_marks(text, end, next(following, None))
                 scores = [float(probabilities[t]) for t in current] if probabilities is not None else [1.0]
                 found.append(FoundSpan(start, end, labels[current_label], sum(scores) / len(scores)))
         current, current_label = [], None

@@ -50,6 +50,11 @@ def test_several_controls_predicts_supported_and_skips_the_rest():
         ("<View><Text", "does not parse"),
         ('<View><Text name="t" value="$url" valueType="url"/><Choices name="c" toName="t"><Choice value="a"/>'
          '<Choice value="b"/></Choices></View>', "valueType"),
+        # Label Studio shows the decoded text, and region offsets refer to it
+        ('<View><Text name="t" value="$text" encoding="base64"/><Labels name="l" toName="t"><Label value="PER"/>'
+         '</Labels></View>', 'encoding="base64"'),
+        ('<View><Text name="t" value="$text" encoding="base64unicode"/><Choices name="c" toName="t">'
+         '<Choice value="a"/><Choice value="b"/></Choices></View>', 'encoding="base64unicode"'),
         ('<View><Text name="t" value="$text"/><Labels name="l" toName="t"><Label value="PER"/></Labels>'
          '<Choices name="c" toName="t" perRegion="true"><Choice value="a"/><Choice value="b"/></Choices></View>',
          None),

@@ -4,6 +4,7 @@ in the registry and the predictor, training on real CoNLL-2003 sentences, and a 
 from __future__ import annotations
 
 import json
+import unicodedata
 
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ from ls_backend.spans import (
     resolve_overlaps,
     resolve_span,
     span_scores,
+    through_marks,
     token_tags,
     window_owners,
     windows,
@@ -141,7 +143,8 @@ def test_entity_scores_are_exact_match_micro_and_per_label():
 
 # -- properties over the real tokenizer --------------------------------------------------------
 TEXT_ALPHABET = st.sampled_from(
-    list("abcXYZ019 .,;-'\"()") + ["  ", "\n", "\n\n", "\t", "é", "Ü", "ß", "東", "京", "😀", "🎉", "👍🏽", "\u200b", "\u0301", "\x00"]
+    list("abcXYZ019 .,;-'\"()") + ["  ", "\n", "\n\n", "\t", "é", "Ü", "ß", "東", "京", "😀", "🎉", "👍🏽", "\u200b", "\u0301", "\x00",
+     "\u0308", "\ufe0f", "\u064f", "\u093e", "क"]
 )
 texts = st.lists(TEXT_ALPHABET, min_size=0, max_size=60).map("".join)
 
@@ -163,9 +166,12 @@ def test_decoded_spans_always_slice_the_text_exactly(tokenizer, text, data):
         assert piece == piece.strip() and piece  # trimmed, never empty
         assert s.start >= previous_end  # sorted, never overlapping
         previous_end = s.end
-        # on token boundaries, or moved inward only past whitespace
+        # on token boundaries, or moved inward only past whitespace, or outward past combining marks
         assert s.start in starts or text[: s.start].rstrip() != text[: s.start]
-        assert s.end in ends or text[s.end :].lstrip() != text[s.end :]
+        marks = len(piece) - len(piece.rstrip("".join(c for c in set(piece) if unicodedata.category(c).startswith("M"))))
+        assert any(e in ends or text[e:].lstrip() != text[e:] for e in range(s.end - marks, s.end + 1))
+        # never ends between a character and its combining mark, unless the next token starts there
+        assert s.end == len(text) or not unicodedata.category(text[s.end]).startswith("M") or s.end in starts
         assert 0.0 <= s.score <= 1.0
         item = {"start": s.start, "end": s.end, "text": piece}
         assert resolve_span(text, item) == (s.start, s.end)
@@ -187,7 +193,8 @@ def test_spans_to_token_tags_and_back_give_the_same_spans(tokenizer, text, data)
                 start += 1
             while end > start and text[end - 1].isspace():
                 end -= 1
-            if start < end:
+            if start < end:  # an annotator's region takes the combining marks after its last letter
+                end = through_marks(text, end, offsets[b][0] if b < len(offsets) else None)
                 spans.append((start, end, data.draw(st.sampled_from(LABELS))))
     tags, report = token_tags(offsets, spans, LABELS)
     assert report.snapped == report.empty == report.overlapping == 0
@@ -200,7 +207,8 @@ def test_spans_to_token_tags_and_back_give_the_same_spans(tokenizer, text, data)
     tags, report = token_tags(offsets, [(a, b, "ORG")], LABELS)
     back = [s.span for s in decode(text, offsets, tags, LABELS)]
     if touched:
-        assert back == [(touched[0][0], touched[-1][1], "ORG")]
+        following = [o[0] for o in offsets if o[0] >= touched[-1][1]]
+        assert back == [(touched[0][0], through_marks(text, touched[-1][1], min(following, default=None)), "ORG")]
         assert report.snapped == int(touched[0][0] < a or touched[-1][1] > b)
     else:
         assert back == [] and report.empty == 1
@@ -410,6 +418,23 @@ def test_region_text_with_whitespace_runs_shown_as_one_space_keeps_its_offsets()
     assert resolve_span(text, {"start": start, "end": start + 12, "text": "John Smith"}) == (start, start + 12)
 
 
+def test_a_span_never_ends_between_a_letter_and_its_combining_mark(tokenizer):
+    # decomposed text (macOS, PDF extractions), Arabic vowel marks, an emoji's variation selector:
+    # the tokenizer drops the marks, so the last token ends before them
+    for text, word in (("Zoe\u0308 met Jose\u0301", "Jose\u0301"), ("met \u0645\u064f\u062d\u064e\u0645\u0651\u064e\u062f\u064c", None),
+                       ("ok \u2764\ufe0f now", "\u2764\ufe0f")):
+        word = word or text.split()[-1]
+        offsets = offsets_of(tokenizer, text)
+        start = text.index(word)
+        tags = [1 if a == start else 2 if start < a < start + len(word) else 0 for a, b in offsets]
+        found = decode(text, offsets, tags, ["PER"])
+        assert [text[s.start:s.end] for s in found] == [word], (text, found)
+    # gold spans drawn over the whole word match such a prediction; a region that left the mark out too
+    from ls_backend.ner import _trimmed
+
+    assert _trimmed("Zoe\u0308 met", (0, 3, "PER")) == (0, 4, "PER")
+
+
 def test_a_task_with_a_region_that_cannot_be_placed_or_read_is_left_out_of_ner_training():
     from ls_backend.ner_job import spans_of
 
@@ -421,6 +446,36 @@ def test_a_task_with_a_region_that_cannot_be_placed_or_read_is_left_out_of_ner_t
     malformed = {"from_name": "ner", "value": {"start": 0, "end": 13, "text": "Angela Merkel", "labels": 5}}
     spans_found, counts = spans_of(text, [malformed], ("PER", "LOC"))
     assert spans_found == [] and counts["unresolved"] == 1
+    spans_found, counts = spans_of(text, [{"from_name": "ner", "value": [0, 13]}], ("PER", "LOC"))
+    assert spans_found == [] and counts["unresolved"] == 1
+
+
+def test_a_task_whose_region_label_the_control_no_longer_has_is_left_out_not_trained_as_no_entity(tmp_path, encoder):
+    """A label renamed or removed in the config while annotations still carry it (Label Studio
+    allows that): its entity must not teach the head that there is nothing there."""
+    from ls_backend.labeling import plan_for
+    from ls_backend.ner_job import token_data
+    from ls_backend.store import CorrectionStore
+
+    store = CorrectionStore(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    try:
+        proj = project(7, config=NER_CONFIG)
+        events = [(200, [span(0, 13, "Angela Merkel", "PER"), span(22, 28, "Berlin", "LOC")]),  # kept
+                  (201, [span(0, 15, "Emmanuel Macron", "PERSON")]),  # a label the config no longer has
+                  (202, [span(0, 13, "Angela Merkel", "PERSON"), span(22, 28, "Berlin", "LOC")]),
+                  (203, [{"from_name": "ner", "to_name": "text", "type": "labels", "value": "Berlin"}]),  # malformed
+                  (204, [])]  # labeled, no entity: a negative
+        texts = {200: "Angela Merkel visited Berlin.", 201: "Emmanuel Macron spoke.", 202: "Angela Merkel visited Berlin.",
+                 203: "It rained in Berlin.", 204: "Nothing here."}
+        for n, (task, result) in enumerate(events):
+            store.record_event(annotation_event(n + 1, task, result, text=texts[task], proj=proj))
+        plan = plan_for(NER_CONFIG)
+        splits = token_data(store, key_of(7), plan, {}, Settings(model_dir=tmp_path / "models", eval_share=0.0),
+                            TrainingArguments(), encoder)
+        kept = dict(zip(splits["ner"].train.task_ids, splits["ner"].train.spans))
+        assert kept == {200: [(0, 13, "PER"), (22, 28, "LOC")], 204: []}
+    finally:
+        store.close()
 
 
 def test_annotations_made_before_the_first_entity_are_not_ner_negatives(tmp_path):
