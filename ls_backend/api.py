@@ -260,6 +260,17 @@ def project_detail(key: str):
     return jsonify(summary.to_dict())
 
 
+def _whole_number(value: str | None, low: int, high: int) -> int | None:
+    """``value`` as an integer in [low, high], or None: ASCII digits only, and no longer than
+    ``high`` is (Python refuses to read integers of over 4,300 digits)."""
+    if value is None or not (value.isascii() and value.isdigit()):
+        return None
+    digits = value.lstrip("0") or "0"
+    if len(digits) > len(str(high)) or not low <= int(digits) <= high:
+        return None
+    return int(digits)
+
+
 def _project_key(key: str) -> str:
     """A stored project key, or a bare Label Studio id; 404 when unknown."""
     registry = services().registry
@@ -338,19 +349,21 @@ def project_next(key: str):
     from .sampling import STRATEGIES, NoPool, next_batch
 
     project = _project_key(key)
-    n, seed = request.args.get("n", "20"), request.args.get("seed")
-    if not n.isdecimal() or not 1 <= int(n) <= 1000:
+    n = _whole_number(request.args.get("n", "20"), 1, 1000)
+    if n is None:
         raise BadRequest("'n' must be an integer from 1 to 1000")
-    if seed is not None and not seed.isdecimal():
-        raise BadRequest("'seed' must be a non-negative integer")
+    seed = request.args.get("seed")
+    if seed is not None:
+        seed = _whole_number(seed, 0, 2**63 - 1)
+        if seed is None:
+            raise BadRequest("'seed' must be an integer from 0 to 2**63 - 1")
     strategy = request.args.get("strategy") or None
     if strategy is not None and strategy not in STRATEGIES:
         raise BadRequest(f"'strategy' must be one of {', '.join(STRATEGIES)}")
     svc = services()
     refreshing = svc.settings.refresh_max_tasks > 0
     try:
-        batch = next_batch(svc.settings, svc.registry, svc.store, project, int(n), strategy,
-                           int(seed) if seed is not None else None)
+        batch = next_batch(svc.settings, svc.registry, svc.store, project, n, strategy, seed)
     except NoPool as exc:
         if not refreshing:
             raise BadRequest(f"{exc}, and REFRESH_MAX_TASKS=0 turns refreshes off", 409) from None
@@ -368,10 +381,10 @@ def project_next(key: str):
 @operator.get("/jobs")
 def list_jobs():
     project = request.args.get("project")
-    limit = request.args.get("limit", "50")
-    if not (limit.isdecimal() and 1 <= int(limit) <= 10_000):
+    limit = _whole_number(request.args.get("limit", "50"), 1, 10_000)
+    if limit is None:
         raise BadRequest("'limit' must be an integer from 1 to 10000")
-    jobs = services().queue.jobs(_project_key(project) if project else None, int(limit))
+    jobs = services().queue.jobs(_project_key(project) if project else None, limit)
     return jsonify({"jobs": [job.to_dict() for job in jobs]})
 
 

@@ -254,7 +254,8 @@ class TypicalCoverage(QueryStrategy):
     typical candidate: the one with the smallest mean distance to its ``neighbours`` nearest
     cluster-mates.  Clusters of fewer than ``min_cluster`` points (outliers) come last.  So a batch fills the largest regions of the data that no label speaks for yet,
     with examples that stand for them rather than with outliers.  Needs no model: before any label
-    it is coverage by typical examples."""
+    it is coverage by typical examples.  Of more than ``max_points / 2`` labeled tasks, a sample
+    of that many stands for them, so the candidates always fill the other half."""
 
     name = "typical"
     needs_model = False
@@ -270,6 +271,8 @@ class TypicalCoverage(QueryStrategy):
         if n == 0:
             return np.zeros(0, dtype=np.int64)
         labeled = self.labeled if self.labeled.size and self.labeled.shape[1] == x.shape[1] else x[:0]
+        if len(labeled) > self.max_points // 2:  # a sample of the labeled tasks leaves room for the candidates
+            labeled = labeled[np.sort(rng.choice(len(labeled), self.max_points // 2, replace=False))]
         rows = np.arange(len(x))
         room = max(n, self.max_points - len(labeled))
         if len(x) > room:  # the clusters of a large pool are found on a sample of its candidates
@@ -627,12 +630,13 @@ def skipped_task_ids(store, project_key: str) -> set[int]:
         return set()
 
 
-def labeled_task_ids(store, project_key: str, control: str | None) -> set[int]:
-    """Tasks with a live annotation in the corrections store (what the webhooks and syncs told us)."""
-    if store is None or not control:
+def labeled_task_ids(store, project_key: str) -> set[int]:
+    """Tasks with a live annotation in the corrections store (what the webhooks and syncs told us),
+    whichever controls it answers: a pool of an entities-only config has no classification control."""
+    if store is None:
         return set()
     try:
-        return {task_id for task_id, _text, _items in store.annotation_results(project_key, control, include_empty=True)}
+        return store.annotated_task_ids(project_key)
     except Exception:  # an unknown project, a store that cannot be read: rank what the pool holds
         log.debug("project %s: labeled tasks unknown", project_key, exc_info=True)
         return set()
@@ -662,14 +666,21 @@ def next_batch(settings, registry: ModelRegistry, store, project_key: str, n: in
     pool = PoolStore(registry).best(project_key, current)
     if pool is None:
         raise NoPool(f"project {project_key}: no refresh has listed its unlabeled tasks yet")
-    labeled = labeled_task_ids(store, project_key, pool.meta.get("control"))
+    labeled = labeled_task_ids(store, project_key)
     skipped = skipped_task_ids(store, project_key)
     was_labeled = np.asarray([int(t) in labeled for t in pool.task_ids], dtype=bool)
     keep = ~was_labeled & np.asarray([int(t) not in skipped for t in pool.task_ids], dtype=bool)
     ids = pool.task_ids[keep]
-    embeddings = pool.embeddings[keep]
+    # a row that is not finite (a half-precision overflow) ranks as the most uncertain, never as a
+    # 500 or a NaN in the answer's JSON
+    embeddings = np.nan_to_num(pool.embeddings[keep], nan=0.0, posinf=0.0, neginf=0.0)
     probabilities = pool.probabilities[keep] if pool.probabilities is not None else None
-    scores = pool.scores[keep]
+    if probabilities is not None and probabilities.size:
+        broken = ~np.isfinite(probabilities).all(axis=1)
+        if broken.any():
+            probabilities = probabilities.copy()
+            probabilities[broken] = 1.0 / probabilities.shape[1]
+    scores = np.where(np.isfinite(pool.scores[keep]), pool.scores[keep], 0.0)
     name = strategy or "uncertainty"
     if name not in ("random", "typical") and not pool.trained:
         name = "coverage"

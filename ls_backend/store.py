@@ -1602,6 +1602,15 @@ class CorrectionStore:
                 )
             ).scalars().all())
 
+    def annotated_task_ids(self, project_key: str) -> set[int]:
+        """Tasks with a live annotation that is not a skip, whichever controls it answers."""
+        with self._read() as conn:
+            return set(conn.execute(
+                sa.select(annotations.c.task_id).distinct().where(
+                    annotations.c.project_key == project_key, annotations.c.was_cancelled.is_(False)
+                )
+            ).scalars().all())
+
     def _field_of(self, project_key: str, control_name: str) -> str | None:
         config = self.latest_label_config(project_key)
         if not config:

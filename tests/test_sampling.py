@@ -250,14 +250,24 @@ def test_diverse_batch_covers_more_gold_labels_on_real_agnews(encoder):
     assert np.mean(typical) > np.mean(top), (top, typical)
 
 
+def test_typical_still_seeks_uncovered_regions_when_the_labeled_tasks_outnumber_its_point_budget():
+    rng = np.random.default_rng(4)
+    x, cluster = blobs(rng, centres=2, per=300)
+    region = x[cluster == 0]  # 20,000 labeled tasks all over the first region: as many as the point budget
+    covered = np.repeat(region, 67, axis=0)[:20_000] + 0.01 * rng.standard_normal((20_000, x.shape[1])).astype(np.float32)
+    chooser = TypicalCoverage(labeled=covered)
+    picked = chooser.query(None, x, 10, rng)
+    assert len(set(picked)) == 10 and (cluster[picked] == 1).all(), cluster[picked]
+
+
 # -- the pool and the next batch ------------------------------------------------------------
 class FakeStore:
     def __init__(self, labeled=(), skipped=()):
         self.labeled = set(labeled)
         self.skipped = set(skipped)
 
-    def annotation_results(self, project_key, control, include_empty=False):
-        return [(t, "", []) for t in sorted(self.labeled)]
+    def annotated_task_ids(self, project_key):
+        return set(self.labeled)
 
     def skipped_task_ids(self, project_key):
         return set(self.skipped)
@@ -297,6 +307,58 @@ def test_next_batch_ranks_the_pool_and_leaves_labeled_tasks_out(tmp_path):
     diverse = next_batch(settings, registry, FakeStore(), PROJECT, 5, "diverse")
     assert len(set(diverse.task_ids)) == 5 and set(diverse.task_ids) <= set(int(i) for i in ids)
     assert next_batch(settings, registry, FakeStore(), PROJECT, 5, "random").strategy == "random"
+
+
+def test_an_entities_only_pool_leaves_out_the_tasks_labeled_since_the_refresh(tmp_path):
+    """A config with <Labels> only: the pool has no classification control, and a task labeled
+    since the refresh (a real webhook into the real store) must not be served again."""
+    from ls_backend.store import CorrectionStore
+
+    from .support.events import NER_CONFIG, annotation_event, key_of, project, span
+
+    settings = Settings(model_dir=tmp_path / "models")
+    registry = ModelRegistry(settings.model_dir)
+    key = key_of(7)
+    pools = PoolStore(registry)
+    pools.start(key, "p7-v1", {"control": None, "labels": [], "multiple": False, "threshold": 0.5, "trained": True})
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    pools.add(key, "p7-v1", PoolPart([100, 101, 102], x, None, [0.1, 0.2, 0.3]))
+    pools.finish(key, "p7-v1", {})
+    (registry.project_dir(key) / "current").write_text("p7-v1\n")
+    store = CorrectionStore(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    try:
+        proj = project(7, config=NER_CONFIG)
+        store.record_event(annotation_event(1, 100, [span(0, 6, "Angela", "PER")], text="Angela spoke", proj=proj))
+        store.record_event(annotation_event(2, 101, [], text="Nothing here", proj=proj))  # labeled: no entity
+        store.record_event(annotation_event(3, 102, [], cancelled=True, text="Skipped", proj=proj))
+        batch = next_batch(settings, registry, store, key, 3)
+        assert batch.task_ids == [] and batch.left_out_labeled == 3, batch
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("strategy", ["uncertainty", "diverse", "coverage", "typical", "random"])
+def test_a_pool_row_that_is_not_finite_ranks_as_most_uncertain_and_never_breaks_the_answer(tmp_path, strategy):
+    import json
+
+    settings = Settings(model_dir=tmp_path / "models")
+    registry = ModelRegistry(settings.model_dir)
+    rng = np.random.default_rng(3)
+    pools = PoolStore(registry)
+    pools.start(PROJECT, "p5-v1", {"control": "topic", "labels": ["a", "b", "c"], "multiple": False,
+                                   "threshold": 0.5, "trained": True})
+    x = rng.standard_normal((30, 8)).astype(np.float32)
+    p = rng.dirichlet(np.ones(3) * 0.2, size=30)
+    x[4, 2], p[4, 1] = np.nan, np.nan  # a half-precision overflow
+    scores = p.max(axis=1)
+    pools.add(PROJECT, "p5-v1", PoolPart(list(range(100, 130)), x, p, list(scores)))
+    pools.finish(PROJECT, "p5-v1", {})
+    (registry.project_dir(PROJECT) / "current").write_text("p5-v1\n")
+    batch = next_batch(settings, registry, FakeStore(), PROJECT, 5, strategy)
+    body = json.dumps(batch.to_dict(), allow_nan=False)  # Label Studio and browsers reject NaN in JSON
+    assert len(set(batch.task_ids)) == 5, body
+    if strategy == "uncertainty":
+        assert batch.task_ids[0] == 104 and batch.scores[0] == 0.0
 
 
 def test_the_pool_keeps_texts_aligned_with_task_ids(tmp_path):
@@ -382,12 +444,18 @@ def test_next_route(client, app):
     bad = client.get(f"/projects/{PROJECT}/next", query_string={"n": "0"})
     assert bad.status_code == 400 and "'n'" in bad.json["message"]
     assert client.get(f"/projects/{PROJECT}/next", query_string={"strategy": "bald"}).status_code == 400
+    # numbers past what Python reads (4,300 digits), past 64 bits, or not ASCII digits: 400, never 500
+    for query in ({"n": "9" * 5000}, {"n": "\u0665"}, {"seed": "1" * 5000},
+                  {"seed": str(2**64)}, {"seed": "-1"}):
+        answer = client.get(f"/projects/{PROJECT}/next", query_string=query)
+        assert answer.status_code == 400 and answer.json["message"].startswith(f"'{next(iter(query))}'"), (query, answer.json)
+    assert client.get("/jobs", query_string={"limit": "1" * 5000}).status_code == 400
     first = client.get(f"/projects/{PROJECT}/next")  # no refresh yet: one is queued, nothing blocks
     assert first.status_code == 202 and first.json["status"] == "preparing", first.json
     assert first.json["job"]["trigger"] == "refresh" and first.json["job"]["state"] == "queued"
     current = svc.registry.current(PROJECT)
     ids, _ = write_pool(svc.registry, current, trained=True)
-    answer = client.get(f"/projects/{PROJECT}/next", query_string={"n": "7", "strategy": "diverse"})
+    answer = client.get(f"/projects/{PROJECT}/next", query_string={"n": "007", "strategy": "diverse", "seed": "3"})
     assert answer.status_code == 200, answer.json
     body = answer.json
     assert body["n"] == 7 and len(set(body["task_ids"])) == 7 and body["pool_version"] == current
