@@ -2,8 +2,8 @@
 
 Webhooks are sent once, with a 1 s timeout and no retry: whatever Label Studio sent while
 this backend was down, slow or restarting is gone.  :func:`sync_project` fetches every task
-of the project with its annotations (``GET /api/tasks?project=ID&fields=all``, paged, only the
-fields we read) and brings the store level with Label Studio under the store's own rules:
+of the project with its annotations (``GET /api/tasks?project=ID&fields=all``, paged by task id,
+only the fields we read) and brings the store level with Label Studio under the store's own rules:
 
 - annotations Label Studio has and we lack, or hold older versions of, are upserted
   (latest ``updated_at`` wins; ids with a tombstone stay deleted);
@@ -31,6 +31,7 @@ How it reaches Label Studio
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -127,48 +128,58 @@ class LabelStudioSource:
         return replace(info, current=True)
 
     def tasks(self, ls_id: int, page_size: int = PAGE_SIZE) -> Iterator[tuple[int, dict, list[dict]]]:
-        """``(task id, data, annotations)`` of every task, page by page.
+        """``(task id, data, annotations)`` of every task, page by page, in task id order.
 
-        The SDK's own pager asks for one page past the end and relies on the 404 that
-        Label Studio answers there; this loop stops at ``total`` instead, so a 404 in the
-        middle (the project deleted meanwhile) is an error, not a silent end.  A page
-        shorter than asked for is not the end while ``total`` says more tasks remain:
-        Label Studio caps pages at its ``TASK_API_PAGE_SIZE_MAX`` setting.  Afterwards
-        ``complete`` says whether the listing reached ``total`` (a listing that ended short
-        of it may have missed tasks, so it never proves an annotation gone).
+        Each page asks for the tasks after the last id read (a Data Manager filter on the id,
+        ordered by id), never for the n-th page: tasks deleted while the listing runs (a user
+        clearing a project in chunks) would move unread tasks onto pages already read, and
+        their annotations would then look deleted.  A page shorter than asked for is not the
+        end (Label Studio caps pages at its ``TASK_API_PAGE_SIZE_MAX`` setting): the listing
+        ends on an empty page, or where Label Studio's ``total`` (the tasks left, this page
+        included) says this page was the last.  Afterwards ``complete`` says whether it ended
+        so (an empty page while ``total`` still counts tasks proves nothing gone).
         """
-        page, seen = 1, 0
+        after = 0
         self.complete = False
         while True:
-            pager = self._page(ls_id, page, page_size)
-            items = pager.items or []
+            pager = self._page(ls_id, after, page_size)
+            listed = pager.items or []
             if self.include and any(
-                not all(name in annotation for name in _NEEDED) for task in items for annotation in task.annotations or []
+                not all(name in annotation for name in _NEEDED) for task in listed for annotation in task.annotations or []
             ):
                 log.info("Label Studio at %s trims annotations under include=: reading whole tasks", self.url)
                 self.include = None
                 continue
             total = getattr(pager.response, "total", None)
+            items = sorted((task for task in listed if int(task.id) > after), key=lambda task: int(task.id))
+            if listed and not items:
+                raise SyncError(f"Label Studio at {self.url}: the tasks of project {ls_id} after id {after} "
+                                "came back without the id filter; nothing is deleted")
+            if not items:
+                self.complete = not total
+                return
             for task in items:
                 data = task.data if isinstance(task.data, dict) else {}
                 yield int(task.id), data, list(task.annotations or [])
-            seen += len(items)
-            if total is not None and seen >= total:
+            after = int(items[-1].id)
+            if total is not None and len(listed) >= total:
                 self.complete = True
                 return
-            if not items or (total is None and len(items) < page_size):
-                self.complete = total is None
-                return
-            page += 1
 
-    def _page(self, ls_id: int, page: int, page_size: int):
+    def _page(self, ls_id: int, after: int, page_size: int):
+        query = {
+            "filters": {"conjunction": "and", "items": [
+                {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": int(after)},
+            ]},
+            "ordering": ["tasks:id"],
+        }
         try:
             return self.client.tasks.list(
-                project=ls_id, fields="all", include=self.include, page=page, page_size=page_size
+                project=ls_id, query=json.dumps(query), fields="all", include=self.include, page=1, page_size=page_size
             )
         except Exception as exc:
             raise SyncError(
-                f"Label Studio at {self.url}: tasks page {page} of project {ls_id} failed ({_reason(exc)})"
+                f"Label Studio at {self.url}: tasks after id {after} of project {ls_id} failed ({_reason(exc)})"
             ) from None
 
     def annotation_gone(self, annotation_id: int) -> bool:

@@ -153,43 +153,75 @@ def test_where_a_sync_reaches_label_studio(store):
     assert source_for(SETTINGS, store, KEY).url == "http://label-studio.test"
 
 
+def after_of(query: str) -> int:
+    """The task id a listing page asks to start after (the Data Manager filter the sync sends)."""
+    import json
+
+    body = json.loads(query)
+    assert body["ordering"] == ["tasks:id"]
+    (item,) = body["filters"]["items"]
+    assert (item["filter"], item["operator"]) == ("filter:tasks:id", "greater")
+    return int(item["value"])
+
+
 def test_pages_stop_at_the_total_and_trimmed_annotations_fall_back_to_whole_tasks():
     full = api_annotation(1, 10, "World")
     calls = []
 
-    def listing(*, project, fields, include, page, page_size):
-        calls.append((page, include))
+    def listing(*, project, fields, include, page, page_size, query):
+        after = after_of(query)
+        calls.append((after, include))
         annotation = full if include is None else {"id": 1}  # as if include= stripped them
-        items = [SimpleNamespace(id=10 + page, data={"text": "t"}, annotations=[annotation])]
-        return SimpleNamespace(items=items, response=SimpleNamespace(total=2))
+        left = [t for t in (11, 12) if t > after]
+        items = [SimpleNamespace(id=t, data={"text": "t"}, annotations=[annotation]) for t in left[:page_size]]
+        return SimpleNamespace(items=items, response=SimpleNamespace(total=len(left)))
 
     source = LabelStudioSource.__new__(LabelStudioSource)
     source.url, source.include = "http://x", "id,data"
     source.client = SimpleNamespace(tasks=SimpleNamespace(list=listing))
     tasks = list(source.tasks(3, page_size=1))
-    assert [t[0] for t in tasks] == [11, 12]
-    assert calls == [(1, "id,data"), (1, None), (2, None)]
+    assert [t[0] for t in tasks] == [11, 12] and source.complete
+    assert calls == [(0, "id,data"), (0, None), (11, None)]  # the last page said it was the last
+
+
+def test_a_listing_that_ignores_the_id_filter_is_an_error_not_an_endless_loop():
+    def listing(*, project, fields, include, page, page_size, query):
+        items = [SimpleNamespace(id=11, data={}, annotations=[])]
+        return SimpleNamespace(items=items, response=SimpleNamespace(total=None))
+
+    source = LabelStudioSource.__new__(LabelStudioSource)
+    source.url, source.include = "http://x", None
+    source.client = SimpleNamespace(tasks=SimpleNamespace(list=listing))
+    with pytest.raises(SyncError, match="without the id filter"):
+        list(source.tasks(3))
 
 
 class CappedLabelStudio(LabelStudioSource):
     """The real listing loop over a client whose pages hold at most ``cap`` tasks, as Label
-    Studio answers under its ``TASK_API_PAGE_SIZE_MAX`` setting; ``claimed`` is the ``total``
-    it reports (more than it lists: tasks deleted while the listing ran)."""
+    Studio answers under its ``TASK_API_PAGE_SIZE_MAX`` setting; ``claimed`` is added to the
+    ``total`` it reports (more than it lists: tasks deleted while the listing ran);
+    ``between_pages`` runs before each page after the first (a user deleting tasks)."""
 
-    def __init__(self, tasks: dict[int, list[dict]], cap: int, claimed: int | None = None):
+    def __init__(self, tasks: dict[int, list[dict]], cap: int, claimed: int = 0, between_pages=None):
         self.url, self.include, self.complete = "http://label-studio.test", None, False
         self.tasks_by_id = tasks
-        ordered = sorted(tasks)
+        self.pages = 0
 
-        def listing(*, project, fields, include, page, page_size):
-            size = min(page_size, cap)
-            chunk = ordered[(page - 1) * size : page * size]
-            items = [SimpleNamespace(id=t, data={"text": f"text of {t}"}, annotations=tasks[t]) for t in chunk]
-            total = len(ordered) if claimed is None else claimed
-            return SimpleNamespace(items=items, response=SimpleNamespace(total=total))
+        def listing(*, project, fields, include, page, page_size, query):
+            if self.pages and between_pages:
+                between_pages(self.tasks_by_id)
+            self.pages += 1
+            left = sorted(t for t in self.tasks_by_id if t > after_of(query))
+            chunk = left[: min(page_size, cap)]
+            items = [SimpleNamespace(id=t, data={"text": f"text of {t}"}, annotations=self.tasks_by_id[t]) for t in chunk]
+            return SimpleNamespace(items=items, response=SimpleNamespace(total=len(left) + claimed))
 
         def get(*, id):
-            return {"id": id}  # every annotation asked about is still there
+            if any(a["id"] == id for annotations in self.tasks_by_id.values() for a in annotations):
+                return {"id": id}
+            from label_studio_sdk.core.api_error import ApiError
+
+            raise ApiError(status_code=404, body="not found")
 
         self.client = SimpleNamespace(tasks=SimpleNamespace(list=listing), annotations=SimpleNamespace(get=get))
 
@@ -213,10 +245,33 @@ def test_a_listing_short_of_the_total_never_proves_annotations_gone(store):
         store.record_event(annotation_event(i, 1000 + i, choices("World")))
     # Label Studio lists 20 of the tasks but reports 150: 130 candidates, more than are confirmed singly
     studio = CappedLabelStudio({1000 + i: [api_annotation(i, 1000 + i, "World")] for i in range(1, 21)}, cap=100,
-                               claimed=150)
+                               claimed=130)
     report = sync_project(store, SETTINGS, KEY, source=studio)
     assert not studio.complete and report.deleted == 0
     assert len(store.annotation_ids(KEY)) == 150
+
+
+def test_tasks_deleted_while_the_sync_lists_cost_no_annotation_label_studio_still_holds(store):
+    """A user clears a project in chunks while a sync runs: 150 tasks not read yet go before the
+    listing's second page, 100 more during the listing that confirms the candidates.  Only the
+    deleted tasks' annotations may go; with pages by offset, the shifted pages skipped live tasks
+    and their annotations were deleted and tombstoned for good."""
+    tasks = {1000 + i: [api_annotation(i, 1000 + i, "World")] for i in range(1, 401)}
+    for i in range(1, 401):
+        store.record_event(annotation_event(i, 1000 + i, choices("World")))
+    chunks = {1: range(1101, 1251), 4: range(1251, 1351)}  # before the 2nd page; before the 2nd listing's 2nd
+
+    def clear(by_id):
+        for task in chunks.get(studio.pages, ()):
+            by_id.pop(task, None)
+
+    studio = CappedLabelStudio(tasks, cap=100, between_pages=clear)
+    report = sync_project(store, SETTINGS, KEY, source=studio)
+    still_held = {a["id"] for annotations in studio.tasks_by_id.values() for a in annotations}
+    assert still_held <= store.annotation_ids(KEY), sorted(still_held - store.annotation_ids(KEY))[:5]
+    assert studio.pages == 5  # 3 pages, then a second listing (2 pages) confirms the 150 candidates
+    assert report.deleted == 150 and store.annotation_ids(KEY) == still_held | set(range(251, 351))
+    assert sync_project(store, SETTINGS, KEY, source=studio).deleted == 100  # the 100 read before they went
 
 
 def test_a_timeout_while_confirming_a_deletion_is_a_sync_error():
