@@ -28,7 +28,8 @@ Asked again for the same version: a top-up
     higher ids than any it listed (imported since, or left past the ``REFRESH_MAX_TASKS`` bound)
     are predicted, at most ``REFRESH_MAX_TASKS`` more, and join the same pool.  It runs when asked
     (``ls-backend rank --refresh``, a refresh job while the version still serves) and when
-    ``/next`` finds the pool used up; with nothing new it costs one API call.
+    ``/next`` finds the pool used up; with nothing new it writes nothing (three API calls: the
+    project twice and one listing).
 
 Older versions' predictions are kept
     Label Studio orders by the predictions of one version (the project's ``model_version``; with
@@ -80,7 +81,7 @@ class RefreshReport:
     version: str | None
     state: str = "finished"  # finished | skipped
     reason: str = ""
-    tasks: int = 0  # unlabeled tasks predicted for this version (all runs together)
+    tasks: int = 0  # unlabeled tasks predicted for this version (a resumed run counts its earlier runs; a top-up its own)
     written: int = 0  # predictions created in Label Studio
     already_there: int = 0  # tasks that held a prediction of this version already (a resumed page)
     unreadable: int = 0  # tasks without a readable text: no prediction written

@@ -620,11 +620,12 @@ class NextBatch:
 
 
 def skipped_task_ids(store, project_key: str) -> set[int]:
-    """Tasks an annotator skipped since the refresh listed them (none where the store cannot tell)."""
+    """Tasks an annotator skipped, or Label Studio deleted, since the refresh listed them (none where
+    the store cannot tell)."""
     if store is None:
         return set()
     try:
-        return store.skipped_task_ids(project_key)
+        return store.skipped_task_ids(project_key) | store.deleted_task_ids(project_key)
     except Exception:
         log.debug("project %s: skipped tasks unknown", project_key, exc_info=True)
         return set()

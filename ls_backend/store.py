@@ -17,6 +17,9 @@ One :class:`CorrectionStore` per process.  It holds, per project (keyed ``"<id>.
     Label Studio id, title, last event time, counters, the training mark (``trained_seq``),
     what ``/setup`` told us (Label Studio's address and the owner's token, for catching up),
     and the last sync report.
+``deleted_tasks``
+    task ids ``TASKS_DELETED`` named (final, like a tombstone: Label Studio never reuses task
+    ids); an annotation event for such a task is ignored.
 ``task_changes``
     per task, the seq of its last training-relevant change; ``projects.pending_tasks`` keeps
     the number of tasks changed since the last training run.
@@ -492,6 +495,14 @@ tombstones = sa.Table(
     sa.Column("deleted_at", sa.Float, nullable=False),
     sa.Column("seq", sa.BigInteger, nullable=False),
 )
+deleted_tasks = sa.Table(  # v3: tasks deleted in Label Studio (it never reuses task ids)
+    "deleted_tasks",
+    metadata,
+    sa.Column("project_key", sa.String(200), primary_key=True),
+    sa.Column("task_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("deleted_at", sa.Float, nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+)
 changes = sa.Table(  # v1's change log: read by migration 2, no longer written
     "changes",
     metadata,
@@ -646,10 +657,24 @@ def _migration_2_task_changes(conn: Connection) -> None:
     )
 
 
+def _migration_3_deleted_tasks(conn: Connection) -> None:
+    """Version 3: the tasks ``TASKS_DELETED`` named, so a late event for one of their annotations
+    is not stored and the next batch to label never offers them."""
+    sa.Table(
+        "deleted_tasks",
+        sa.MetaData(),
+        sa.Column("project_key", sa.String(200), primary_key=True),
+        sa.Column("task_id", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("deleted_at", sa.Float, nullable=False),
+        sa.Column("seq", sa.BigInteger, nullable=False),
+    ).create(conn)
+
+
 # (version, description, function(conn)); applied in order, each once, never edited once released
 MIGRATIONS: tuple[tuple[int, str, Callable[[Connection], None]], ...] = (
     (1, "initial tables", _migration_1_initial),
     (2, "per-task change marks and a kept count of tasks changed since training", _migration_2_task_changes),
+    (3, "tasks deleted in Label Studio", _migration_3_deleted_tasks),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -665,6 +690,9 @@ _MARK_MOVE = (
 )
 _IDS_OF_TASKS = sa.select(annotations.c.annotation_id).where(
     annotations.c.project_key == sa.bindparam("key"), annotations.c.task_id.in_(sa.bindparam("tasks", expanding=True))
+)
+_DEAD_TASKS = sa.select(deleted_tasks.c.task_id).where(
+    deleted_tasks.c.project_key == sa.bindparam("key"), deleted_tasks.c.task_id.in_(sa.bindparam("tasks", expanding=True))
 )
 _PROJECT_BY_KEY = sa.select(projects).where(projects.c.key == sa.bindparam("key"))
 _CONFIG_BY_HASH = sa.select(label_configs.c.id).where(
@@ -840,6 +868,9 @@ class _ProjectWork:
         self.pending = int(self.state["pending_tasks"])
         self.touched: set[int] = set()
         self.triggers: list[dict] = []
+        self.tasks_known: set[int] = set()  # task ids whose deletion state has been read
+        self.dead_tasks: set[int] = set()  # of those, the deleted ones
+        self.buried_tasks: list[int] = []  # deleted by this transaction
 
     def set(self, **values: Any) -> None:
         for name, value in values.items():
@@ -907,6 +938,23 @@ class _ProjectWork:
             for annotation_id in chunk:
                 self.held[annotation_id] = found.get(annotation_id) or _Held("none", None)
 
+    def load_tasks(self, task_ids: Iterable[int]) -> None:
+        """Read which of these tasks were deleted in Label Studio, for those not in hand yet."""
+        missing = sorted({int(t) for t in task_ids} - self.tasks_known)
+        for chunk in _chunks(missing, 500):
+            self.dead_tasks.update(self.conn.execute(_DEAD_TASKS, {"key": self.key, "tasks": list(chunk)}).scalars())
+        self.tasks_known.update(missing)
+
+    def delete_tasks(self, task_ids: Sequence[int]) -> int:
+        """Tasks deleted in Label Studio: their annotations are deleted (tombstoned) and the tasks
+        remembered, so that a late event for one of them is not stored; the annotations deleted."""
+        self.load_tasks(task_ids)
+        for task_id in dict.fromkeys(int(t) for t in task_ids):
+            if task_id not in self.dead_tasks:
+                self.dead_tasks.add(task_id)
+                self.buried_tasks.append(task_id)
+        return sum(self.delete(i) for i in self.ids_of_tasks(task_ids))
+
     def ids_of_tasks(self, task_ids: Iterable[int]) -> list[int]:
         """Live annotation ids on these tasks, in the database or added in this transaction."""
         wanted = set(task_ids)
@@ -920,6 +968,12 @@ class _ProjectWork:
     def upsert(self, record: AnnotationRecord, config_id: int | None, seq: int, source: str) -> str:
         held = self.held[record.annotation_id]
         if held.dead:
+            return BURIED
+        if record.task_id in self.dead_tasks:  # a late event for an annotation of a deleted task: deleted too
+            if held.now is None:
+                held.dead, held.tomb_task = True, record.task_id
+            else:
+                self.delete(record.annotation_id)
             return BURIED
         data = canonical_json(record.task_data)
         now = held.now
@@ -1003,6 +1057,9 @@ class _ProjectWork:
                                                     annotations.c.annotation_id.in_(list(chunk))))
         if buried:
             conn.execute(tombstones.insert(), buried)
+        if self.buried_tasks:
+            conn.execute(deleted_tasks.insert(), [{"project_key": key, "task_id": t, "deleted_at": self.now, "seq": seq}
+                                                  for t in self.buried_tasks])
         if self.touched:
             self.pending += self.store._mark_tasks(conn, key, self.touched, seq, self.state["trained_seq"])
             self.set(last_seq=seq, pending_tasks=self.pending)
@@ -1254,6 +1311,7 @@ class CorrectionStore:
                 assert info is not None
                 work = self._work(conn, info, info.key, now, seen, works)
                 work.load([r.annotation_id for r in parsed.records] + parsed.deleted_ids)
+                work.load_tasks([r.task_id for r in parsed.records] + parsed.deleted_task_ids)
             for parsed in batch:
                 info = parsed.project
                 work = works[info.key]
@@ -1266,7 +1324,7 @@ class CorrectionStore:
                 elif parsed.deleted_ids:
                     changed = sum(work.delete(annotation_id) for annotation_id in parsed.deleted_ids)
                 elif parsed.deleted_task_ids:
-                    changed = sum(work.delete(i) for i in work.ids_of_tasks(parsed.deleted_task_ids))
+                    changed = work.delete_tasks(parsed.deleted_task_ids)
                 elif parsed.action == START_TRAINING:
                     work.triggers.append({"project_key": info.key, "action": parsed.action, "received_at": now,
                                           "seq": seq})
@@ -1314,6 +1372,7 @@ class CorrectionStore:
             work = self._work(conn, info, info.key, now, None, {})
             config_id = work.note(info, event_time=False)
             work.load(record.annotation_id for record in records)
+            work.load_tasks(record.task_id for record in records)
             for record in records:
                 outcomes[work.upsert(record, config_id, seq, source)] += 1
             work.flush(seq)
@@ -1600,6 +1659,13 @@ class CorrectionStore:
                 sa.select(annotations.c.task_id).distinct().where(
                     annotations.c.project_key == project_key, annotations.c.was_cancelled.is_(True)
                 )
+            ).scalars().all())
+
+    def deleted_task_ids(self, project_key: str) -> set[int]:
+        """Tasks ``TASKS_DELETED`` named (Label Studio never reuses a task id)."""
+        with self._read() as conn:
+            return set(conn.execute(
+                sa.select(deleted_tasks.c.task_id).where(deleted_tasks.c.project_key == project_key)
             ).scalars().all())
 
     def annotated_task_ids(self, project_key: str) -> set[int]:

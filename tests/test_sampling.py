@@ -272,6 +272,9 @@ class FakeStore:
     def skipped_task_ids(self, project_key):
         return set(self.skipped)
 
+    def deleted_task_ids(self, project_key):
+        return set()
+
 
 def write_pool(registry, version, trained=True, ids=range(100, 140), complete=True, seed=0):
     rng = np.random.default_rng(seed)
@@ -309,7 +312,7 @@ def test_next_batch_ranks_the_pool_and_leaves_labeled_tasks_out(tmp_path):
     assert next_batch(settings, registry, FakeStore(), PROJECT, 5, "random").strategy == "random"
 
 
-def test_an_entities_only_pool_leaves_out_the_tasks_labeled_since_the_refresh(tmp_path):
+def test_an_entities_only_pool_leaves_out_the_tasks_labeled_or_deleted_since_the_refresh(tmp_path):
     """A config with <Labels> only: the pool has no classification control, and a task labeled
     since the refresh (a real webhook into the real store) must not be served again."""
     from ls_backend.store import CorrectionStore
@@ -333,6 +336,14 @@ def test_an_entities_only_pool_leaves_out_the_tasks_labeled_since_the_refresh(tm
         store.record_event(annotation_event(3, 102, [], cancelled=True, text="Skipped", proj=proj))
         batch = next_batch(settings, registry, store, key, 3)
         assert batch.task_ids == [] and batch.left_out_labeled == 3, batch
+        # tasks deleted in Label Studio since the refresh are not offered either (their ids would 404 there)
+        store.record_event({"action": "TASKS_DELETED", "tasks": [{"id": 100}, {"id": 101}, {"id": 102}], "project": proj})
+        pools.start(key, "p7-v2", {"control": None, "labels": [], "multiple": False, "threshold": 0.5, "trained": True})
+        pools.add(key, "p7-v2", PoolPart([100, 103, 104], x, None, [0.1, 0.2, 0.3]))
+        pools.finish(key, "p7-v2", {})
+        (registry.project_dir(key) / "current").write_text("p7-v2\n")
+        store.record_event({"action": "TASKS_DELETED", "tasks": [{"id": 103}], "project": proj})
+        assert next_batch(settings, registry, store, key, 3).task_ids == [104]
     finally:
         store.close()
 

@@ -83,6 +83,25 @@ def test_deleted_tasks_take_their_annotations_with_them(store):
     assert labels_of(store) == {11: ("Sports",)}
 
 
+def test_a_late_event_for_an_annotation_of_a_deleted_task_is_not_stored(store):
+    """Webhooks can arrive out of order (a retrying proxy, a queue): a task deleted in Label Studio
+    stays deleted, whatever comes for it afterwards, from a webhook or a sync."""
+    from ls_backend.store import AnnotationRecord, ProjectInfo
+
+    store.record_event(annotation_event(1, 10, choices("World")))
+    store.record_event({"action": "TASKS_DELETED", "tasks": [{"id": 10}, {"id": 12}], "project": project()})
+    late = store.record_event(annotation_event(2, 12, choices("Sports"), updated=999))  # made before the deletion
+    assert late.changed == 0 and late.stored_annotations == 0
+    assert store.deleted_task_ids(KEY) == {10, 12} and labels_of(store) == {}
+    event = annotation_event(3, 10, choices("World"))
+    counts = store.ingest(ProjectInfo.from_payload(project()),
+                          [AnnotationRecord.from_payload(event["annotation"], event["task"], 3)])
+    assert (counts.inserted, counts.tombstoned) == (0, 1) and store.annotation_ids(KEY) == set()
+    # the same deletion again changes nothing; other tasks are untouched
+    again = store.record_event({"action": "TASKS_DELETED", "tasks": [{"id": 10}], "project": project()})
+    assert again.changed == 0 and store.record_event(annotation_event(4, 11, choices("World"))).changed == 1
+
+
 def test_bulk_created_annotations_are_stored(store):
     proj = project()
     events = [annotation_event(i, 100 + i, choices("Business")) for i in (1, 2)]

@@ -36,7 +36,8 @@ upserts = st.builds(
 deletes = st.builds(lambda ids: ("delete", tuple(sorted(ids))), st.sets(st.integers(1, 6), min_size=1, max_size=3))
 task_deletes = st.builds(lambda task: ("tasks", task), st.integers(10, 12))
 config_changes = st.builds(lambda config, updated: ("config", config, updated), st.integers(0, 1), st.integers(0, 4))
-operations = st.lists(st.one_of(upserts, upserts, upserts, deletes, config_changes), min_size=1, max_size=14)
+# a deleted task is final, as a deleted annotation is: replays and reorders of its events end alike
+operations = st.lists(st.one_of(upserts, upserts, upserts, deletes, task_deletes, config_changes), min_size=1, max_size=14)
 with_task_deletes = st.lists(st.one_of(upserts, upserts, upserts, deletes, task_deletes, config_changes),
                              min_size=1, max_size=16)
 
@@ -68,10 +69,12 @@ def state(store: CorrectionStore, key: str) -> dict:
             sa.select(t.c.annotation_id).where(t.c.project_key == key).order_by(t.c.annotation_id)
         ).scalars().all()
         live = conn.execute(sa.select(p.c.live_annotations).where(p.c.key == key)).scalar()
+        dead_tasks = sorted(store.deleted_task_ids(key))
     assert live == sum(1 for row in rows if not row.was_cancelled)  # the kept counter agrees with the rows
     return {
         "annotations": [tuple(row) for row in rows],
         "tombstones": list(buried),
+        "deleted_tasks": dead_tasks,
         "live": live,
         "config": store.latest_label_config(key),
         "examples": [(e.task_id, e.text, e.labels, e.annotation_id) for e in store.training_examples(key, TOPIC)],
