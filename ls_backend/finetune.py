@@ -95,6 +95,16 @@ def choose_candidate(scores: dict[str, float], preference, tolerance: float) -> 
     return max(close, key=lambda name: (preference(name), scores[name], name))
 
 
+def choose_for_gate(scores: dict[str, float], preference, tolerance: float, passes) -> str:
+    """``choose_candidate`` among the candidates that pass the gate (``passes(name)``), or among
+    all of them where none does (that version is still written, refused, with its figures).
+    Being within ``tolerance`` is not transitive: the tie-preferred candidate within one example
+    of the best may be two examples below the current version while the best is one, and the
+    job must not refuse what the gate would take."""
+    passing = {name: score for name, score in scores.items() if passes(name)}
+    return choose_candidate(passing or scores, preference, tolerance)
+
+
 def learned_from_pool(guesses: int, n_labels: int, args: TrainingArguments) -> bool:
     """Whether a full recipe that trained on ``guesses`` pseudo-labelled unlabeled tasks ranks as
     "full+pool" on ties: measured from about ``full_min_labels`` labels up (``n_labels``: the
@@ -434,6 +444,19 @@ class FineTuneJob:
                 best = choose()
             gated = held_size >= self.settings.eval_min
             pinned = self.registry.pinned(project_key)
+
+            def passes(name: str) -> bool:
+                if frozen_serves:
+                    return primary(name) >= primary("current")
+                return not gated or not_worse(primary(name), primary("current"), tolerance)
+
+            if not pinned and not self.settings.force_promote:
+                best = choose_for_gate(
+                    {name: primary(name) for name in candidates},
+                    lambda name: tie_preference(name, full_learned_from_pool),
+                    tolerance,
+                    passes,
+                )
             if pinned:
                 promote, reason = False, f"the project is pinned to {pinned} (unpin to take new versions)"
             elif self.settings.force_promote:

@@ -159,6 +159,47 @@ def test_full_min_labels_counts_the_evaluation_slice_too(tmp_path):
         store.close()
 
 
+def test_a_candidate_that_passes_the_gate_is_kept_over_a_preferred_one_that_does_not():
+    from ls_backend.finetune import choose_for_gate, tie_preference
+
+    n = 24  # a 24-label slice: one example is 1/24
+    current = 15 / n
+    scores = {"frozen": current - 1 / n, "self-train": current - 2 / n}  # self-train is preferred on ties
+
+    def passes(name):
+        return not_worse(scores[name], current, 1 / n)
+
+    def preference(name):
+        return tie_preference(name, False)
+
+    assert choose_for_gate(scores, preference, 1 / n, passes) == "frozen"
+    # where both pass, or neither does, the tie order decides as before
+    assert choose_for_gate(scores, preference, 1 / n, lambda name: True) == "self-train"
+    assert choose_for_gate(scores, preference, 1 / n, lambda name: False) == "self-train"
+
+
+def test_a_job_promotes_the_candidate_that_passes_the_gate(job_env, monkeypatch):
+    """The tie-preferred self-trained head is within one example of the fast head but two below the
+    current version; the fast head is one below: the job must promote the fast head, not refuse."""
+    from ls_backend import finetune
+
+    settings, store = job_env
+    rows = balanced_agnews(22)
+    label_all(store, rows[:80])
+    FineTuneJob(settings, store).run(KEY)
+    label_all(store, rows[80:], first_id=500)
+    n = sum(in_eval_slice(task_id, settings.eval_share) for task_id, _, _ in rows)
+    figures = iter([15 / n, 14 / n, 13 / n])  # measured in this order: current, frozen, self-train
+    monkeypatch.setattr(finetune.FineTuneJob, "_measure", lambda self, heads, splits, embed: {"score": next(figures), "controls": {}})
+    pool = np.random.default_rng(0).standard_normal((80, 384)).astype(np.float32)
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+    monkeypatch.setattr(finetune.FineTuneJob, "_unlabeled", lambda self, *a: {"topic": finetune.Unlabeled(pool)})
+    second = FineTuneJob(settings, store).run(KEY)
+    assert set(second["metrics"]) == {"current", "frozen", "self-train"}, second["metrics"]
+    assert second["promoted"] and second["recipe"] == "frozen", second["reason"]
+    assert ModelRegistry(settings.model_dir).current(KEY) == second["version"]
+
+
 def test_the_gate_measures_a_version_promoted_while_the_job_trained(job_env):
     """A job compares its candidate with what serves when it decides, not with what served when it
     started: here a deliberately bad version goes live mid-job and is the one measured."""
