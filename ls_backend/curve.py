@@ -52,7 +52,11 @@ def learning_curve(registry: ModelRegistry, project_key: str) -> dict:
 
 
 def _eval_size(meta: dict) -> int:
-    return min((d.get("eval", 0) for d in (meta.get("data") or {}).values()), default=0)
+    """The slice the version was judged on: the smallest among the controls that have slice labels
+    (``finetune.slice_size``, the job's own rule)."""
+    from .finetune import slice_size
+
+    return slice_size(d.get("eval", 0) for d in (meta.get("data") or {}).values())
 
 
 def learning_curve_png(curve: dict) -> bytes:

@@ -419,6 +419,10 @@ def evaluate(probs: np.ndarray, data: ControlData, head: ClassifierHead) -> dict
     k = len(data.labels)
     if data.multiple:
         predicted = probs >= head.threshold
+        # as served: a row with no label at the threshold still gets its likeliest one suggested
+        # (``predictor.choices_result``), so the gate judges what annotators are shown
+        empty = np.flatnonzero(~predicted.any(axis=1))
+        predicted[empty, probs[empty].argmax(axis=1)] = True
         truth = y.astype(bool)
         tp = (predicted & truth).sum(axis=0)
         fp = (predicted & ~truth).sum(axis=0)

@@ -62,6 +62,10 @@ def test_a_control_with_no_label_in_the_slice_leaves_the_gate_to_the_others():
     assert slice_size([40, 0]) == 40  # a control added last week, none of its 3 labels in the slice
     assert slice_size([40, 12]) == 12
     assert slice_size([0, 0]) == 0 and slice_size([]) == 0
+    # the learning curve reports the same slice the gate used
+    from ls_backend.curve import _eval_size
+
+    assert _eval_size({"data": {"flag": {"eval": 0, "train": 3}, "topic": {"eval": 23, "train": 57}}}) == 23
 
 
 def test_train_mode_full_keeps_the_fast_heads_when_the_encoder_cannot_be_tuned(tmp_path, monkeypatch):
@@ -198,6 +202,28 @@ def test_a_job_promotes_the_candidate_that_passes_the_gate(job_env, monkeypatch)
     assert set(second["metrics"]) == {"current", "frozen", "self-train"}, second["metrics"]
     assert second["promoted"] and second["recipe"] == "frozen", second["reason"]
     assert ModelRegistry(settings.model_dir).current(KEY) == second["version"]
+
+
+def test_multiple_choice_slice_figures_judge_what_predict_serves():
+    """A row with no label at the threshold is served its likeliest label (``choices_result``): the
+    gate's micro-F1 and exact match read that, not an empty set no annotator ever sees."""
+    from types import SimpleNamespace
+
+    from ls_backend.model import ClassifierHead
+    from ls_backend.predictor import choices_result
+    from ls_backend.trainer import evaluate
+
+    labels = ["a", "b", "c"]
+    head = ClassifierHead(labels, np.zeros((3, 4), np.float32), np.zeros(3, np.float32), multiple=True)
+    probs = np.array([[0.4, 0.2, 0.1], [0.9, 0.6, 0.1], [0.3, 0.45, 0.2]])
+    data = ControlData("tags", labels, True, ["x", "y", "z"], [("a",), ("a", "b"), ("c",)])
+    control = SimpleNamespace(name="tags", to_name="text")
+    served = [choices_result(control, head, row)[0]["value"]["choices"] for row in probs]
+    assert served == [["a"], ["a", "b"], ["b"]]
+    figures = evaluate(probs, data, head)
+    # served against the truth: 3 right labels, 1 wrong (b on z), 1 missed (c on z)
+    assert figures["micro_f1"] == pytest.approx(6 / 8) and figures["primary"] == pytest.approx(6 / 8)
+    assert figures["exact_match"] == pytest.approx(2 / 3, abs=1e-4)
 
 
 def test_the_gate_measures_a_version_promoted_while_the_job_trained(job_env):
