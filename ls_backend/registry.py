@@ -287,15 +287,31 @@ class ModelRegistry:
             if away is None and str(entry.get("reason", "")).startswith("rollback from "):
                 away = entry["reason"][len("rollback from "):]  # noted before away_from existed
             if away:
-                rejected.add(away)
+                rejected |= self._same_model(project_key, away)
             rejected.discard(entry["version"])
         last = max((i for i, e in enumerate(switches) if e["version"] == current), default=len(switches))
         existing = {v.name for v in self.versions(project_key)}
+        skip = self._same_model(project_key, current) if current else set()
         for entry in reversed(switches[:last]):
             version = entry["version"]
-            if version != current and version not in rejected and version in existing:
+            if version not in skip and version not in rejected and version in existing:
                 return version
         return None
+
+    def _same_model(self, project_key: str, version: str) -> set[str]:
+        """``version`` and the versions it re-shapes: a label config change writes the served model
+        again with the new label set (``write_plan_version``), so rolling back from the re-shaped
+        version must not land on the model it was made from (which the next request would re-shape
+        straight back)."""
+        names: set[str] = set()
+        while version and version not in names:
+            names.add(version)
+            try:
+                meta = self.meta(project_key, version)
+            except (RegistryError, OSError, ValueError):
+                break
+            version = meta.get("parent") if meta.get("kind") == "config-change" else None
+        return names
 
     def pinned(self, project_key: str) -> str | None:
         try:

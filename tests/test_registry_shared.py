@@ -274,6 +274,24 @@ def test_rollback_returns_to_the_version_served_before_and_passes_over_rolled_ba
         ModelRegistry(tmp_path / "other").rollback("8.1")
 
 
+def test_rollback_from_a_label_config_change_walks_past_the_model_it_reshaped(tmp_path):
+    """A config change serves the current model again with the new labels (kind config-change,
+    parent: that model). Rolling back from it must go a step further back: landing on its parent,
+    the next request would re-shape that parent straight back, and rollback could never pass it."""
+    registry = ModelRegistry(tmp_path)
+    v0 = registry.create_version(PROJECT, _heads(0, 0), {"kind": "cold-start"})
+    v1 = registry.create_version(PROJECT, _heads(0, 1), {"kind": "fine-tune"})
+    v2 = registry.create_version(PROJECT, _heads(0, 2), {"kind": "fine-tune"})
+    for version in (v0, v1, v2):
+        registry.promote(PROJECT, version)
+    reshaped = registry.create_version(PROJECT, _heads(0, 3), {"kind": "config-change", "parent": v2})
+    registry.promote(PROJECT, reshaped, reason="config-change")
+    assert registry.rollback(PROJECT) == v1
+    again = registry.create_version(PROJECT, _heads(0, 4), {"kind": "config-change", "parent": v1})  # the next /setup
+    registry.promote(PROJECT, again, reason="config-change")
+    assert registry.rollback(PROJECT) == v0  # one step further back, past v1 and past v2 (rolled back from)
+
+
 def test_fine_tuned_encoders_of_projects_with_one_label_studio_id_have_distinct_cache_ids(tmp_path):
     """Two Label Studio instances (or a re-created database) both have a project 3, and a removed
     project folder trained again starts at v1: the embedding cache must not mix their encoders."""
