@@ -151,8 +151,9 @@ class Predictor:
     def _readable_version(self, project_key: str, serving: Serving | None) -> LoadedHeads | None:
         """The registry's current version; when it names a version that is missing or unreadable
         (a deleted folder, a corrupt meta.json), what this process served for the project, else
-        the project's newest readable version, so that a broken pointer costs its requests the
-        newest model, not a 500.  None: the project has no readable version."""
+        the readable version that served most recently (the registry's history), else the newest
+        readable one, so that a broken pointer costs its requests a served model, not a 500.
+        None: the project has no readable version."""
         current = self.registry.current(project_key)
         if current is None:
             return None
@@ -160,9 +161,12 @@ class Predictor:
             return self.registry.load(project_key, current)
         except Exception:
             log.exception("project %s: current version %s is unreadable", project_key, current)
+        # what served last first: a version the gate refused is no stand-in while one that served is readable
         fallbacks = [serving.version] if serving is not None else []
+        fallbacks += [e["version"] for e in reversed(self.registry.history(project_key))
+                      if e.get("event") == "current" and e.get("version")]
         fallbacks += [v.name for v in reversed(self.registry.versions(project_key))]
-        for version in fallbacks:
+        for version in dict.fromkeys(fallbacks):
             if version == current:
                 continue
             try:

@@ -187,19 +187,23 @@ def fresh_client(settings, encoder):
     return create_app(settings, Predictor(settings, encoder=encoder)).test_client()
 
 
-def test_an_unreadable_current_version_serves_the_newest_readable_one(client, settings, encoder):
+def test_an_unreadable_current_version_serves_the_last_served_readable_one(client, settings, encoder):
     assert client.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).json["model_version"] == "p7-v0"
     registry = ModelRegistry(settings.model_dir)
     loaded = registry.load(PROJECT, "p7-v0")
     for _ in range(2):
         name = registry.create_version(PROJECT, loaded.heads, dict(loaded.meta, parent="p7-v0", kind="test"))
-    registry.promote(PROJECT, name)
+    registry.promote(PROJECT, name)  # p7-v1 was never promoted (as a version the gate refused)
     (registry.version_dir(PROJECT, name) / "meta.json").write_text("{not json")  # p7-v2: corrupt
     worker = fresh_client(settings, encoder)
     setup = worker.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG})
-    assert setup.status_code == 200 and setup.json["model_version"] == "p7-v1"  # the newest readable one
-    assert predict(worker, [{"id": 1, "data": {"text": "The Lakers won"}}])[0]["model_version"] == "p7-v1"
+    assert setup.status_code == 200 and setup.json["model_version"] == "p7-v0"  # the last one that served
+    assert predict(worker, [{"id": 1, "data": {"text": "The Lakers won"}}])[0]["model_version"] == "p7-v0"
     assert registry.current(PROJECT) == name  # serving around a broken pointer does not move it
+    # with no served version readable, the newest readable one
+    (registry.version_dir(PROJECT, "p7-v0") / "meta.json").write_text("{not json")
+    worker = fresh_client(settings, encoder)
+    assert worker.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).json["model_version"] == "p7-v1"
 
 
 def test_a_missing_current_version_keeps_the_served_one_and_config_changes_work(client, settings, app):
