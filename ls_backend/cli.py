@@ -132,12 +132,60 @@ def _limit_threads(count: int) -> None:
     torch.set_num_threads(count)
 
 
+def _bounded_int(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not in {low}..{high}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:  # NaN too: a deadline of NaN is never reached
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds (0 or more; inf waits for good)")
+    return value
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """What an operator should read for a store, queue or folder that cannot be reached, else None."""
+    from .store import StoreError
+
+    kind = type(exc).__module__.split(".")[0]
+    if isinstance(exc, StoreError) or kind == "sqlalchemy":
+        return f"the corrections store cannot be opened: {str(exc).splitlines()[0]}"
+    if kind == "redis":
+        return f"Redis (REDIS_URL) cannot be reached: {str(exc).splitlines()[0]}"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except Exception as exc:
+        reason = _unreachable(exc)
+        if reason is None:
+            raise
+        print(f"ls-backend: {reason}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ls-backend", description="Label Studio ML backend with transfer learning")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="start the web backend (gunicorn)")
     p_serve.add_argument("--host", default="0.0.0.0")
-    p_serve.add_argument("--port", type=int, default=9090)
+    p_serve.add_argument("--port", type=_bounded_int(0, 65535), default=9090)
     sub.add_parser("settings", help="print the settings in force (secrets masked)")
     p_status = sub.add_parser("status", help="print what the corrections store holds per project (JSON)")
     p_status.add_argument("--project", help="one project: its key, or a bare Label Studio id")
@@ -153,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--wait", action="store_true", help="wait for the job and print its outcome")
     p_train.add_argument("--lane", choices=["fast", "full"], default="full",
                          help="fast: refit the heads only; full: TRAIN_MODE's candidates (default)")
-    p_train.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait with --wait")
+    p_train.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds to wait with --wait (inf: for good)")
     p_jobs = sub.add_parser("jobs", help="list training jobs (JSON)")
     p_jobs.add_argument("--project", help="one project: its key, or a bare Label Studio id")
     p_versions = sub.add_parser("versions", help="list a project's model versions with their figures (JSON)")
@@ -171,11 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     p_curve.add_argument("--png", help="write the plot to this file")
     p_rank = sub.add_parser("rank", help="print the next batch of unlabeled task ids to label (JSON)")
     p_rank.add_argument("--project", required=True, help="the project key, or a bare Label Studio id")
-    p_rank.add_argument("--n", type=int, default=20, help="how many tasks (default 20)")
+    p_rank.add_argument("--n", type=_bounded_int(1, 1000), default=20, help="how many tasks, 1 to 1000 (default 20)")
     p_rank.add_argument("--strategy", choices=["uncertainty", "diverse", "random", "coverage", "typical"],
                         help="default: uncertainty under SCORE_MODE (coverage before any trained version)")
     p_rank.add_argument("--refresh", action="store_true", help="refresh the predictions in Label Studio first")
-    p_rank.add_argument("--seed", type=int, help="for the random and k-means choices (default SEED)")
+    p_rank.add_argument("--seed", type=_bounded_int(0, 2**63 - 1), help="for the random and k-means choices (default SEED)")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()

@@ -34,13 +34,15 @@ def _bool(name: str, raw: str) -> bool:
     raise SettingsError(f"{name}={raw!r}: expected true or false")
 
 
-def _int(name: str, raw: str, minimum: int | None = None) -> int:
+def _int(name: str, raw: str, minimum: int | None = None, maximum: int | None = None) -> int:
     try:
         value = int(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r}: expected an integer") from None
     if minimum is not None and value < minimum:
         raise SettingsError(f"{name}={raw!r}: must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name}={raw!r}: must be at most {maximum}")
     return value
 
 
@@ -81,17 +83,46 @@ def _zero_shot_template(raw: str) -> str:
 
 def _database_url(raw: str) -> str:
     value = raw.strip()
-    if not value.startswith(("postgres://", "postgresql://", "postgresql+psycopg://", "sqlite:")):
-        raise SettingsError("DATABASE_URL: expected postgresql://user:pass@host:5432/db (or unset for SQLite)")
+    if not value.startswith(("postgres://", "postgresql://", "postgresql+psycopg://", "sqlite://", "sqlite+pysqlite://")):
+        raise SettingsError("DATABASE_URL: expected postgresql://user:pass@host:5432/db or sqlite:////path/store.sqlite "
+                            "(or unset for SQLite under MODEL_DIR)")
     return value
 
 
+def _redis_url(raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise SettingsError(f"REDIS_URL={raw!r}: expected redis://host:6379/0 (rediss:// or unix:// too), "
+                            "or unset for the embedded job runner")
+    return value
+
+
+SECRET_QUERY_KEYS = ("password", "passfile", "sslpassword")
+
+
 def _mask_password(url: str) -> str:
+    """``url`` with the password of its user part and of its query (``?password=``, as libpq and
+    redis-py also read it) shown as ``***``."""
+    from urllib.parse import parse_qsl, urlencode
+
     scheme, sep, rest = url.partition("://")
+    rest, question, query = rest.partition("?")
     userinfo, at, host = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
+    if at and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    if question:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k.lower() in SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*")
+    return f"{scheme}{sep}{rest}{question}{query}"
+
+
+def _base_model(raw: str) -> str:
+    """A local Hugging Face model folder (``~`` expanded: a docker ``.env`` file does not)."""
+    path = Path(raw.strip()).expanduser()
+    if not (path / "config.json").is_file():
+        raise SettingsError(f"BASE_MODEL={raw!r}: no model folder there (expected a local Hugging Face model folder "
+                            "with config.json; unset for the bundled encoder)")
+    return str(path)
 
 
 def _schedule(raw: str) -> str:
@@ -221,7 +252,7 @@ class Settings:
         if get("CACHE_DIR"):
             values["cache_dir"] = get("CACHE_DIR", "")
         if get("BASE_MODEL"):
-            values["base_model"] = get("BASE_MODEL", "")
+            values["base_model"] = _base_model(get("BASE_MODEL", ""))
         for name in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS", "LABEL_STUDIO_API_KEY"):
             if get(name):
                 values[name.lower()] = get(name, "")
@@ -234,7 +265,7 @@ class Settings:
         if get("SYNC_CHECK_INTERVAL"):
             values["sync_check_interval"] = _float("SYNC_CHECK_INTERVAL", get("SYNC_CHECK_INTERVAL", ""), 0, 86_400)
         if get("REDIS_URL"):
-            values["redis_url"] = get("REDIS_URL", "").strip()
+            values["redis_url"] = _redis_url(get("REDIS_URL", ""))
         if get("QUEUE_NAME"):
             values["queue_name"] = get("QUEUE_NAME", "").strip()
         if get("TRAIN_SCHEDULE"):
@@ -282,9 +313,10 @@ class Settings:
             "REFRESH_MAX_TASKS": 0,
             "REFRESH_PAGE_SIZE": 1,
         }
+        maxima = {"SEED": 2**32 - 1}  # numpy's seeds are 32-bit
         for name, minimum in ints.items():
             if get(name):
-                values[name.lower()] = _int(name, get(name, ""), minimum)
+                values[name.lower()] = _int(name, get(name, ""), minimum, maxima.get(name))
         if get("SELF_TRAIN_TUNE_ROUNDS"):
             values["self_train_tune_rounds"] = int(_choice("SELF_TRAIN_TUNE_ROUNDS", get("SELF_TRAIN_TUNE_ROUNDS", ""), ("1", "2")))
         if get("ZERO_SHOT_TEMPERATURE"):

@@ -1186,7 +1186,9 @@ class CorrectionStore:
 
     def describe(self) -> str:
         """Where the store lives (password masked)."""
-        return sa.make_url(self.url).render_as_string(hide_password=True)
+        from .settings import _mask_password
+
+        return _mask_password(sa.make_url(self.url).render_as_string(hide_password=True))
 
     # -- transactions ---------------------------------------------------------------
     @contextmanager

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Install (first run) and start the backend on port 9090 with embedded defaults:
 # models and the store under ./models, the bundled encoder, no Redis needed.
+# BIND_HOST and BIND_PORT (or --host / --port) choose where it listens.
 # Any setting from the README's table can be set in the environment.
 set -euo pipefail
+# a MODEL_DIR given relative to where the command was typed stays there (made absolute before the cd)
+if [ -n "${MODEL_DIR:-}" ]; then
+  case "$MODEL_DIR" in /*) ;; *) MODEL_DIR="$PWD/$MODEL_DIR" ;; esac
+fi
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export MODEL_DIR="${MODEL_DIR:-$PWD/models}"

@@ -43,3 +43,62 @@ def test_a_zero_shot_template_with_literal_braces_makes_the_prompts():
     settings = Settings.from_env({"ZERO_SHOT_TEMPLATE": "{{news}} about {label}"})
     control = plan_for(TOPIC_CONFIG).controls[0]
     assert label_prompts(control, settings.zero_shot_template)[:2] == ["{news} about World", "{news} about Sports"]
+
+
+@pytest.mark.parametrize("env, fix", [
+    ({"SEED": str(2**32)}, "at most 4294967295"),  # numpy's seeds are 32-bit: every job failed
+    ({"REDIS_URL": "localhost:6379"}, "redis://host:6379/0"),
+    ({"DATABASE_URL": "sqlite:foo"}, "sqlite:////path/store.sqlite"),
+    ({"BASE_MODEL": "/nonexistent/model"}, "no model folder there"),
+])
+def test_settings_that_would_fail_every_job_or_the_first_request_are_refused_at_start(env, fix):
+    with pytest.raises(SettingsError, match=fix.replace("(", r"\(").replace("/", "/")):
+        Settings.from_env(env)
+
+
+def test_base_model_expands_the_home_folder(tmp_path, monkeypatch):
+    model = tmp_path / "encoder"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert Settings.from_env({"BASE_MODEL": "~/encoder"}).base_model == str(model)
+    assert Settings.from_env({"SEED": str(2**32 - 1)}).seed == 2**32 - 1
+
+
+def test_passwords_in_url_queries_are_masked_too(tmp_path):
+    from ls_backend.store import CorrectionStore
+
+    shown = Settings.from_env({"REDIS_URL": "redis://127.0.0.1:6379/15?password=s3cret",
+                               "DATABASE_URL": "postgresql://u:pw@db:5432/ls?sslpassword=k3y&sslmode=require"}).describe()
+    assert "s3cret" not in shown["redis_url"] and shown["redis_url"].endswith("?password=***")
+    assert "pw@" not in shown["database_url"] and "k3y" not in shown["database_url"]
+    assert shown["database_url"].endswith("sslpassword=***&sslmode=require")
+    store = CorrectionStore(f"sqlite:///{tmp_path / 'store.sqlite'}?password=s3cret")
+    try:
+        assert "s3cret" not in store.describe()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("argv", [["serve", "--port", "99999"], ["rank", "--project", "3", "--seed", "-1"],
+                                  ["rank", "--project", "3", "--n", "0"], ["train", "--project", "3", "--timeout", "nan"]])
+def test_command_line_values_out_of_range_are_usage_errors(argv, capsys):
+    from ls_backend import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2 and "error: argument --" in capsys.readouterr().err
+
+
+def test_a_queue_or_store_that_cannot_be_reached_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from ls_backend import cli
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there
+    assert cli.main(["jobs"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ls-backend: Redis (REDIS_URL) cannot be reached") and "Traceback" not in err
+    monkeypatch.setenv("REDIS_URL", "")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:p@127.0.0.1:1/db")
+    assert cli.main(["status"]) == 1
+    assert capsys.readouterr().err.startswith("ls-backend: the corrections store cannot be opened")
