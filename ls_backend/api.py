@@ -422,7 +422,7 @@ def _error(status: int, error: str, message: str, **extra: Any):
 def create_app(settings: Settings | None = None, predictor: Predictor | None = None, preload: bool = True) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask("ls_backend")
-    app.config["MAX_CONTENT_LENGTH"] = 512 * 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_mb * 1024 * 1024
     app.json.sort_keys = False
     app.extensions["ls_backend"] = Services(settings, predictor)
     app.register_blueprint(protocol)
@@ -453,7 +453,8 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     def http_error(exc: HTTPException):
         message = exc.description or exc.name
         if exc.code == 413:
-            message = "request body too large"
+            message = (f"request body too large: at most {settings.max_request_mb} MiB (MAX_REQUEST_MB); "
+                       "send fewer tasks per request")
         return _error(exc.code or 500, exc.name.lower().replace(" ", "_"), message)
 
     @app.errorhandler(Exception)

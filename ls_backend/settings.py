@@ -212,6 +212,8 @@ class Settings:
     web_workers: int = 0  # 0: one per core, at most 4
     web_timeout: int = 120
     max_tasks_per_request: int = 10_000
+    # the largest request body a web worker reads (JSON of a /predict batch, a webhook), in MiB
+    max_request_mb: int = 512
     max_text_chars: int = 100_000  # characters of a task's text read for prediction (the rest is ignored)
     log_level: str = "INFO"
     # how often (seconds) a web worker looks for a new current version
@@ -296,6 +298,7 @@ class Settings:
             "WEB_WORKERS": 0,
             "WEB_TIMEOUT": 1,
             "MAX_TASKS_PER_REQUEST": 1,
+            "MAX_REQUEST_MB": 1,
             "MAX_TEXT_CHARS": 1,
             "TRAIN_EVERY": 0,
             "JOB_TIMEOUT": 10,

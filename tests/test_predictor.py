@@ -274,3 +274,15 @@ def test_predict_answers_its_own_time_in_a_server_timing_header(client):
     name, _, duration = response.headers["Server-Timing"].partition(";dur=")
     assert response.status_code == 200 and name == "predict"
     assert 0 < float(duration) <= elapsed_ms
+
+
+def test_a_body_over_max_request_mb_gets_413_with_the_setting_to_change(settings, encoder):
+    import json as json_module
+
+    worker = fresh_client(settings.with_overrides(max_request_mb=1), encoder)
+    tasks = [{"id": i, "data": {"text": "x" * 1000}} for i in range(1200)]  # about 1.2 MiB of JSON
+    body = json_module.dumps({"tasks": tasks, "project": PROJECT, "label_config": TOPIC_CONFIG})
+    answer = worker.post("/predict", data=body, content_type="application/json")
+    assert answer.status_code == 413 and "MAX_REQUEST_MB" in answer.json["message"], answer.json
+    small = worker.post("/predict", json={"tasks": tasks[:10], "project": PROJECT, "label_config": TOPIC_CONFIG})
+    assert small.status_code == 200 and len(small.json["results"]) == 10
