@@ -293,6 +293,20 @@ def renewed_lock(connection, key: str, ttl: float, wait: float, what: str) -> It
             lock.release()
 
 
+def restart_job_clock(seconds: int) -> bool:
+    """In an rq work horse, start rq's timeout for this job (its SIGALRM death penalty) again at
+    ``seconds``: the wait for the project's lock must not count against ``JOB_TIMEOUT``.  False
+    where there is no such clock (not the main thread, or another death penalty)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    from rq.timeouts import UnixSignalDeathPenalty
+
+    if not isinstance(getattr(signal.getsignal(signal.SIGALRM), "__self__", None), UnixSignalDeathPenalty):
+        return False
+    signal.alarm(max(1, int(seconds)))
+    return True
+
+
 def train_project(project_key: str, trigger: str = "manual", lane: str = FULL) -> dict:
     """The rq job function (``ls_backend.jobs.train_project``)."""
     from redis import Redis
@@ -304,6 +318,8 @@ def train_project(project_key: str, trigger: str = "manual", lane: str = FULL) -
     job = get_current_job()
     with renewed_lock(connection, queue.key(f"lock:{lane}", project_key), LOCK_TTL, settings.job_timeout,
                       f"project {project_key}"):
+        # JOB_TIMEOUT counts from here: rq's own timeout is JOB_TIMEOUT plus the longest wait for the lock
+        restart_job_clock(settings.job_timeout)
         # from here on, new labels queue the next job instead of joining this one
         queue.release_queued(project_key, job.id if job else None, lane)
         if job is not None:
@@ -374,7 +390,9 @@ class RedisTrainingQueue(TrainingQueue):
                         trigger,
                         lane,
                         job_id=job_id,
-                        job_timeout=self.settings.job_timeout,
+                        # a job of this project and lane may first wait up to JOB_TIMEOUT for the one
+                        # running (``train_project``); its own JOB_TIMEOUT starts once it has the lock
+                        job_timeout=2 * self.settings.job_timeout,
                         result_ttl=7 * 86400,
                         failure_ttl=30 * 86400,
                         retry=Retry(max=retries, interval=[10, 60, 300][:retries] or 10) if retries else None,

@@ -631,3 +631,43 @@ def test_a_job_process_ends_when_its_runner_is_killed_hard():
         runner.kill()
         if alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_the_wait_for_a_projects_lock_does_not_count_against_job_timeout(redis_url, queue_name, tmp_path, monkeypatch):
+    """Two workers, one project: the second job waits for the first one's lock. JOB_TIMEOUT counts
+    from the lock on, so waiting 6 s and then training 6 s passes a 10 s JOB_TIMEOUT, while training
+    12 s after the lock is still stopped (an in-process rq worker, with rq's own timeout)."""
+    import redis
+    from rq import SimpleWorker
+    from rq.job import Job
+
+    from ls_backend import jobs
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("QUEUE_NAME", queue_name)
+    monkeypatch.setenv("JOB_TIMEOUT", "10")
+    monkeypatch.setenv("JOB_RETRIES", "0")
+    monkeypatch.setenv("TRAIN_EVERY", "0")
+    settings = Settings.from_env()
+    queue = RedisTrainingQueue(settings)
+    connection = redis.Redis.from_url(redis_url)
+    outcomes = {}
+    try:
+        for project, held, runs in (("5.1", 6.0, 6.0), ("6.1", 2.0, 12.0)):
+            monkeypatch.setattr(jobs, "execute_training", lambda *args, runs=runs: time.sleep(runs) or {"trained": True})
+            lock = connection.lock(queue.key("lock:full", project), timeout=60, thread_local=False)
+            assert lock.acquire(blocking=False)  # the job of another worker holds the project
+            threading.Timer(held, lock.release).start()
+            info, _ = queue.enqueue(project, "manual")
+            started = time.monotonic()
+            SimpleWorker([queue.queues["full"]], connection=queue.connection).work(burst=True)
+            status = Job.fetch(info.id, connection=queue.connection).get_status(refresh=True)
+            outcomes[project] = (getattr(status, "value", status), round(time.monotonic() - started))
+        assert outcomes["5.1"][0] == "finished", outcomes  # 12 s in all, 6 of them waiting
+        assert outcomes["6.1"][0] == "failed" and outcomes["6.1"][1] < 14, outcomes  # stopped 10 s after the lock
+    finally:
+        for q in queue.queues.values():
+            q.empty()
+        queue.close()
+        connection.close()
