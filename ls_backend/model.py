@@ -115,6 +115,21 @@ def clip_visible(text: str, visible: int) -> str:
     return text
 
 
+def clip_for_tokens(text: str, tokens: int) -> str:
+    """A prefix of ``text`` that still holds its first ``tokens`` tokens, so that tokenizing it cut
+    at ``tokens`` gives the ids of the whole text: the later of ``tokens * 32`` visible characters
+    (a token rarely spans more) and the end of the ``tokens``-th whitespace-separated word (every
+    word gives at least one token, and a word of over 100 characters, a hash or a data blob, only
+    one: ``[UNK]``)."""
+    if len(text) <= tokens * 32:
+        return text
+    cut = len(clip_visible(text, tokens * 32))
+    for words, match in enumerate(_VISIBLE.finditer(text), start=1):
+        if words >= tokens:
+            return text[: max(cut, match.end())]
+    return text
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -195,9 +210,8 @@ class Encoder:
             return core
 
     def _tokenize_chunk(self, texts: Sequence[str], limit: int) -> list[list[int]]:
-        # A token rarely spans more than 32 characters besides whitespace, so cutting absurdly long
-        # texts after that many visible characters a token loses nothing truncation would keep.
-        clipped = [utf8_safe(clip_visible(t, limit * 32)) for t in texts]
+        # absurdly long texts are cut first where nothing truncation would keep is lost
+        clipped = [utf8_safe(clip_for_tokens(t, limit)) for t in texts]
         core = self._bulk_tokenizer(limit)
         encode = getattr(core, "encode_batch_fast", core.encode_batch)  # no character offsets
         return [e.ids for e in encode(clipped)]

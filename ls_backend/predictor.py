@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .labeling import CHOICES, LABELS, LabelingPlan, UnsupportedConfig, plan_for
-from .model import ClassifierHead, Encoder, resolve_device
+from .model import ClassifierHead, Encoder, clip_visible, resolve_device
 from .ner import TokenHead, encode_with_tokens
 from .registry import LoadedHeads, ModelRegistry, version_prefix
 from .sampling import result_score
@@ -310,7 +310,7 @@ class Predictor:
                     problems.setdefault(i, read.problem or "unreadable")
                     continue
                 # a prefix: span offsets found in it hold for the whole text
-                text = read.text[: self.settings.max_text_chars]
+                text = clip_visible(read.text, self.settings.max_text_chars)  # as training reads it
                 if reads_nothing(serving.encoder, text):
                     problems.setdefault(i, f"task data field {data_field!r} holds no character the model reads")
                     continue

@@ -111,6 +111,17 @@ def test_whitespace_runs_do_not_push_a_long_texts_words_out_of_what_is_read():
     assert clip_visible("abc  def ghi", 5) == "abc  de" and clip_visible("ab", 5) == "ab"
 
 
+def test_texts_of_long_words_are_read_as_far_as_the_tokenizers_own_truncation(encoder):
+    """A word of over 100 characters (a hash, an ID, a data blob) is one [UNK]: a text of many is
+    not cut where a token is assumed to span at most 32 characters."""
+    blob = "Ab3xZ9" * 20
+    texts = [" ".join([blob] * 300), "see " + " ".join([blob] * 150) + " and the football match ended 3-1",
+             "x" * 50_000, "short text"]
+    for text in texts:
+        expected = encoder.tokenizer(text, truncation=True, max_length=encoder.max_length)["input_ids"]
+        assert encoder.tokenize([text]) == [expected], (len(text), len(expected))
+
+
 def test_batches_are_sorted_by_length_and_padded_row_for_row(encoder):
     rng = np.random.default_rng(3)
     ids = [list(rng.integers(1000, 2000, size=int(n))) for n in rng.integers(2, 40, size=75)]
