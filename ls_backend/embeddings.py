@@ -3,7 +3,7 @@
 One SQLite file per machine and ``MODEL_DIR`` (``CACHE_DIR``, by default under ``~/.cache``, never on
 the possibly shared ``MODEL_DIR``: SQLite does not belong on a network share): a cache, not a source
 of truth — several machines sharing the registry each keep their own, and a miss only costs an encode.
-The encoder id names the weights: ``base:<path>`` for the base encoder, or the project and version
+The encoder id names the weights: ``base:<path>#<fingerprint of its files>`` for the base encoder, or the project and version
 that hold a fine-tuned ``encoder/`` folder, with the stamp the registry gave those weights.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import sqlite3
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -23,15 +24,34 @@ from .model import Encoder
 def encoder_id(meta: dict, base_path: str, encoder: Encoder) -> str:
     """The name of the weights a version's embeddings come from, and their precision: the project
     and version that hold its fine-tuned ``encoder/`` folder (``meta["encoder"]``) with the stamp
-    the registry gave those weights when it wrote them, else ``base:<path>``; ``@bf16``/``@fp16``
+    the registry gave those weights when it wrote them, else ``base:<path>#<weights_stamp>``; ``@bf16``/``@fp16``
     where the encoder serves in that precision.  Version names carry only Label Studio's project
     id, so two projects of one id (two Label Studio instances, a re-created database) or a project
     whose folder was removed and trained again would otherwise read each other's embeddings."""
-    name = f"base:{base_path}"
+    stamp = weights_stamp(base_path)
+    name = f"base:{base_path}" + (f"#{stamp}" if stamp else "")
     if meta.get("encoder"):
         stamp = meta.get("encoder_stamp")
         name = f"{meta.get('project', '')}/{meta['encoder']}" + (f":{stamp}" if stamp else "")
     return name if encoder.precision_tag == "fp32" else f"{name}@{encoder.precision_tag}"
+
+
+def weights_stamp(folder: str) -> str:
+    """A short fingerprint of the model files in ``folder`` as they are on disk now (``config.json``'s
+    bytes; every other file's name, size and modification time), so that weights replaced at the
+    same path (a package upgrade, a model swapped in a mounted folder) are not read from the cache
+    under the old ones' name; "" where the folder cannot be read."""
+    path = Path(folder)
+    digest = hashlib.sha1()
+    try:
+        digest.update((path / "config.json").read_bytes())
+        for item in sorted(path.iterdir()):
+            if item.is_file() and item.name != "config.json":
+                info = item.stat()
+                digest.update(f"{item.name}\x00{info.st_size}\x00{info.st_mtime_ns}\x00".encode())
+    except OSError:
+        return ""
+    return digest.hexdigest()[:12]
 
 
 def text_key(text: str, max_length: int) -> str:
@@ -42,17 +62,28 @@ class EmbeddingCache:
     def __init__(self, cache_dir: Path | str):
         self.path = Path(cache_dir) / "embeddings.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS embeddings (encoder TEXT NOT NULL, key TEXT NOT NULL, "
-                "vector BLOB NOT NULL, PRIMARY KEY (encoder, key))"
-            )
+        # WAL is a property of the file, set once; processes that open a new cache together (the
+        # first jobs on a machine) race for that switch, which SQLite's busy wait does not cover
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with self._connect() as db:
+                    if str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                        db.execute("PRAGMA journal_mode=WAL")
+                    db.execute(
+                        "CREATE TABLE IF NOT EXISTS embeddings (encoder TEXT NOT NULL, key TEXT NOT NULL, "
+                        "vector BLOB NOT NULL, PRIMARY KEY (encoder, key))"
+                    )
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self.path, timeout=30)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
             yield db
             db.commit()
         finally:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import multiprocessing
+import os
 import shutil
 import time
 from pathlib import Path
@@ -316,4 +317,62 @@ def test_fine_tuned_encoders_of_projects_with_one_label_studio_id_have_distinct_
     child = registry.meta("3.1700000000", registry.create_version(
         "3.1700000000", _heads(0, 2), {"kind": "test", "encoder": again["encoder"], "encoder_stamp": again["encoder_stamp"]}))
     assert encoder_id(child, "base", fp32) == encoder_id(again, "base", fp32)
-    assert encoder_id({}, "base", fp32) == "base:base"
+    assert encoder_id({}, "base", fp32) == "base:base"  # no such folder: its path alone
+
+
+def test_base_weights_replaced_at_the_same_path_get_another_cache_id(tmp_path):
+    """A package upgrade or a model swapped in a mounted folder keeps BASE_MODEL's path: embeddings
+    cached from the old weights must not be read for the new ones."""
+    from types import SimpleNamespace
+
+    from ls_backend.embeddings import encoder_id
+
+    fp32 = SimpleNamespace(precision_tag="fp32")
+    folder = tmp_path / "encoder"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden_size": 384}')
+    (folder / "model.safetensors").write_bytes(b"old weights")
+    before = encoder_id({}, str(folder), fp32)
+    assert before.startswith(f"base:{folder}#") and encoder_id({}, str(folder), fp32) == before
+    (folder / "model.safetensors").write_bytes(b"new weights, bigger")
+    assert encoder_id({}, str(folder), fp32) != before
+    os.utime(folder / "model.safetensors", ns=(1, 1))
+    touched = encoder_id({}, str(folder), fp32)
+    (folder / "config.json").write_text('{"hidden_size": 768}')
+    os.utime(folder / "model.safetensors", ns=(1, 1))
+    assert encoder_id({}, str(folder), fp32) != touched
+
+
+def _open_cache(folder, barrier, failures):
+    from ls_backend.embeddings import EmbeddingCache
+
+    barrier.wait()
+    try:
+        cache = EmbeddingCache(folder)
+        with cache._connect() as db:
+            db.executemany("INSERT OR REPLACE INTO embeddings (encoder, key, vector) VALUES (?, ?, ?)",
+                           [("e", f"{os.getpid()}-{i}", b"\0" * 16) for i in range(200)])
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        failures.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_opening_a_new_embedding_cache_together_all_get_it(tmp_path):
+    """The first jobs on a fresh machine open the cache at once: none may fail on 'database is locked'."""
+    import sqlite3
+
+    context = multiprocessing.get_context("fork")
+    for trial in range(4):
+        folder = tmp_path / f"cache-{trial}"
+        barrier, failures = context.Barrier(6), context.Queue()
+        processes = [context.Process(target=_open_cache, args=(folder, barrier, failures)) for _ in range(6)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(60)
+        errors = []
+        while not failures.empty():
+            errors.append(failures.get())
+        assert errors == [] and all(p.exitcode == 0 for p in processes), errors
+        with sqlite3.connect(folder / "embeddings.sqlite") as db:
+            assert db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0] == 6 * 200
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
