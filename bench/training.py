@@ -9,8 +9,8 @@ Usage::
 
     * ours: ``ls_backend.trainer.fine_tune`` (encoder + head, batch 16, max_length 128, warm
       start from the zero-shot head), ``ceil(rows * 3 / 16)`` steps;
-    * ``transformers.Trainer`` with default ``TrainingArguments`` (only ``output_dir`` and
-      ``report_to="none"`` set: 3 epochs, batch 8, AdamW, lr 5e-5), on
+    * ``transformers.Trainer`` with default ``TrainingArguments`` (only ``output_dir``,
+      ``report_to="none"`` and no checkpoint or log writes set: 3 epochs, batch 8, AdamW, lr 5e-5), on
       ``AutoModelForSequenceClassification`` from the same folder; the texts tokenized up
       front (truncation at 128), padded per batch by the default collator.
 
@@ -116,7 +116,8 @@ def run_trainer(model_path: str, rows, max_length: int, device, bf16: bool = Fal
         extra: dict = {"bf16": True} if bf16 else {}
         if getattr(device, "type", "cpu") == "cpu" and torch.cuda.is_available():
             extra["use_cpu"] = True  # the CPU comparison on a machine that also has a GPU
-        args = TrainingArguments(output_dir=out, report_to="none", **extra)
+        # no checkpoint or log writes inside the timed call: ours writes none either
+        args = TrainingArguments(output_dir=out, report_to="none", save_strategy="no", logging_strategy="no", **extra)
         trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
         _sync(device)
         started = time.perf_counter()
