@@ -1654,14 +1654,17 @@ class CorrectionStore:
             field = self._field_of(project_key, control_name)
         return self._results(rows, control_name, field, include_empty)
 
-    def skipped_task_ids(self, project_key: str) -> set[int]:
-        """Tasks with a live cancelled (skipped) annotation: Label Studio's "unlabeled" filter leaves them out too."""
+    def _task_ids(self, project_key: str, cancelled: bool) -> set[int]:
         with self._read() as conn:
             return set(conn.execute(
                 sa.select(annotations.c.task_id).distinct().where(
-                    annotations.c.project_key == project_key, annotations.c.was_cancelled.is_(True)
+                    annotations.c.project_key == project_key, annotations.c.was_cancelled.is_(cancelled)
                 )
             ).scalars().all())
+
+    def skipped_task_ids(self, project_key: str) -> set[int]:
+        """Tasks with a live cancelled (skipped) annotation: Label Studio's "unlabeled" filter leaves them out too."""
+        return self._task_ids(project_key, cancelled=True)
 
     def deleted_task_ids(self, project_key: str) -> set[int]:
         """Tasks ``TASKS_DELETED`` named (Label Studio never reuses a task id)."""
@@ -1672,12 +1675,7 @@ class CorrectionStore:
 
     def annotated_task_ids(self, project_key: str) -> set[int]:
         """Tasks with a live annotation that is not a skip, whichever controls it answers."""
-        with self._read() as conn:
-            return set(conn.execute(
-                sa.select(annotations.c.task_id).distinct().where(
-                    annotations.c.project_key == project_key, annotations.c.was_cancelled.is_(False)
-                )
-            ).scalars().all())
+        return self._task_ids(project_key, cancelled=False)
 
     def _field_of(self, project_key: str, control_name: str) -> str | None:
         config = self.latest_label_config(project_key)
