@@ -8,7 +8,8 @@ In this process, through the Flask app (no HTTP), one AG News test text per requ
 ``INFERENCE_PRECISION`` the machine can run (float32, and bfloat16): the p50 request time, and the
 share of it spent in the encoder's linear layers (``torch.nn.functional.linear``, from cProfile),
 which read every weight of the encoder once per forward pass.  Beside it, the same texts through a
-warm ``transformers.pipeline`` (baseline (b) of ``bench/predict.py``).  What a request costs beyond
+warm ``transformers.pipeline`` (baseline (b) of ``bench/predict.py``), request by request interleaved
+with ours, and the ratio of the p50s.  What a request costs beyond
 the forward pass over HTTP is ``bench/predict.py``'s figure minus this one.
 """
 
@@ -35,8 +36,8 @@ def p50(values: list[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
-def measure(precision: str, texts: list[str]) -> tuple[float, float]:
-    """(p50 ms per request, ms per request inside linear layers)."""
+def served(precision: str, texts: list[str]):
+    """A warm Flask test client serving ``precision``, and one request body per text."""
     from ls_backend.api import create_app
     from ls_backend.settings import Settings
 
@@ -47,19 +48,18 @@ def measure(precision: str, texts: list[str]) -> tuple[float, float]:
               for i, t in enumerate(texts)]
     for body in bodies[:5]:
         client.post("/predict", json=body)
-    times = []
-    for body in bodies:
-        started = time.perf_counter()
-        response = client.post("/predict", json=body)
-        times.append(time.perf_counter() - started)
-        assert response.status_code == 200, response.get_json()
+    return client, bodies
+
+
+def in_linear_layers(client, bodies: list[dict]) -> float:
+    """ms per request inside the encoder's linear layers (cProfile)."""
     profile = cProfile.Profile()
     profile.enable()
     for body in bodies:
         client.post("/predict", json=body)
     profile.disable()
     linear = sum(stat[2] for key, stat in pstats.Stats(profile).stats.items() if key[2] == "<built-in method torch._C._nn.linear>")
-    return 1000 * p50(times), 1000 * linear / len(bodies)
+    return 1000 * linear / len(bodies)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,18 +81,28 @@ def main(argv: list[str] | None = None) -> int:
     texts = [t for t, _ in agnews("test", args.requests + 10, offset=10)][10:]
     warm = pipeline("text-classification", model=bundled_encoder_path(), device="cpu")
     warm(texts[:5])
-    times = []
-    for text in texts:
+    precisions = ["float32"] + (["bfloat16"] if cpu_has_native_bf16() else [])
+    ours = {precision: served(precision, texts) for precision in precisions}
+    # interleaved, text by text: a burst of load on this shared machine lands on every contender alike
+    times: dict[str, list[float]] = {"pipeline": [], **{precision: [] for precision in precisions}}
+    for i, text in enumerate(texts):
         started = time.perf_counter()
         warm([text])
-        times.append(time.perf_counter() - started)
-    print(f"{args.requests} one-task requests, in process (no HTTP), {args.torch_threads} torch threads")
-    print(f"warm transformers.pipeline (float32): p50 {1000 * p50(times):.1f} ms")
-    precisions = ["float32"] + (["bfloat16"] if cpu_has_native_bf16() else [])
-    for precision in precisions:
-        request, linear = measure(precision, texts)
-        print(f"ours, INFERENCE_PRECISION={precision}: p50 {request:.1f} ms per request, "
-              f"{linear:.1f} ms of it in linear layers")
+        times["pipeline"].append(time.perf_counter() - started)
+        for precision, (client, bodies) in ours.items():
+            started = time.perf_counter()
+            response = client.post("/predict", json=bodies[i])
+            times[precision].append(time.perf_counter() - started)
+            assert response.status_code == 200, response.get_json()
+    baseline = 1000 * p50(times["pipeline"])
+    print(f"{args.requests} one-task requests, in process (no HTTP), {args.torch_threads} torch threads, interleaved; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"warm transformers.pipeline (float32): p50 {baseline:.1f} ms")
+    for precision, (client, bodies) in ours.items():
+        request = 1000 * p50(times[precision])
+        print(f"ours, INFERENCE_PRECISION={precision}: p50 {request:.1f} ms per request "
+              f"({baseline / request:.2f}x the pipeline's speed), {in_linear_layers(client, bodies):.1f} ms of it "
+              "in linear layers")
     return 0
 
 
