@@ -422,19 +422,38 @@ class RedisTrainingQueue(TrainingQueue):
                     if merged == queued_trigger:
                         log.debug("project %s: %s coalesced into queued job %s", project_key, trigger, existing_id)
                         return self._info(job), False
-                    # the queued job's trigger changes: take it off the queue (unless a worker took it
-                    # first), change it, and put it back in its place (same id)
-                    if status == "queued" and self.queues[lane].remove(existing_id):
-                        job.func_name  # noqa: B018  (loads the stored call, so that it can be written back)
-                        job.args = (project_key, merged, lane)
-                        job.meta["trigger"] = merged
-                        job.description = f"train {project_key} ({merged}, {lane} lane)"
-                        job.save()
-                        self.queues[lane].enqueue_job(job, at_front=True)
+                    # the queued job's trigger changes where it stands in the queue (unless a worker took it first)
+                    if status == "queued" and self._rewrite_queued(job, project_key, merged, lane):
                         log.info("project %s: %s joined queued job %s, now %s", project_key, trigger, existing_id, merged)
                         return self._info(job), False
                 self.release_queued(project_key, existing_id, lane)  # stale, or started: queue a new one
             raise RuntimeError(f"project {project_key}: could not queue a job")
+
+    def _rewrite_queued(self, job, project_key: str, trigger: str, lane: str) -> bool:
+        """Give a queued job a new trigger in its place in the queue: one transaction that is tried
+        again when the queue changes meanwhile, and gives up (False) once a worker has taken the job.
+        (Taking it off the queue and putting it back moved it ahead of, or behind, other projects'
+        jobs.)"""
+        from redis.exceptions import WatchError
+
+        queue = self.queues[lane]
+        job.func_name  # noqa: B018  (loads the stored call, so that it can be written back)
+        for _ in range(50):
+            with self.connection.pipeline() as pipe:
+                try:
+                    pipe.watch(queue.key, job.key)
+                    if job.id.encode() not in pipe.lrange(queue.key, 0, -1):
+                        return False  # a worker took it
+                    job.args = (project_key, trigger, lane)
+                    job.meta["trigger"] = trigger
+                    job.description = f"train {project_key} ({trigger}, {lane} lane)"
+                    pipe.multi()
+                    job.save(pipeline=pipe)
+                    pipe.execute()
+                    return True
+                except WatchError:  # the queue moved (a job queued or taken): look again
+                    continue
+        return False
 
     def requeue_if_behind(self, project_key: str, lane: str = FULL) -> None:
         every = self.settings.train_every

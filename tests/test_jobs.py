@@ -201,6 +201,7 @@ def test_a_training_request_joins_a_queued_refresh_instead_of_vanishing(tmp_path
 def test_redis_queue_merges_triggers_in_place(redis_url, queue_name, tmp_path):
     queue = RedisTrainingQueue(Settings(model_dir=tmp_path, redis_url=redis_url, queue_name=queue_name))
     try:
+        before, _ = queue.enqueue("4.1", "labels", "fast")
         first, _ = queue.enqueue("5.1", "labels", "fast")
         other, _ = queue.enqueue("6.1", "labels", "fast")
         refresh, created = queue.enqueue("5.1", "refresh", "fast")
@@ -209,8 +210,14 @@ def test_redis_queue_merges_triggers_in_place(redis_url, queue_name, tmp_path):
 
         job = Job.fetch(first.id, connection=queue.connection)
         assert job.args == ("5.1", "labels+refresh", "fast")  # what the worker will run
-        assert queue.queues["fast"].job_ids == [first.id, other.id]  # in its place, once
+        # in its place, once: not ahead of the job queued before it, nor behind the one after
+        assert queue.queues["fast"].job_ids == [before.id, first.id, other.id]
         assert queue.enqueue("5.1", "manual", "fast")[0].trigger == "labels+refresh"
+        # a worker takes the job between the status check and the rewrite: a job of its own is queued
+        queue.connection.lrem(queue.queues["fast"].key, 0, first.id)
+        late, created = queue.enqueue("5.1", "START_TRAINING", "fast")  # a trigger that would change it
+        assert created and late.id != first.id and late.trigger == "START_TRAINING"
+        assert queue.queues["fast"].job_ids == [before.id, other.id, late.id]
     finally:
         for q in queue.queues.values():
             q.empty()
