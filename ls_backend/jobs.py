@@ -53,6 +53,7 @@ LANES = (FAST, FULL)
 #: turns it off.
 STANDBY_LANES = (FAST,)
 LOCK_TTL = 60  # seconds; a running job renews its project lock every LOCK_TTL / 3
+QUEUED_MARKER_TTL = 7 * 86400  # seconds; a queued job's marker, and a finished job's result
 
 
 @dataclass
@@ -382,7 +383,10 @@ class RedisTrainingQueue(TrainingQueue):
                                   thread_local=False):
             for _ in range(5):
                 job_id = _job_id(project_key)
-                if self.connection.set(key, job_id, nx=True, ex=self.settings.job_timeout * 4):
+                # the marker lives as long as the job's result (a week): behind a long queue, a job can wait
+                # hours, and an expired marker let the next label queue a second job of the project; a
+                # marker whose job ended or vanished is found stale below
+                if self.connection.set(key, job_id, nx=True, ex=QUEUED_MARKER_TTL):
                     retries = self.settings.job_retries
                     job = self.queues[lane].enqueue(
                         train_project,
@@ -393,7 +397,7 @@ class RedisTrainingQueue(TrainingQueue):
                         # a job of this project and lane may first wait up to JOB_TIMEOUT for the one
                         # running (``train_project``); its own JOB_TIMEOUT starts once it has the lock
                         job_timeout=2 * self.settings.job_timeout,
-                        result_ttl=7 * 86400,
+                        result_ttl=QUEUED_MARKER_TTL,
                         failure_ttl=30 * 86400,
                         retry=Retry(max=retries, interval=[10, 60, 300][:retries] or 10) if retries else None,
                         meta={"project": project_key, "trigger": trigger, "lane": lane, "enqueued_at": time.time()},

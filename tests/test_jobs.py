@@ -213,6 +213,8 @@ def test_redis_queue_merges_triggers_in_place(redis_url, queue_name, tmp_path):
         # in its place, once: not ahead of the job queued before it, nor behind the one after
         assert queue.queues["fast"].job_ids == [before.id, first.id, other.id]
         assert queue.enqueue("5.1", "manual", "fast")[0].trigger == "labels+refresh"
+        # the queued marker outlives a long queue: not hours, which let a label queue a second job
+        assert queue.connection.ttl(queue.key("queued:fast", "5.1")) > 86400
         # a worker takes the job between the status check and the rewrite: a job of its own is queued
         queue.connection.lrem(queue.queues["fast"].key, 0, first.id)
         late, created = queue.enqueue("5.1", "START_TRAINING", "fast")  # a trigger that would change it
