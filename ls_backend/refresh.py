@@ -59,6 +59,7 @@ from .ner import TokenHead
 from .registry import ModelRegistry, version_prefix, write_atomic
 from .sampling import NoPool, PoolPart, PoolStore, next_batch
 from .settings import Settings
+from .sync import tasks_after
 
 log = logging.getLogger(__name__)
 
@@ -124,20 +125,14 @@ class LabelStudioPredictions:
     def unlabeled_after(self, after_id: int, size: int) -> tuple[list[dict], int | None]:
         """Up to ``size`` unlabeled tasks with ids above ``after_id``, by id; and how many are left
         (this page included)."""
-        query = {
-            "filters": {
-                "conjunction": "and",
-                "items": [
-                    {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
-                    {"filter": "filter:tasks:cancelled_annotations", "operator": "equal", "type": "Number", "value": 0},
-                    {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": int(after_id)},
-                ],
-            },
-            "ordering": ["tasks:id"],
-        }
+        query = tasks_after(
+            after_id,
+            {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+            {"filter": "filter:tasks:cancelled_annotations", "operator": "equal", "type": "Number", "value": 0},
+        )
         try:
             pager = self.client.tasks.list(
-                project=self.ls_id, query=json.dumps(query), fields="all", include=TASK_FIELDS, page=1, page_size=size
+                project=self.ls_id, query=query, fields="all", include=TASK_FIELDS, page=1, page_size=size
             )
         except Exception as exc:
             raise RefreshError(f"Label Studio at {self.url}: unlabeled tasks of project {self.ls_id} ({_reason(exc)})") from None

@@ -167,15 +167,9 @@ class LabelStudioSource:
                 return
 
     def _page(self, ls_id: int, after: int, page_size: int):
-        query = {
-            "filters": {"conjunction": "and", "items": [
-                {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": int(after)},
-            ]},
-            "ordering": ["tasks:id"],
-        }
         try:
             return self.client.tasks.list(
-                project=ls_id, query=json.dumps(query), fields="all", include=self.include, page=1, page_size=page_size
+                project=ls_id, query=tasks_after(after), fields="all", include=self.include, page=1, page_size=page_size
             )
         except Exception as exc:
             raise SyncError(
@@ -192,6 +186,13 @@ class LabelStudioSource:
                 return True
             raise SyncError(f"Label Studio at {self.url}: annotation {annotation_id}: {_reason(exc)}") from None
         return False
+
+
+def tasks_after(after_id: int, *filters: dict) -> str:
+    """The Data Manager query (``GET /api/tasks?query=``) for the tasks with ids above ``after_id``,
+    ordered by id, that also pass ``filters``: a page by id, which deletions cannot shift."""
+    id_filter = {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": int(after_id)}
+    return json.dumps({"filters": {"conjunction": "and", "items": [*filters, id_filter]}, "ordering": ["tasks:id"]})
 
 
 def _reason(exc: Exception) -> str:
