@@ -410,11 +410,12 @@ class FineTuneJob:
         # disagreement on 12 labels is noise, not evidence that one model is better
         tolerance = slice_tolerance(self.settings, held_size)
 
-        def choose() -> str:
-            return choose_candidate(
+        def choose(passes=lambda name: True) -> str:
+            return choose_for_gate(
                 {name: primary(name) for name in candidates},
                 lambda name: tie_preference(name, full_learned_from_pool),
                 tolerance,
+                passes,
             )
 
         best = choose()
@@ -451,12 +452,7 @@ class FineTuneJob:
                 return not gated or not_worse(primary(name), primary("current"), tolerance)
 
             if not pinned and not self.settings.force_promote:
-                best = choose_for_gate(
-                    {name: primary(name) for name in candidates},
-                    lambda name: tie_preference(name, full_learned_from_pool),
-                    tolerance,
-                    passes,
-                )
+                best = choose(passes)
             if pinned:
                 promote, reason = False, f"the project is pinned to {pinned} (unpin to take new versions)"
             elif self.settings.force_promote:
