@@ -5,6 +5,10 @@ the possibly shared ``MODEL_DIR``: SQLite does not belong on a network share): a
 of truth — several machines sharing the registry each keep their own, and a miss only costs an encode.
 The encoder id names the weights: ``base:<path>#<fingerprint of its files>`` for the base encoder, or the project and version
 that hold a fine-tuned ``encoder/`` folder, with the stamp the registry gave those weights.
+
+Each encoder id's last use on this machine is kept beside its rows: the rows of weights no job or refresh
+has read or written for ``CACHE_MAX_AGE_DAYS`` (a version long replaced, a project deleted) are removed,
+at most once a day at the end of a job, or on demand with ``ls-backend cache --prune``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import hashlib
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -74,6 +79,9 @@ class EmbeddingCache:
                         "CREATE TABLE IF NOT EXISTS embeddings (encoder TEXT NOT NULL, key TEXT NOT NULL, "
                         "vector BLOB NOT NULL, PRIMARY KEY (encoder, key))"
                     )
+                    # when each encoder id was last read or written here, and when the cache was last pruned
+                    db.execute("CREATE TABLE IF NOT EXISTS encoders (encoder TEXT PRIMARY KEY, used REAL NOT NULL)")
+                    db.execute("CREATE TABLE IF NOT EXISTS cache_state (name TEXT PRIMARY KEY, value REAL NOT NULL)")
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
@@ -94,6 +102,12 @@ class EmbeddingCache:
         keys = [text_key(t, encoder.max_length) for t in texts]
         found: dict[str, np.ndarray] = {}
         with self._connect() as db:
+            # marked used before it is read: a prune running meanwhile then keeps these rows
+            db.execute(
+                "INSERT INTO encoders (encoder, used) VALUES (?, ?) ON CONFLICT (encoder) DO UPDATE SET used = excluded.used",
+                [encoder_id, time.time()],
+            )
+            db.commit()
             unique = list(dict.fromkeys(keys))
             for start in range(0, len(unique), 500):
                 chunk = unique[start : start + 500]
@@ -120,3 +134,67 @@ class EmbeddingCache:
         for i, key in enumerate(keys):
             out[i] = found[key]
         return out, len(set(keys[i] for i in missing))
+
+    # -- pruning ---------------------------------------------------------------------
+
+    def usage(self) -> list["EncoderUsage"]:
+        """Every encoder id with rows here: how many, and when it was last used (None: never recorded,
+        a cache written before uses were kept)."""
+        with self._connect() as db:
+            used = dict(db.execute("SELECT encoder, used FROM encoders"))
+            counts = db.execute("SELECT encoder, COUNT(*) FROM embeddings GROUP BY encoder ORDER BY encoder").fetchall()
+        return [EncoderUsage(name, rows, used.get(name)) for name, rows in counts]
+
+    def prune(self, max_age_s: float, now: float | None = None, vacuum: bool = False) -> list["EncoderUsage"]:
+        """Remove the rows of every encoder id not used for ``max_age_s`` seconds; returns what was
+        removed.  Ids with rows but no recorded use (a cache from before uses were kept) count as
+        used now, so they get a full period.  Freed pages are reused by later rows; ``vacuum`` also
+        gives them back to the file system (it rewrites the file: slow for a large cache)."""
+        now = time.time() if now is None else now
+        removed: list[EncoderUsage] = []
+        with self._connect() as db:
+            db.execute("INSERT OR IGNORE INTO encoders (encoder, used) SELECT DISTINCT encoder, ? FROM embeddings", [now])
+            db.execute("INSERT OR REPLACE INTO cache_state (name, value) VALUES ('pruned', ?)", [now])
+            stale = db.execute("SELECT encoder, used FROM encoders WHERE used < ? ORDER BY encoder", [now - max_age_s]).fetchall()
+            for name, used in stale:
+                rows = db.execute("DELETE FROM embeddings WHERE encoder = ?", [name]).rowcount
+                db.execute("DELETE FROM encoders WHERE encoder = ? AND used = ?", [name, used])
+                removed.append(EncoderUsage(name, rows, used))
+        if vacuum:
+            with self._connect() as db:
+                db.execute("VACUUM")
+        return removed
+
+    def prune_daily(self, max_age_s: float, now: float | None = None) -> list["EncoderUsage"] | None:
+        """:meth:`prune`, where the cache was not pruned in the last day (None: not due, or off)."""
+        now = time.time() if now is None else now
+        if max_age_s <= 0:
+            return None
+        with self._connect() as db:
+            row = db.execute("SELECT value FROM cache_state WHERE name = 'pruned'").fetchone()
+        if row is not None and now - row[0] < 86_400:
+            return None
+        return self.prune(max_age_s, now)
+
+    def size_bytes(self) -> int:
+        """The cache's files on disk (the database and its write-ahead log)."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += Path(f"{self.path}{suffix}").stat().st_size
+            except OSError:
+                pass
+        return total
+
+
+@dataclass(frozen=True)
+class EncoderUsage:
+    encoder: str
+    rows: int
+    used: float | None
+
+    def to_dict(self) -> dict:
+        when = None
+        if self.used is not None:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.used))
+        return {"encoder": self.encoder, "rows": self.rows, "last_used": when}

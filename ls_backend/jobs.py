@@ -149,9 +149,27 @@ def execute_training(settings: Settings, project_key: str, trigger: str, progres
         # refresh that a killed job left unfinished (its retry resumes it)
         if result.get("promoted") or refresh_anyway or unfinished_refresh(settings, project_key):
             result["refresh"] = refresh_predictions(settings, store, project_key, progress)
+        _prune_embedding_cache(settings)
         return result
     finally:
         store.close()
+
+
+def _prune_embedding_cache(settings: Settings) -> None:
+    """At most once a day, drop this machine's cached embeddings of encoders unused for
+    ``CACHE_MAX_AGE_DAYS`` (a cache: a failure here costs nothing but disk)."""
+    from .embeddings import EmbeddingCache
+
+    if settings.cache_max_age_days <= 0 or not (settings.local_cache_dir / "embeddings.sqlite").exists():
+        return
+    try:
+        removed = EmbeddingCache(settings.local_cache_dir).prune_daily(settings.cache_max_age_days * 86_400)
+    except Exception as exc:
+        log.warning("the embedding cache was not pruned: %s", exc)
+        return
+    if removed:
+        log.info("embedding cache: removed %d rows of %d encoders unused for %g days",
+                 sum(r.rows for r in removed), len(removed), settings.cache_max_age_days)
 
 
 def _sync_before_training(settings: Settings, store, project_key: str) -> None:

@@ -148,6 +148,8 @@ class Settings:
     # this machine's own caches (embeddings); empty: ~/.cache/ls-backend/<hash of MODEL_DIR>,
     # kept off MODEL_DIR because that may be a folder shared by several machines
     cache_dir: str = ""
+    # days an encoder's cached embeddings are kept after their last use on this machine (0: for good)
+    cache_max_age_days: float = 30.0
     # encoder to start from: a local Hugging Face folder; empty means the bundled one
     base_model: str = ""
     # HTTP basic auth on every route when both are set
@@ -264,6 +266,8 @@ class Settings:
             values["label_studio_url"] = get("LABEL_STUDIO_URL", "").rstrip("/")
         if get("DATABASE_URL"):
             values["database_url"] = _database_url(get("DATABASE_URL", ""))
+        if get("CACHE_MAX_AGE_DAYS"):
+            values["cache_max_age_days"] = _float("CACHE_MAX_AGE_DAYS", get("CACHE_MAX_AGE_DAYS", ""), 0, 36_500)
         if get("SYNC_CHECK_INTERVAL"):
             values["sync_check_interval"] = _float("SYNC_CHECK_INTERVAL", get("SYNC_CHECK_INTERVAL", ""), 0, 86_400)
         if get("REDIS_URL"):

@@ -1,0 +1,127 @@
+"""This machine's embedding cache (``ls_backend.embeddings``): encoders unused for ``CACHE_MAX_AGE_DAYS``
+lose their rows, at the end of a job at most once a day, or with ``ls-backend cache --prune``."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+
+from ls_backend.embeddings import EmbeddingCache
+from ls_backend.settings import Settings
+
+DAY = 86_400.0
+
+
+class FakeEncoder:
+    """Stands in for the transformer: the cache is what is under test, and it only needs vectors."""
+
+    max_length, dim, precision_tag = 64, 8, "fp32"
+
+    def __init__(self):
+        self.encoded = 0
+
+    def encode(self, texts, batch_size=32):
+        self.encoded += len(texts)
+        return np.stack([np.full(self.dim, len(t), dtype=np.float32) for t in texts])
+
+
+def _backdate(cache: EmbeddingCache, encoder: str, days: float) -> None:
+    with sqlite3.connect(cache.path) as db:
+        db.execute("UPDATE encoders SET used = ? WHERE encoder = ?", [time.time() - days * DAY, encoder])
+
+
+def _rows(cache: EmbeddingCache) -> dict[str, int]:
+    return {u.encoder: u.rows for u in cache.usage()}
+
+
+def test_encoders_unused_for_the_max_age_lose_their_rows_and_used_ones_keep_them(tmp_path):
+    cache, encoder = EmbeddingCache(tmp_path), FakeEncoder()
+    texts = [f"text number {i}" for i in range(30)]
+    for name in ("base:old", "p1/v2:aa", "p1/v3:bb"):
+        cache.encode(encoder, name, texts)
+    _backdate(cache, "base:old", 40)
+    _backdate(cache, "p1/v2:aa", 40)
+    cache.encode(encoder, "p1/v2:aa", texts[:3])  # read from the cache: that is a use too
+    assert encoder.encoded == 90
+    removed = cache.prune(30 * DAY)
+    assert [(r.encoder, r.rows) for r in removed] == [("base:old", 30)]
+    assert _rows(cache) == {"p1/v2:aa": 30, "p1/v3:bb": 30}
+    # what was kept is still read, not encoded again; what was removed is encoded anew
+    cache.encode(encoder, "p1/v3:bb", texts)
+    assert encoder.encoded == 90
+    vectors, missed = cache.encode(encoder, "base:old", texts[:5])
+    assert missed == 5 and vectors[0][0] == len(texts[0])
+
+
+def test_a_cache_written_before_uses_were_kept_gets_a_full_period(tmp_path):
+    cache = EmbeddingCache(tmp_path)
+    with sqlite3.connect(cache.path) as db:  # rows with no recorded use, as an older version wrote them
+        db.executemany("INSERT INTO embeddings (encoder, key, vector) VALUES (?, ?, ?)",
+                       [("legacy", str(i), np.zeros(8, np.float32).tobytes()) for i in range(4)])
+    assert [u.used for u in cache.usage()] == [None]
+    now = time.time()
+    assert cache.prune(30 * DAY, now=now) == []
+    assert _rows(cache) == {"legacy": 4}
+    assert [(r.encoder, r.rows) for r in cache.prune(30 * DAY, now=now + 31 * DAY)] == [("legacy", 4)]
+    assert _rows(cache) == {}
+
+
+def test_the_daily_prune_runs_once_a_day_and_never_with_a_max_age_of_zero(tmp_path):
+    cache, encoder = EmbeddingCache(tmp_path), FakeEncoder()
+    cache.encode(encoder, "a", ["x", "y"])
+    _backdate(cache, "a", 10)
+    now = time.time()
+    assert cache.prune_daily(0, now=now) is None  # CACHE_MAX_AGE_DAYS=0: kept for good
+    assert cache.prune_daily(30 * DAY, now=now) == []  # ran: nothing that old
+    cache.encode(encoder, "b", ["z"])
+    _backdate(cache, "b", 40)
+    assert cache.prune_daily(30 * DAY, now=now + 3600) is None  # not due: pruned an hour ago
+    assert _rows(cache) == {"a": 2, "b": 1}
+    assert [r.encoder for r in cache.prune_daily(30 * DAY, now=now + DAY + 1)] == ["b"]
+
+
+def test_a_job_prunes_the_cache_and_a_machine_without_one_gets_none(tmp_path, monkeypatch):
+    from ls_backend import finetune, jobs
+
+    monkeypatch.setattr(finetune.FineTuneJob, "run", lambda self, key, trigger: {"version": "p5-v2", "promoted": False})
+    settings = Settings(model_dir=tmp_path / "models", cache_dir=str(tmp_path / "cache"), cache_max_age_days=7)
+    jobs.execute_training(settings, "5.1732665262", "labels")
+    assert not (tmp_path / "cache").exists()  # no cache made only to be pruned
+    cache = EmbeddingCache(tmp_path / "cache")
+    cache.encode(FakeEncoder(), "retired", ["one", "two"])
+    cache.encode(FakeEncoder(), "serving", ["one"])
+    _backdate(cache, "retired", 8)
+    jobs.execute_training(settings, "5.1732665262", "labels")
+    assert _rows(cache) == {"serving": 1}
+
+
+def test_the_cache_command_lists_encoders_and_prunes_with_the_space_given_back(tmp_path, monkeypatch, capsys):
+    from ls_backend import cli
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path / "cache"))
+    assert cli.main(["cache"]) == 0
+    assert json.loads(capsys.readouterr().out)["encoders"] == []
+    assert not (tmp_path / "cache").exists()  # looking does not make one
+    cache = EmbeddingCache(tmp_path / "cache")
+    texts = [f"a text of some length, number {i} " * 20 for i in range(400)]
+    cache.encode(FakeEncoder(), "old", texts)
+    cache.encode(FakeEncoder(), "new", texts[:10])
+    _backdate(cache, "old", 3)
+    assert cli.main(["cache"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(e["encoder"], e["rows"]) for e in listed["encoders"]] == [("new", 10), ("old", 400)]
+    assert cli.main(["cache", "--prune", "--older-than", "2"]) == 0
+    pruned = json.loads(capsys.readouterr().out)
+    assert [(e["encoder"], e["rows"]) for e in pruned["removed"]] == [("old", 400)]
+    assert [e["encoder"] for e in pruned["encoders"]] == ["new"]
+    assert pruned["bytes"] < pruned["bytes_before"]
+    with pytest.raises(SystemExit):
+        cli.main(["cache", "--prune", "--older-than", "nan"])
+    monkeypatch.setenv("CACHE_MAX_AGE_DAYS", "0")
+    assert cli.main(["cache", "--prune"]) == 2
+    assert "--older-than" in capsys.readouterr().err
