@@ -126,6 +126,25 @@ class EmbeddedRunnerProcess:
                 self.process.kill()
 
 
+def _device_problem(settings: Settings) -> str | None:
+    """What stops every web worker or job at start where the settings need CUDA and none is visible
+    (``DEVICE=cuda``, or ``INFERENCE_PRECISION=float16``, which only CUDA runs), else None.  Asked
+    of torch in a child process: CUDA touched in the server's own process breaks the web workers
+    it forks."""
+    import subprocess
+
+    if settings.device != "cuda" and settings.inference_precision != "float16":
+        return None
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True, timeout=300)
+    if probe.stdout.strip() == "True":
+        return None
+    if settings.device == "cuda":
+        return "DEVICE=cuda but torch sees no CUDA device here; use DEVICE=auto or cpu (or a CUDA build of torch)"
+    return ("INFERENCE_PRECISION=float16 needs CUDA and torch sees none here (DEVICE=auto found a CPU); "
+            "use bfloat16 or float32, or leave it unset")
+
+
 def _limit_threads(count: int) -> None:
     import torch
 
@@ -152,6 +171,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not value >= 0:  # NaN too: a deadline of NaN is never reached
         raise argparse.ArgumentTypeError(f"{text} is not a number of seconds (0 or more; inf waits for good)")
+    return value
+
+
+def _days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not 0 <= value <= 36_500:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} is not a number of days (0 to 36500)")
     return value
 
 
@@ -187,6 +216,10 @@ def _main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--host", default="0.0.0.0")
     p_serve.add_argument("--port", type=_bounded_int(0, 65535), default=9090)
     sub.add_parser("settings", help="print the settings in force (secrets masked)")
+    p_cache = sub.add_parser("cache", help="print this machine's embedding cache per encoder (JSON); --prune to shrink it")
+    p_cache.add_argument("--prune", action="store_true",
+                         help="remove the embeddings of encoders unused for CACHE_MAX_AGE_DAYS, and give the space back")
+    p_cache.add_argument("--older-than", type=_days, metavar="DAYS", help="with --prune: this many days instead")
     p_status = sub.add_parser("status", help="print what the corrections store holds per project (JSON)")
     p_status.add_argument("--project", help="one project: its key, or a bare Label Studio id")
     p_sync = sub.add_parser("sync", help="fetch a project's annotations from Label Studio and reconcile the store")
@@ -230,6 +263,11 @@ def _main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"ls-backend: bad setting: {exc}", file=sys.stderr)
         return 2
+    if args.command in ("serve", "worker"):
+        problem = _device_problem(settings)
+        if problem:
+            print(f"ls-backend: bad setting: {problem}", file=sys.stderr)
+            return 2
     if args.command == "serve":
         return serve(settings, args.host, args.port)
     if args.command == "settings":
@@ -237,6 +275,8 @@ def _main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "status":
         return status(settings, args.project)
+    if args.command == "cache":
+        return cache(settings, args.prune, args.older_than)
     if args.command == "rank":
         return rank(settings, args)
     if args.command == "sync":
@@ -263,6 +303,30 @@ def status(settings: Settings, project: str | None) -> int:
         return 1
     finally:
         store.close()
+    print(json.dumps(body, indent=2))
+    return 0
+
+
+def cache(settings: Settings, prune: bool, older_than: float | None) -> int:
+    """This machine's embedding cache: its size and rows per encoder; with ``prune``, the rows of
+    encoders unused for ``older_than`` (else ``CACHE_MAX_AGE_DAYS``) days removed first."""
+    from .embeddings import EmbeddingCache
+
+    if not (settings.local_cache_dir / "embeddings.sqlite").exists():
+        print(json.dumps({"path": str(settings.local_cache_dir / "embeddings.sqlite"), "bytes": 0, "encoders": []}, indent=2))
+        return 0
+    embeddings = EmbeddingCache(settings.local_cache_dir)
+    body: dict = {"path": str(embeddings.path)}
+    if prune:
+        days = settings.cache_max_age_days if older_than is None else older_than
+        if older_than is None and days <= 0:
+            print("ls-backend: CACHE_MAX_AGE_DAYS=0 keeps every embedding; give --older-than DAYS", file=sys.stderr)
+            return 2
+        before = embeddings.size_bytes()
+        removed = embeddings.prune(days * 86_400, vacuum=True)
+        body.update({"removed": [r.to_dict() for r in removed], "bytes_before": before})
+    body["bytes"] = embeddings.size_bytes()
+    body["encoders"] = [u.to_dict() for u in embeddings.usage()]
     print(json.dumps(body, indent=2))
     return 0
 

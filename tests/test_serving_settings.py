@@ -102,3 +102,26 @@ def test_a_queue_or_store_that_cannot_be_reached_is_one_line_not_a_traceback(tmp
     monkeypatch.setenv("DATABASE_URL", "postgresql://u:p@127.0.0.1:1/db")
     assert cli.main(["status"]) == 1
     assert capsys.readouterr().err.startswith("ls-backend: the corrections store cannot be opened")
+
+
+@pytest.mark.parametrize("env, fix", [({"DEVICE": "cuda"}, "DEVICE=auto or cpu"),
+                                      ({"INFERENCE_PRECISION": "float16"}, "use bfloat16 or float32")])
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_settings_that_need_cuda_are_refused_at_start_on_a_machine_without_it(env, fix, command, monkeypatch, capsys):
+    """Each web worker (and each job) would otherwise fail as it loads the encoder: gunicorn's master
+    then exits with "Worker failed to boot" and the reason lies in a traceback above it."""
+    import torch
+
+    from ls_backend import cli, commands
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the settings are valid here")
+    started = []
+    monkeypatch.setattr(cli, "serve", lambda *args: started.append(args) or 0)
+    monkeypatch.setattr(commands, "run", lambda *args: started.append(args) or 0)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main([command]) == 2
+    assert started == [] and fix in capsys.readouterr().err
+    monkeypatch.delenv(next(iter(env)))
+    assert cli.main([command]) == 0 and len(started) == 1  # the same command with the setting left out starts
