@@ -302,6 +302,17 @@ def test_full_schedule_rule():
     assert full_schedule(256, TrainingArguments(epochs=2, batch_size=16)) == (2, 50)
 
 
+@pytest.mark.parametrize("labels, trained, schedule", [(16, 16, (20, 50)), (256, 218, (10, 140)), (10_000, 8500, (3, 1596))])
+def test_the_schedule_a_job_runs_follows_the_labels_left_after_the_validation_split(labels, trained, schedule):
+    """The README's worked examples: from 100 labels on, 15% are held out before the schedule is set."""
+    from ls_backend.trainer import ControlData, split_for_validation
+
+    data = ControlData("topic", ["a", "b"], False, [f"text {i}" for i in range(labels)], [i % 2 for i in range(labels)])
+    kept, _ = split_for_validation(data, 0.15, seed=13)
+    assert len(kept) == trained
+    assert full_schedule(len(kept), TrainingArguments()) == schedule
+
+
 def test_killed_worker_keeps_the_old_version_serving_and_the_job_is_retried(tmp_path, redis_url, queue_name):
     env = {
         "TRAIN_EVERY": "0",
