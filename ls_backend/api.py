@@ -231,7 +231,16 @@ def webhook():
             f"Start Training could not be queued ({type(unqueued[0]).__name__}: {unqueued[0]}); the request is "
             "stored: press Start Training again once the job queue (Redis) answers", 503
         )
-    return jsonify({"status": "ok", "action": action, "project": outcome.project_key, "changed": outcome.changed})
+    body = {"status": "ok", "action": action, "project": outcome.project_key, "changed": outcome.changed}
+    if outcome.rejected:
+        # the well-formed entries are stored (and count towards training); the answer still says
+        # which entries were not, and why
+        message = (f"{action}: {len(outcome.rejected)} malformed entries were not stored (the others were): "
+                   + "; ".join(outcome.rejected[:20]) + ("; ..." if len(outcome.rejected) > 20 else ""))
+        log.info("POST /webhook -> 400: %s", message)
+        body.update({"status": "partial", "error": "bad_request", "message": message, "rejected": list(outcome.rejected)})
+        return jsonify(body), 400
+    return jsonify(body)
 
 
 @protocol.get("/versions")

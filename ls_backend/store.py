@@ -302,24 +302,40 @@ class ParsedEvent:
     records: list[AnnotationRecord] = field(default_factory=list)
     deleted_ids: list[int] = field(default_factory=list)
     deleted_task_ids: list[int] = field(default_factory=list)
+    # entries of a bulk event (ANNOTATIONS_CREATED, ANNOTATIONS_DELETED, TASKS_DELETED) left out as
+    # malformed, each with its reason: the well-formed ones are still written
+    rejected: list[str] = field(default_factory=list)
 
 
-def _ids_of(items: Any, what: str) -> list[int]:
+def _ids_of(items: Any, what: str, rejected: list[str]) -> list[int]:
+    """The ids of a bulk deletion; a malformed entry goes to ``rejected`` (the others still count),
+    and an event with no well-formed entry at all is refused."""
     if not isinstance(items, list):
         raise BadEvent(f"'{what}' must be a list of {{\"id\": N}} objects")
     ids = []
-    for item in items:
-        if isinstance(item, dict):
-            if item.get("id") is None:
-                raise BadEvent(f"an entry of '{what}' has no 'id'")
-            ids.append(_int_id(item["id"], f"{what}[].id"))
-        else:
-            ids.append(_int_id(item, f"{what}[]"))
+    for i, item in enumerate(items):
+        try:
+            if isinstance(item, dict):
+                if item.get("id") is None:
+                    raise BadEvent(f"an entry of '{what}' has no 'id'")
+                ids.append(_int_id(item["id"], f"{what}[].id"))
+            else:
+                ids.append(_int_id(item, f"{what}[]"))
+        except BadEvent as exc:
+            rejected.append(f"{what}[{i}]: {exc.message}")
+    _refuse_if_nothing_left(len(items), rejected)
     return ids
 
 
+def _refuse_if_nothing_left(entries: int, rejected: list[str]) -> None:
+    if entries and len(rejected) == entries:
+        raise BadEvent(rejected[0] if entries == 1 else f"no entry is well formed; the first: {rejected[0]}")
+
+
 def parse_event(payload: Any) -> ParsedEvent:
-    """Validate a webhook payload completely before anything is written."""
+    """Validate a webhook payload completely before anything is written.  Of a bulk event, the
+    well-formed entries are kept and each malformed one is named in ``rejected``; a payload with no
+    well-formed entry is refused whole."""
     if not isinstance(payload, dict):
         raise BadEvent("the webhook body must be a JSON object")
     action = payload.get("action")
@@ -338,15 +354,19 @@ def parse_event(payload: Any) -> ParsedEvent:
         # ids are matched as Label Studio sends them (numbers); anything else finds no task, and
         # the record then says what is missing
         by_id = {task.get("id"): task for task in tasks if isinstance(task, dict) and isinstance(task.get("id"), (int, str))}
-        for annotation in annotations:
+        for i, annotation in enumerate(annotations):
             ref = annotation.get("task") if isinstance(annotation, dict) else None
             ref = ref.get("id") if isinstance(ref, dict) else ref
             task = by_id.get(ref) if isinstance(ref, (int, str)) else None
-            parsed.records.append(AnnotationRecord.from_payload(annotation, task, project.ls_id))
+            try:
+                parsed.records.append(AnnotationRecord.from_payload(annotation, task, project.ls_id))
+            except BadEvent as exc:  # one malformed annotation does not cost the others theirs
+                parsed.rejected.append(f"annotation[{i}]: {exc.message}")
+        _refuse_if_nothing_left(len(annotations), parsed.rejected)
     elif action == ANNOTATIONS_DELETED:
-        parsed.deleted_ids = _ids_of(payload.get("annotations"), "annotations")
+        parsed.deleted_ids = _ids_of(payload.get("annotations"), "annotations", parsed.rejected)
     elif action == TASKS_DELETED:
-        parsed.deleted_task_ids = _ids_of(payload.get("tasks"), "tasks")
+        parsed.deleted_task_ids = _ids_of(payload.get("tasks"), "tasks", parsed.rejected)
     return parsed
 
 
@@ -362,6 +382,7 @@ class EventOutcome:
     ls_annotations: int | None = None  # Label Studio's count of non-cancelled annotations, as sent
     stored_annotations: int | None = None  # ours, after this event
     labels_since_training: int | None = None  # tasks changed since the last training run, after this event
+    rejected: tuple[str, ...] = ()  # malformed entries of a bulk event, left out (the rest was written)
 
     @property
     def behind(self) -> bool:
@@ -1267,7 +1288,8 @@ class CorrectionStore:
         return fresh
 
     def record_event(self, payload: dict) -> EventOutcome:
-        """Write one webhook event (all of it or nothing); raises :class:`BadEvent` for malformed ones.
+        """Write one webhook event (all of it or nothing; of a bulk event, all its well-formed entries:
+        see :func:`parse_event`); raises :class:`BadEvent` for malformed ones.
 
         It returns once the transaction holding the event is committed.  Concurrent callers
         in one process share transactions (see :class:`_GroupCommit`).
@@ -1345,6 +1367,7 @@ class CorrectionStore:
                 ls_annotations=parsed.project.total_annotations,
                 stored_annotations=live,
                 labels_since_training=works[parsed.project.key].pending,
+                rejected=tuple(parsed.rejected),
             )
             for parsed, changed, live in applied
         ]

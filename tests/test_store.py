@@ -154,13 +154,34 @@ def test_malformed_payloads_raise_bad_event_and_write_nothing(store, payload, re
     assert store.projects() == []
 
 
-def test_a_bad_annotation_in_a_batch_writes_none_of_it(store):
-    good = annotation_event(1, 10, choices("World"))
-    bad = annotation_event(2, 11, "not a list")  # type: ignore[arg-type]
-    payload = {"action": "ANNOTATIONS_CREATED", "annotation": [good["annotation"], bad["annotation"]],
-               "task": [good["task"], bad["task"]], "project": project()}
-    with pytest.raises(BadEvent, match="result"):
+def test_a_malformed_entry_of_a_bulk_event_costs_only_itself(store):
+    """Label Studio does not send a webhook again: the well-formed annotations of a bulk event
+    must be stored even when one beside them is not; the outcome names the one left out."""
+    good = [annotation_event(i, 10 + i, choices("World")) for i in (1, 3)]
+    bad = annotation_event(2, 12, "not a list")  # type: ignore[arg-type]
+    payload = {"action": "ANNOTATIONS_CREATED", "annotation": [good[0]["annotation"], bad["annotation"], good[1]["annotation"]],
+               "task": [good[0]["task"], bad["task"], good[1]["task"]], "project": project()}
+    outcome = store.record_event(payload)
+    assert outcome.changed == 2 and len(outcome.rejected) == 1
+    assert outcome.rejected[0].startswith("annotation[1]: annotation 2: 'result'")
+    assert labels_of(store) == {11: ("World",), 13: ("World",)}
+    # deletions alike: the annotations and tasks with usable ids are deleted
+    outcome = store.record_event({"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 1}, {"id": "x"}, {}],
+                                  "project": project()})
+    assert outcome.changed == 1 and [r.split(":")[0] for r in outcome.rejected] == ["annotations[1]", "annotations[2]"]
+    assert labels_of(store) == {13: ("World",)}
+    outcome = store.record_event({"action": "TASKS_DELETED", "tasks": [{"id": [13]}, {"id": 13}], "project": project()})
+    assert outcome.changed == 1 and len(outcome.rejected) == 1 and labels_of(store) == {}
+
+
+def test_a_bulk_event_without_one_well_formed_entry_is_refused_and_writes_nothing(store):
+    bad = [annotation_event(i, 10 + i, "not a list") for i in (1, 2)]  # type: ignore[arg-type]
+    payload = {"action": "ANNOTATIONS_CREATED", "annotation": [e["annotation"] for e in bad],
+               "task": [e["task"] for e in bad], "project": project()}
+    with pytest.raises(BadEvent, match="no entry is well formed; the first: annotation\\[0\\]: annotation 1: 'result'"):
         store.record_event(payload)
+    with pytest.raises(BadEvent, match="has no 'id'"):
+        store.record_event({"action": "TASKS_DELETED", "tasks": [{}], "project": project()})
     assert store.projects() == []
 
 

@@ -54,6 +54,24 @@ def test_malformed_payloads_get_4xx_json_and_nothing_is_stored(client, body, fra
     assert client.get("/projects").get_json()["projects"] == []
 
 
+def test_a_bulk_event_with_a_malformed_entry_stores_the_others_and_answers_400_naming_it(client, app):
+    heard = []
+    app.extensions["ls_backend"].event_listeners.append(heard.append)
+    events = [annotation_event(i, 10 + i, choices("Sports")) for i in (1, 2, 3)]
+    events[1]["annotation"].update(updated_at="soon", created_at=None)
+    response = client.post("/webhook", json={"action": "ANNOTATIONS_CREATED", "project": project(),
+                                             "annotation": [e["annotation"] for e in events],
+                                             "task": [e["task"] for e in events]})
+    assert response.status_code == 400
+    body = response.get_json()
+    assert (body["status"], body["error"], body["changed"], body["project"]) == ("partial", "bad_request", 2, KEY)
+    assert body["rejected"] == ["annotation[1]: annotation 2: 'updated_at' is missing or not an ISO-8601 time"]
+    assert "1 malformed entries were not stored (the others were)" in body["message"]
+    store = app.extensions["ls_backend"].store
+    assert sorted(e.task_id for e in store.training_examples(KEY, _topic())) == [11, 13]
+    assert [o.changed for o in heard] == [2]  # training hears of the stored ones
+
+
 def test_other_actions_get_200(client, caplog):
     with caplog.at_level(logging.DEBUG, logger="ls_backend.store"):
         response = client.post("/webhook", json={"action": "LABEL_LINK_DELETED", "label_link": {"id": 4}})
