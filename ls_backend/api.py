@@ -317,7 +317,7 @@ def project_rollback(key: str):
         raise BadRequest("'to' must be a version name such as p3-v2")
     try:
         version = services().registry.rollback(project, target)
-    except RegistryError as exc:
+    except (RegistryError, OSError, ValueError) as exc:  # (a version's meta.json unreadable: ValueError)
         raise BadRequest(str(exc), 409 if target is None else 404) from None
     return jsonify({"project": project, "current": version, "pinned": services().registry.pinned(project)})
 
@@ -335,7 +335,7 @@ def project_pin(key: str):
             raise BadRequest("'version' must be a version name such as p3-v2")
         try:
             registry.pin(project, version)
-        except RegistryError as exc:
+        except (RegistryError, OSError, ValueError) as exc:
             raise BadRequest(str(exc), 404) from None
     return jsonify({"project": project, "current": registry.current(project), "pinned": registry.pinned(project)})
 

@@ -135,7 +135,7 @@ def _registry_command(args: argparse.Namespace, settings: Settings) -> int:
                     return 1
             print(json.dumps(curve, indent=2))
             return 0
-    except RegistryError as exc:
+    except (RegistryError, ValueError) as exc:  # (ValueError: a version's meta.json unreadable)
         print(f"ls-backend: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({"project": project, "current": registry.current(project), "pinned": registry.pinned(project)}, indent=2))

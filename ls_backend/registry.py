@@ -109,8 +109,11 @@ class ModelRegistry:
         return self.project_dir(project_key) / "versions"
 
     def version_dir(self, project_key: str, version: str) -> Path:
-        if "/" in version or version.startswith("."):
-            raise RegistryError(f"bad version name {version!r}")
+        # names as this registry writes them (p3-v2); anything else (a NUL, a lone surrogate, a
+        # name longer than a file name may be) would fail in the file system instead
+        if "/" in version or version.startswith(".") or len(version) > 200 or not version.isprintable() \
+                or not _VERSION.match(version):
+            raise RegistryError(f"bad version name {version[:80]!r}: expected a name such as p3-v2")
         return self.versions_dir(project_key) / version
 
     @contextlib.contextmanager

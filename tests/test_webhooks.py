@@ -246,3 +246,17 @@ def test_operator_routes_answer_4xx_for_ids_and_limits_out_of_range(client):
     for limit in ("99999999999999999999999", "0"):
         response = client.get(f"/jobs?limit={limit}")
         assert response.status_code == 400 and "1 to 10000" in response.get_json()["message"]
+
+
+def test_pin_and_rollback_answer_4xx_for_version_names_the_file_system_refuses(client, app):
+    assert client.post("/setup", json={"project": KEY, "schema": TOPIC_CONFIG}).status_code == 200
+    for name in ("p3-v0\u0000", "\ud800", "a" * 300, "p3-v" + "9" * 250, "é" * 190 + "-v1"):
+        for path, body in (("pin", {"version": name}), ("rollback", {"to": name})):
+            response = client.post(f"/projects/{KEY}/{path}", json=body)
+            assert response.status_code == 404 and response.get_json()["message"], (path, name[:10], response.status_code)
+    # a version whose meta.json is unreadable is not served, and says so
+    registry = app.extensions["ls_backend"].registry
+    served = registry.current(KEY)
+    (registry.version_dir(KEY, served) / "meta.json").write_text("{torn")
+    response = client.post(f"/projects/{KEY}/pin", json={"version": served})
+    assert response.status_code == 404 and response.get_json()["error"] == "bad_request"
