@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -108,9 +109,14 @@ def _true(value: object) -> bool:
     return str(value or "").strip().lower() in ("true", "1", "yes")
 
 
+# an XML declaration (and a byte order mark) before <View>: Label Studio's parser takes them, and
+# the SDK's (lxml, given a str) refuses a declaration that names an encoding
+_XML_DECLARATION = re.compile(r"^\ufeff?\s*<\?xml\b[^>]*\?>")
+
+
 def _plan(config: str) -> LabelingPlan:
     try:
-        interface = LabelInterface(config)
+        interface = LabelInterface(_XML_DECLARATION.sub("", config, count=1))
     except Exception as exc:  # the SDK raises several kinds for broken XML
         raise UnsupportedConfig(f"label config does not parse: {exc}") from exc
     controls: list[ControlSpec] = []

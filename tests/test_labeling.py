@@ -76,3 +76,12 @@ def test_signature_changes_with_labels_only():
     c = plan_for(TOPIC_CONFIG.replace('<Choice value="World"/>', '<Choice value="World"/><Choice value="Health"/>'))
     assert a.signature == b.signature
     assert a.signature != c.signature
+
+
+@pytest.mark.parametrize("head", ['<?xml version="1.0" encoding="UTF-8"?>', "\ufeff<?xml version='1.0'?>\n", "  <?xml version=\"1.0\"?>"])
+def test_a_config_that_starts_with_an_xml_declaration_is_served_as_without_it(head):
+    """Label Studio's own parser takes the declaration; the SDK's refuses one that names an encoding."""
+    plain = plan_for(TOPIC_CONFIG)
+    declared = plan_for(head + TOPIC_CONFIG)
+    assert [(c.name, c.kind, c.values, c.field) for c in declared.controls] == \
+        [(c.name, c.kind, c.values, c.field) for c in plain.controls]
