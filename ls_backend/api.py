@@ -118,8 +118,14 @@ class Services:
         return self._predictor
 
 
+def has_body() -> bool:
+    """Whether the request carries a body, whatever its Content-Type (``request.data`` is empty for
+    a form type, whose body Werkzeug parses as a form: curl's ``-d`` sends JSON as one)."""
+    return bool(request.get_data(cache=True))
+
+
 def json_body() -> dict:
-    if not request.data:
+    if not has_body():
         raise BadRequest("empty body: send a JSON object")
     try:
         payload = request.get_json(silent=True, force=True)
@@ -311,7 +317,7 @@ def project_train(key: str):
 @operator.post("/projects/<path:key>/rollback")
 def project_rollback(key: str):
     project = _project_key(key)
-    payload = json_body() if request.data else {}
+    payload = json_body() if has_body() else {}
     target = payload.get("to")
     if target is not None and not isinstance(target, str):
         raise BadRequest("'to' must be a version name such as p3-v2")
@@ -329,7 +335,7 @@ def project_pin(key: str):
     if request.method == "DELETE":
         registry.unpin(project)
     else:
-        payload = json_body() if request.data else {}
+        payload = json_body() if has_body() else {}
         version = payload.get("version")
         if version is not None and not isinstance(version, str):
             raise BadRequest("'version' must be a version name such as p3-v2")

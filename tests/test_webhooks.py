@@ -260,3 +260,17 @@ def test_pin_and_rollback_answer_4xx_for_version_names_the_file_system_refuses(c
     (registry.version_dir(KEY, served) / "meta.json").write_text("{torn")
     response = client.post(f"/projects/{KEY}/pin", json={"version": served})
     assert response.status_code == 404 and response.get_json()["error"] == "bad_request"
+
+
+def test_json_sent_with_a_form_content_type_is_read_as_json(client, app):
+    """curl -d sends application/x-www-form-urlencoded; the body is still the JSON event."""
+    import json
+
+    body = json.dumps(annotation_event(1, 10, choices("World")))
+    response = client.post("/webhook", data=body, content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 200 and response.get_json()["changed"] == 1
+    response = client.post("/setup", data=json.dumps({"project": KEY, "schema": TOPIC_CONFIG}),
+                           content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 200
+    response = client.post(f"/projects/{KEY}/rollback", data="", content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 409  # no body: roll back one step, and there is nothing to roll back to
