@@ -154,8 +154,12 @@ def require_str(payload: dict, *names: str) -> str:
 def project_key_of(value: str, name: str = "project") -> str:
     """A project key Label Studio could have sent ("<id>.<created timestamp>", or a name of
     printable characters that makes a folder name); 400 otherwise."""
-    if not value.isprintable() or len(value) > 200:
-        raise BadRequest(f"'{name}' must be printable text of at most 200 characters, like \"3.1732665262\"")
+    # (120: what a model folder's name keeps of a key; two longer keys would share one folder)
+    if not value.isprintable() or len(value) > 120:
+        raise BadRequest(f"'{name}' must be printable text of at most 120 characters, like \"3.1732665262\"")
+    head = value.split(".", 1)[0]
+    if head.isdecimal() and int(head) > 2**63 - 1:
+        raise BadRequest(f"'{name}': project id {head[:30]} is out of range (at most 2**63 - 1)")
     try:
         safe_key(value)
     except RegistryError as exc:

@@ -212,7 +212,8 @@ def test_odd_query_values_are_4xx_not_500(client, path, fragment):
     assert 400 <= response.status_code < 500 and fragment in response.get_json()["message"], response.get_json()
 
 
-@pytest.mark.parametrize("key", ["..", "...", "3.1\x00", "\ud800"])
+@pytest.mark.parametrize("key", ["..", "...", "3.1\x00", "\ud800", "7." + "1" * 119,  # past what a folder name keeps
+                                 str(2**70) + ".1732665262", 2**70])  # ids past the store's 64-bit column
 def test_an_unusable_project_key_is_a_400(client, key):
     for route, body in (("/setup", {"project": key, "schema": TOPIC_CONFIG}),
                         ("/predict", {"project": key, "label_config": TOPIC_CONFIG, "tasks": []})):
