@@ -226,7 +226,7 @@ def predict():
 def webhook():
     payload = json_body()
     action = payload.get("action")
-    if not isinstance(action, str) or not action:
+    if not isinstance(action, str) or not action.strip():
         raise BadRequest("missing field 'action' (a Label Studio webhook event name)")
     svc = services()
     try:
@@ -472,8 +472,9 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     def http_error(exc: HTTPException):
         message = exc.description or exc.name
         if exc.code == 413:
-            message = (f"request body too large: at most {settings.max_request_mb} MiB (MAX_REQUEST_MB); "
-                       "send fewer tasks per request")
+            message = f"request body too large: at most {settings.max_request_mb} MiB (MAX_REQUEST_MB)"
+            if request.path.rstrip("/").endswith("/predict"):
+                message += "; send fewer tasks per request"
         return _error(exc.code or 500, exc.name.lower().replace(" ", "_"), message)
 
     @app.errorhandler(Exception)

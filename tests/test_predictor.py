@@ -289,5 +289,10 @@ def test_a_body_over_max_request_mb_gets_413_with_the_setting_to_change(settings
     body = json_module.dumps({"tasks": tasks, "project": PROJECT, "label_config": TOPIC_CONFIG})
     answer = worker.post("/predict", data=body, content_type="application/json")
     assert answer.status_code == 413 and "MAX_REQUEST_MB" in answer.json["message"], answer.json
+    assert "fewer tasks" in answer.json["message"]
+    event = worker.post("/webhook", data=json_module.dumps({"action": "ANNOTATION_CREATED", "pad": "x" * 1_200_000}),
+                        content_type="application/json")
+    assert event.status_code == 413 and "MAX_REQUEST_MB" in event.json["message"]
+    assert "tasks" not in event.json["message"]  # a webhook carries one event, not a batch to split
     small = worker.post("/predict", json={"tasks": tasks[:10], "project": PROJECT, "label_config": TOPIC_CONFIG})
     assert small.status_code == 200 and len(small.json["results"]) == 10

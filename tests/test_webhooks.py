@@ -72,6 +72,12 @@ def test_a_bulk_event_with_a_malformed_entry_stores_the_others_and_answers_400_n
     assert [o.changed for o in heard] == [2]  # training hears of the stored ones
 
 
+def test_a_blank_action_is_named_as_missing(client):
+    response = client.post("/webhook", json={"action": "  ", "project": project()})
+    assert response.status_code == 400
+    assert response.get_json()["message"] == "missing field 'action' (a Label Studio webhook event name)"
+
+
 def test_other_actions_get_200(client, caplog):
     with caplog.at_level(logging.DEBUG, logger="ls_backend.store"):
         response = client.post("/webhook", json={"action": "LABEL_LINK_DELETED", "label_link": {"id": 4}})
