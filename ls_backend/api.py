@@ -328,7 +328,7 @@ def project_rollback(key: str):
     try:
         version = services().registry.rollback(project, target)
     except (RegistryError, OSError, ValueError) as exc:  # (a version's meta.json unreadable: ValueError)
-        raise BadRequest(str(exc), 409 if target is None else 404) from None
+        raise BadRequest(str(exc), 409 if not target else 404) from None
     return jsonify({"project": project, "current": version, "pinned": services().registry.pinned(project)})
 
 

@@ -347,7 +347,7 @@ class ModelRegistry:
         A pinned project moves its pin along (the operator chose this version)."""
         with self.lock(project_key):
             current = self.current(project_key)
-            if to is None:
+            if not to:  # (an empty name, as pin takes it: the default)
                 to = self._served_before(project_key, current)
                 if to is None:
                     raise RegistryError(f"project {project_key}: no earlier served version to roll back to")

@@ -281,3 +281,5 @@ def test_json_sent_with_a_form_content_type_is_read_as_json(client, app):
     assert response.status_code == 200
     response = client.post(f"/projects/{KEY}/rollback", data="", content_type="application/x-www-form-urlencoded")
     assert response.status_code == 409  # no body: roll back one step, and there is nothing to roll back to
+    response = client.post(f"/projects/{KEY}/rollback", json={"to": ""})
+    assert response.status_code == 409  # an empty name is the default, as for pin
