@@ -48,7 +48,10 @@ def test_webhook_answers_200_for_every_action(backend, action):
 
 def test_annotation_webhook_is_stored_and_a_malformed_one_is_a_json_400(backend):
     event = annotation_event(1, 1, choices("Sports"), text="The Lakers won", proj=project(22))
-    assert requests.post(backend.url + "/webhook", json=event, timeout=2).status_code == 200
+    stored = requests.post(backend.url + "/webhook", json=event, timeout=2)
+    assert stored.status_code == 200 and stored.json()["changed"] == 1
+    summary = requests.get(f"{backend.url}/projects/{stored.json()['project']}", timeout=5).json()
+    assert summary["annotations"] == 1
     broken = requests.post(backend.url + "/webhook", json={"action": "ANNOTATION_CREATED", "project": project(22)}, timeout=2)
     assert broken.status_code == 400 and "annotation" in broken.json()["message"]
 

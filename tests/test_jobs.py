@@ -351,10 +351,9 @@ def test_killed_worker_keeps_the_old_version_serving_and_the_job_is_retried(tmp_
         versions = loop.versions()
         assert versions["current"] == "p4-v0"
         assert [v["version"] for v in versions["versions"]] == ["p4-v0"]  # nothing half-written is listed
-        partial = list((tmp_path / "models" / "projects").glob("*/versions/.tmp-*"))
         assert loop.setup() == "p4-v0"
         assert loop.predict(["Stocks rallied on Friday"])[0]["model_version"] == "p4-v0"
-        # a fresh worker finds the abandoned job and retries it (or fails it, saying why)
+        # a fresh worker finds the abandoned job and retries it (JOB_RETRIES=1): the retry trains
         worker = start_worker(tmp_path / "models", dict(env, TRAIN_MIN_STEPS="5"))
         try:
             deadline = time.monotonic() + 300
@@ -363,14 +362,10 @@ def test_killed_worker_keeps_the_old_version_serving_and_the_job_is_retried(tmp_
                 if job["state"] in ("finished", "failed"):
                     break
                 time.sleep(1)
-            assert job["state"] in ("finished", "failed"), job
-            if job["state"] == "failed":
-                assert job["error"], job
-            else:
-                assert loop.versions()["current"] != "p4-v0"
+            assert job["state"] == "finished", job
+            assert loop.versions()["current"] != "p4-v0"
         finally:
             stop(worker)
-        assert all(p.name.startswith(".tmp-") for p in partial)  # leftovers are never a version
 
 
 def test_two_projects_trained_at_once_stay_isolated(tmp_path, redis_url, queue_name):

@@ -10,7 +10,7 @@ import torch
 import pytest
 
 from ls_backend.embeddings import EmbeddingCache
-from ls_backend.finetune import FineTuneJob
+from ls_backend.finetune import FineTuneJob, slice_tolerance
 from ls_backend.jobs import FAST, FULL, EmbeddedTrainingQueue
 from ls_backend.registry import ModelRegistry
 from ls_backend.settings import Settings
@@ -48,8 +48,7 @@ def test_fast_head_refits_in_seconds_from_cached_embeddings(tmp_path, encoder):
     head, report = fit_head(embeddings, data, prior=None)
     refit = time.perf_counter() - started
     assert misses == 0
-    assert refit < reencode, (refit, reencode)
-    assert refit < 15.0, refit  # generous; about a second when the machine is quiet
+    assert refit < reencode, (refit, reencode)  # the same-run baseline, no wall-clock bound
     assert head.trained and report["cv_accuracy"] > 0.6
 
 
@@ -60,7 +59,9 @@ def test_validation_split_and_class_balance_rules():
     kept, held = split_for_validation(big, 0.15, 1)
     assert len(held) == 15 and len(kept) == 85 and not set(held.texts) & set(kept.texts)
     weights = balanced_weights(big)  # 90 a vs 10 b: skewed
-    assert weights is not None and weights[0] == pytest.approx(weights[0])
+    assert weights is not None and weights.sum() == pytest.approx(1.0)
+    rare = np.array([t == ("b",) for t in big.targets])
+    assert weights[rare].sum() == pytest.approx(weights[~rare].sum())  # each class drawn as often
     assert weights[big.texts.index("t0")] > weights[big.texts.index("t1")]  # the rare class weighs more
     assert balanced_weights(ControlData("c", ["a", "b"], False, ["x", "y"], [("a",), ("b",)])) is None
 
@@ -110,8 +111,12 @@ def test_auto_promotes_the_best_candidate_on_sst2(tmp_path):
     assert meta["training"]["contrastive"]["pairs"] == 192 and meta["training"]["contrastive"]["steps"] == 12
     assert result["recipe"] == max(scores, key=lambda name: (scores[name], name == "frozen"))
     assert meta["metrics"][result["recipe"]]["score"] >= max(scores.values())
-    if result["promoted"]:
-        assert meta["metrics"][result["recipe"]]["score"] + settings.promotion_tolerance >= meta["metrics"]["current"]["score"]
+    # the gate, as documented: promoted exactly when the best is at most the slice's tolerance below the current
+    held = min(part["eval"] for part in meta["data"].values())
+    tolerance = slice_tolerance(settings, held)
+    best, current = meta["metrics"][result["recipe"]]["score"], meta["metrics"]["current"]["score"]
+    assert result["promoted"] == (best + tolerance >= current - 1e-9), (best, current, tolerance)
+    assert result["promoted"]  # 120 SST-2 labels beat the zero-shot start on this slice
 
 
 def test_contrastive_pairs_are_balanced_capped_and_reproducible():

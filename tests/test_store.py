@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -484,7 +485,11 @@ def test_concurrent_events_share_commits_and_one_failure_spoils_no_other(store, 
     batches: list[int] = []
     real_together = store._record_together
 
+    release = threading.Event()
+
     def counting(batch):
+        if not batches:  # the first transaction waits until the other events queue behind it
+            release.wait(30)
         batches.append(len(batch))
         return real_together(batch)
 
@@ -506,12 +511,16 @@ def test_concurrent_events_share_commits_and_one_failure_spoils_no_other(store, 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(1, 41)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 30
+    while store._group._queue.qsize() < 39 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
     for t in threads:
         t.join()
     assert failures == [13]
     assert store.annotation_ids(KEY) == set(range(1, 41)) - {13}
     assert store.stored_annotations(KEY) == 39
-    assert sum(batches) >= 40  # every event went through a shared or a single transaction
+    assert batches[:2] == [1, 39]  # the 39 that waited went in one transaction (then one by one: 13 failed in it)
 
 
 def test_text_no_utf8_column_can_hold_is_kept_exactly(store):

@@ -103,8 +103,7 @@ def test_retrieve_predictions_stores_one_valid_prediction_per_task(label_studio,
         choices = item["value"]["choices"]
         assert isinstance(choices, list) and len(choices) == 1 and choices[0] in LABELS, item
         assert 0.0 <= float(item["score"]) <= 1.0, item
-        if prediction.get("score") is not None:
-            assert 0.0 <= float(prediction["score"]) <= 1.0, prediction
+        assert prediction.get("score") is not None and 0.0 <= float(prediction["score"]) <= 1.0, prediction
         errors = interface.validate_prediction({"result": result, "score": prediction.get("score")}, return_errors=True)
         assert errors == [], f"LabelInterface rejects the prediction for task {prediction['task']}: {errors}"
         correct += choices[0] == gold[prediction["task"]]
