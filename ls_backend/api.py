@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hmac
 import logging
 import threading
@@ -152,18 +153,22 @@ def require_str(payload: dict, *names: str) -> str:
 
 
 def project_key_of(value: str, name: str = "project") -> str:
-    """A project key Label Studio could have sent ("<id>.<created timestamp>", or a name of
-    printable characters that makes a folder name); 400 otherwise."""
-    # (120: what a model folder's name keeps of a key; two longer keys would share one folder)
+    """A project key Label Studio could have sent ("<id>.<created timestamp>", or a name that is
+    its own model folder's name); 400 otherwise."""
+    # (120 characters of letters, digits, '.', '_', '-': what a model folder's name keeps of a key,
+    # so two keys never share one folder)
     if not value.isprintable() or len(value) > 120:
         raise BadRequest(f"'{name}' must be printable text of at most 120 characters, like \"3.1732665262\"")
     head = value.split(".", 1)[0]
     if head.isdecimal() and int(head) > 2**63 - 1:
         raise BadRequest(f"'{name}': project id {head[:30]} is out of range (at most 2**63 - 1)")
     try:
-        safe_key(value)
+        folder = safe_key(value)
     except RegistryError as exc:
         raise BadRequest(f"'{name}': {exc}") from None
+    if folder != value:
+        raise BadRequest(f"'{name}' {value[:40]!r}: letters, digits, '.', '_' and '-' only (not starting with '.'), "
+                         "like \"3.1732665262\"")
     return value
 
 
@@ -248,7 +253,8 @@ def webhook():
         message = (f"{action}: {len(outcome.rejected)} malformed entries were not stored (the others were): "
                    + "; ".join(outcome.rejected[:20]) + ("; ..." if len(outcome.rejected) > 20 else ""))
         log.info("POST /webhook -> 400: %s", message)
-        body.update({"status": "partial", "error": "bad_request", "message": message, "rejected": list(outcome.rejected)})
+        body.update({"status": "partial", "error": "bad_request", "message": message,
+                     "rejected": list(outcome.rejected[:1000]), "rejected_count": len(outcome.rejected)})
         return jsonify(body), 400
     return jsonify(body)
 
@@ -318,6 +324,13 @@ def project_train(key: str):
     return jsonify({"queued": created, "job": job.to_dict()}), 202 if created else 200
 
 
+def _unless_a_server_fault(exc: Exception) -> None:
+    """Re-raise an ``OSError`` that is the server's (a full disk, a lost share): a 500, not a 404;
+    errors of the name asked for (too long, invalid, no such version) are the client's."""
+    if isinstance(exc, OSError) and exc.errno not in (errno.ENAMETOOLONG, errno.EINVAL, errno.ENOENT, errno.ENOTDIR):
+        raise exc
+
+
 @operator.post("/projects/<path:key>/rollback")
 def project_rollback(key: str):
     project = _project_key(key)
@@ -328,6 +341,7 @@ def project_rollback(key: str):
     try:
         version = services().registry.rollback(project, target)
     except (RegistryError, OSError, ValueError) as exc:  # (a version's meta.json unreadable: ValueError)
+        _unless_a_server_fault(exc)
         raise BadRequest(str(exc), 409 if not target else 404) from None
     return jsonify({"project": project, "current": version, "pinned": services().registry.pinned(project)})
 
@@ -346,6 +360,7 @@ def project_pin(key: str):
         try:
             registry.pin(project, version)
         except (RegistryError, OSError, ValueError) as exc:
+            _unless_a_server_fault(exc)
             raise BadRequest(str(exc), 404) from None
     return jsonify({"project": project, "current": registry.current(project), "pinned": registry.pinned(project)})
 

@@ -135,9 +135,15 @@ def _device_problem(settings: Settings) -> str | None:
 
     if settings.device != "cuda" and settings.inference_precision != "float16":
         return None
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-                           capture_output=True, text=True, timeout=300)
-    if probe.stdout.strip() == "True":
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import torch; print('cuda', torch.cuda.is_available())"],
+                               capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "torch did not answer within 300 s whether it sees a CUDA device (DEVICE / INFERENCE_PRECISION need one)"
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["(no message)"])[-1]
+        return f"torch cannot be imported to check for a CUDA device: {last}"
+    if "cuda True" in probe.stdout.splitlines():
         return None
     if settings.device == "cuda":
         return "DEVICE=cuda but torch sees no CUDA device here; use DEVICE=auto or cpu (or a CUDA build of torch)"
@@ -276,6 +282,8 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return status(settings, args.project)
     if args.command == "cache":
+        if args.older_than is not None and not args.prune:
+            parser.error("--older-than goes with --prune")
         return cache(settings, args.prune, args.older_than)
     if args.command == "rank":
         return rank(settings, args)

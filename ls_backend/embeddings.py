@@ -101,13 +101,8 @@ class EmbeddingCache:
         """Embeddings of ``texts`` (cached ones read, the rest encoded and stored); also the miss count."""
         keys = [text_key(t, encoder.max_length) for t in texts]
         found: dict[str, np.ndarray] = {}
+        self._mark_used(encoder_id)
         with self._connect() as db:
-            # marked used before it is read: a prune running meanwhile then keeps these rows
-            db.execute(
-                "INSERT INTO encoders (encoder, used) VALUES (?, ?) ON CONFLICT (encoder) DO UPDATE SET used = excluded.used",
-                [encoder_id, time.time()],
-            )
-            db.commit()
             unique = list(dict.fromkeys(keys))
             for start in range(0, len(unique), 500):
                 chunk = unique[start : start + 500]
@@ -134,6 +129,28 @@ class EmbeddingCache:
         for i, key in enumerate(keys):
             out[i] = found[key]
         return out, len(set(keys[i] for i in missing))
+
+    #: a use is written at most this often per encoder (a read of cached rows stays a read)
+    MARK_EVERY_S = 3600.0
+
+    def _mark_used(self, encoder_id: str) -> None:
+        """Record that ``encoder_id`` is in use, before its rows are read (a prune running meanwhile
+        then keeps them).  Best effort: where the mark is recent it is not written again, and a
+        write lock held elsewhere (a prune, a ``VACUUM``) costs at most a second, never the job;
+        an encoder whose mark was missed is at worst pruned and encoded anew."""
+        now = time.time()
+        try:
+            db = sqlite3.connect(self.path, timeout=1.0)
+            try:
+                row = db.execute("SELECT used FROM encoders WHERE encoder = ?", [encoder_id]).fetchone()
+                if row is None or now - row[0] >= self.MARK_EVERY_S:
+                    db.execute("INSERT INTO encoders (encoder, used) VALUES (?, ?) "
+                               "ON CONFLICT (encoder) DO UPDATE SET used = excluded.used", [encoder_id, now])
+                    db.commit()
+            finally:
+                db.close()
+        except sqlite3.OperationalError:
+            pass
 
     # -- pruning ---------------------------------------------------------------------
 

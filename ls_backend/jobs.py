@@ -149,10 +149,10 @@ def execute_training(settings: Settings, project_key: str, trigger: str, progres
         # refresh that a killed job left unfinished (its retry resumes it)
         if result.get("promoted") or refresh_anyway or unfinished_refresh(settings, project_key):
             result["refresh"] = refresh_predictions(settings, store, project_key, progress)
-        _prune_embedding_cache(settings)
         return result
     finally:
         store.close()
+        _prune_embedding_cache(settings)  # (after every job: a refresh or a failed one too)
 
 
 def _prune_embedding_cache(settings: Settings) -> None:

@@ -125,3 +125,44 @@ def test_the_cache_command_lists_encoders_and_prunes_with_the_space_given_back(t
     monkeypatch.setenv("CACHE_MAX_AGE_DAYS", "0")
     assert cli.main(["cache", "--prune"]) == 2
     assert "--older-than" in capsys.readouterr().err
+
+
+def test_reading_cached_rows_never_waits_on_a_writer_elsewhere_and_marks_a_use_at_most_hourly(tmp_path):
+    """A prune or a VACUUM in another process holds the write lock: a job reading its cached
+    embeddings must not fail on it ("database is locked" after the 30 s busy wait)."""
+    cache, encoder = EmbeddingCache(tmp_path), FakeEncoder()
+    texts = [f"text {i}" for i in range(20)]
+    cache.encode(encoder, "a", texts)
+    marked = cache.usage()[0].used
+    cache.encode(encoder, "a", texts[:2])
+    assert cache.usage()[0].used == marked  # a use within the hour is not written again
+    _backdate(cache, "a", 2 / 24)  # two hours ago: the next read would mark it
+    holder = sqlite3.connect(cache.path, timeout=1)
+    holder.execute("BEGIN IMMEDIATE")  # another process writing
+    try:
+        vectors, missed = cache.encode(encoder, "a", texts)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert missed == 0 and encoder.encoded == 20 and vectors[3][0] == len(texts[3])
+
+
+def test_a_refresh_only_job_prunes_too(tmp_path, monkeypatch):
+    from ls_backend import jobs, refresh as refresh_module
+
+    monkeypatch.setattr(refresh_module, "refresh_predictions", lambda *args, **kwargs: {"state": "finished"})
+    settings = Settings(model_dir=tmp_path / "models", cache_dir=str(tmp_path / "cache"), cache_max_age_days=7)
+    cache = EmbeddingCache(tmp_path / "cache")
+    cache.encode(FakeEncoder(), "retired", ["one"])
+    _backdate(cache, "retired", 8)
+    jobs.execute_training(settings, "5.1732665262", "refresh")
+    assert _rows(cache) == {}
+
+
+def test_older_than_without_prune_is_a_usage_error(tmp_path, monkeypatch):
+    from ls_backend import cli
+
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["cache", "--older-than", "2"])
+    assert exit_.value.code == 2

@@ -125,3 +125,12 @@ def test_settings_that_need_cuda_are_refused_at_start_on_a_machine_without_it(en
     assert started == [] and fix in capsys.readouterr().err
     monkeypatch.delenv(next(iter(env)))
     assert cli.main([command]) == 0 and len(started) == 1  # the same command with the setting left out starts
+
+
+def test_a_torch_that_cannot_be_imported_is_named_as_such_not_as_no_cuda(monkeypatch):
+    from ls_backend import cli
+
+    monkeypatch.setattr(cli.sys, "executable", "/bin/false")  # a child that fails, as a broken torch does
+    problem = cli._device_problem(Settings(device="cuda"))
+    assert problem is not None and problem.startswith("torch cannot be imported")
+    assert cli._device_problem(Settings()) is None  # nothing asked of CUDA: no probe at all

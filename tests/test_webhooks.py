@@ -66,6 +66,7 @@ def test_a_bulk_event_with_a_malformed_entry_stores_the_others_and_answers_400_n
     body = response.get_json()
     assert (body["status"], body["error"], body["changed"], body["project"]) == ("partial", "bad_request", 2, KEY)
     assert body["rejected"] == ["annotation[1]: annotation 2: 'updated_at' is missing or not an ISO-8601 time"]
+    assert body["rejected_count"] == 1
     assert "1 malformed entries were not stored (the others were)" in body["message"]
     store = app.extensions["ls_backend"].store
     assert sorted(e.task_id for e in store.training_examples(KEY, _topic())) == [11, 13]
@@ -127,6 +128,8 @@ def test_only_the_training_queue_failing_makes_start_training_a_503(client, app)
     """Another listener's failure (the sync's, say) does not hide a job that was queued."""
     app.extensions["ls_backend"].event_listeners.insert(0, lambda outcome: 1 / 0)
     assert client.post("/webhook", json={"action": "START_TRAINING", "project": project()}).status_code == 200
+    jobs = client.get("/jobs").get_json()["jobs"]
+    assert [(j["project"], j["trigger"]) for j in jobs] == [(KEY, "START_TRAINING")], jobs
 
 
 def test_operator_view(client):
@@ -219,7 +222,8 @@ def test_odd_query_values_are_4xx_not_500(client, path, fragment):
 
 
 @pytest.mark.parametrize("key", ["..", "...", "3.1\x00", "\ud800", "7." + "1" * 119,  # past what a folder name keeps
-                                 str(2**70) + ".1732665262", 2**70])  # ids past the store's 64-bit column
+                                 str(2**70) + ".1732665262", 2**70,  # ids past the store's 64-bit column
+                                 "my project.1", "a!b"])  # would share a folder with "my_project.1", "a?b"
 def test_an_unusable_project_key_is_a_400(client, key):
     for route, body in (("/setup", {"project": key, "schema": TOPIC_CONFIG}),
                         ("/predict", {"project": key, "label_config": TOPIC_CONFIG, "tasks": []})):
@@ -283,3 +287,18 @@ def test_json_sent_with_a_form_content_type_is_read_as_json(client, app):
     assert response.status_code == 409  # no body: roll back one step, and there is nothing to roll back to
     response = client.post(f"/projects/{KEY}/rollback", json={"to": ""})
     assert response.status_code == 409  # an empty name is the default, as for pin
+
+
+def test_a_full_disk_while_pinning_is_the_servers_fault_not_an_unknown_version(client, monkeypatch):
+    import errno
+
+    from ls_backend import registry as registry_module
+
+    assert client.post("/setup", json={"project": KEY, "schema": TOPIC_CONFIG}).status_code == 200
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(registry_module, "write_atomic", full)
+    response = client.post(f"/projects/{KEY}/pin", json={})
+    assert response.status_code == 500 and "No space left" in response.get_json()["message"]
