@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import threading
+import unicodedata
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
@@ -115,18 +116,28 @@ def clip_visible(text: str, visible: int) -> str:
     return text
 
 
+def _gives_a_token(word: str) -> bool:
+    """Whether the tokenizer keeps anything of ``word``: a letter, digit, punctuation mark or
+    symbol; a word of only zero-width or control characters, or of combining marks (stripped with
+    the accents), gives no token."""
+    return any(ch.isalnum() or unicodedata.category(ch)[0] in "PS" for ch in word)
+
+
 def clip_for_tokens(text: str, tokens: int) -> str:
     """A prefix of ``text`` that still holds its first ``tokens`` tokens, so that tokenizing it cut
     at ``tokens`` gives the ids of the whole text: the later of ``tokens * 32`` visible characters
-    (a token rarely spans more) and the end of the ``tokens``-th whitespace-separated word (every
-    word gives at least one token, and a word of over 100 characters, a hash or a data blob, only
-    one: ``[UNK]``)."""
+    (a token rarely spans more) and the end of the ``tokens``-th whitespace-separated word that
+    gives a token (each such word gives at least one, and a word of over 100 characters, a hash or
+    a data blob, only one: ``[UNK]``)."""
     if len(text) <= tokens * 32:
         return text
     cut = len(clip_visible(text, tokens * 32))
-    for words, match in enumerate(_VISIBLE.finditer(text), start=1):
-        if words >= tokens:
-            return text[: max(cut, match.end())]
+    words = 0
+    for match in _VISIBLE.finditer(text):
+        if _gives_a_token(match.group()):
+            words += 1
+            if words >= tokens:
+                return text[: max(cut, match.end())]
     return text
 
 
