@@ -155,16 +155,21 @@ class Predictor:
         readable one, so that a broken pointer costs its requests a served model, not a 500.
         None: the project has no readable version."""
         current = self.registry.current(project_key)
-        if current is None:
-            return None
-        try:
-            return self.registry.load(project_key, current)
-        except Exception:
-            log.exception("project %s: current version %s is unreadable", project_key, current)
-        # what served last first: a version the gate refused is no stand-in while one that served is readable
-        fallbacks = [serving.version] if serving is not None else []
-        fallbacks += [e["version"] for e in reversed(self.registry.history(project_key))
-                      if e.get("event") == "current" and e.get("version")]
+        if current is not None:
+            try:
+                return self.registry.load(project_key, current)
+            except Exception:
+                log.exception("project %s: current version %s is unreadable", project_key, current)
+        elif not self.registry.versions(project_key):
+            return None  # a new project: its cold start is due
+        else:  # versions, but no pointer (removed, emptied): never a cold start over a trained model
+            log.warning("project %s: no current version recorded; serving the last one that served", project_key)
+        # what served last first, as the registry's history has it (the same in every process; a
+        # version the gate refused is no stand-in while one that served is readable), then what
+        # this process served, then the newest readable one
+        fallbacks = [e["version"] for e in reversed(self.registry.history(project_key))
+                     if e.get("event") == "current" and e.get("version")]
+        fallbacks += [serving.version] if serving is not None else []
         fallbacks += [v.name for v in reversed(self.registry.versions(project_key))]
         for version in dict.fromkeys(fallbacks):
             if version == current:
@@ -181,21 +186,25 @@ class Predictor:
     def ensure_version(self, project_key: str, plan: LabelingPlan) -> str:
         """The project's current version, creating the cold start (``v0``) or a version
         re-shaped to a changed label config when needed.  Cheap when nothing changed."""
+        return self.ensure_serving(project_key, plan).version
+
+    def ensure_serving(self, project_key: str, plan: LabelingPlan) -> Serving:
+        """What serves ``plan`` now (see :meth:`ensure_version`): predictions use exactly this, so
+        a version promoted meanwhile under an older label config never answers for the new one."""
         serving = self._current_serving(project_key)
         if serving is not None and serving.signature == plan.signature:
-            return serving.version
+            return serving
         with self.registry.lock(project_key):
             loaded = self._readable_version(project_key, serving)
             if loaded is None or loaded.meta.get("plan_signature") != plan.signature:
                 loaded = self._write_version_for_plan(project_key, plan, loaded)
-        self._install(project_key, loaded)
-        return loaded.version
+        return self._install(project_key, loaded)
 
     def _write_version_for_plan(self, project_key: str, plan: LabelingPlan, parent: LoadedHeads | None) -> LoadedHeads:
         encoder = self.encoder_for(parent.encoder_path if parent else None)
         return self.registry.write_plan_version(project_key, plan, parent, encoder, self.settings)
 
-    def _install(self, project_key: str, loaded: LoadedHeads, encoder: Encoder | None = None) -> None:
+    def _install(self, project_key: str, loaded: LoadedHeads, encoder: Encoder | None = None) -> Serving:
         encoder = encoder or self.encoder_for(loaded.encoder_path)
         serving = Serving(
             version=loaded.version,
@@ -210,6 +219,7 @@ class Predictor:
                 self._encoders.setdefault(loaded.encoder_path, encoder)
             self._release_unused_encoders()
         log.info("project %s: serving %s", project_key, loaded.version)
+        return serving
 
     def _load_in_background(self, project_key: str, version: str) -> None:
         def run() -> None:
@@ -242,14 +252,14 @@ class Predictor:
         if serving is not None and now - serving.checked_at < self.settings.version_check_interval:
             return serving
         current = self.registry.current(project_key)
-        if current is None:
-            return None
         if serving is not None:
             serving.checked_at = now
-            if serving.version == current or serving.loading == current:
-                return serving
+            if serving.version == current or serving.loading == current or (current is None and serving.version):
+                return serving  # (no pointer at all: keep what this process serves)
         loaded = self._readable_version(project_key, serving)
-        if loaded is None or (serving is not None and loaded.version != current):
+        if loaded is None:
+            return serving
+        if serving is not None and loaded.version != current:
             return serving  # current is unreadable: keep what this process serves
         if serving is None or loaded.encoder_path is None or loaded.encoder_path in self._encoders:
             self._install(project_key, loaded)  # heads only: milliseconds
@@ -276,9 +286,7 @@ class Predictor:
             log.warning("project %s: empty predictions for %d tasks: %s", project_key, len(tasks), exc)
             version = self.unsupported_version(project_key)
             return [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
-        self.ensure_version(project_key, plan)
-        serving = self._current_serving(project_key)
-        assert serving is not None
+        serving = self.ensure_serving(project_key, plan)
         return self.predict_with(serving, plan, tasks, project_key)
 
     def predict_with(
@@ -329,7 +337,10 @@ class Predictor:
             valid = [r for r in rows if r >= 0]
             probs = serving.heads[control.name].probabilities(embeddings[valid]) if valid else np.zeros((0, 0))
             lookup = {r: probs[k] for k, r in enumerate(valid)}
-            probabilities[control.name] = [lookup.get(r) if r >= 0 else None for r in rows]
+            # a row that is not finite (an overflow in half precision) suggests nothing: NaN is not JSON
+            probabilities[control.name] = [
+                lookup[r] if r >= 0 and np.all(np.isfinite(lookup[r])) else None for r in rows
+            ]
         out, scored = [], []
         for i in range(len(tasks)):
             result, scores = [], []

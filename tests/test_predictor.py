@@ -219,6 +219,93 @@ def test_a_missing_current_version_keeps_the_served_one_and_config_changes_work(
     assert registry.current(PROJECT) == "p7-v1"
 
 
+@pytest.mark.parametrize("pointer", ["removed", "emptied"])
+def test_no_current_pointer_serves_the_last_served_version_and_never_writes_a_cold_start_over_it(
+        client, settings, app, encoder, pointer):
+    assert client.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).json["model_version"] == "p7-v0"
+    registry = ModelRegistry(settings.model_dir)
+    loaded = registry.load(PROJECT, "p7-v0")
+    loaded.heads["topic"].weight = loaded.heads["topic"].weight[[1, 0, 2, 3]]  # a trained model, visibly: World <-> Sports
+    trained = registry.create_version(PROJECT, loaded.heads, dict(loaded.meta, parent="p7-v0", kind="fine-tune"))
+    registry.promote(PROJECT, trained)
+    pointer_file = registry.project_dir(PROJECT) / "current"
+    pointer_file.unlink() if pointer == "removed" else pointer_file.write_text("")
+    task = [{"id": 1, "data": {"text": "The Yankees beat the Red Sox"}}]
+    for worker in (fresh_client(settings, encoder), client):  # a worker started now, and one serving v0 before
+        if worker is client:
+            app.extensions["ls_backend"].predictor._serving[PROJECT].checked_at = -1e9
+        result = predict(worker, task)[0]
+        assert result["model_version"] in (trained, "p7-v0")
+    fresh = predict(fresh_client(settings, encoder), task)[0]
+    assert fresh["model_version"] == trained and fresh["result"][0]["value"]["choices"] == ["World"]
+    assert [v.name for v in registry.versions(PROJECT)] == ["p7-v0", trained]  # no cold start written
+
+
+def test_a_config_change_behind_an_unreadable_pointer_reshapes_what_served_last_not_this_workers_memory(
+        client, settings, app):
+    assert client.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).json["model_version"] == "p7-v0"
+    registry = ModelRegistry(settings.model_dir)
+    loaded = registry.load(PROJECT, "p7-v0")
+    names = []
+    for _ in range(3):
+        names.append(registry.create_version(PROJECT, loaded.heads, dict(loaded.meta, parent="p7-v0", kind="test")))
+        registry.promote(PROJECT, names[-1])
+        if len(names) == 1:  # this worker serves p7-v1, and does not look again while v2 and v3 go live
+            app.extensions["ls_backend"].predictor._serving[PROJECT].checked_at = -1e9
+            assert predict(client, [{"id": 1, "data": {"text": "x"}}])[0]["model_version"] == "p7-v1"
+    (registry.version_dir(PROJECT, names[-1]) / "meta.json").write_text("{torn")  # p7-v3: current, unreadable
+    grown = TOPIC_CONFIG.replace('<Choice value="World"/>', '<Choice value="World"/><Choice value="Health"/>')
+    version = client.post("/setup", json={"project": PROJECT, "schema": grown}).json["model_version"]
+    assert registry.meta(PROJECT, version)["parent"] == "p7-v2"  # what served last, as every worker would pick
+
+
+def test_a_prediction_uses_the_version_checked_against_its_label_config(client, app, monkeypatch):
+    """A job's version (made under the old config) promoted between the check and the prediction
+    must not answer for the new config."""
+    from ls_backend import predictor as predictor_module
+
+    assert client.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).status_code == 200
+    predictor = app.extensions["ls_backend"].predictor
+    real = predictor_module.Predictor._current_serving
+    calls = []
+
+    def later_a_stale_one(self, key):
+        serving = real(self, key)
+        calls.append(serving)
+        if len(calls) > 1:  # what a second look would find: a version of another label config
+            return predictor_module.Serving(version="p7-v99", heads=serving.heads, encoder=serving.encoder,
+                                            signature="another config", checked_at=serving.checked_at)
+        return serving
+
+    monkeypatch.setattr(predictor_module.Predictor, "_current_serving", later_a_stale_one)
+    result = predict(client, [{"id": 1, "data": {"text": "The Lakers won"}}])[0]
+    assert result["model_version"] == "p7-v0"
+
+
+def test_a_probability_row_that_is_not_finite_suggests_nothing_and_the_json_stays_valid(client, app, monkeypatch):
+    import json
+
+    from ls_backend.model import ClassifierHead
+
+    real = ClassifierHead.probabilities
+
+    def overflowed(self, embeddings):
+        probs = real(self, embeddings)
+        probs[0] = np.nan  # the first task's row, as an fp16 overflow would leave it
+        return probs
+
+    monkeypatch.setattr(ClassifierHead, "probabilities", overflowed)
+    response = client.post("/predict", json={"tasks": [{"id": 1, "data": {"text": "The Lakers won"}},
+                                                       {"id": 2, "data": {"text": "Stocks fell"}}],
+                                             "project": PROJECT, "label_config": TOPIC_CONFIG})
+    assert response.status_code == 200
+    body = json.loads(response.get_data(as_text=True))  # Python's parser takes NaN: check it is not there
+    assert "NaN" not in response.get_data(as_text=True)
+    first, second = body["results"]
+    assert first["result"] == [] and first["score"] == 0.0
+    assert second["result"] and 0 <= second["score"] <= 1
+
+
 def test_a_project_whose_versions_are_all_gone_starts_over_at_zero_shot(client, settings, encoder):
     import shutil
 
