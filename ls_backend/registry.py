@@ -188,6 +188,11 @@ class ModelRegistry:
                 match = _VERSION.match(path.name)
                 if match:
                     numbers.append(int(match["number"]))
+        # and versions whose folder was removed since: a web worker that served one compares by name
+        for entry in self.history(project_key):
+            match = _VERSION.match(str(entry.get("version") or ""))
+            if match:
+                numbers.append(int(match["number"]))
         return max(numbers) + 1 if numbers else 0
 
     def create_version(
@@ -240,6 +245,7 @@ class ModelRegistry:
                         raise  # not a name collision: another name would not help
                     floor = number + 1
                     continue
+                self._note(project_key, {"event": "created", "version": name})  # its name is never given again
                 log.info("project %s: wrote version %s", project_key, name)
                 return name
             raise RegistryError(f"could not allocate a version name for {project_key}")
@@ -265,7 +271,7 @@ class ModelRegistry:
             handle.write(line)  # one short append: atomic on local and NFS-style shared folders
 
     def history(self, project_key: str) -> list[dict]:
-        """Every switch of ``current`` and every pin change, oldest first."""
+        """Every version written, every switch of ``current`` and every pin change, oldest first."""
         try:
             lines = (self.project_dir(project_key) / "history.jsonl").read_text().splitlines()
         except FileNotFoundError:

@@ -376,3 +376,16 @@ def test_processes_opening_a_new_embedding_cache_together_all_get_it(tmp_path):
         with sqlite3.connect(folder / "embeddings.sqlite") as db:
             assert db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0] == 6 * 200
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_version_name_is_never_given_again_after_its_folder_is_removed(tmp_path):
+    """A web worker that served p7-v1 compares versions by name: a new p7-v1 after the old one's
+    folder was removed would be taken for the one it holds."""
+    registry = ModelRegistry(tmp_path)
+    first = registry.create_version(PROJECT, _heads(0, 1), {"kind": "test"})
+    second = registry.create_version(PROJECT, _heads(0, 2), {"kind": "test"})  # never promoted
+    registry.promote(PROJECT, first)
+    shutil.rmtree(registry.version_dir(PROJECT, second))
+    shutil.rmtree(registry.version_dir(PROJECT, first))
+    third = registry.create_version(PROJECT, _heads(0, 3), {"kind": "test"})
+    assert third not in (first, second) and third.endswith("-v2")
