@@ -110,6 +110,8 @@ class Predictor:
         self._encoders: dict[str, Encoder] = {}
         self._loading: dict[str, threading.Lock] = {}  # one lock per encoder path being loaded
         self._serving: dict[str, Serving] = {}
+        # versions whose encoder failed to load here, and when: passed over for BROKEN_RETRY_S
+        self._broken: dict[tuple[str, str], float] = {}
         self._lock = threading.RLock()
         log.info(
             "predictor: serving on %s in %s (INFERENCE_PRECISION=%s)",
@@ -117,6 +119,38 @@ class Predictor:
         )
 
     # -- versions ------------------------------------------------------------------
+    #: seconds a version whose encoder would not load is passed over before it is tried again
+    BROKEN_RETRY_S = 60.0
+
+    def _broken_versions(self, project_key: str) -> frozenset[str]:
+        now = time.monotonic()
+        with self._lock:
+            return frozenset(v for (k, v), at in self._broken.items() if k == project_key and now - at < self.BROKEN_RETRY_S)
+
+    def _mark_broken(self, project_key: str, version: str) -> None:
+        with self._lock:
+            self._broken[(project_key, version)] = time.monotonic()
+
+    def _install_loadable(self, project_key: str, loaded: LoadedHeads, serving: Serving | None) -> Serving:
+        """:meth:`_install` ``loaded``; where its encoder will not load (an incomplete ``encoder/``
+        folder), the next stand-in of :meth:`_readable_version`, so that one broken version costs
+        a fresh worker its requests' model, not a 500 on every request."""
+        tried: set[str] = set()
+        while True:
+            try:
+                return self._install(project_key, loaded)
+            except Exception:
+                if loaded.encoder_path is None:
+                    raise  # not the encoder's folder: our bug, a 500 says so
+                log.exception("project %s: version %s does not load (its encoder); a stand-in serves", project_key,
+                              loaded.version)
+                self._mark_broken(project_key, loaded.version)
+                tried.add(loaded.version)
+                stand_in = self._readable_version(project_key, serving, frozenset(tried))
+                if stand_in is None:
+                    raise
+                loaded = stand_in
+
     def unsupported_version(self, project_key: str) -> str:
         return f"{version_prefix(project_key)}-unsupported"
 
@@ -148,14 +182,18 @@ class Predictor:
             self._loading.pop(path, None)
             log.info("predictor: released the encoder %s (no project serves it any more)", path)
 
-    def _readable_version(self, project_key: str, serving: Serving | None) -> LoadedHeads | None:
+    def _readable_version(self, project_key: str, serving: Serving | None,
+                          skip: frozenset[str] = frozenset()) -> LoadedHeads | None:
         """The registry's current version; when it names a version that is missing or unreadable
-        (a deleted folder, a corrupt meta.json), what this process served for the project, else
-        the readable version that served most recently (the registry's history), else the newest
-        readable one, so that a broken pointer costs its requests a served model, not a 500.
-        None: the project has no readable version."""
+        (a deleted folder, a corrupt meta.json), or one in ``skip`` (its encoder would not load),
+        the readable version that served most recently (the registry's history), else what this
+        process served, else the newest readable one, so that a broken pointer costs its requests
+        a served model, not a 500.  None: the project has no readable version."""
         current = self.registry.current(project_key)
-        if current is not None:
+        skip = skip | self._broken_versions(project_key)
+        if current in skip:
+            log.warning("project %s: current version %s did not load here lately; a stand-in serves", project_key, current)
+        elif current is not None:
             try:
                 return self.registry.load(project_key, current)
             except Exception:
@@ -172,7 +210,7 @@ class Predictor:
         fallbacks += [serving.version] if serving is not None else []
         fallbacks += [v.name for v in reversed(self.registry.versions(project_key))]
         for version in dict.fromkeys(fallbacks):
-            if version == current:
+            if version == current or version in skip:
                 continue
             try:
                 loaded = self.registry.load(project_key, version)
@@ -198,7 +236,7 @@ class Predictor:
             loaded = self._readable_version(project_key, serving)
             if loaded is None or loaded.meta.get("plan_signature") != plan.signature:
                 loaded = self._write_version_for_plan(project_key, plan, loaded)
-        return self._install(project_key, loaded)
+        return self._install_loadable(project_key, loaded, serving)
 
     def _write_version_for_plan(self, project_key: str, plan: LabelingPlan, parent: LoadedHeads | None) -> LoadedHeads:
         encoder = self.encoder_for(parent.encoder_path if parent else None)
@@ -235,6 +273,7 @@ class Predictor:
                 self._install(project_key, loaded, encoder)
             except Exception:
                 log.exception("project %s: could not load version %s; keeping the previous one", project_key, version)
+                self._mark_broken(project_key, version)  # tried again after BROKEN_RETRY_S, not every check
             finally:
                 with self._lock:
                     serving = self._serving.get(project_key)
@@ -260,15 +299,12 @@ class Predictor:
         if loaded is None:
             return serving
         if serving is not None and loaded.version != current:
-            return serving  # current is unreadable: keep what this process serves
+            return serving  # current is unreadable (or did not load lately): keep what this process serves
         if serving is None or loaded.encoder_path is None or loaded.encoder_path in self._encoders:
-            self._install(project_key, loaded)  # heads only: milliseconds
-        else:
-            serving.loading = current
-            self._load_in_background(project_key, current)
-            return serving
-        with self._lock:
-            return self._serving[project_key]
+            return self._install_loadable(project_key, loaded, serving)  # heads only: milliseconds
+        serving.loading = current
+        self._load_in_background(project_key, current)
+        return serving
 
     # -- prediction ----------------------------------------------------------------
     def setup(self, project_key: str, label_config: str) -> str:

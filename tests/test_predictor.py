@@ -383,3 +383,26 @@ def test_a_body_over_max_request_mb_gets_413_with_the_setting_to_change(settings
     assert "tasks" not in event.json["message"]  # a webhook carries one event, not a batch to split
     small = worker.post("/predict", json={"tasks": tasks[:10], "project": PROJECT, "label_config": TOPIC_CONFIG})
     assert small.status_code == 200 and len(small.json["results"]) == 10
+
+
+def test_a_current_version_whose_encoder_will_not_load_does_not_fail_a_fresh_workers_requests(client, settings, encoder):
+    """An incomplete encoder/ folder (a copy cut short): a worker started now serves the version
+    that served before it, and answers every request; it tries the broken one again later, not on
+    every check."""
+    assert client.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).json["model_version"] == "p7-v0"
+    registry = ModelRegistry(settings.model_dir)
+    loaded = registry.load(PROJECT, "p7-v0")
+
+    def broken_encoder(folder):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")  # no weights, no tokenizer
+
+    tuned = registry.create_version(PROJECT, loaded.heads, dict(loaded.meta, parent="p7-v0", kind="fine-tune"),
+                                    write_encoder=broken_encoder)
+    registry.promote(PROJECT, tuned)
+    worker = fresh_client(settings, encoder)
+    result = predict(worker, [{"id": 1, "data": {"text": "The Lakers won"}}])[0]
+    assert result["model_version"] == "p7-v0" and result["result"]
+    assert worker.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).json["model_version"] == "p7-v0"
+    predictor = worker.application.extensions["ls_backend"].predictor
+    assert (PROJECT, tuned) in predictor._broken
