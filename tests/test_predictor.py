@@ -259,13 +259,12 @@ def test_a_config_change_behind_an_unreadable_pointer_reshapes_what_served_last_
     assert registry.meta(PROJECT, version)["parent"] == "p7-v2"  # what served last, as every worker would pick
 
 
-def test_a_prediction_uses_the_version_checked_against_its_label_config(client, app, monkeypatch):
+def test_a_prediction_uses_the_version_checked_against_its_label_config(client, monkeypatch):
     """A job's version (made under the old config) promoted between the check and the prediction
     must not answer for the new config."""
     from ls_backend import predictor as predictor_module
 
     assert client.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).status_code == 200
-    predictor = app.extensions["ls_backend"].predictor
     real = predictor_module.Predictor._current_serving
     calls = []
 
