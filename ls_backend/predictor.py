@@ -36,6 +36,7 @@ class Serving:
     signature: str | None
     checked_at: float = 0.0
     loading: str | None = None  # a version being loaded in the background
+    used_at: float = 0.0  # the last request that read it (which fine-tuned encoders stay loaded)
 
 
 @dataclass
@@ -251,13 +252,35 @@ class Predictor:
             signature=loaded.meta.get("plan_signature"),
             checked_at=time.monotonic(),
         )
+        serving.used_at = serving.checked_at
         with self._lock:
             self._serving[project_key] = serving
             if loaded.encoder_path is not None:  # back in the cache if released while it loaded
                 self._encoders.setdefault(loaded.encoder_path, encoder)
+            self._forget_idle_projects(keep=project_key)
             self._release_unused_encoders()
         log.info("project %s: serving %s", project_key, loaded.version)
         return serving
+
+    def _forget_idle_projects(self, keep: str) -> None:
+        """Past ``MAX_SERVED_ENCODERS`` fine-tuned encoders, forget the projects that read one and
+        were asked for least recently (call with ``_lock`` held): their next request loads their
+        version again (seconds), and a worker serving many tuned projects keeps a bounded memory
+        (about 90 MB an encoder in float32).  Projects on the base encoder cost only their heads."""
+        cap = self.settings.max_served_encoders
+        if cap <= 0:
+            return
+        tuned: dict[str, float] = {}  # encoder path -> the last use of any project reading it
+        for key, serving in self._serving.items():
+            if serving.encoder is not self.base_encoder:
+                tuned[serving.encoder.path] = max(tuned.get(serving.encoder.path, 0.0), serving.used_at)
+        keep_path = self._serving[keep].encoder.path if keep in self._serving else None
+        for path in sorted(tuned, key=tuned.get)[: max(0, len(tuned) - cap)]:
+            if path == keep_path:
+                continue
+            for key in [k for k, v in self._serving.items() if v.encoder.path == path and v.encoder is not self.base_encoder]:
+                del self._serving[key]
+                log.info("predictor: project %s forgotten until its next request (MAX_SERVED_ENCODERS=%d)", key, cap)
 
     def _load_in_background(self, project_key: str, version: str) -> None:
         def run() -> None:
@@ -288,6 +311,8 @@ class Predictor:
         with self._lock:
             serving = self._serving.get(project_key)
         now = time.monotonic()
+        if serving is not None:
+            serving.used_at = now
         if serving is not None and now - serving.checked_at < self.settings.version_check_interval:
             return serving
         current = self.registry.current(project_key)

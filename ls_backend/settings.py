@@ -217,6 +217,9 @@ class Settings:
     # the largest request body a web worker reads (JSON of a /predict batch, a webhook), in MiB
     max_request_mb: int = 512
     max_text_chars: int = 100_000  # characters of a task's text read for prediction (the rest is ignored)
+    # fine-tuned encoders a web worker keeps loaded; past it, the least recently asked projects are
+    # loaded again on their next request (0: no limit)
+    max_served_encoders: int = 8
     log_level: str = "INFO"
     # how often (seconds) a web worker looks for a new current version
     version_check_interval: float = 1.0
@@ -304,6 +307,7 @@ class Settings:
             "MAX_TASKS_PER_REQUEST": 1,
             "MAX_REQUEST_MB": 1,
             "MAX_TEXT_CHARS": 1,
+            "MAX_SERVED_ENCODERS": 0,
             "TRAIN_EVERY": 0,
             "JOB_TIMEOUT": 10,
             "JOB_RETRIES": 0,

@@ -189,3 +189,24 @@ def test_requests_that_need_the_same_encoder_at_once_load_it_once(tmp_path, tiny
     for thread in threads:
         thread.join(30)
     assert len(built) == 1 and len(got) == 4 and all(e is got[0] for e in got)
+
+
+def test_past_max_served_encoders_the_least_recently_asked_projects_are_loaded_again_on_demand(tmp_path, tiny):
+    settings = Settings(model_dir=tmp_path / "models", max_length=64, max_served_encoders=2)
+    writer = Predictor(settings, encoder=Encoder(tiny, "cpu", 64))
+    projects = [f"{i}.1732665262" for i in (21, 22, 23)]
+    versions = {}
+    for project in projects:
+        writer.setup(project, TOPIC_CONFIG)
+        versions[project] = promote_own_encoder(writer.registry, project, tiny)
+    predictor = Predictor(settings, encoder=Encoder(tiny, "cpu", 64))  # a web worker started now
+    for project in projects:
+        assert predictor.predict(project, TOPIC_CONFIG, TASKS)[0]["model_version"] == versions[project]
+    assert sorted(predictor._serving) == projects[1:]  # the first one asked for was forgotten
+    assert len(predictor._encoders) == 2  # and its encoder freed
+    assert predictor.predict(projects[0], TOPIC_CONFIG, TASKS)[0]["model_version"] == versions[projects[0]]
+    assert sorted(predictor._serving) == [projects[0], projects[2]] and len(predictor._encoders) == 2
+    unlimited = Predictor(settings.with_overrides(max_served_encoders=0), encoder=Encoder(tiny, "cpu", 64))
+    for project in projects:
+        unlimited.predict(project, TOPIC_CONFIG, TASKS)
+    assert len(unlimited._serving) == 3 and len(unlimited._encoders) == 3
