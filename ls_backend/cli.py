@@ -89,7 +89,15 @@ class EmbeddedRunnerProcess:
     def _spawn(self):
         import subprocess
 
-        return subprocess.Popen([sys.executable, "-m", "ls_backend.cli", "worker"])
+        from .jobs import RUNNER_PARENT_ENV
+
+        return subprocess.Popen([sys.executable, "-m", "ls_backend.cli", "worker"],
+                                env={**os.environ, RUNNER_PARENT_ENV: str(os.getpid())})
+
+    def _gone(self) -> bool:
+        """Whether the runner has ended, whatever its exit code: gunicorn's master reaps every child
+        it finds exited, this one too, and ``Popen.poll`` then reads 0 for a runner that crashed."""
+        return self.process is not None and self.process.poll() is not None
 
     def start(self) -> None:
         import atexit
@@ -100,15 +108,17 @@ class EmbeddedRunnerProcess:
 
     #: a runner up this long counts as healthy again: the next restart waits 1 s, not the backoff
     HEALTHY_AFTER = 60.0
+    #: seconds a runner that ended waits for the server's own shutdown (Ctrl-C stops both) before a restart
+    SHUTDOWN_GRACE = 2.0
 
     def _supervise(self) -> None:
         import time
 
         delay, started = 1.0, time.monotonic()
         while not self.stopping.wait(delay):
-            # exit code 0 means it was asked to stop (the server is shutting down): no restart
-            if self.process is not None and self.process.poll() not in (None, 0) and not self.stopping.is_set():
-                print(f"ls-backend: job runner exited with {self.process.returncode}; restarting", file=sys.stderr, flush=True)
+            if self._gone() and not self.stopping.wait(self.SHUTDOWN_GRACE):  # (a shutdown under way: no restart)
+                print(f"ls-backend: job runner ended (exit code {self.process.returncode}, 0 where the server "
+                      "reaped it); restarting", file=sys.stderr, flush=True)
                 self.process, started = self._spawn(), time.monotonic()
                 delay = min(delay * 2, 30.0)
             elif delay > 1.0 and time.monotonic() - started >= self.HEALTHY_AFTER:

@@ -728,9 +728,12 @@ class EmbeddedTrainingQueue(TrainingQueue):
                 (FINISHED, time.time(), json.dumps(result), job_id),
             )
 
-    def fail(self, job_id: str, error: str, retry: bool) -> None:
-        """Mark a job failed, or queue it again (it keeps its id and attempt count)."""
+    def fail(self, job_id: str, error: str, retry: bool, refund: bool = False) -> None:
+        """Mark a job failed, or queue it again (it keeps its id and attempt count); ``refund``: the
+        attempt is not counted (the runner was asked to stop: a deploy is no failure of the job)."""
         with self._transaction() as db:
+            if refund:
+                db.execute("UPDATE jobs SET attempts = MAX(0, attempts - 1) WHERE id = ?", (job_id,))
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return
@@ -1034,7 +1037,7 @@ class JobRunner:
                 elif self.stopping.is_set():
                     child.terminate()
                     child.join(10)
-                    outcome = ("crash", "the job runner was stopped")
+                    outcome = ("stopped", "the job runner was stopped")
         except BaseException:  # the lane retries the job: never beside this process still training
             with contextlib.suppress(Exception):
                 child.kill()
@@ -1050,7 +1053,7 @@ class JobRunner:
                 self._requeue_if_behind(job.project, every, job.lane)
         else:
             log.error("job %s: %s", job.id, body)
-            self.queue.fail(job.id, body, retry=kind in ("crash", "timeout"))
+            self.queue.fail(job.id, body, retry=kind in ("crash", "timeout", "stopped"), refund=kind == "stopped")
 
     def _requeue_if_behind(self, project_key: str, every: int, lane: str) -> None:
         from .store import CorrectionStore
@@ -1063,9 +1066,26 @@ class JobRunner:
             store.close()
 
 
+#: set by ``ls-backend serve`` for the runner it starts: the pid of the server
+RUNNER_PARENT_ENV = "LS_BACKEND_RUNNER_PARENT"
+
+
 def run_embedded_runner(settings: Settings, burst: bool = False) -> int:
     runner = JobRunner(settings)
     signal.signal(signal.SIGTERM, runner.stop)
     signal.signal(signal.SIGINT, runner.stop)
+    parent = os.environ.get(RUNNER_PARENT_ENV, "")
+    if parent.isdecimal():
+        # the server killed outright (SIGKILL, the OOM killer) cannot stop its runner: it stops
+        # itself, as if asked (its job goes back to the queue), and never runs jobs with a dead
+        # server's settings beside the runner of the next one
+        def watch(server: int = int(parent)) -> None:
+            while os.getppid() == server and not runner.stopping.is_set():
+                time.sleep(1.0)
+            if os.getppid() != server:
+                log.warning("the server (pid %d) is gone: the job runner stops", server)
+                runner.stop()
+
+        threading.Thread(target=watch, name="server-watch", daemon=True).start()
     runner.run_forever(burst=burst)
     return 0

@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import requests
@@ -577,13 +578,97 @@ def test_a_job_runner_that_keeps_dying_soon_after_start_is_restarted_with_a_grow
             return None if self.checks == 1 else 1
 
     supervisor = EmbeddedRunnerProcess()
+    supervisor.SHUTDOWN_GRACE = 0.25
     supervisor.process = DiesAfterOneCheck()
     monkeypatch.setattr(supervisor, "_spawn", DiesAfterOneCheck)
     pauses = []
-    monkeypatch.setattr(supervisor.stopping, "wait", lambda delay: pauses.append(delay) or len(pauses) > 12)
+    monkeypatch.setattr(supervisor.stopping, "wait", lambda delay: pauses.append(delay) or len(pauses) > 24)
     monkeypatch.setattr(supervisor.stopping, "is_set", lambda: False)
     supervisor._supervise()
-    assert pauses[-1] == 30.0 and pauses == sorted(pauses), pauses  # 1, 2, 4, ... up to 30 s
+    backoff = [p for p in pauses if p != 0.25]
+    assert backoff[-1] == 30.0 and backoff == sorted(backoff), pauses  # 1, 2, 4, ... up to 30 s
+
+
+def test_a_job_runner_reaped_by_the_server_is_restarted_too(monkeypatch):
+    """gunicorn's master reaps every child that exits, the runner too: ``poll`` then reads 0, as for
+    a runner asked to stop. Only the server's own shutdown (``stopping``) means no restart."""
+    from ls_backend.cli import EmbeddedRunnerProcess
+
+    class Reaped:
+        returncode = 0
+
+        def poll(self):
+            return 0
+
+    supervisor = EmbeddedRunnerProcess()
+    supervisor.SHUTDOWN_GRACE = 0.0
+    supervisor.process = Reaped()
+    spawned = []
+    monkeypatch.setattr(supervisor, "_spawn", lambda: spawned.append(1) or Reaped())
+    waits = []
+    monkeypatch.setattr(supervisor.stopping, "wait", lambda delay: waits.append(delay) or len(waits) > 3)
+    supervisor._supervise()
+    assert spawned, "a runner that ended while the server runs was not restarted"
+    supervisor.stopping = threading.Event()
+    supervisor.stopping.set()  # the server shutting down: no restart
+    spawned.clear()
+    supervisor._supervise()
+    assert spawned == []
+
+
+def test_a_runner_whose_server_is_killed_hard_stops_instead_of_running_on(tmp_path):
+    """The server (here a shell standing in for it) killed by SIGKILL cannot stop its runner: the
+    runner notices and stops, so it never runs jobs with a dead server's settings."""
+    import sys
+
+    from ls_backend.jobs import RUNNER_PARENT_ENV
+
+    script = (f"{sys.executable} -m ls_backend.cli worker & echo $! ; wait")
+    env = dict(os.environ, MODEL_DIR=str(tmp_path / "models"), CACHE_DIR=str(tmp_path / "cache"),
+               REDIS_URL="", PYTHONPATH=str(REPO))
+    server = subprocess.Popen(["bash", "-c", f"export {RUNNER_PARENT_ENV}=$$; {script}"], env=env,
+                              stdout=subprocess.PIPE, text=True, cwd=str(REPO))
+    runner = int(server.stdout.readline())
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "models").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2.0)
+        assert alive(runner)  # it runs while its server lives
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        deadline = time.monotonic() + 30
+        while alive(runner) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(runner), "the runner of a killed server kept running"
+    finally:
+        server.kill()
+        if alive(runner):
+            os.kill(runner, signal.SIGKILL)
+
+
+def test_a_job_stopped_with_its_runner_goes_back_to_the_queue_without_using_a_retry(tmp_path):
+    from ls_backend.jobs import EmbeddedTrainingQueue
+
+    queue = EmbeddedTrainingQueue(Settings(model_dir=tmp_path, job_retries=1))
+    job, _ = queue.enqueue("3.1", "labels")
+    for _ in range(5):  # five deploys while the job runs
+        claimed = queue.claim()
+        assert claimed is not None and claimed.id == job.id and claimed.attempts == 1
+        queue.fail(job.id, "the job runner was stopped", retry=True, refund=True)
+    claimed = queue.claim()
+    queue.fail(job.id, "the job process died", retry=True)  # a crash counts
+    assert queue.get(job.id).state == "queued"
+    queue.claim()
+    queue.fail(job.id, "the job process died", retry=True)
+    assert queue.get(job.id).state == "failed"
 
 
 def test_a_job_process_is_killed_when_the_runner_loses_track_of_it(tmp_path, monkeypatch):
@@ -686,3 +771,46 @@ def test_the_wait_for_a_projects_lock_does_not_count_against_job_timeout(redis_u
             q.empty()
         queue.close()
         connection.close()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _runner_of(server: BackendServer) -> list[int]:
+    return [pid for pid in _children(server.process.pid)
+            if "ls_backend.cli" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+
+
+def test_serve_restarts_its_job_runner_after_it_is_killed_and_the_next_job_runs(tmp_path):
+    env = {"TRAIN_EVERY": "0", "TRAIN_MODE": "frozen", "WEB_WORKERS": "1"}
+    with BackendServer(tmp_path / "models", env=env) as server:
+        deadline = time.monotonic() + 60
+        while not _runner_of(server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (first,) = _runner_of(server)
+        os.kill(first, signal.SIGKILL)  # the OOM killer, say
+        deadline = time.monotonic() + 60
+        while _runner_of(server) in ([], [first]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _runner_of(server) not in ([], [first]), "serve did not start a new job runner"
+        loop = LoopClient(server.url, project_id=9)
+        assert loop.setup() == "p9-v0"
+        loop.label(balanced_agnews(8))
+        response = requests.post(f"{server.url}/projects/{loop.key}/train", timeout=10)
+        job_id = response.json()["job"]["id"]
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            job = requests.get(f"{server.url}/jobs/{job_id}", timeout=5).json()
+            if job["state"] in ("finished", "failed"):
+                break
+            time.sleep(0.5)
+        assert job["state"] == "finished", job
