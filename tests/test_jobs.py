@@ -98,6 +98,16 @@ def stop(process: subprocess.Popen, sig=signal.SIGTERM) -> None:
         kill_queue_processes(queue)
 
 
+def _job_when_done(url: str, job_id: str, timeout: float) -> dict:
+    """The job as ``GET /jobs/<id>`` shows it once finished or failed (or at ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = requests.get(f"{url}/jobs/{job_id}", timeout=5).json()
+        if job["state"] in ("finished", "failed") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.5)
+
+
 TEST_ROWS = 300
 
 
@@ -357,12 +367,7 @@ def test_killed_worker_keeps_the_old_version_serving_and_the_job_is_retried(tmp_
         # a fresh worker finds the abandoned job and retries it (JOB_RETRIES=1): the retry trains
         worker = start_worker(tmp_path / "models", dict(env, TRAIN_MIN_STEPS="5"))
         try:
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                job = requests.get(f"{server.url}/jobs/{job_id}", timeout=5).json()
-                if job["state"] in ("finished", "failed"):
-                    break
-                time.sleep(1)
+            job = _job_when_done(server.url, job_id, timeout=300)
             assert job["state"] == "finished", job
             assert loop.versions()["current"] != "p4-v0"
         finally:
@@ -589,6 +594,29 @@ def test_a_job_runner_that_keeps_dying_soon_after_start_is_restarted_with_a_grow
     assert backoff[-1] == 30.0 and backoff == sorted(backoff), pauses  # 1, 2, 4, ... up to 30 s
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _ends_after_its_parent_is_killed(parent: subprocess.Popen, pid: int, within: float) -> bool:
+    """SIGKILL ``parent`` (no chance to stop its children); whether ``pid`` ends within ``within``
+    seconds.  ``pid`` is killed afterwards either way."""
+    try:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + within
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return not _alive(pid)
+    finally:
+        parent.kill()
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_job_runner_reaped_by_the_server_is_restarted_too(monkeypatch):
     """gunicorn's master reaps every child that exits, the runner too: ``poll`` then reads 0, as for
     a runner asked to stop. Only the server's own shutdown (``stopping``) means no restart."""
@@ -629,29 +657,12 @@ def test_a_runner_whose_server_is_killed_hard_stops_instead_of_running_on(tmp_pa
     server = subprocess.Popen(["bash", "-c", f"export {RUNNER_PARENT_ENV}=$$; {script}"], env=env,
                               stdout=subprocess.PIPE, text=True, cwd=str(REPO))
     runner = int(server.stdout.readline())
-
-    def alive(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-        except FileNotFoundError:
-            return False
-
-    try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "models").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(2.0)
-        assert alive(runner)  # it runs while its server lives
-        server.send_signal(signal.SIGKILL)
-        server.wait()
-        deadline = time.monotonic() + 30
-        while alive(runner) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not alive(runner), "the runner of a killed server kept running"
-    finally:
-        server.kill()
-        if alive(runner):
-            os.kill(runner, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "models").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)
+    assert _alive(runner)  # it runs while its server lives
+    assert _ends_after_its_parent_is_killed(server, runner, within=30), "the runner of a killed server kept running"
 
 
 def test_a_job_stopped_with_its_runner_goes_back_to_the_queue_without_using_a_retry(tmp_path):
@@ -701,8 +712,6 @@ def test_a_job_process_is_killed_when_the_runner_loses_track_of_it(tmp_path, mon
 def test_a_job_process_ends_when_its_runner_is_killed_hard():
     """SIGKILL leaves a runner no chance to stop its job process: the process notices it was
     orphaned and ends, instead of training beside the retry of a restarted runner."""
-    import signal
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -711,26 +720,9 @@ def test_a_job_process_ends_when_its_runner_is_killed_hard():
     runner = subprocess.Popen([sys.executable, "-c", PARENT, str(Path(__file__).resolve().parents[1])],
                               stdout=subprocess.PIPE, text=True)
     child = int(runner.stdout.readline())
-
-    def alive(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-        except FileNotFoundError:
-            return False
-
-    try:
-        time.sleep(1.0)
-        assert alive(child)  # it waits while its runner lives
-        runner.send_signal(signal.SIGKILL)
-        runner.wait()
-        deadline = time.time() + 10
-        while alive(child) and time.time() < deadline:
-            time.sleep(0.1)
-        assert not alive(child), "the orphaned job process kept running"
-    finally:
-        runner.kill()
-        if alive(child):
-            os.kill(child, signal.SIGKILL)
+    time.sleep(1.0)
+    assert _alive(child)  # it waits while its runner lives
+    assert _ends_after_its_parent_is_killed(runner, child, within=10), "the orphaned job process kept running"
 
 
 def test_the_wait_for_a_projects_lock_does_not_count_against_job_timeout(redis_url, queue_name, tmp_path, monkeypatch):
@@ -806,11 +798,5 @@ def test_serve_restarts_its_job_runner_after_it_is_killed_and_the_next_job_runs(
         assert loop.setup() == "p9-v0"
         loop.label(balanced_agnews(8))
         response = requests.post(f"{server.url}/projects/{loop.key}/train", timeout=10)
-        job_id = response.json()["job"]["id"]
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            job = requests.get(f"{server.url}/jobs/{job_id}", timeout=5).json()
-            if job["state"] in ("finished", "failed"):
-                break
-            time.sleep(0.5)
+        job = _job_when_done(server.url, response.json()["job"]["id"], timeout=180)
         assert job["state"] == "finished", job
