@@ -89,15 +89,39 @@ class EmbeddedRunnerProcess:
     def _spawn(self):
         import subprocess
 
-        from .jobs import RUNNER_PARENT_ENV
+        from .jobs import RUNNER_PARENT_ENV, RUNNER_STOP_FD_ENV
 
-        return subprocess.Popen([sys.executable, "-m", "ls_backend.cli", "worker"],
-                                env={**os.environ, RUNNER_PARENT_ENV: str(os.getpid())})
+        # the runner writes "stopped" here when it ends on request; a runner that died writes nothing
+        note, write_end = os.pipe()
+        os.set_blocking(note, False)
+        try:
+            process = subprocess.Popen([sys.executable, "-m", "ls_backend.cli", "worker"], pass_fds=(write_end,),
+                                       env={**os.environ, RUNNER_PARENT_ENV: str(os.getpid()),
+                                            RUNNER_STOP_FD_ENV: str(write_end)})
+        finally:
+            os.close(write_end)
+        process.stop_note = note
+        return process
 
     def _gone(self) -> bool:
-        """Whether the runner has ended, whatever its exit code: gunicorn's master reaps every child
-        it finds exited, this one too, and ``Popen.poll`` then reads 0 for a runner that crashed."""
+        """Whether the runner has ended (whatever its exit code says: gunicorn's master reaps every
+        child it finds exited, this one too, and ``Popen.poll`` then reads 0 even for a crash)."""
         return self.process is not None and self.process.poll() is not None
+
+    @staticmethod
+    def _ended_on_request(process) -> bool:
+        """Whether the ended runner said it was asked to stop (a signal: the server's shutdown, an
+        operator), rather than dying (SIGKILL, the OOM killer, a crash)."""
+        note = getattr(process, "stop_note", None)
+        if note is None:
+            return False
+        try:
+            return b"stopped" in os.read(note, 64)
+        except OSError:  # nothing written (a job process it started may still hold the pipe open)
+            return False
+        finally:
+            os.close(note)
+            process.stop_note = None
 
     def start(self) -> None:
         import atexit
@@ -108,21 +132,22 @@ class EmbeddedRunnerProcess:
 
     #: a runner up this long counts as healthy again: the next restart waits 1 s, not the backoff
     HEALTHY_AFTER = 60.0
-    #: seconds a runner that ended waits for the server's own shutdown (Ctrl-C stops both) before a restart
-    SHUTDOWN_GRACE = 2.0
 
     def _supervise(self) -> None:
         import time
 
         delay, started = 1.0, time.monotonic()
         while not self.stopping.wait(delay):
-            if self._gone() and not self.stopping.wait(self.SHUTDOWN_GRACE):  # (a shutdown under way: no restart)
-                print(f"ls-backend: job runner ended (exit code {self.process.returncode}, 0 where the server "
-                      "reaped it); restarting", file=sys.stderr, flush=True)
-                self.process, started = self._spawn(), time.monotonic()
-                delay = min(delay * 2, 30.0)
-            elif delay > 1.0 and time.monotonic() - started >= self.HEALTHY_AFTER:
-                delay = 1.0  # (a runner that dies a few seconds after each start keeps backing off)
+            if not self._gone():
+                if delay > 1.0 and time.monotonic() - started >= self.HEALTHY_AFTER:
+                    delay = 1.0  # (a runner that dies a few seconds after each start keeps backing off)
+                continue
+            if self._ended_on_request(self.process) or self.stopping.is_set():
+                self.process = None  # asked to stop (Ctrl-C stops the server and it together): no restart
+                continue
+            print("ls-backend: the job runner died; restarting", file=sys.stderr, flush=True)
+            self.process, started = self._spawn(), time.monotonic()
+            delay = min(delay * 2, 30.0)
 
     def stop(self) -> None:
         import subprocess

@@ -1066,8 +1066,10 @@ class JobRunner:
             store.close()
 
 
-#: set by ``ls-backend serve`` for the runner it starts: the pid of the server
+#: set by ``ls-backend serve`` for the runner it starts: the pid of the server, and a pipe the
+#: runner writes "stopped" to when it ends on request (a runner that dies writes nothing: restarted)
 RUNNER_PARENT_ENV = "LS_BACKEND_RUNNER_PARENT"
+RUNNER_STOP_FD_ENV = "LS_BACKEND_RUNNER_STOP_FD"
 
 
 def run_embedded_runner(settings: Settings, burst: bool = False) -> int:
@@ -1087,5 +1089,10 @@ def run_embedded_runner(settings: Settings, burst: bool = False) -> int:
                 runner.stop()
 
         threading.Thread(target=watch, name="server-watch", daemon=True).start()
+    note = os.environ.pop(RUNNER_STOP_FD_ENV, "")  # (popped: the job processes it starts do not inherit it)
     runner.run_forever(burst=burst)
+    if note.isdecimal():  # ended on request: serve does not restart it
+        with contextlib.suppress(OSError):
+            os.write(int(note), b"stopped")
+            os.close(int(note))
     return 0
