@@ -305,7 +305,12 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"ls-backend: bad setting: {exc}", file=sys.stderr)
         return 2
     if args.command in ("serve", "worker"):
-        problem = _device_problem(settings)
+        asked = False
+        if args.command == "worker":  # (not in serve: the jobs module imports torch, which its master need not)
+            from .jobs import RUNNER_PARENT_ENV
+
+            asked = RUNNER_PARENT_ENV in os.environ  # the runner serve starts: serve has just asked
+        problem = None if asked else _device_problem(settings)
         if problem:
             print(f"ls-backend: bad setting: {problem}", file=sys.stderr)
             return 2
@@ -353,10 +358,10 @@ def status(settings: Settings, project: str | None) -> int:
 def cache(settings: Settings, prune: bool, older_than: float | None) -> int:
     """This machine's embedding cache: its size and rows per encoder; with ``prune``, the rows of
     encoders unused for ``older_than`` (else ``CACHE_MAX_AGE_DAYS``) days removed first."""
-    from .embeddings import EmbeddingCache
+    from .embeddings import EmbeddingCache, cache_file
 
-    if not (settings.local_cache_dir / "embeddings.sqlite").exists():
-        print(json.dumps({"path": str(settings.local_cache_dir / "embeddings.sqlite"), "bytes": 0, "encoders": []}, indent=2))
+    if not cache_file(settings.local_cache_dir).exists():
+        print(json.dumps({"path": str(cache_file(settings.local_cache_dir)), "bytes": 0, "encoders": []}, indent=2))
         return 0
     embeddings = EmbeddingCache(settings.local_cache_dir)
     body: dict = {"path": str(embeddings.path)}

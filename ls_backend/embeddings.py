@@ -63,9 +63,14 @@ def text_key(text: str, max_length: int) -> str:
     return hashlib.sha1(f"{max_length}\x00{text}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def cache_file(cache_dir: Path | str) -> Path:
+    """The cache's database in ``cache_dir`` (``CACHE_DIR``)."""
+    return Path(cache_dir) / "embeddings.sqlite"
+
+
 class EmbeddingCache:
     def __init__(self, cache_dir: Path | str):
-        self.path = Path(cache_dir) / "embeddings.sqlite"
+        self.path = cache_file(cache_dir)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # WAL is a property of the file, set once; processes that open a new cache together (the
         # first jobs on a machine) race for that switch, which SQLite's busy wait does not cover
@@ -89,8 +94,8 @@ class EmbeddingCache:
                 time.sleep(0.05)
 
     @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30)
+    def _connect(self, timeout: float = 30) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=timeout)
         try:
             yield db
             db.commit()
@@ -140,15 +145,11 @@ class EmbeddingCache:
         an encoder whose mark was missed is at worst pruned and encoded anew."""
         now = time.time()
         try:
-            db = sqlite3.connect(self.path, timeout=1.0)
-            try:
+            with self._connect(timeout=1.0) as db:
                 row = db.execute("SELECT used FROM encoders WHERE encoder = ?", [encoder_id]).fetchone()
                 if row is None or now - row[0] >= self.MARK_EVERY_S:
                     db.execute("INSERT INTO encoders (encoder, used) VALUES (?, ?) "
                                "ON CONFLICT (encoder) DO UPDATE SET used = excluded.used", [encoder_id, now])
-                    db.commit()
-            finally:
-                db.close()
         except sqlite3.OperationalError:
             pass
 

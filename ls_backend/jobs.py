@@ -158,9 +158,9 @@ def execute_training(settings: Settings, project_key: str, trigger: str, progres
 def _prune_embedding_cache(settings: Settings) -> None:
     """At most once a day, drop this machine's cached embeddings of encoders unused for
     ``CACHE_MAX_AGE_DAYS`` (a cache: a failure here costs nothing but disk)."""
-    from .embeddings import EmbeddingCache
+    from .embeddings import EmbeddingCache, cache_file
 
-    if settings.cache_max_age_days <= 0 or not (settings.local_cache_dir / "embeddings.sqlite").exists():
+    if settings.cache_max_age_days <= 0 or not cache_file(settings.local_cache_dir).exists():
         return
     try:
         removed = EmbeddingCache(settings.local_cache_dir).prune_daily(settings.cache_max_age_days * 86_400)
@@ -786,18 +786,23 @@ def warm_imports(settings: Settings) -> float:
     return time.perf_counter() - started
 
 
-def exit_with_parent(parent: int, every: float = 1.0) -> None:
-    """End this process as soon as it finds itself orphaned (its parent ``parent`` gone: killed
-    hard, by SIGKILL or the OOM killer, so it could not stop its children).  A job process left
-    running would train beside the retry the restarted runner starts, and promote a version the
-    job table never shows."""
+def on_orphaned(parent: int, then, every: float = 1.0) -> None:
+    """Call ``then()`` (in a watching thread) once this process finds itself orphaned: its parent
+    ``parent`` gone, killed hard (SIGKILL, the OOM killer), so it could not stop its children."""
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(every)
-        os._exit(3)
+        then()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """End this process as soon as it finds itself orphaned.  A job process left running would
+    train beside the retry the restarted runner starts, and promote a version the job table never
+    shows."""
+    on_orphaned(parent, lambda: os._exit(3), every)
 
 
 def _job_process(settings: Settings, conn, ahead: bool, parent: int | None = None) -> None:
@@ -1078,17 +1083,14 @@ def run_embedded_runner(settings: Settings, burst: bool = False) -> int:
     signal.signal(signal.SIGINT, runner.stop)
     parent = os.environ.get(RUNNER_PARENT_ENV, "")
     if parent.isdecimal():
-        # the server killed outright (SIGKILL, the OOM killer) cannot stop its runner: it stops
-        # itself, as if asked (its job goes back to the queue), and never runs jobs with a dead
-        # server's settings beside the runner of the next one
-        def watch(server: int = int(parent)) -> None:
-            while os.getppid() == server and not runner.stopping.is_set():
-                time.sleep(1.0)
-            if os.getppid() != server:
-                log.warning("the server (pid %d) is gone: the job runner stops", server)
-                runner.stop()
+        # the server killed outright cannot stop its runner: it stops itself, as if asked (its job
+        # goes back to the queue), and never runs jobs with a dead server's settings beside the
+        # runner of the next one
+        def stop() -> None:
+            log.warning("the server (pid %s) is gone: the job runner stops", parent)
+            runner.stop()
 
-        threading.Thread(target=watch, name="server-watch", daemon=True).start()
+        on_orphaned(int(parent), stop)
     note = os.environ.pop(RUNNER_STOP_FD_ENV, "")  # (popped: the job processes it starts do not inherit it)
     runner.run_forever(burst=burst)
     if note.isdecimal():  # ended on request: serve does not restart it

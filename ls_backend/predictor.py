@@ -318,7 +318,7 @@ class Predictor:
         current = self.registry.current(project_key)
         if serving is not None:
             serving.checked_at = now
-            if serving.version == current or serving.loading == current or (current is None and serving.version):
+            if current is None or serving.version == current or serving.loading == current:
                 return serving  # (no pointer at all: keep what this process serves)
         loaded = self._readable_version(project_key, serving)
         if loaded is None:
