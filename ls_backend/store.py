@@ -204,6 +204,9 @@ class ProjectInfo:
     updated_us: int | None = None
     total_annotations: int | None = None  # Label Studio's count of non-cancelled annotations
     current: bool = False  # read from the API just now: its label config is the one in force
+    # with ``current``: the store's label config mark (``CorrectionStore.config_mark``) taken before
+    # the read; a config a webhook brought after that is newer than the read and stays
+    held_at_read: tuple | None = None
 
     @classmethod
     def from_payload(cls, project: Any) -> "ProjectInfo":
@@ -911,14 +914,19 @@ class _ProjectWork:
         if info.total_annotations is not None:
             self.set(ls_annotations=info.total_annotations)
         if info.label_config:
-            return self.snapshot(info.label_config, info.updated_us, info.current)
+            return self.snapshot(info.label_config, info.updated_us, info.current, info.held_at_read)
         return self.state["label_config_id"]
 
-    def snapshot(self, xml: str, updated_us: int | None, current: bool = False) -> int:
+    def snapshot(self, xml: str, updated_us: int | None, current: bool = False,
+                 held_at_read: tuple | None = None) -> int:
         """Keep a config snapshot; point the project at it when it is the newest one.
 
-        Webhooks carry the project's ``updated_at``, which orders config changes.  The API
-        (sync) does not send it: what it returns is in force now, stamped with our clock.
+        Webhooks carry the project's ``updated_at`` (Label Studio's clock), which orders config
+        changes.  The API (a sync) does not send it: what it returns was in force when it was read.
+        Such a config (``current``) is stamped just after the one held, never with this machine's
+        clock (Label Studio's may differ from it by any amount), unless the held one changed since
+        the read began (``held_at_read``): a webhook brought that one meanwhile, so it is newer.
+        A later webhook with Label Studio's time then orders as usual.
         """
         digest = hashlib.sha256(xml.encode()).hexdigest()
         config_id = self.store._config_ids.get((self.key, digest))  # ids known to be committed
@@ -934,7 +942,9 @@ class _ProjectWork:
         held = (state["config_updated_us"] if state["config_updated_us"] is not None else -1,
                 state["label_config_hash"] or "")
         if current and digest != state["label_config_hash"]:
-            updated_us = max(held[0], int(self.now * 1_000_000))
+            if held_at_read is not None and tuple(held_at_read) != (state["config_updated_us"], state["label_config_hash"]):
+                return config_id  # changed by a webhook while the project was read: newer than the read
+            updated_us = held[0] + 1
         candidate = (updated_us if updated_us is not None else -1, digest)
         if state["label_config_id"] is None or (updated_us is not None and candidate > held):
             if state["label_config_id"] is not None and state["label_config_hash"] != digest:
@@ -1548,6 +1558,15 @@ class CorrectionStore:
             query = query.where(annotations.c.seq <= up_to_seq)
         with self._read() as conn:
             return set(conn.execute(query).scalars())
+
+    def config_mark(self, project_key: str) -> tuple:
+        """What orders the project's label config now (its stamp and hash; ``(None, None)`` when
+        none is held): a sync takes it before reading the project (``ProjectInfo.held_at_read``)."""
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(projects.c.config_updated_us, projects.c.label_config_hash).where(projects.c.key == project_key)
+            ).one_or_none()
+        return (row.config_updated_us, row.label_config_hash) if row else (None, None)
 
     def latest_label_config(self, project_key: str) -> str | None:
         with self._read() as conn:

@@ -245,7 +245,8 @@ def sync_project(
     key = resolve_for_sync(store, settings, key_or_id)
     ls_id = int(key.split(".", 1)[0])
     source = source or source_for(settings, store, key)
-    info = source.project(ls_id)
+    held_at_read = store.config_mark(key)  # a config a webhook brings while the project is read is newer
+    info = replace(source.project(ls_id), held_at_read=held_at_read)
     if info.key != key:
         raise SyncError(
             f"Label Studio project {ls_id} at {source.url} has key {info.key}, not {key}: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -118,6 +119,60 @@ def test_a_config_change_during_a_sync_is_not_undone_by_it(store):
     # with no change meanwhile, what the API says wins, whatever the store held
     sync_project(store, SETTINGS, KEY, source=ReadNow({10: [api_annotation(1, 10, "World")]}))
     assert store.latest_label_config(KEY) == TOPIC_CONFIG
+
+
+class ReadsConfig(FakeLabelStudio):
+    """As LabelStudioSource: the API's config is the one in force, with no time of its own."""
+
+    def __init__(self, config: str, during=None):
+        super().__init__({})
+        self.config, self.during_read = config, during
+
+    def project(self, ls_id):
+        if self.during_read:
+            self.during_read()
+        return replace(ProjectInfo.from_payload({**project(ls_id, config=self.config), "total_annotations_number": 0}),
+                       updated_us=None, current=True)
+
+
+def topic_config(first: str) -> str:
+    from tests.support.events import TOPIC_CONFIG
+
+    return TOPIC_CONFIG.replace('<Choice value="World"/>', f'<Choice value="{first}"/>')
+
+
+@pytest.mark.parametrize("skew", [-3600, 3600])
+def test_a_sync_applies_the_config_it_reads_whatever_label_studios_clock_says(store, skew):
+    """Label Studio's clock an hour ahead of ours, or behind: the config a sync reads replaces the
+    one held (whose webhook time is Label Studio's), for any pair of configs; and a change after the
+    sync, stamped by Label Studio, replaces it in turn."""
+    import time
+
+    def ls_time(offset: float = 0) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + skew + offset))
+
+    for n in range(4):  # which config wins must not hang on how their hashes sort
+        key = key_of(30 + n)
+        old, new, later = topic_config(f"Old{n}"), topic_config(f"New{n}"), topic_config(f"Later{n}")
+        store.record_event({"action": "PROJECT_UPDATED", "project": {**project(30 + n, config=old), "updated_at": ls_time()}})
+        sync_project(store, SETTINGS, key, source=ReadsConfig(new))
+        assert store.latest_label_config(key) == new
+        store.record_event({"action": "PROJECT_UPDATED", "project": {**project(30 + n, config=later), "updated_at": ls_time(2)}})
+        assert store.latest_label_config(key) == later
+
+
+def test_a_config_a_webhook_brings_while_the_sync_reads_the_project_stays(store):
+    """The user saves a new config just after Label Studio answered the sync's read: the webhook's
+    config is newer than the one read, and stays; so do the webhooks after it that carry it."""
+    from tests.support.events import SENTIMENT_CONFIG, TOPIC_CONFIG
+
+    store.record_event(annotation_event(1, 10, choices("World")))  # topic config, Label Studio time 0
+    changed = project(3, config=SENTIMENT_CONFIG, updated=30)
+    studio = ReadsConfig(TOPIC_CONFIG, during=lambda: store.record_event({"action": "PROJECT_UPDATED", "project": changed}))
+    sync_project(store, SETTINGS, KEY, source=studio)
+    assert store.latest_label_config(KEY) == SENTIMENT_CONFIG
+    store.record_event(annotation_event(2, 11, choices("Positive", control="sentiment"), updated=40, proj=changed))
+    assert store.latest_label_config(KEY) == SENTIMENT_CONFIG
 
 
 def test_only_annotations_confirmed_gone_are_deleted(store):
