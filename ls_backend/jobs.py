@@ -10,9 +10,11 @@ Two queues with one interface (:class:`TrainingQueue`):
   (an flock), started by ``ls-backend serve`` beside the web workers; each job runs
   in a child process, so a crash or a timeout never takes the runner down.
 
-Coalescing (both): at most one queued job per project; a running job does not block a
-new queued one, and the job records the store's change sequence it trained up to
-(its cut-off), so labels arriving during a run trigger the next job.  Redis keys:
+Coalescing (both): at most one queued job per project and lane.  A job records the store's
+change sequence it trains up to (its cut-off) and marks it when it ends; labels arriving
+during a run queue no job of their own (the count still holds the running job's labels), and
+the job queues the next one when it ends with ``TRAIN_EVERY`` labels past its cut-off.  Other
+triggers (Start Training, the schedule, by hand) queue behind a running job.  Redis keys:
 ``<queue>:queued:<project>`` (the queued job's id), ``<queue>:lock:<project>`` (the
 running job), ``<queue>:jobs:<project>`` and ``<queue>:jobs`` (job ids by time).
 """
@@ -249,9 +251,18 @@ class TrainingQueue(ABC):
         if pending is None:
             pending = store.labels_since_training(key)
         if pending >= every:
-            jobs = [self.enqueue(key, "labels", lane)[0] for lane in self.label_lanes(store, key)]
-            return jobs[0]
+            # a lane whose job is running now queues nothing: the count still holds the labels that
+            # job took (its cut-off is marked when it ends), so one more label would queue a whole job
+            # for itself; the job queues the next one when it ends with TRAIN_EVERY labels past its
+            # cut-off (``requeue_if_behind``), and it ends before the next could start anyway
+            lanes = [lane for lane in self.label_lanes(store, key) if not self.running(key, lane)]
+            jobs = [self.enqueue(key, "labels", lane)[0] for lane in lanes]
+            return jobs[0] if jobs else None
         return None
+
+    @abstractmethod
+    def running(self, project_key: str, lane: str) -> bool:
+        """Whether a job of the project and lane is running now."""
 
     def close(self) -> None:
         pass
@@ -477,6 +488,10 @@ class RedisTrainingQueue(TrainingQueue):
                     continue
         return False
 
+    def running(self, project_key: str, lane: str) -> bool:
+        # the lock a running job holds (``train_project``; it expires LOCK_TTL after a dead worker)
+        return bool(self.connection.exists(self.key(f"lock:{lane}", project_key)))
+
     def requeue_if_behind(self, project_key: str, lane: str = FULL) -> None:
         every = self.settings.train_every
         if not every:
@@ -684,6 +699,12 @@ class EmbeddedTrainingQueue(TrainingQueue):
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         log.info("project %s: queued %s-lane job %s (%s)", project_key, lane, job_id, trigger)
         return self._info(row), True
+
+    def running(self, project_key: str, lane: str) -> bool:
+        with self._connect() as db:
+            return db.execute(
+                "SELECT 1 FROM jobs WHERE project = ? AND state = ? AND lane = ? LIMIT 1", (project_key, RUNNING, lane)
+            ).fetchone() is not None
 
     def get(self, job_id: str) -> JobInfo | None:
         with self._connect() as db:

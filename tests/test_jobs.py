@@ -6,6 +6,7 @@ Redis with real rq worker processes, and real training of the bundled encoder's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -167,6 +168,78 @@ def test_burst_of_labels_coalesces_into_at_most_two_jobs(tmp_path):
     assert queue.claim() is None  # one running job per project at a time
     assert [job.state for job in queue.jobs("5.1")] == ["queued", "running"]
     assert queue.enqueue("6.1", "labels")[1]  # other projects are independent
+
+
+def labels_while_a_job_runs(queue, store, run) -> None:
+    """TRAIN_EVERY=3 (full lane only): a label that arrives while the project's job runs queues no
+    job for itself; the count since the job's cut-off does, once the job has ended."""
+    from ls_backend.jobs import FULL
+    from tests.support.events import annotation_event, choices, key_of
+
+    key = key_of(3)
+
+    def label(n: int):
+        return queue.maybe_enqueue(store, store.record_event(annotation_event(n, n, choices("World"))))
+
+    assert [label(n) for n in (1, 2)] == [None, None]
+    first = label(3)
+    assert first is not None and first.lane == FULL
+    with run(first) as cutoff:  # the job has taken its cut-off: labels 1-3
+        assert cutoff == store.current_seq(key)
+        assert [label(n) for n in (4, 5)] == [None, None]  # two labels past it: no job for them
+        assert label(6) is None  # three: the running job queues the next one when it ends
+        assert [job.state for job in queue.jobs(key)] == ["running"]
+    store.mark_trained(key, cutoff)  # what the job did when it ended
+    assert store.labels_since_training(key) == 3
+    assert label(7) is not None  # no job runs now: the labels past the cut-off queue one
+    assert [job.state for job in queue.jobs(key)].count("queued") == 1
+
+
+def test_labels_arriving_while_a_job_runs_queue_no_job_of_their_own(tmp_path):
+    from ls_backend.store import CorrectionStore
+
+    settings = Settings(model_dir=tmp_path, train_every=3, train_mode="full")
+    queue, store = EmbeddedTrainingQueue(settings), CorrectionStore.from_settings(settings)
+
+    @contextlib.contextmanager
+    def run(job):
+        claimed = queue.claim(job.lane)
+        assert claimed.id == job.id
+        yield store.current_seq(job.project)
+        queue.finish(job.id, {})
+
+    try:
+        labels_while_a_job_runs(queue, store, run)
+    finally:
+        store.close()
+
+
+def test_labels_arriving_while_an_rq_job_runs_queue_no_job_of_their_own(redis_url, queue_name, tmp_path):
+    from ls_backend.jobs import LOCK_TTL, renewed_lock
+    from ls_backend.store import CorrectionStore
+
+    settings = Settings(model_dir=tmp_path, train_every=3, train_mode="full", redis_url=redis_url, queue_name=queue_name)
+    queue, store = RedisTrainingQueue(settings), CorrectionStore.from_settings(settings)
+
+    @contextlib.contextmanager
+    def run(job):  # what ``train_project`` does around the training, with rq's own status
+        from rq.job import Job
+
+        rq_job = Job.fetch(job.id, connection=queue.connection)
+        with renewed_lock(queue.connection, queue.key(f"lock:{job.lane}", job.project), LOCK_TTL, 5, "test"):
+            queue.queues[job.lane].remove(rq_job)
+            rq_job.set_status("started")
+            queue.release_queued(job.project, job.id, job.lane)
+            yield store.current_seq(job.project)
+        rq_job.set_status("finished")
+
+    try:
+        labels_while_a_job_runs(queue, store, run)
+    finally:
+        store.close()
+        keys = queue.connection.keys(f"{queue_name}*") + queue.connection.keys(f"rq:*{queue_name}*")
+        if keys:
+            queue.connection.delete(*keys)
 
 
 def test_triggers_merge_so_that_no_request_is_lost():
