@@ -324,6 +324,15 @@ def project_train(key: str):
     return jsonify({"queued": created, "job": job.to_dict()}), 202 if created else 200
 
 
+def _queue_unreachable(exc: Exception) -> bool:
+    """A connection error or timeout of the job queue's Redis (with REDIS_URL set)."""
+    if not services().settings.redis_url:
+        return False
+    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError))
+
+
 def _unless_a_server_fault(exc: Exception) -> None:
     """Re-raise an ``OSError`` that is the server's (a full disk, a lost share): a 500, not a 404;
     errors of the name asked for (too long, invalid, no such version) are the client's."""
@@ -494,6 +503,10 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
 
     @app.errorhandler(Exception)
     def internal_error(exc: Exception):
+        if _queue_unreachable(exc):  # the job queue's Redis, down or restarting: try again later
+            log.warning("%s %s -> 503: %s", request.method, request.path, exc)
+            return _error(503, "queue_unavailable", f"the job queue (Redis, REDIS_URL) does not answer "
+                          f"({type(exc).__name__}: {exc}); try again once it answers")
         log.exception("%s %s failed", request.method, request.path)
         return _error(500, "internal_error", f"{type(exc).__name__}: {exc}; see the backend log for the traceback")
 

@@ -217,10 +217,20 @@ class TrainingQueue(ABC):
     @abstractmethod
     def get(self, job_id: str) -> JobInfo | None: ...
 
+    #: errors of the queue's server that pass (Redis restarting): ``wait`` reads again
+    transient_errors: tuple[type[BaseException], ...] = ()
+
     def wait(self, job_id: str, timeout: float, poll: float = 0.5) -> JobInfo:
         deadline = time.monotonic() + timeout
         while True:
-            job = self.get(job_id)
+            try:
+                job = self.get(job_id)
+            except self.transient_errors as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("job %s: the queue does not answer (%s); reading again", job_id, exc)
+                time.sleep(max(poll, 2.0))
+                continue
             if job is None:
                 raise LookupError(f"no job {job_id}")
             if job.state in (FINISHED, FAILED) or time.monotonic() > deadline:
@@ -374,6 +384,9 @@ class RedisTrainingQueue(TrainingQueue):
         from redis import Redis
         from rq import Queue
 
+        from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+
+        self.transient_errors = (RedisConnectionError, RedisTimeoutError)
         self.connection = connection or Redis.from_url(settings.redis_url)
         self.queues = {lane: Queue(lane_queue_name(settings, lane), connection=self.connection) for lane in LANES}
         self.queue = self.queues[FULL]
@@ -549,11 +562,12 @@ class RedisTrainingQueue(TrainingQueue):
         return getattr(job, "exc_info", None)
 
     def get(self, job_id: str) -> JobInfo | None:
+        from rq.exceptions import NoSuchJobError
         from rq.job import Job
 
         try:
             return self._info(Job.fetch(job_id, connection=self.connection))
-        except Exception:
+        except NoSuchJobError:  # only that: Redis not answering is no answer about the job (a 503)
             return None
 
     def jobs(self, project_key: str | None = None, limit: int = 50) -> list[JobInfo]:

@@ -122,6 +122,16 @@ def test_a_start_training_that_cannot_be_queued_answers_503_and_is_still_stored(
     # a label whose job cannot be queued is still stored and answered 200: the next label queues it
     label = client.post("/webhook", json=annotation_event(1, 10, choices("World")))
     assert label.status_code == 200 and label.get_json()["changed"] == 1
+    # the job routes say the queue is down, not that there is no such job, nor a server fault
+    for method, path in (("get", "/jobs/train-3_1-0123456789ab"), ("get", "/jobs"), ("post", f"/projects/{KEY}/train")):
+        answer = getattr(client, method)(path)
+        assert answer.status_code == 503, (path, answer.get_json())
+        assert answer.get_json()["error"] == "queue_unavailable" and "REDIS_URL" in answer.get_json()["message"]
+    # waiting on a job reads again until its deadline, then says why it gave up (not "no job")
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    with pytest.raises(RedisConnectionError):
+        svc.queue.wait("train-3_1-0123456789ab", timeout=1, poll=0.1)
 
 
 def test_only_the_training_queue_failing_makes_start_training_a_503(client, app):
