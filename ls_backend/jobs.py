@@ -371,7 +371,17 @@ def train_project(project_key: str, trigger: str = "manual", lane: str = FULL) -
                 job.meta["progress"] = update
                 job.save_meta()
 
-        result = execute_training(settings, project_key, trigger, Throttled(sink), lane)
+        try:
+            result = execute_training(settings, project_key, trigger, Throttled(sink), lane)
+        except BaseException as exc:
+            if job is not None and job.should_retry:
+                # rq retries this job (after a back-off): triggers meanwhile join the retry, as they
+                # join a queued job, instead of queuing a second job that would run beside it; its
+                # status says why it waits (rq keeps no result of an attempt it retries)
+                connection.set(queue.key(f"queued:{lane}", project_key), job.id, nx=True, ex=QUEUED_MARKER_TTL)
+                job.meta["last_error"] = f"{type(exc).__name__}: {exc}"[:1000]
+                job.save_meta()
+            raise
     queue.requeue_if_behind(project_key, lane)
     return result
 
@@ -442,7 +452,8 @@ class RedisTrainingQueue(TrainingQueue):
                         result_ttl=QUEUED_MARKER_TTL,
                         failure_ttl=30 * 86400,
                         retry=Retry(max=retries, interval=[10, 60, 300][:retries] or 10) if retries else None,
-                        meta={"project": project_key, "trigger": trigger, "lane": lane, "enqueued_at": time.time()},
+                        meta={"project": project_key, "trigger": trigger, "lane": lane, "enqueued_at": time.time(),
+                              "retries": retries},
                         description=f"train {project_key} ({trigger}, {lane} lane)",
                     )
                     now = time.time()
@@ -468,8 +479,9 @@ class RedisTrainingQueue(TrainingQueue):
                     if merged == queued_trigger:
                         log.debug("project %s: %s coalesced into queued job %s", project_key, trigger, existing_id)
                         return self._info(job), False
-                    # the queued job's trigger changes where it stands in the queue (unless a worker took it first)
-                    if status == "queued" and self._rewrite_queued(job, project_key, merged, lane):
+                    # the queued job's trigger changes where it stands in the queue, or a retry's while it
+                    # waits for its back-off (unless a worker took it first)
+                    if status in ("queued", "scheduled") and self._rewrite_queued(job, project_key, merged, lane):
                         log.info("project %s: %s joined queued job %s, now %s", project_key, trigger, existing_id, merged)
                         return self._info(job), False
                 self.release_queued(project_key, existing_id, lane)  # stale, or started: queue a new one
@@ -483,12 +495,13 @@ class RedisTrainingQueue(TrainingQueue):
         from redis.exceptions import WatchError
 
         queue = self.queues[lane]
+        scheduled = queue.scheduled_job_registry.key  # a retry waiting for its back-off
         job.func_name  # noqa: B018  (loads the stored call, so that it can be written back)
         for _ in range(50):
             with self.connection.pipeline() as pipe:
                 try:
-                    pipe.watch(queue.key, job.key)
-                    if job.id.encode() not in pipe.lrange(queue.key, 0, -1):
+                    pipe.watch(queue.key, scheduled, job.key)
+                    if job.id.encode() not in pipe.lrange(queue.key, 0, -1) and pipe.zscore(scheduled, job.id) is None:
                         return False  # a worker took it
                     job.args = (project_key, trigger, lane)
                     job.meta["trigger"] = trigger
@@ -538,6 +551,14 @@ class RedisTrainingQueue(TrainingQueue):
             error = self._failure(job) or f"job {status}"
         started = meta.get("started_at") or (job.started_at.replace(tzinfo=timezone.utc).timestamp() if job.started_at else None)
         ended = job.ended_at.replace(tzinfo=timezone.utc).timestamp() if job.ended_at else None
+        # attempts started, as the embedded queue counts them: rq counts the retries it used
+        used = meta.get("retries", self.settings.job_retries) - job.retries_left if job.retries_left is not None else 0
+        attempts = used if state == QUEUED else used + 1
+        progress = meta.get("progress", {})
+        if state == QUEUED:  # not started, or waiting for a retry: no start time, progress or duration of its own
+            started, progress = None, {}
+            if used and meta.get("last_error"):
+                error = f"attempt {used} failed: {meta['last_error']}"
         return JobInfo(
             id=job.id,
             project=meta.get("project", ""),
@@ -546,10 +567,10 @@ class RedisTrainingQueue(TrainingQueue):
             enqueued_at=meta.get("enqueued_at"),
             started_at=started,
             ended_at=ended if state in (FINISHED, FAILED) else None,
-            progress=meta.get("progress", {}),
+            progress=progress,
             result=result,
             error=error,
-            attempts=(self.settings.job_retries - (job.retries_left or 0)) if job.retries_left is not None else 0,
+            attempts=attempts,
             lane=meta.get("lane", FULL),
         )
 

@@ -310,6 +310,40 @@ def test_redis_queue_merges_triggers_in_place(redis_url, queue_name, tmp_path):
         queue.close()
 
 
+def test_a_trigger_while_an_rq_job_waits_for_its_retry_joins_the_retry(redis_url, queue_name, tmp_path, monkeypatch):
+    """A real rq worker runs a job that fails for real (its store's database does not answer):
+    while the job waits for its retry, triggers join it instead of queuing a second job, and its
+    status says why it waits."""
+    from rq import SimpleWorker
+    from rq.job import Job
+
+    env = {"REDIS_URL": redis_url, "QUEUE_NAME": queue_name, "MODEL_DIR": str(tmp_path), "JOB_RETRIES": "2",
+           "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none"}  # nothing listens on port 1
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    queue = RedisTrainingQueue(Settings.from_env())
+    try:
+        job, _ = queue.enqueue("3.1", "labels")
+        SimpleWorker([queue.queue], connection=queue.connection).work(burst=True)
+        waiting = queue.get(job.id)
+        assert Job.fetch(job.id, connection=queue.connection).get_status() == "scheduled"  # rq's back-off
+        assert waiting.state == "queued" and waiting.attempts == 1, waiting
+        assert waiting.started_at is None and waiting.duration is None and waiting.progress == {}
+        assert waiting.error.startswith("attempt 1 failed: OperationalError"), waiting.error
+        again, created = queue.enqueue("3.1", "labels")  # the next label
+        assert not created and again.id == job.id
+        pressed, created = queue.enqueue("3.1", "START_TRAINING")  # a trigger that asks for more
+        assert not created and pressed.id == job.id and pressed.trigger == "START_TRAINING"
+        assert Job.fetch(job.id, connection=queue.connection).args == ("3.1", "START_TRAINING", "full")  # the retry's
+        assert [j.id for j in queue.jobs("3.1")] == [job.id]
+    finally:
+        for q in queue.queues.values():
+            q.empty()
+            for scheduled in q.scheduled_job_registry.get_job_ids():
+                q.scheduled_job_registry.remove(scheduled)
+        queue.close()
+
+
 def test_redis_queue_coalesces_enqueues_that_race(redis_url, queue_name, tmp_path):
     """Webhooks arrive together: between one enqueuer setting the queued key and rq writing the
     job, another must not take the key for stale and queue a second job."""
