@@ -269,7 +269,7 @@ def _main(argv: list[str] | None = None) -> int:
     p_worker.add_argument("--burst", action="store_true", help="stop when the queue is empty")
     p_worker.add_argument("--lane", choices=["all", "fast", "full"], default="all",
                           help="with REDIS_URL: which lane's jobs to take (default both, fast first)")
-    sub.add_parser("scheduler", help="with REDIS_URL: rq's cron scheduler for TRAIN_SCHEDULE")
+    sub.add_parser("scheduler", help="with REDIS_URL: queue TRAIN_SCHEDULE's jobs (its last run kept in Redis)")
     p_train = sub.add_parser("train", help="queue a fine-tuning job for a project")
     p_train.add_argument("--project", required=True, help="the project key, or a bare Label Studio id")
     p_train.add_argument("--wait", action="store_true", help="wait for the job and print its outcome")

@@ -3,8 +3,8 @@
 Two queues with one interface (:class:`TrainingQueue`):
 
 - :class:`RedisTrainingQueue` (``REDIS_URL`` set): rq on Redis.  ``ls-backend worker``
-  processes on any machine run the jobs; ``ls-backend scheduler`` runs rq's cron
-  scheduler for ``TRAIN_SCHEDULE``.
+  processes on any machine run the jobs; ``ls-backend scheduler`` queues
+  ``TRAIN_SCHEDULE``'s jobs (:func:`run_rq_scheduler`).
 - :class:`EmbeddedTrainingQueue` (no ``REDIS_URL``): a small SQLite job table in
   ``MODEL_DIR/jobs.sqlite`` and exactly one :class:`JobRunner` per ``MODEL_DIR``
   (an flock), started by ``ls-backend serve`` beside the web workers; each job runs
@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import signal
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -629,18 +630,83 @@ def run_rq_worker(settings: Settings, burst: bool = False, lanes: tuple[str, ...
     return 0
 
 
+# -- the schedule (TRAIN_SCHEDULE) ---------------------------------------------------
+def schedule_after(schedule: str | None, moment: float) -> float | None:
+    """The schedule's first slot after ``moment``: ``moment`` plus the seconds, or the cron
+    expression's next time (UTC); None without a schedule."""
+    if not schedule:
+        return None
+    if schedule.isdecimal():
+        return moment + int(schedule)
+    from croniter import croniter
+
+    return croniter(schedule, datetime.fromtimestamp(moment, timezone.utc)).get_next(float)
+
+
+def slot_mark(schedule: str, due: float, now: float) -> float:
+    """What the run of the slot ``due``, firing at ``now``, records as the schedule's last run: the
+    slot itself, so that a run that fired late (a busy machine, a slow tick) does not push the next
+    ones back; ``now`` where the slot after it has passed too, so that a schedule nobody kept for a
+    while runs once, not once per missed slot."""
+    following = schedule_after(schedule, due)
+    return due if following is not None and following > now else now
+
+
 def run_rq_scheduler(settings: Settings) -> int:
+    """``ls-backend scheduler`` with Redis: queue the scheduled jobs at each slot of TRAIN_SCHEDULE,
+    counted from the schedule's last run, kept in Redis (``<QUEUE_NAME>:schedule-last``): a
+    restart neither runs it at once nor pushes it back, and of several schedulers one fires each
+    slot.  Redis not answering is waited out."""
     from redis import Redis
-    from rq.cron import CronScheduler
+    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
     if not settings.train_schedule:
         raise SystemExit("TRAIN_SCHEDULE is not set: nothing to schedule")
-    scheduler = CronScheduler(connection=Redis.from_url(settings.redis_url), logging_level=settings.log_level)
-    schedule = settings.train_schedule
-    timing = {"interval": int(schedule)} if schedule.isdecimal() else {"cron": schedule}
-    scheduler.register(scheduled_training, settings.queue_name, job_timeout=600, **timing)
-    scheduler.start()
+    connection = Redis.from_url(settings.redis_url)
+    key = f"{settings.queue_name}:schedule-last"
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    log.info("schedule: %s (TRAIN_SCHEDULE), last run kept in Redis at %s", settings.train_schedule, key)
+    while not stopping.is_set():
+        try:
+            wait = rq_schedule_tick(connection, key, settings.train_schedule)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("schedule: Redis does not answer (%s); trying again in 10 s", exc)
+            wait = 10.0
+        except Exception:  # the store down, say: the slot is spent, the next one comes as planned
+            log.exception("schedule: the scheduled trigger failed")
+            wait = 1.0
+        stopping.wait(wait)
     return 0
+
+
+def rq_schedule_tick(connection, key: str, schedule: str) -> float:
+    """Fire the slot that is due, if one is (the scheduler that moves the mark fires it); returns
+    the seconds until the next look."""
+    from redis.exceptions import WatchError
+
+    # a Redis that holds no mark (new, or flushed): the schedule counts from this first start
+    connection.set(key, f"{time.time():.3f}", nx=True)
+    with connection.pipeline() as pipe:
+        try:
+            pipe.watch(key)
+            raw = pipe.get(key)
+            try:
+                last = float(raw)
+            except (TypeError, ValueError):
+                last = time.time()
+            due, now = schedule_after(schedule, last), time.time()
+            if now < due:
+                return min(due - now, 30.0)
+            pipe.multi()
+            pipe.set(key, f"{slot_mark(schedule, due, now):.3f}")
+            pipe.execute()
+        except WatchError:  # another scheduler fired this slot
+            return 1.0
+    queued = scheduled_training()
+    log.info("schedule: queued %d project(s)", len(queued))
+    return 0.0
 
 
 # -- embedded ------------------------------------------------------------------------
@@ -907,11 +973,6 @@ class JobRunner:
         self.poll = poll
         self.stopping = threading.Event()
         self.context = multiprocessing.get_context("spawn")
-        # counted from the schedule's last run, kept across restarts: a runner restarted more often
-        # than TRAIN_SCHEDULE's interval (deploys, a supervisor) would otherwise never reach it; a
-        # run missed while no runner ran comes at once
-        last = self._last_scheduled()
-        self._next_schedule = self._schedule_after(last if last is not None else time.time())
         self._standby: dict[str, tuple[Any, Any]] = {}  # lane -> (process, connection), started ahead
 
     def _start_process(self, ahead: bool) -> tuple[Any, Any]:
@@ -976,49 +1037,87 @@ class JobRunner:
         except (OSError, ValueError):
             return None
 
-    def _schedule_after(self, moment: float) -> float | None:
+    def _schedule_loop(self) -> None:
+        """TRAIN_SCHEDULE's runs, in a thread of their own (a long job never delays them), counted
+        from the schedule's last run (``MODEL_DIR/.schedule-last``), read once this runner holds
+        the flock: restarts, however frequent, never push the schedule back, a runner that took
+        over from another never runs a slot twice, and a run missed while no runner ran comes at
+        once.  A ``MODEL_DIR`` that has no mark yet gets one at its first start."""
         schedule = self.settings.train_schedule
-        if not schedule:
-            return None
-        if schedule.isdecimal():
-            return moment + int(schedule)
-        from croniter import croniter
+        last = self._last_scheduled()
+        if last is None:
+            last = time.time()
+            self._write_schedule_mark(last)
+        while not self.stopping.is_set():
+            due, now = schedule_after(schedule, last), time.time()
+            if now < due:
+                self.stopping.wait(min(due - now, 30.0))
+                continue
+            last = slot_mark(schedule, due, now)
+            self._write_schedule_mark(last)
+            try:
+                queued = scheduled_training()
+                log.info("schedule: queued %d project(s)", len(queued))
+            except Exception:
+                log.exception("scheduled trigger failed")
 
-        return croniter(schedule, datetime.fromtimestamp(moment, timezone.utc)).get_next(float)
+    def _write_schedule_mark(self, moment: float) -> None:
+        try:
+            write_atomic(self._schedule_mark, f"{moment:.3f}\n".encode())
+        except OSError:
+            log.warning("schedule: could not write %s; a restart counts the interval from then", self._schedule_mark)
 
     @contextlib.contextmanager
-    def _exclusive(self) -> Iterator[None]:
+    def _exclusive(self, wait: bool = True) -> Iterator[bool]:
+        """Hold the runner's flock for the block (``True``); waits for it while another runner
+        holds it, unless ``wait`` is false (then ``False`` at once)."""
         path = self.settings.model_dir / ".job-runner.lock"
         with open(path, "a+") as handle:
+            held = False
             while not self.stopping.is_set():
                 try:
                     fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held = True
                     break
                 except BlockingIOError:
+                    if not wait:
+                        break
                     self.stopping.wait(1.0)  # another runner serves this MODEL_DIR; stand by
             try:
-                yield
+                yield held
             finally:
-                with contextlib.suppress(OSError):
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+                if held:
+                    with contextlib.suppress(OSError):
+                        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def stop(self, *_: Any) -> None:
         self.stopping.set()
 
-    def run_forever(self, burst: bool = False) -> None:
-        with self._exclusive():
+    def run_forever(self, burst: bool = False) -> bool:
+        """Run jobs until stopped (``burst``: until the queue is empty).  False: ``burst``, and
+        another runner serves this ``MODEL_DIR`` (a burst never waits for it)."""
+        with self._exclusive(wait=not burst) as held:
             if self.stopping.is_set():
-                return
+                return True
+            if not held:
+                return False
             for job in self.queue.orphans():
                 log.warning("job %s was running when the job runner stopped; retrying or failing it", job.id)
                 self.queue.fail(job.id, "the job runner stopped while this job ran", retry=True)
             log.info("job runner ready (models in %s)", self.settings.model_dir)
             lanes = [threading.Thread(target=self._lane, args=(lane, burst), name=f"lane-{lane}") for lane in LANES]
+            schedule = None
+            if self.settings.train_schedule and not burst:
+                schedule = threading.Thread(target=self._schedule_loop, name="schedule", daemon=True)
+                schedule.start()
             for thread in lanes:
                 thread.start()
             for thread in lanes:
                 while thread.is_alive():
                     thread.join(0.5)
+            if schedule is not None:
+                schedule.join(10)  # a run in progress finishes queuing its jobs
+        return True
 
     def _lane(self, lane: str, burst: bool) -> None:
         """One lane's loop: its jobs one at a time, each in a child process of its own (for the
@@ -1028,8 +1127,6 @@ class JobRunner:
             while not self.stopping.is_set():
                 job = None
                 try:
-                    if lane == FULL:
-                        self._maybe_schedule()
                     job = self.queue.claim(lane)
                     if job is None:
                         if burst:
@@ -1059,21 +1156,6 @@ class JobRunner:
                 self.queue.fail(job_id, reason, retry=True)
         except Exception:
             log.exception("job %s: could not be marked for a retry; the next start of the runner retries it", job_id)
-
-    def _maybe_schedule(self) -> None:
-        if self._next_schedule is None or time.time() < self._next_schedule:
-            return
-        now = time.time()
-        self._next_schedule = self._schedule_after(now)
-        try:
-            write_atomic(self._schedule_mark, f"{now:.3f}\n".encode())
-        except OSError:
-            log.warning("schedule: could not write %s; a restart counts the interval from then", self._schedule_mark)
-        try:
-            queued = scheduled_training()
-            log.info("schedule: queued %d project(s)", len(queued))
-        except Exception:
-            log.exception("scheduled trigger failed")
 
     def run_one(self, job: JobInfo) -> None:
         log.info(
@@ -1148,7 +1230,10 @@ def run_embedded_runner(settings: Settings, burst: bool = False) -> int:
 
         on_orphaned(int(parent), stop)
     note = os.environ.pop(RUNNER_STOP_FD_ENV, "")  # (popped: the job processes it starts do not inherit it)
-    runner.run_forever(burst=burst)
+    if not runner.run_forever(burst=burst):
+        print(f"ls-backend worker --burst: another job runner serves {settings.model_dir} (it holds "
+              f"{settings.model_dir / '.job-runner.lock'}) and runs its queue; nothing was run here", file=sys.stderr)
+        return 1
     if note.isdecimal():  # ended on request: serve does not restart it
         with contextlib.suppress(OSError):
             os.write(int(note), b"stopped")

@@ -516,36 +516,161 @@ def test_two_projects_trained_at_once_stay_isolated(tmp_path, redis_url, queue_n
             stop(worker)
 
 
-def test_embedded_schedule_queues_projects_with_new_labels(tmp_path, monkeypatch):
-    from ls_backend.jobs import JobRunner
+def test_the_schedules_slots_keep_their_place_and_missed_ones_run_once():
+    from ls_backend.jobs import schedule_after, slot_mark
+
+    assert schedule_after(None, 100.0) is None
+    assert schedule_after("3600", 100.0) == 3700.0
+    assert time.gmtime(schedule_after("0 * * * *", 1_800_000_000.0)).tm_min == 0  # cron: the next full hour
+    assert slot_mark("3600", 3700.0, 3705.0) == 3700.0  # fired 5 s late: the next slot stays at 7300
+    assert slot_mark("3600", 3700.0, 9000.0) == 9000.0  # slots missed: one run now, the next an hour on
+
+
+def schedule_env(tmp_path, monkeypatch, **extra) -> Settings:
+    """A store with one project that has a label not trained on (3) and one without labels (4)."""
     from ls_backend.store import CorrectionStore
 
-    from .support.events import annotation_event, choices, key_of, project
+    from .support.events import annotation_event, choices, project
 
-    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
-    monkeypatch.setenv("REDIS_URL", "")
-    monkeypatch.setenv("TRAIN_SCHEDULE", "3600")
+    for name, value in {"MODEL_DIR": str(tmp_path), "REDIS_URL": "", "TRAIN_SCHEDULE": "10", "TRAIN_MODE": "frozen",
+                        "JOB_STANDBY": "false", "TRAIN_EVERY": "0", **extra}.items():
+        monkeypatch.setenv(name, value)
     settings = Settings.from_env()
     store = CorrectionStore.from_settings(settings)
     try:
         store.record_event(annotation_event(1, 1, choices("World"), proj=project(3)))
-        store.record_event({"action": "PROJECT_UPDATED", "project": project(4)})  # no labels: not scheduled
+        store.record_event({"action": "PROJECT_UPDATED", "project": project(4)})
     finally:
         store.close()
-    runner = JobRunner(settings)
-    assert runner._next_schedule == pytest.approx(time.time() + 3600, abs=5)
-    runner._next_schedule = time.time() - 1  # the interval has passed
-    runner._maybe_schedule()
-    jobs = runner.queue.jobs()
-    assert [(job.project, job.trigger, job.lane) for job in jobs] == [(key_of(3), "schedule", "full")]
-    assert runner._next_schedule > time.time() + 3500
-    # a restart counts from that run, not from the start: restarts more often than the interval
-    # would otherwise keep pushing the schedule back
-    assert JobRunner(settings)._next_schedule == pytest.approx(runner._next_schedule, abs=1)
-    (tmp_path / ".schedule-last").write_text(f"{time.time() - 4000}\n")  # missed while no runner ran
-    assert JobRunner(settings)._next_schedule < time.time()  # comes at once
-    cron = JobRunner(Settings(model_dir=tmp_path, train_schedule="0 * * * *"))
-    assert time.gmtime(cron._next_schedule).tm_min == 0
+    return settings
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+    return value
+
+
+def test_the_embedded_schedule_counts_from_its_last_run_across_runners(tmp_path, monkeypatch):
+    """TRAIN_SCHEDULE=10 with the embedded runner: a new MODEL_DIR marks its first start (restarts
+    count from it, so a runner restarted more often than the interval still reaches it); a slot
+    that is due fires once; a runner that was waiting for the flock and takes over does not fire
+    it again."""
+    from ls_backend.jobs import JobRunner
+
+    from .support.events import key_of
+
+    settings = schedule_env(tmp_path, monkeypatch)
+    mark = tmp_path / ".schedule-last"
+
+    def start(runner):
+        thread = threading.Thread(target=runner.run_forever, daemon=True)
+        thread.start()
+        return thread
+
+    def stop(runner, thread):
+        runner.stop()
+        thread.join(60)
+        assert not thread.is_alive()
+
+    def scheduled():
+        return {job.id for job in EmbeddedTrainingQueue(settings).jobs() if job.trigger == "schedule"}
+
+    first = JobRunner(settings)
+    thread = start(first)
+    started = float(wait_for(lambda: mark.exists() and mark.read_text(), 10, "no mark at the first start"))
+    assert started == pytest.approx(time.time(), abs=5)
+    time.sleep(1)
+    stop(first, thread)
+    assert not scheduled()  # the first start counts the interval; it does not run the schedule
+    again = JobRunner(settings)
+    thread = start(again)
+    time.sleep(2)
+    stop(again, thread)
+    assert float(mark.read_text()) == started and not scheduled()  # a restart keeps the count
+
+    mark.write_text(f"{time.time() - 9:.3f}\n")  # the slot comes due in about a second
+    standby = JobRunner(settings)  # made now, while the slot is still ahead
+    running = JobRunner(settings)
+    thread = start(running)
+    ids = wait_for(scheduled, 15, "the due slot did not fire")
+    jobs = EmbeddedTrainingQueue(settings).jobs()
+    assert [(job.project, job.lane) for job in jobs] == [(key_of(3), "full")]  # project 4 has no labels
+    standby_thread = start(standby)  # waits for the flock
+    stop(running, thread)
+    time.sleep(4)  # the standby runner has taken over (it polls the flock every second)
+    stop(standby, standby_thread)
+    assert scheduled() == ids  # the slot ran once
+
+
+def test_the_rq_scheduler_counts_from_its_last_run_and_fires_each_slot_once(redis_url, queue_name, tmp_path, monkeypatch):
+    """``ls-backend scheduler`` (TRAIN_SCHEDULE=10): a start, or a restart, does not run the schedule
+    at once; a due slot fires once, with two schedulers running."""
+    import redis
+
+    from .support.events import key_of
+
+    settings = schedule_env(tmp_path, monkeypatch, REDIS_URL=redis_url, QUEUE_NAME=queue_name)
+    connection = redis.Redis.from_url(redis_url)
+    key = f"{queue_name}:schedule-last"
+    env = {name: os.environ[name] for name in ("MODEL_DIR", "REDIS_URL", "QUEUE_NAME", "TRAIN_SCHEDULE", "TRAIN_EVERY")}
+    queue = RedisTrainingQueue(settings)
+    schedulers = []
+
+    def start():
+        full_env = server_environment(dict(HF_HUB_OFFLINE="1", **env))
+        process = subprocess.Popen(console_script() + ["scheduler"], env=full_env, cwd=REPO,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        schedulers.append(process)
+        return process
+
+    try:
+        first = start()
+        started = float(wait_for(lambda: connection.get(key), 30, "no mark at the first start"))
+        time.sleep(3)
+        first.terminate()
+        assert first.wait(30) == 0
+        assert queue.jobs() == []  # no run at the first start
+        second = start()
+        time.sleep(6)  # long enough to start and look
+        assert queue.jobs() == [] and float(connection.get(key)) == started  # nor at a restart
+        start()
+        time.sleep(4)
+        connection.set(key, f"{time.time() - 9:.3f}")  # the slot comes due in about a second
+        jobs = wait_for(queue.jobs, 15, "the due slot did not fire")
+        time.sleep(3)
+        assert [(job.project, job.trigger, job.lane) for job in queue.jobs()] == [(key_of(3), "schedule", "full")], jobs
+        second.terminate()
+        assert second.wait(30) == 0
+    finally:
+        for process in schedulers:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+        for q in queue.queues.values():
+            q.empty()
+        connection.delete(key)
+        queue.close()
+
+
+def test_a_burst_worker_does_not_wait_for_another_runner(tmp_path):
+    """``ls-backend worker --burst`` (embedded) where another runner holds the flock: it says so
+    and exits 1 at once, instead of waiting for the flock for good."""
+    import fcntl
+
+    env = server_environment({"MODEL_DIR": str(tmp_path), "REDIS_URL": "", "HF_HUB_OFFLINE": "1"})
+    with open(tmp_path / ".job-runner.lock", "a+") as held:  # what a running runner holds
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = subprocess.run(console_script() + ["worker", "--burst"], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "another job runner serves" in done.stderr and ".job-runner.lock" in done.stderr
+    # with the flock free, a burst runs the (empty) queue and ends
+    done = subprocess.run(console_script() + ["worker", "--burst"], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_fast_lane_jobs_run_in_processes_started_ahead(tmp_path):
