@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .precision import TrainingStep
-from .spans import IGNORE, FoundSpan, Span, TaggingReport, bio_tags, decode, span_scores, through_marks, token_tags, window_owners, windows
+from .spans import IGNORE, FoundSpan, Span, TaggingReport, bio_tags, decode, label_index_of, span_scores, through_marks, token_tags, window_owners, windows
 from .text import utf8_safe
 
 if TYPE_CHECKING:
@@ -298,9 +298,26 @@ def run_windows(
     return TokenRun(pooled=pooled, probabilities=per_head)
 
 
+def served_probabilities(probs: np.ndarray, head: TokenHead) -> np.ndarray:
+    """The tag probabilities a prediction reads: those of the labels added since the head was
+    trained (``untrained_labels``) are taken out and the rest renormalised.  Their rows start far
+    below ``O``, but the trained ``O`` row's weights can still push ``O`` under them on a token that
+    looks like an entity, and a renamed label would then be predicted before any job trained it."""
+    if not head.untrained_labels or not len(probs):
+        return probs
+    untrained = set(head.untrained_labels)
+    keep = np.array([label_index_of(tag) is None or head.labels[label_index_of(tag)] not in untrained
+                     for tag in range(probs.shape[-1])])
+    kept = np.where(keep, probs, 0.0)
+    return kept / np.maximum(kept.sum(axis=-1, keepdims=True), 1e-12)
+
+
 def spans_from_probabilities(text: str, tokenized: Tokenized, probs: np.ndarray, head: TokenHead) -> list[FoundSpan]:
-    if not head.trained or not len(probs):
+    """Spans from a head's tag probabilities: none from an untrained head, nor of a label no job
+    has trained yet (:func:`served_probabilities`)."""
+    if not head.trained or not len(probs) or set(head.labels) <= set(head.untrained_labels):
         return []
+    probs = served_probabilities(probs, head)
     tags = probs.argmax(axis=-1)
     chosen = probs[np.arange(len(tags)), tags]
     return decode(text, tokenized.offsets, tags.tolist(), head.labels, chosen.tolist())
@@ -366,6 +383,7 @@ def encode_with_tokens(
     for k, r in enumerate(tagged):
         for control, head in token_rows[r]:
             probs = run.probabilities[next(h for h, x in enumerate(heads) if x is head)][k]
+            probs = served_probabilities(probs, head)
             found = spans_from_probabilities(texts[r], tokenized[k], probs, head)
             results[(control.name, r)] = (labels_results(control, texts[r], found), control_score(found, probs))
     return embeddings, results

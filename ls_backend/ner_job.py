@@ -46,18 +46,23 @@ class TokenSplit:
     held: TokenData
 
 
-def spans_of(text: str, items: list[dict], labels: tuple[str, ...]) -> tuple[list[Span], dict]:
+def spans_of(text: str, items: list[dict], labels: tuple[str, ...], to_name: str | None = None) -> tuple[list[Span], dict]:
     """Character spans of a task's result items for one Labels control.
 
     Each item's first label that the control still has is taken (a region carrying two
     labels trains as the first); items whose offsets and text do not match the task
     text are resolved by ``spans.resolve_span``, else counted ``unresolved``, as is a
     region whose ``value`` or ``labels`` is malformed; a region with none of the control's
-    labels (renamed or removed since) is counted ``unknown_label``.
+    labels (renamed or removed since) is counted ``unknown_label``; a region drawn on another
+    object than ``to_name`` (the control pointed at another ``<Text>`` when it was made) is
+    counted ``other_text``: its offsets and words belong to that text, not this one.
     """
     spans: list[Span] = []
-    counts = {"unresolved": 0, "unknown_label": 0}
+    counts = {"unresolved": 0, "unknown_label": 0, "other_text": 0}
     for item in items:
+        if to_name is not None and isinstance(item, dict) and item.get("to_name") not in (None, to_name):
+            counts["other_text"] += 1
+            continue
         value = item.get("value") if isinstance(item, dict) else None
         if not isinstance(value, dict):
             counts["unresolved"] += 1
@@ -103,8 +108,9 @@ def token_data(
     Every task annotated since the control's first region is an example (one with no
     span of the control is a negative; annotations made before anyone labeled an entity
     of it, as under an earlier config without it, are not); a task with a region that
-    cannot be placed in its text, or whose label the control no longer has, is left out
-    whole, since its entity would train as ``O``.  The evaluation slice is the same hash of the task id as for classification.
+    cannot be placed in its text, whose label the control no longer has, or that was drawn on
+    another ``<Text>`` than the control's (its ``toName`` changed since), is left out whole,
+    since its entity would train as ``O`` (or be placed at a chance match of its words).  The evaluation slice is the same hash of the task id as for classification.
     A control without a head in ``heads`` (a version older than token heads) gets an
     untrained one, added to ``heads``.
     """
@@ -115,15 +121,15 @@ def token_data(
         if control.kind != LABELS:
             continue
         rows = store.annotation_results(project_key, control.name, field=control.field, include_empty="since_first")
-        examples, problems = [], {"unresolved": 0, "unknown_label": 0, "no_text": 0}
+        examples, problems = [], {"unresolved": 0, "unknown_label": 0, "other_text": 0, "no_text": 0}
         for task_id, text, items in rows:
             if not text:
                 problems["no_text"] += 1
                 continue
-            spans, counts = spans_of(text, items, control.values)
+            spans, counts = spans_of(text, items, control.values, control.to_name)
             for key, n in counts.items():
                 problems[key] += n
-            if counts["unresolved"] or counts["unknown_label"]:
+            if counts["unresolved"] or counts["unknown_label"] or counts["other_text"]:
                 continue
             examples.append((task_id, text, spans))
         for key, n in problems.items():

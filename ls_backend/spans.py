@@ -239,15 +239,20 @@ def decode(
     type (as conlleval and seqeval read IOB).  A span runs from its first token's start
     to its last token's end, is trimmed of surrounding whitespace and runs on through the
     combining marks after it (``through_marks``); tokens with no characters are skipped.  ``text[start:end]`` is the span's text by construction.
+    A token that starts inside characters an earlier token covered (a tokenizer that splits a
+    character into several tokens with its range each: a Hangul syllable into its letters, a
+    byte-level tokenizer an emoji) belongs to that character: it extends the open entity whatever
+    its tag, and never starts one, so no two spans share a character.
     """
     found: list[FoundSpan] = []
     current: list[int] = []  # token indices of the open entity
     current_label: int | None = None
+    covered = 0  # the end of the characters the tokens so far covered
 
     def close() -> None:
         nonlocal current, current_label
         if current:
-            start, end = offsets[current[0]][0], offsets[current[-1]][1]
+            start, end = offsets[current[0]][0], max(offsets[t][1] for t in current)
             while start < end and text[start].isspace():
                 start += 1
             while end > start and text[end - 1].isspace():
@@ -262,6 +267,11 @@ def decode(
     for t, tag in enumerate(tags):
         a, b = offsets[t]
         if b <= a:
+            continue
+        inside, covered = a < covered, max(covered, b)
+        if inside:  # the character's first token decided
+            if current:
+                current.append(t)
             continue
         label = label_index_of(int(tag))
         if label is None:

@@ -129,6 +129,26 @@ def test_windows_cover_every_token_and_each_token_has_one_owner():
     assert window_owners(25, ranges) == owners  # deterministic
 
 
+def test_tokens_of_one_character_never_make_two_spans_of_it(tokenizer):
+    """The tokenizer splits a Hangul syllable into its letters, each with the syllable's range:
+    whatever the letters' tags, the character's first token decides, so no span repeats or
+    crosses another on that character."""
+    text = "김민수 씨는 삼성 직원이다"
+    offsets = offsets_of(tokenizer, text)
+    assert offsets[:3] == [(0, 1)] * 3  # 김: three tokens, one character
+    per, org = begin_tag(0), begin_tag(1)
+    cases = {
+        (per, per, per): [(0, 1, "PER")],  # B on every letter: one span
+        (per, org, 0): [(0, 1, "PER")],  # another label on a later letter: still the first token's
+        (0, per, per): [],  # the first letter says O: the others start nothing
+        (per, inside_tag(0), inside_tag(0), inside_tag(0), per): [(0, 2, "PER")],  # B on 민's second letter
+    }
+    for head, spans in cases.items():
+        tags = list(head) + [0] * (len(offsets) - len(head))
+        found = decode(text, offsets, tags, LABELS, [0.9] * len(offsets))
+        assert [s.span for s in found] == spans, head
+
+
 def test_entity_scores_are_exact_match_micro_and_per_label():
     gold = [[(0, 3, "PER"), (8, 12, "ORG")], [(0, 5, "LOC")], []]
     pred = [[(0, 3, "PER"), (8, 11, "ORG")], [(0, 5, "PER")], [(1, 2, "PER")]]
@@ -144,7 +164,7 @@ def test_entity_scores_are_exact_match_micro_and_per_label():
 # -- properties over the real tokenizer --------------------------------------------------------
 TEXT_ALPHABET = st.sampled_from(
     list("abcXYZ019 .,;-'\"()") + ["  ", "\n", "\n\n", "\t", "é", "Ü", "ß", "東", "京", "😀", "🎉", "👍🏽", "\u200b", "\u0301", "\x00",
-     "\u0308", "\ufe0f", "\u064f", "\u093e", "क"]
+     "\u0308", "\ufe0f", "\u064f", "\u093e", "क", "김", "민", "한"]  # a Hangul syllable: several tokens, one range
 )
 texts = st.lists(TEXT_ALPHABET, min_size=0, max_size=60).map("".join)
 
@@ -183,8 +203,14 @@ def test_spans_to_token_tags_and_back_give_the_same_spans(tokenizer, text, data)
     offsets = [o for o in offsets_of(tokenizer, text) if o[1] > o[0]]
     if not offsets:
         return
-    # random non-overlapping token ranges, each with a label: what an annotator could select
-    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(offsets)), max_size=8))))
+    # random non-overlapping token ranges, each with a label: what an annotator could select (whole
+    # characters: a cut never falls between the tokens of one character, as in a Hangul syllable)
+    whole, reach = [], 0
+    for t, (a, b) in enumerate(offsets):
+        if a >= reach:
+            whole.append(t)
+        reach = max(reach, b)
+    cuts = sorted(set(data.draw(st.lists(st.sampled_from(whole + [len(offsets)]), max_size=8))))
     spans = []
     for a, b in zip(cuts, cuts[1:]):
         if data.draw(st.booleans()):
@@ -334,6 +360,33 @@ def test_a_model_trained_on_conll_predicts_spans_that_slice_the_text_on_token_bo
     assert n_spans > 50 and scores["f1"] > 0.3, scores
 
 
+def test_renamed_labels_are_not_predicted_before_a_job_trains_them(encoder):
+    """The config renames the labels of a trained head (the fast lane's, fitted on frozen
+    embeddings of 200 CoNLL sentences): the new labels start untrained, and none is predicted,
+    though on entity-like tokens the trained O row falls below their starting rows (every such
+    token was tagged with the first new label); the labels kept go on being predicted."""
+    from ls_backend.ner import fit_token_head
+
+    rows = [as_text(s, natural=True) for s in read_sentences(data_file("conll2003", "eng.train"), limit=200)]
+    data = TokenData("ner", list(CONLL_LABELS), [t for t, _, _ in rows], [s for _, s, _ in rows])
+    head, _ = fit_token_head(encoder, new_token_head(CONLL_LABELS, encoder.dim), data, TrainingArguments(max_length=128))
+    texts = [as_text(s, natural=True)[0] for s in read_sentences(data_file("conll2003", "eng.testa"), limit=300)]
+
+    def config(labels):
+        return plan_for('<View><Labels name="ner" toName="text">' + "".join(f'<Label value="{v}"/>' for v in labels)
+                        + '</Labels><Text name="text" value="$text"/></View>').control("ner")
+
+    def labels_found(adapted):
+        return {s.label for spans in predict_spans(encoder, adapted, texts) for s in spans}
+
+    assert labels_found(head) == set(CONLL_LABELS)
+    renamed = token_head_for(config(["Person", "Organization", "Location", "Misc"]), head, encoder.dim)
+    assert renamed.trained and renamed.untrained_labels == ["Person", "Organization", "Location", "Misc"]
+    assert labels_found(renamed) == set()
+    one = token_head_for(config(["PER", "ORG", "PLACE", "MISC"]), head, encoder.dim)
+    assert one.untrained_labels == ["PLACE"] and labels_found(one) == {"PER", "ORG", "MISC"}
+
+
 def test_a_text_ten_windows_long_gets_entities_in_its_last_window(conll_model):
     student, head, _ = conll_model
     filler = [as_text(s)[0] for s in read_sentences(data_file("conll2003", "eng.testa"), limit=400, offset=200)]
@@ -452,7 +505,8 @@ def test_a_task_with_a_region_that_cannot_be_placed_or_read_is_left_out_of_ner_t
 
 def test_a_task_whose_region_label_the_control_no_longer_has_is_left_out_not_trained_as_no_entity(tmp_path, encoder):
     """A label renamed or removed in the config while annotations still carry it (Label Studio
-    allows that): its entity must not teach the head that there is nothing there."""
+    allows that), or a region drawn on another text: its entity must not teach the head that
+    there is nothing there, nor be placed at a chance match of its words."""
     from ls_backend.labeling import plan_for
     from ls_backend.ner_job import token_data
     from ls_backend.store import CorrectionStore
@@ -464,9 +518,11 @@ def test_a_task_whose_region_label_the_control_no_longer_has_is_left_out_not_tra
                   (201, [span(0, 15, "Emmanuel Macron", "PERSON")]),  # a label the config no longer has
                   (202, [span(0, 13, "Angela Merkel", "PERSON"), span(22, 28, "Berlin", "LOC")]),
                   (203, [{"from_name": "ner", "to_name": "text", "type": "labels", "value": "Berlin"}]),  # malformed
-                  (204, [])]  # labeled, no entity: a negative
+                  (204, []),  # labeled, no entity: a negative
+                  # drawn on a title when the control pointed at it: "Jordan" the person, not the country here
+                  (205, [{**span(0, 6, "Jordan", "PER"), "to_name": "title"}])]
         texts = {200: "Angela Merkel visited Berlin.", 201: "Emmanuel Macron spoke.", 202: "Angela Merkel visited Berlin.",
-                 203: "It rained in Berlin.", 204: "Nothing here."}
+                 203: "It rained in Berlin.", 204: "Nothing here.", 205: "The king of Jordan met Michael Jordan."}
         for n, (task, result) in enumerate(events):
             store.record_event(annotation_event(n + 1, task, result, text=texts[task], proj=proj))
         plan = plan_for(NER_CONFIG)
