@@ -80,6 +80,26 @@ def slice_size(held_sizes) -> int:
     return min((n for n in held_sizes if n), default=0)
 
 
+def gate_failure(figures: dict, name: str, gated_sizes: dict[str, int], settings: Settings) -> str | None:
+    """Why candidate ``name`` does not pass the gate, or None when it does: it must not be worse
+    than the current model (``figures["current"]``) on any control whose slice holds ``EVAL_MIN``
+    labels (``gated_sizes``: control -> slice labels), each by that control's own tolerance (one
+    example of its slice, or ``PROMOTION_TOLERANCE``).  Judged on the mean over controls, a large
+    control could lose many examples where a small one stays level, and the small one's tolerance
+    applied to all of them."""
+    for control, size in sorted(gated_sizes.items()):
+        current = ((figures.get("current") or {}).get("controls") or {}).get(control, {}).get("primary")
+        if current is None:  # the current model was not measured on it: nothing to be worse than
+            continue
+        score = ((figures.get(name) or {}).get("controls") or {}).get(control, {}).get("primary")
+        tolerance = slice_tolerance(settings, size)
+        if score is None or not not_worse(score, current, tolerance):
+            shown = "-" if score is None else f"{score:.4f}"
+            return (f"{name} on {control}: {shown} is worse than current {current:.4f} beyond the tolerance "
+                    f"{tolerance:.4f} ({size} slice labels)")
+    return None
+
+
 def not_worse(candidate: float, current: float, tolerance: float) -> bool:
     """The gate: ``candidate`` at most ``tolerance`` below ``current`` (float sums such as
     0.7 + 0.1 land a hair under 0.8: one slice example's tolerance must cover one example)."""
@@ -405,7 +425,11 @@ class FineTuneJob:
         def primary(name: str) -> float:
             return figures[name]["score"] if figures[name]["score"] is not None else -1.0
 
-        held_size = slice_size(len(s.held) for s in splits.values())
+        held_sizes = {name: len(s.held) for name, s in splits.items() if len(s.held)}
+        held_size = slice_size(held_sizes.values())
+        # the gate judges each control whose slice holds EVAL_MIN labels; a control with fewer (one
+        # added last week) is measured but does not turn the gate off for the others
+        gated_sizes = {name: n for name, n in held_sizes.items() if n >= self.settings.eval_min}
         # one example of a small slice is worth more than PROMOTION_TOLERANCE: a single
         # disagreement on 12 labels is noise, not evidence that one model is better
         tolerance = slice_tolerance(self.settings, held_size)
@@ -443,13 +467,13 @@ class FineTuneJob:
                     self.store.mark_trained(project_key, cutoff)
                     raise NothingToTrain(f"no label changed since {serving.version}, which was trained on these labels")
                 best = choose()
-            gated = held_size >= self.settings.eval_min
+            gated = bool(gated_sizes)
             pinned = self.registry.pinned(project_key)
 
             def passes(name: str) -> bool:
                 if frozen_serves:
                     return primary(name) >= primary("current")
-                return not gated or not_worse(primary(name), primary("current"), tolerance)
+                return not gated or gate_failure(figures, name, gated_sizes, self.settings) is None
 
             if not pinned and not self.settings.force_promote:
                 best = choose(passes)
@@ -463,16 +487,17 @@ class FineTuneJob:
                     f"({serving.version}, {primary('current'):.4f})"
                 )
             elif not gated:
+                largest = max(held_sizes.values(), default=0)
                 promote, reason = True, (
-                    f"evaluation slice has {held_size} labels (< EVAL_MIN={self.settings.eval_min}): promoted ungated"
+                    f"evaluation slice has {largest} labels (< EVAL_MIN={self.settings.eval_min}"
+                    f"{' on every control' if len(held_sizes) > 1 else ''}): promoted ungated"
                 )
-            elif not_worse(primary(best), primary("current"), tolerance):
+            elif (failure := gate_failure(figures, best, gated_sizes, self.settings)) is None:
                 promote, reason = True, f"{best} {primary(best):.4f} vs current {primary('current'):.4f}: not worse"
+                if len(held_sizes) > 1:
+                    reason += f" on {', '.join(sorted(gated_sizes))}"
             else:
-                promote, reason = False, (
-                    f"{best} {primary(best):.4f} is worse than current {primary('current'):.4f} "
-                    f"beyond the tolerance {tolerance:.4f}"
-                )
+                promote, reason = False, failure
             heads, student, _ = candidates[best]
             meta = {
                 "parent": current.version,

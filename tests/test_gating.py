@@ -105,6 +105,64 @@ def test_a_candidate_trained_on_shuffled_labels_is_rejected(job_env):
     assert rejected["metrics"]["frozen"]["score"] < rejected["metrics"]["current"]["score"]
 
 
+TOPIC_AND_FLAG_CONFIG = """<View>
+  <Text name="text" value="$text"/>
+  <Choices name="topic" toName="text" choice="single">
+    <Choice value="World"/><Choice value="Sports"/><Choice value="Business"/><Choice value="Sci/Tech"/>
+  </Choices>
+  <Choices name="flag" toName="text" choice="single"><Choice value="yes"/><Choice value="no"/></Choices>
+</View>"""
+
+
+def test_a_control_with_a_few_slice_labels_does_not_turn_the_gate_off_for_the_others(job_env):
+    """A control added later has 1 label in the slice (EVAL_MIN is 10): the gate still judges the
+    topic control, and a candidate trained on a bad batch of topics is refused."""
+    from .support.events import project
+
+    settings, store = job_env
+    proj = project(3, TOPIC_AND_FLAG_CONFIG)
+    rows = balanced_agnews(24)
+    for n, (task, text, label) in enumerate(rows):
+        store.record_event(annotation_event(n + 1, task, choices(label), text=text, proj=proj))
+    assert FineTuneJob(settings, store).run(KEY)["promoted"]
+    shift = {label: AGNEWS_LABELS[(i + 1) % 4] for i, label in enumerate(AGNEWS_LABELS)}
+    in_slice = {task for task, _, _ in rows if in_eval_slice(task, 0.2)}
+    flagged = {min(in_slice)} | set([task for task, _, _ in rows if task not in in_slice][:2])  # 1 in the slice
+    for n, (task, text, label) in enumerate(rows):
+        result = choices(label if task in in_slice else shift[label])
+        if task in flagged:
+            result += choices("yes", control="flag")
+        store.record_event(annotation_event(n + 1, task, result, text=text, proj=proj, updated=10.0,
+                                            action="ANNOTATION_UPDATED"))
+    second = FineTuneJob(settings, store).run(KEY)
+    data = ModelRegistry(settings.model_dir).meta(KEY, second["version"])["data"]
+    assert data["flag"]["eval"] == 1 and data["topic"]["eval"] >= settings.eval_min, data
+    assert not second["promoted"], second
+    assert "on topic" in second["reason"] and "worse than current" in second["reason"]
+
+
+def test_the_gate_judges_each_control_by_its_own_slice():
+    """Two controls: topic with 39 slice labels, flag with 10. Losing 7 topic examples is refused
+    (one example of topic's slice is 0.026), though on the mean over both controls it is within
+    one example of flag's slice (0.1); losing a topic example passes."""
+    from ls_backend.finetune import gate_failure
+
+    settings = Settings(eval_min=10)
+    figures = {
+        "current": {"controls": {"topic": {"primary": 27 / 39}, "flag": {"primary": 1.0}}},
+        "worse": {"controls": {"topic": {"primary": 20 / 39}, "flag": {"primary": 1.0}}},
+        "level": {"controls": {"topic": {"primary": 26 / 39}, "flag": {"primary": 1.0}}},
+        "new": {"controls": {"topic": {"primary": 27 / 39}, "flag": {"primary": 1.0}, "fresh": {"primary": 0.0}}},
+    }
+    sizes = {"topic": 39, "flag": 10}
+    mean = lambda name: np.mean([m["primary"] for c, m in figures[name]["controls"].items() if c in sizes])  # noqa: E731
+    assert not_worse(mean("worse"), mean("current"), 1 / 10)  # what the mean with flag's tolerance let through
+    assert gate_failure(figures, "worse", sizes, settings).startswith("worse on topic: 0.5128")
+    assert gate_failure(figures, "level", sizes, settings) is None
+    # a control the current model was not measured on, or below EVAL_MIN (not in sizes), is not judged
+    assert gate_failure(figures, "new", {**sizes, "fresh": 12}, settings) is None
+
+
 def test_a_job_on_unchanged_labels_makes_no_second_copy(job_env):
     settings, store = job_env
     rows = balanced_agnews(12)
@@ -194,7 +252,11 @@ def test_a_job_promotes_the_candidate_that_passes_the_gate(job_env, monkeypatch)
     label_all(store, rows[80:], first_id=500)
     n = sum(in_eval_slice(task_id, settings.eval_share) for task_id, _, _ in rows)
     figures = iter([15 / n, 14 / n, 13 / n])  # measured in this order: current, frozen, self-train
-    monkeypatch.setattr(finetune.FineTuneJob, "_measure", lambda self, heads, splits, embed: {"score": next(figures), "controls": {}})
+    def measure(self, heads, splits, embed):
+        score = next(figures)
+        return {"score": score, "controls": {"topic": {"primary": score}}}
+
+    monkeypatch.setattr(finetune.FineTuneJob, "_measure", measure)
     pool = np.random.default_rng(0).standard_normal((80, 384)).astype(np.float32)
     pool /= np.linalg.norm(pool, axis=1, keepdims=True)
     monkeypatch.setattr(finetune.FineTuneJob, "_unlabeled", lambda self, *a: {"topic": finetune.Unlabeled(pool)})
