@@ -262,8 +262,10 @@ class FineTuneJob:
         started = time.time()
         set_seed(self.args.seed)
         cutoff = self.store.current_seq(project_key)
-        current_name = self.registry.current(project_key)
-        current = self.registry.load(project_key, current_name) if current_name else None
+        # the current version, or where its pointer is missing or names a version gone or unreadable,
+        # the version that stands in for it (as the web workers serve): never a cold start over a
+        # trained model, and never a job that fails until someone mends the pointer
+        current = self.registry.readable_current(project_key)
         plan, config = self._plan(project_key, current)
         base_encoder = Encoder(
             current.encoder_path if current and current.encoder_path else self.settings.encoder_path,
@@ -274,8 +276,7 @@ class FineTuneJob:
         if current is None or current.meta.get("plan_signature") != plan.signature:
             # the cold start, or the current heads re-shaped to the config (new labels start zero-shot)
             with self.registry.lock(project_key):
-                name = self.registry.current(project_key)
-                current = self.registry.load(project_key, name) if name else None
+                current = self.registry.readable_current(project_key)
                 if current is None or current.meta.get("plan_signature") != plan.signature:
                     current = self.registry.write_plan_version(project_key, plan, current, base_encoder, self.settings)
         start_heads = dict(current.heads)
@@ -450,7 +451,9 @@ class FineTuneJob:
             against = self.registry.current(project_key) or current.version
             serving = current
             if against != current.version:
-                latest = self.registry.load(project_key, against)
+                latest = self.registry.readable_current(project_key)
+                against = latest.version if latest is not None else current.version
+            if against != current.version:
                 if latest.meta.get("plan_signature") == plan.signature:
                     figures["current"] = self._measure_version(
                         latest, current, class_splits, embed, token_splits, base_encoder

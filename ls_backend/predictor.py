@@ -194,33 +194,14 @@ class Predictor:
         skip = skip | self._broken_versions(project_key)
         if current in skip:
             log.warning("project %s: current version %s did not load here lately; a stand-in serves", project_key, current)
-        elif current is not None:
-            try:
-                return self.registry.load(project_key, current)
-            except Exception:
-                log.exception("project %s: current version %s is unreadable", project_key, current)
-        elif not self.registry.versions(project_key):
+        elif current is None and not self.registry.versions(project_key):
             return None  # a new project: its cold start is due
-        else:  # versions, but no pointer (removed, emptied): never a cold start over a trained model
+        elif current is None:  # versions, but no pointer (removed, emptied): never a cold start over a trained model
             log.warning("project %s: no current version recorded; serving the last one that served", project_key)
         # what served last first, as the registry's history has it (the same in every process; a
-        # version the gate refused is no stand-in while one that served is readable), then what
-        # this process served, then the newest readable one
-        fallbacks = [e["version"] for e in reversed(self.registry.history(project_key))
-                     if e.get("event") == "current" and e.get("version")]
-        fallbacks += [serving.version] if serving is not None else []
-        fallbacks += [v.name for v in reversed(self.registry.versions(project_key))]
-        for version in dict.fromkeys(fallbacks):
-            if version == current or version in skip:
-                continue
-            try:
-                loaded = self.registry.load(project_key, version)
-            except Exception:
-                log.warning("project %s: version %s is unreadable too", project_key, version, exc_info=True)
-                continue
-            log.warning("project %s: serving %s until current (%s) is readable", project_key, version, current)
-            return loaded
-        return None
+        # version the gate refused, or one an operator rolled back away from, is no stand-in while
+        # one that served is readable), then what this process served, then the newest readable one
+        return self.registry.readable_current(project_key, skip, [serving.version] if serving is not None else [])
 
     def ensure_version(self, project_key: str, plan: LabelingPlan) -> str:
         """The project's current version, creating the cold start (``v0``) or a version

@@ -245,10 +245,17 @@ class PredictionRefresh:
                 f"Label Studio project {api.ls_id} at {api.url} has key {ls_key}, not {project_key}: "
                 "another Label Studio instance, or the project was re-created"
             )
-        version = self.registry.current(project_key) or self._cold_start(project_key, ls_config)
-        if version is None:
-            return RefreshReport(project_key, None, "skipped", "no version yet, and no label config we can serve")
-        loaded = self.registry.load(project_key, version)
+        # what serves: the current version, or the one standing in for a missing or unreadable one
+        # (as the web workers serve it); a cold start only for a project without any version
+        loaded = self.registry.readable_current(project_key)
+        if loaded is None:
+            version = self._cold_start(project_key, ls_config)
+            if version is None:
+                why = ("no readable version (see the log)" if self.registry.versions(project_key)
+                       else "no version yet, and no label config we can serve")
+                return RefreshReport(project_key, None, "skipped", why)
+            loaded = self.registry.load(project_key, version)
+        version = loaded.version
         config = loaded.meta.get("label_config") or self.store.latest_label_config(project_key) or ls_config
         try:
             plan = plan_for(config or "")
@@ -344,9 +351,11 @@ class PredictionRefresh:
         except UnsupportedConfig:
             return None
         with self.registry.lock(project_key):
-            current = self.registry.current(project_key)
-            if current:
-                return current
+            current = self.registry.readable_current(project_key)
+            if current is not None:
+                return current.version
+            if self.registry.versions(project_key):
+                return None  # versions, none readable: no cold start over them
             return self.registry.write_plan_version(project_key, plan, None, self._base_encoder(), self.settings).version
 
     def _base_encoder(self) -> Encoder:

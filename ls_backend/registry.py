@@ -34,7 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -145,9 +145,13 @@ class ModelRegistry:
     def meta(self, project_key: str, version: str) -> dict:
         path = self.version_dir(project_key, version) / "meta.json"
         try:
-            return json.loads(path.read_text())
+            meta = json.loads(path.read_text())
         except FileNotFoundError:
             raise RegistryError(f"version {version} of project {project_key} does not exist") from None
+        if not isinstance(meta, dict):  # valid JSON, but no version's (a file written over by hand)
+            raise RegistryError(f"version {version} of project {project_key} has an unreadable meta.json "
+                                f"(a JSON {type(meta).__name__}, not an object)")
+        return meta
 
     def versions(self, project_key: str) -> list[VersionInfo]:
         directory = self.versions_dir(project_key)
@@ -161,6 +165,8 @@ class ModelRegistry:
             try:
                 meta = json.loads((path / "meta.json").read_text())
             except (OSError, ValueError):
+                continue
+            if not isinstance(meta, dict):
                 continue
             found.append(VersionInfo(path.name, int(match["number"]), path, meta))
         return sorted(found, key=lambda v: v.number)
@@ -284,11 +290,9 @@ class ModelRegistry:
                 continue  # a torn last line after a crash
         return entries
 
-    def _served_before(self, project_key: str, current: str | None) -> str | None:
-        """The version that served before ``current`` last became current, passing over the
-        versions an operator rolled back away from (unless one was made current again later), so
-        that rollback after rollback walks back, and a rollback after a rolled-back-to version was
-        followed by a new one returns to the version the operator chose."""
+    def _switches(self, project_key: str) -> tuple[list[dict], set[str]]:
+        """The history's switches of ``current``, oldest first, and the versions an operator rolled
+        back away from (with the models they re-shape) and did not make current again since."""
         switches = [e for e in self.history(project_key) if e.get("event") == "current" and e.get("version")]
         rejected: set[str] = set()
         for entry in switches:
@@ -298,6 +302,49 @@ class ModelRegistry:
             if away:
                 rejected |= self._same_model(project_key, away)
             rejected.discard(entry["version"])
+        return switches, rejected
+
+    def stand_ins(self, project_key: str, extra: Iterable[str] = ()) -> list[str]:
+        """What serves while ``current`` is missing or unreadable, in order: the versions that
+        served, most recent first, except those an operator rolled back away from; then ``extra``
+        (what a process served last); then those rolled back away from; then every other version,
+        newest first.  The same in every process: a web worker, a job and a refresh agree."""
+        switches, rejected = self._switches(project_key)
+        served = list(dict.fromkeys(e["version"] for e in reversed(switches)))
+        order = [v for v in served if v not in rejected] + list(extra) + [v for v in served if v in rejected]
+        order += [v.name for v in reversed(self.versions(project_key))]
+        return list(dict.fromkeys(order))
+
+    def readable_current(self, project_key: str, skip: Iterable[str] = (), extra: Iterable[str] = ()) -> LoadedHeads | None:
+        """The current version, or where its pointer is missing, names a version that is gone or
+        unreadable, or one in ``skip``, the first readable of :meth:`stand_ins`: a broken pointer
+        costs a served model, never a cold start over a trained one.  None: no readable version."""
+        skip = set(skip)
+        current = self.current(project_key)
+        if current is not None and current not in skip:
+            try:
+                return self.load(project_key, current)
+            except Exception:
+                log.exception("project %s: current version %s is unreadable", project_key, current)
+        for version in self.stand_ins(project_key, extra):
+            if version == current or version in skip:
+                continue
+            try:
+                loaded = self.load(project_key, version)
+            except Exception:
+                log.warning("project %s: version %s is unreadable too", project_key, version, exc_info=True)
+                continue
+            log.warning("project %s: %s stands in for the current version (%s), which is missing or unreadable",
+                        project_key, version, current)
+            return loaded
+        return None
+
+    def _served_before(self, project_key: str, current: str | None) -> str | None:
+        """The version that served before ``current`` last became current, passing over the
+        versions an operator rolled back away from (unless one was made current again later), so
+        that rollback after rollback walks back, and a rollback after a rolled-back-to version was
+        followed by a new one returns to the version the operator chose."""
+        switches, rejected = self._switches(project_key)
         last = max((i for i, e in enumerate(switches) if e["version"] == current), default=len(switches))
         existing = {v.name for v in self.versions(project_key)}
         skip = self._same_model(project_key, current) if current else set()

@@ -163,6 +163,27 @@ def test_the_gate_judges_each_control_by_its_own_slice():
     assert gate_failure(figures, "new", {**sizes, "fresh": 12}, settings) is None
 
 
+@pytest.mark.parametrize("pointer", ["emptied", "a deleted version"])
+def test_a_job_behind_a_broken_current_pointer_starts_from_what_serves_and_writes_no_cold_start(job_env, pointer):
+    """The ``current`` pointer emptied, or naming a version that was deleted: the web workers serve
+    the last version that served, and a job warm-starts from it and is judged against it, instead
+    of writing a zero-shot cold start over the trained model (emptied) or failing (deleted)."""
+    settings, store = job_env
+    rows = balanced_agnews(24)
+    label_all(store, rows)
+    first = FineTuneJob(settings, store).run(KEY)
+    assert first["promoted"], first
+    registry = ModelRegistry(settings.model_dir)
+    (registry.project_dir(KEY) / "current").write_text("" if pointer == "emptied" else "p3-v9\n")
+    shift = {label: AGNEWS_LABELS[(i + 1) % 4] for i, label in enumerate(AGNEWS_LABELS)}
+    label_all(store, rows, updated=10.0, relabel=lambda task, label: label if in_eval_slice(task, 0.2) else shift[label])
+    second = FineTuneJob(settings, store).run(KEY)
+    meta = registry.meta(KEY, second["version"])
+    assert meta["parent"] == first["version"] and meta["decision"]["against"] == first["version"], meta["decision"]
+    assert not second["promoted"] and "worse than current" in second["reason"]  # judged against the trained model
+    assert [v.meta["kind"] for v in registry.versions(KEY)].count("cold-start") == 1  # only the first one
+
+
 def test_a_job_on_unchanged_labels_makes_no_second_copy(job_env):
     settings, store = job_env
     rows = balanced_agnews(12)

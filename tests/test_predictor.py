@@ -259,6 +259,41 @@ def test_a_config_change_behind_an_unreadable_pointer_reshapes_what_served_last_
     assert registry.meta(PROJECT, version)["parent"] == "p7-v2"  # what served last, as every worker would pick
 
 
+def test_a_stand_in_is_never_the_version_an_operator_rolled_back_away_from(client, settings, encoder):
+    """v1 then v2 served; the operator rolled back to v1; v1's meta.json then breaks: a fresh worker
+    serves v0 (what served before v1), not v2, which the operator took out of service."""
+    assert client.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).json["model_version"] == "p7-v0"
+    registry = ModelRegistry(settings.model_dir)
+    loaded = registry.load(PROJECT, "p7-v0")
+    for _ in range(2):
+        registry.promote(PROJECT, registry.create_version(PROJECT, loaded.heads, dict(loaded.meta, parent="p7-v0",
+                                                                                       kind="test")))
+    assert registry.rollback(PROJECT) == "p7-v1"
+    (registry.version_dir(PROJECT, "p7-v1") / "meta.json").write_text("{torn")
+    assert fresh_client(settings, encoder).post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}
+                                                ).json["model_version"] == "p7-v0"
+    assert registry.stand_ins(PROJECT) == ["p7-v1", "p7-v0", "p7-v2"]  # served, then rolled back away from
+
+
+@pytest.mark.parametrize("content", ["null", "[]", "3"])
+def test_a_meta_json_that_is_no_object_is_an_unreadable_version_not_a_500(client, settings, content):
+    assert client.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).json["model_version"] == "p7-v0"
+    registry = ModelRegistry(settings.model_dir)
+    loaded = registry.load(PROJECT, "p7-v0")
+    for _ in range(2):
+        registry.promote(PROJECT, registry.create_version(PROJECT, loaded.heads, dict(loaded.meta, parent="p7-v0",
+                                                                                       kind="test")))
+    (registry.version_dir(PROJECT, "p7-v1") / "meta.json").write_text(content)
+    listed = client.get(f"/projects/{PROJECT}/versions")
+    assert listed.status_code == 200 and [v["version"] for v in listed.json["versions"]] == ["p7-v0", "p7-v2"]
+    assert client.get(f"/projects/{PROJECT}/learning-curve").status_code == 200
+    rolled = client.post(f"/projects/{PROJECT}/rollback", json={})  # passes over the unreadable p7-v1
+    assert rolled.status_code == 200 and registry.current(PROJECT) == "p7-v0", rolled.json
+    refused = client.post(f"/projects/{PROJECT}/rollback", json={"to": "p7-v1"})
+    assert refused.status_code == 404 and "unreadable meta.json" in refused.json["message"]
+    assert registry.current(PROJECT) == "p7-v0"
+
+
 def test_a_prediction_uses_the_version_checked_against_its_label_config(client, monkeypatch):
     """A job's version (made under the old config) promoted between the check and the prediction
     must not answer for the new config."""
