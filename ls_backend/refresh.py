@@ -391,7 +391,10 @@ class PredictionRefresh:
             rows_of_embedding.append(slot)
             scores.append(result["score"])
             if primary is not None:
-                probabilities.append(keep["probabilities"][primary.name][i])
+                row = keep["probabilities"][primary.name][i]
+                if row is None:  # not finite (a half-precision overflow): kept as such, /next ranks it first
+                    row = np.full(len(serving.heads[primary.name].labels), np.nan, dtype=np.float32)
+                probabilities.append(row)
             if not keep["scored"][i]:  # nothing trained reads it yet (an untrained entity head): pool only
                 report.pooled_only += 1
                 continue

@@ -678,9 +678,9 @@ def next_batch(settings, registry: ModelRegistry, store, project_key: str, n: in
     probabilities = pool.probabilities[keep] if pool.probabilities is not None else None
     if probabilities is not None and probabilities.size:
         broken = ~np.isfinite(probabilities).all(axis=1)
-        if broken.any():
+        if broken.any():  # the most uncertain row there is: even odds over the labels, or for each label
             probabilities = probabilities.copy()
-            probabilities[broken] = 1.0 / probabilities.shape[1]
+            probabilities[broken] = 0.5 if pool.meta.get("multiple") else 1.0 / probabilities.shape[1]
     scores = np.where(np.isfinite(pool.scores[keep]), pool.scores[keep], 0.0)
     name = strategy or "uncertainty"
     if name not in ("random", "typical") and not pool.trained:

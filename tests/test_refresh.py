@@ -75,3 +75,69 @@ def test_a_job_resumes_the_served_versions_refresh_that_a_killed_job_left_unfini
         result = jobs.execute_training(settings, PROJECT, "labels")
         assert ("refresh" in result) is resumed, (state, version, result)
     assert calls == [PROJECT]
+
+
+class FakePredictions:
+    """Label Studio's side of a refresh (``LabelStudioPredictions``): unlabeled tasks by id, bulk writes."""
+
+    url = "http://label-studio.test"
+
+    def __init__(self, ls_id: int, n_tasks: int):
+        from tests.support.events import TOPIC_CONFIG
+
+        self.ls_id, self.config, self.model_version = ls_id, TOPIC_CONFIG, ""
+        self.tasks = {i: {"id": i, "data": {"text": f"The match ended in a draw, report {i}"}, "predictions": []}
+                      for i in range(1, n_tasks + 1)}
+
+    def unlabeled_after(self, after_id, size):
+        rows = [t for i, t in sorted(self.tasks.items()) if i > after_id]
+        return [{"id": t["id"], "data": t["data"], "versions": {p["model_version"] for p in t["predictions"]}}
+                for t in rows[:size]], len(rows)
+
+    def create(self, rows):
+        for row in rows:
+            self.tasks[row["task"]]["predictions"].append(row)
+        return len(rows)
+
+    def project(self):
+        from tests.support.events import key_of
+
+        return key_of(self.ls_id), self.model_version, self.config
+
+    def set_model_version(self, version):
+        self.model_version = version
+
+
+def test_a_task_whose_probabilities_are_not_finite_does_not_stop_the_refresh(tmp_path, monkeypatch, encoder):
+    """A half-precision overflow gives one task of each page a row of NaN: the refresh still
+    finishes (it stopped at that page on every try, and /next stayed stale), the task gets no
+    prediction, and the pool keeps it (/next ranks such a row first: test_sampling)."""
+    import numpy as np
+
+    from ls_backend import model
+    from ls_backend.refresh import PredictionRefresh
+    from ls_backend.registry import ModelRegistry
+    from ls_backend.sampling import next_batch
+    from ls_backend.store import CorrectionStore
+    from tests.support.events import key_of
+
+    probabilities = model.ClassifierHead.probabilities
+
+    def overflowing(self, embeddings):
+        out = np.array(probabilities(self, embeddings), dtype=np.float32)
+        out[0] = np.nan  # the first task of each page
+        return out
+
+    monkeypatch.setattr(model.ClassifierHead, "probabilities", overflowing)
+    settings = Settings(model_dir=tmp_path / "models", refresh_page_size=5)
+    store = CorrectionStore(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    studio = FakePredictions(5, 12)
+    try:
+        report = PredictionRefresh(settings, store, api=studio, encoder=encoder).run(key_of(5))
+        assert report.state == "finished" and report.tasks == 12, report
+        written = sorted(i for i, t in studio.tasks.items() if t["predictions"])
+        assert written == [2, 3, 4, 5, 7, 8, 9, 10, 12]  # tasks 1, 6 and 11 overflowed: no prediction
+        batch = next_batch(settings, ModelRegistry(settings.model_dir), store, key_of(5), 3, "random")
+        assert batch.pool_size == 12 and not batch.stale
+    finally:
+        store.close()

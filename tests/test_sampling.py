@@ -352,18 +352,21 @@ def test_an_entities_only_pool_leaves_out_the_tasks_labeled_or_deleted_since_the
         store.close()
 
 
+@pytest.mark.parametrize("multiple", [False, True])
 @pytest.mark.parametrize("strategy", ["uncertainty", "diverse", "coverage", "typical", "random"])
-def test_a_pool_row_that_is_not_finite_ranks_as_most_uncertain_and_never_breaks_the_answer(tmp_path, strategy):
+def test_a_pool_row_that_is_not_finite_ranks_as_most_uncertain_and_never_breaks_the_answer(tmp_path, strategy, multiple):
     import json
 
     settings = Settings(model_dir=tmp_path / "models")
     registry = ModelRegistry(settings.model_dir)
     rng = np.random.default_rng(3)
     pools = PoolStore(registry)
-    pools.start(PROJECT, "p5-v1", {"control": "topic", "labels": ["a", "b", "c"], "multiple": False,
+    pools.start(PROJECT, "p5-v1", {"control": "topic", "labels": ["a", "b", "c"], "multiple": multiple,
                                    "threshold": 0.5, "trained": True})
     x = rng.standard_normal((30, 8)).astype(np.float32)
-    p = rng.dirichlet(np.ones(3) * 0.2, size=30)
+    # multiple: independent labels, all of them close calls; a broken row filled with 1/3 per label
+    # would read as a fairly sure "none of them", and rank behind every one of these
+    p = rng.uniform(0.4, 0.6, size=(30, 3)) if multiple else rng.dirichlet(np.ones(3) * 0.2, size=30)
     x[4, 2], p[4, 1] = np.nan, np.nan  # a half-precision overflow
     scores = p.max(axis=1)
     pools.add(PROJECT, "p5-v1", PoolPart(list(range(100, 130)), x, p, list(scores)))
@@ -372,7 +375,9 @@ def test_a_pool_row_that_is_not_finite_ranks_as_most_uncertain_and_never_breaks_
     batch = next_batch(settings, registry, FakeStore(), PROJECT, 5, strategy)
     body = json.dumps(batch.to_dict(), allow_nan=False)  # Label Studio and browsers reject NaN in JSON
     assert len(set(batch.task_ids)) == 5, body
-    if strategy in ("uncertainty", "diverse"):  # the strategies that read the scores serve it first
+    # the strategies that read the scores serve it first (diverse: where the other rows are far surer;
+    # among close calls everywhere, it picks by the embeddings)
+    if strategy == "uncertainty" or (strategy == "diverse" and not multiple):
         assert batch.task_ids[0] == 104 and batch.scores[0] == 0.0
 
 
