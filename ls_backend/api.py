@@ -414,9 +414,10 @@ def project_next(key: str):
         return jsonify({"project": project, "status": "preparing", "job": job.to_dict(),
                         "message": f"{exc}; a refresh job lists and predicts them now: ask again when it has finished"}), 202
     body = batch.to_dict()
-    # an older version's pool (a rollback), a refresh not finished, or every task of the pool
-    # labeled or skipped: a refresh (a top-up for the same version) lists what is left
-    if refreshing and (batch.stale or not batch.task_ids):
+    # an older version's pool (a rollback), a refresh not finished, every task of the pool labeled
+    # or skipped, or fewer left than asked for where the refresh stopped at REFRESH_MAX_TASKS: a
+    # refresh (a top-up for the same version) lists what is left
+    if refreshing and (batch.stale or not batch.task_ids or (len(batch.task_ids) < n and batch.pool_bounded)):
         body["refresh_job"] = svc.queue.enqueue(project, REFRESH_TRIGGER)[0].id
     return jsonify(body)
 

@@ -272,6 +272,8 @@ class PredictionRefresh:
             report.top_up_after = cursor.get("top_up_after")
             for name in CURSOR_COUNTS:
                 setattr(report, name, int(cursor.get(name, 0)))
+            # what the last page read said (a run killed after its last page, resumed, reads none)
+            report.bounded = bool(cursor.get("bounded", False))
         elif cursor.get("version") == version and cursor.get("state") == "finished" and self.pools.exists(
             project_key, version
         ):
@@ -307,10 +309,10 @@ class PredictionRefresh:
             self._page(project_key, version, plan, predictor, serving, embed_control, primary, tasks, report)
             after_id = tasks[-1]["id"]
             report.pages += 1
-            cursor.update(after_id=after_id, **{name: getattr(report, name) for name in CURSOR_COUNTS})
-            self._save_cursor(project_key, cursor)
             remaining = (left or 0) - len(tasks)
             report.bounded = remaining > 0 and report.tasks >= limit
+            cursor.update(after_id=after_id, bounded=report.bounded, **{name: getattr(report, name) for name in CURSOR_COUNTS})
+            self._save_cursor(project_key, cursor)
             steps = report.tasks + min(max(remaining, 0), limit - report.tasks)
             self.progress({"stage": "refresh", "version": version, "step": report.tasks, "steps": steps,
                            "written": report.written})
@@ -471,7 +473,17 @@ def rank_project(settings: Settings, store, project_key: str, n: int, strategy: 
     except NoPool:
         batch = None
     if batch is None or batch.stale:
-        report = PredictionRefresh(settings, store, registry).run(project_key)
-        body["refresh"] = report.to_dict()
+        from .sync import SyncError
+
+        try:
+            report = PredictionRefresh(settings, store, registry).run(project_key)
+            body["refresh"] = report.to_dict()
+        except (RefreshError, SyncError) as exc:
+            # Label Studio out of reach: a pool there is still ranked, stale (as GET /next ranks it);
+            # without one, or with --refresh asked for, the reason is the answer
+            if refresh or PoolStore(registry).best(project_key, registry.current(project_key)) is None:
+                raise
+            log.warning("project %s: refresh before ranking failed (%s); ranking the pool there is", project_key, exc)
+            body["refresh"] = {"state": "failed", "reason": str(exc)}
         batch = next_batch(settings, registry, store, project_key, n, strategy, seed)
     return dict(batch.to_dict(), **body)

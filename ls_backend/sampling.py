@@ -597,6 +597,7 @@ class NextBatch:
     pool_complete: bool
     left_out_labeled: int
     score_mode: str
+    pool_bounded: bool = False  # its refresh stopped at REFRESH_MAX_TASKS: Label Studio has more unlabeled tasks
 
     @property
     def stale(self) -> bool:
@@ -706,4 +707,5 @@ def next_batch(settings, registry: ModelRegistry, store, project_key: str, n: in
         pool_complete=pool.complete,
         left_out_labeled=int((~keep).sum()),
         score_mode=settings.score_mode,
+        pool_bounded=bool((pool.meta.get("report") or {}).get("bounded")),
     )

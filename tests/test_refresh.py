@@ -141,3 +141,78 @@ def test_a_task_whose_probabilities_are_not_finite_does_not_stop_the_refresh(tmp
         assert batch.pool_size == 12 and not batch.stale
     finally:
         store.close()
+
+
+def test_a_short_batch_from_a_bounded_refresh_queues_a_top_up_and_a_resumed_refresh_stays_bounded(
+        tmp_path, monkeypatch, encoder):
+    """REFRESH_MAX_TASKS=10 of 25 unlabeled tasks: once most of the pool is labeled, /next answers
+    the few left and queues a top-up (it waited until none was left); a refresh killed after its
+    last page, resumed, still says it stopped at the bound."""
+    from ls_backend.api import create_app
+    from ls_backend.predictor import Predictor
+    from ls_backend.refresh import PredictionRefresh
+    from ls_backend.store import CorrectionStore
+    from tests.support.events import annotation_event, choices, key_of, project
+
+    settings = Settings(model_dir=tmp_path / "models", refresh_page_size=5, refresh_max_tasks=10)
+    store = CorrectionStore.from_settings(settings)
+    studio = FakePredictions(5, 25)
+    key = key_of(5)
+    try:
+        killed = PredictionRefresh(settings, store, api=studio, encoder=encoder)
+        monkeypatch.setattr(killed, "_labeled_part", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        try:
+            killed.run(key)  # killed after its last page, before it said it had finished
+        except KeyboardInterrupt:
+            pass
+        report = PredictionRefresh(settings, store, api=studio, encoder=encoder).run(key)
+        assert report.state == "finished" and report.tasks == 10 and report.bounded, report
+        for task in range(1, 9):  # 8 of the 10 pooled tasks labeled since
+            store.record_event(annotation_event(task, task, choices("Sports"), proj=project(5)))
+        client = create_app(settings, Predictor(settings, encoder=encoder)).test_client()
+        answer = client.get(f"/projects/{key}/next?n=5&strategy=random")
+        assert answer.status_code == 200 and sorted(answer.json["task_ids"]) == [9, 10], answer.json
+        assert answer.json.get("refresh_job"), answer.json  # 15 more unlabeled tasks wait in Label Studio
+        enough = client.get(f"/projects/{key}/next?n=2&strategy=random")
+        assert "refresh_job" not in enough.json  # as many as asked for: nothing to top up
+    finally:
+        store.close()
+
+
+def test_rank_answers_from_the_pool_there_is_when_label_studio_is_out_of_reach(tmp_path):
+    """``ls-backend rank`` with the previous version's pool and no way to reach Label Studio (no
+    LABEL_STUDIO_URL, no token from /setup): it ranks that pool, stale, as GET /next does, and says
+    why it did not refresh; asked to refresh, or with no pool at all, the reason is the answer."""
+    import numpy as np
+    import pytest
+
+    from ls_backend.refresh import rank_project
+    from ls_backend.registry import ModelRegistry
+    from ls_backend.sampling import PoolPart, PoolStore
+    from ls_backend.store import CorrectionStore
+    from ls_backend.sync import SyncError
+    from tests.support.events import annotation_event, choices, key_of, project
+
+    settings = Settings(model_dir=tmp_path / "models")
+    store = CorrectionStore.from_settings(settings)
+    key = key_of(5)
+    try:
+        store.record_event(annotation_event(1, 1, choices("World"), text="hello", proj=project(5)))
+        with pytest.raises(SyncError):  # no pool yet: nothing to rank
+            rank_project(settings, store, key, 3)
+        registry = ModelRegistry(settings.model_dir)
+        pools = PoolStore(registry)
+        pools.start(key, "p5-v1", {"control": "topic", "labels": list("abcd"), "multiple": False, "threshold": 0.5,
+                                   "trained": True})
+        rng = np.random.default_rng(0)
+        pools.add(key, "p5-v1", PoolPart(list(range(10, 40)), rng.standard_normal((30, 8)).astype(np.float32),
+                                         rng.dirichlet(np.ones(4), 30).astype(np.float32), [0.5] * 30))
+        pools.finish(key, "p5-v1", {})
+        (registry.project_dir(key) / "current").write_text("p5-v2\n")  # v2 promoted, its refresh not run
+        body = rank_project(settings, store, key, 3)
+        assert body["stale"] and len(body["task_ids"]) == 3 and body["pool_version"] == "p5-v1", body
+        assert body["refresh"]["state"] == "failed" and "LABEL_STUDIO_URL" in body["refresh"]["reason"]
+        with pytest.raises(SyncError):
+            rank_project(settings, store, key, 3, refresh=True)
+    finally:
+        store.close()
