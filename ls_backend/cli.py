@@ -236,6 +236,9 @@ def _unreachable(exc: BaseException) -> str | None:
         return f"Redis (REDIS_URL) cannot be reached: {str(exc).splitlines()[0]}"
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+    if kind == "sqlite3":  # the embedding cache (the store goes through SQLAlchemy)
+        return (f"the embedding cache cannot be read ({exc}): it is only a cache; delete its file "
+                "(embeddings.sqlite under CACHE_DIR) and the next job embeds anew")
     return None
 
 
@@ -363,7 +366,17 @@ def cache(settings: Settings, prune: bool, older_than: float | None) -> int:
     if not cache_file(settings.local_cache_dir).exists():
         print(json.dumps({"path": str(cache_file(settings.local_cache_dir)), "bytes": 0, "encoders": []}, indent=2))
         return 0
-    embeddings = EmbeddingCache(settings.local_cache_dir)
+    import sqlite3
+
+    try:
+        return _cache(settings, prune, older_than, EmbeddingCache(settings.local_cache_dir))
+    except sqlite3.DatabaseError as exc:
+        print(f"ls-backend: the embedding cache {cache_file(settings.local_cache_dir)} cannot be read ({exc}): it is "
+              "only a cache; delete that file and the next job embeds anew", file=sys.stderr)
+        return 1
+
+
+def _cache(settings: Settings, prune: bool, older_than: float | None, embeddings) -> int:
     body: dict = {"path": str(embeddings.path)}
     if prune:
         days = settings.cache_max_age_days if older_than is None else older_than

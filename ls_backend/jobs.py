@@ -1049,7 +1049,12 @@ class JobRunner:
             last = time.time()
             self._write_schedule_mark(last)
         while not self.stopping.is_set():
-            due, now = schedule_after(schedule, last), time.time()
+            try:
+                due, now = schedule_after(schedule, last), time.time()
+            except Exception:  # (settings refuse an expression that never comes due: never reached)
+                log.exception("schedule: TRAIN_SCHEDULE=%s gives no next run", schedule)
+                self.stopping.wait(60.0)
+                continue
             if now < due:
                 self.stopping.wait(min(due - now, 30.0))
                 continue

@@ -179,7 +179,8 @@ class Encoder:
         self.weights_dtype = self.dtype if self.device.type == "cpu" else torch.float32
         if self.weights_dtype is not torch.float32:
             self.model = self.model.to(self.weights_dtype)
-        self.max_length = int(min(max_length, position_limit(self.model, self.tokenizer)))
+        self.positions = int(position_limit(self.model, self.tokenizer))  # the most tokens one input may hold
+        self.max_length = int(min(max_length, self.positions))
         self.dim = int(self.model.config.hidden_size)
         self._lock = threading.Lock()
         self._bulk: dict[int, object] = {}  # max length -> a tokenizer only ``tokenize`` uses
@@ -231,7 +232,8 @@ class Encoder:
         """Token ids with the special tokens, cut at ``max_length`` (the same ids as the tokenizer's
         own ``__call__`` with ``truncation=True``); lists of over ``2 * TOKENIZE_CHUNK`` texts are
         split over ``tokenize_threads()`` threads."""
-        limit = max_length or self.max_length
+        # a longer max_length (TRAIN_MAX_LENGTH) than the model reads is cut to what it reads
+        limit = min(max_length or self.max_length, self.positions)
         if len(texts) < 2 * TOKENIZE_CHUNK or tokenize_threads() == 1:
             return self._tokenize_chunk(texts, limit)
         parts = [texts[i : i + TOKENIZE_CHUNK] for i in range(0, len(texts), TOKENIZE_CHUNK)]

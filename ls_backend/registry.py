@@ -148,6 +148,9 @@ class ModelRegistry:
             meta = json.loads(path.read_text())
         except FileNotFoundError:
             raise RegistryError(f"version {version} of project {project_key} does not exist") from None
+        except ValueError as exc:  # torn or edited by hand: say which file
+            raise RegistryError(f"version {version} of project {project_key} has an unreadable meta.json "
+                                f"({path}: {exc})") from None
         if not isinstance(meta, dict):  # valid JSON, but no version's (a file written over by hand)
             raise RegistryError(f"version {version} of project {project_key} has an unreadable meta.json "
                                 f"(a JSON {type(meta).__name__}, not an object)")

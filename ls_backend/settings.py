@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from datetime import datetime, timezone
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Mapping
@@ -83,18 +84,68 @@ def _zero_shot_template(raw: str) -> str:
 
 def _database_url(raw: str) -> str:
     value = raw.strip()
+    expected = ("expected postgresql://user:pass@host:5432/db or sqlite:////absolute/path/store.sqlite "
+                "(or unset for SQLite under MODEL_DIR)")
     if not value.startswith(("postgres://", "postgresql://", "postgresql+psycopg://", "sqlite://", "sqlite+pysqlite://")):
-        raise SettingsError("DATABASE_URL: expected postgresql://user:pass@host:5432/db or sqlite:////path/store.sqlite "
-                            "(or unset for SQLite under MODEL_DIR)")
+        raise SettingsError(f"DATABASE_URL: {expected}")
+    import sqlalchemy as sa
+
+    try:
+        url = sa.make_url(value)
+        url.port  # noqa: B018  (a port that is no number fails here, not at the first connection)
+    except Exception as exc:  # the message would quote the URL, password and all
+        raise SettingsError(f"DATABASE_URL: cannot be read ({type(exc).__name__}); {expected}") from None
+    if url.get_backend_name() == "sqlite":
+        # every process (web workers, the job runner) must open the same file: an in-memory store
+        # would be one per process, and a relative path one per working folder
+        if not url.database or url.database == ":memory:" or not Path(url.database).is_absolute():
+            raise SettingsError(f"DATABASE_URL={value!r}: SQLite needs an absolute file path that every process "
+                                "opens (sqlite:////absolute/path/store.sqlite), or leave it unset for MODEL_DIR/store.sqlite")
     return value
 
 
 def _redis_url(raw: str) -> str:
     value = raw.strip()
+    expected = "expected redis://host:6379/0 (rediss:// or unix:// too), or unset for the embedded job runner"
     if not value.startswith(("redis://", "rediss://", "unix://")):
-        raise SettingsError(f"REDIS_URL={raw!r}: expected redis://host:6379/0 (rediss:// or unix:// too), "
-                            "or unset for the embedded job runner")
+        raise SettingsError(f"REDIS_URL={_mask_password(value)!r}: {expected}")
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (a port that is no number)
+    except ValueError:
+        raise SettingsError(f"REDIS_URL={_mask_password(value)!r}: its port is not a number; {expected}") from None
+    database = parts.path.strip("/") if parts.scheme != "unix" else ""
+    if database and not database.isdecimal():  # redis-py would drop it and use db 0 unsaid
+        raise SettingsError(f"REDIS_URL={_mask_password(value)!r}: the database after the host is a number "
+                            f"(redis://host:6379/0), not {database!r}")
     return value
+
+
+def _label_studio_url(raw: str) -> str:
+    from urllib.parse import urlsplit
+
+    value = raw.strip().rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(f"LABEL_STUDIO_URL={_mask_password(value)!r}: expected Label Studio's address, "
+                            "http://host:8080 or https://host")
+    return value
+
+
+def _queue_name(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise SettingsError("QUEUE_NAME is blank: give a name (default ls-backend), or unset it")
+    return value
+
+
+def _path(name: str, raw: str) -> Path:
+    try:
+        return Path(raw.strip()).expanduser()
+    except RuntimeError as exc:  # ~someone with no such user
+        raise SettingsError(f"{name}={raw!r}: {exc} (write the path out in full)") from None
 
 
 SECRET_QUERY_KEYS = ("password", "passfile", "sslpassword")
@@ -106,19 +157,37 @@ def _mask_password(url: str) -> str:
     from urllib.parse import parse_qsl, urlencode
 
     scheme, sep, rest = url.partition("://")
-    rest, question, query = rest.partition("?")
-    userinfo, at, host = rest.rpartition("@")
+    # the user part ends at the last "@" before the path: a password may hold "?", "/" or "@"
+    path_at = rest.find("/", rest.rfind("@") + 1)
+    authority, tail = (rest[:path_at], rest[path_at:]) if path_at >= 0 else (rest, "")
+    userinfo, at, host = authority.rpartition("@")
     if at and ":" in userinfo:
-        rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
+        authority = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    elif at and "?" in userinfo:  # "user:pa?ss@host" read as a query by a naive split: hide it all
+        authority = f"***@{host}"
+    tail, question, query = tail.partition("?")
+    rest = authority + tail
     if question:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = urlencode([(k, "***" if k.lower() in SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*")
     return f"{scheme}{sep}{rest}{question}{query}"
 
 
+def _mask_database_url(url: str) -> str:
+    """A ``DATABASE_URL`` with its password hidden, read the way the store reads it (SQLAlchemy: a
+    password may hold ``?`` or ``/``), and its query's secrets as in :func:`_mask_password`."""
+    try:
+        import sqlalchemy as sa
+
+        url = sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        pass
+    return _mask_password(url)
+
+
 def _base_model(raw: str) -> str:
     """A local Hugging Face model folder (``~`` expanded: a docker ``.env`` file does not)."""
-    path = Path(raw.strip()).expanduser()
+    path = _path("BASE_MODEL", raw)
     if not (path / "config.json").is_file():
         raise SettingsError(f"BASE_MODEL={raw!r}: no model folder there (expected a local Hugging Face model folder "
                             "with config.json; unset for the bundled encoder)")
@@ -138,6 +207,13 @@ def _schedule(raw: str) -> str:
             raise ValueError
     except (ImportError, ValueError):
         raise SettingsError(f"TRAIN_SCHEDULE={raw!r}: expected seconds (3600) or a cron expression (0 * * * *)") from None
+    try:  # a valid expression may name no time at all (February 30th), or one every second
+        it = croniter(value, datetime.now(timezone.utc))
+        slots = [it.get_next(float) for _ in range(6)]
+    except Exception:
+        raise SettingsError(f"TRAIN_SCHEDULE={raw!r}: this cron expression never comes due") from None
+    if min(b - a for a, b in zip(slots, slots[1:])) < 10:
+        raise SettingsError(f"TRAIN_SCHEDULE={raw!r}: runs are at least 10 seconds apart")
     return value
 
 
@@ -255,9 +331,9 @@ class Settings:
         get = env.get
         values: dict[str, object] = {}
         if get("MODEL_DIR"):
-            values["model_dir"] = Path(get("MODEL_DIR", "")).expanduser()
+            values["model_dir"] = _path("MODEL_DIR", get("MODEL_DIR", ""))
         if get("CACHE_DIR"):
-            values["cache_dir"] = get("CACHE_DIR", "")
+            values["cache_dir"] = str(_path("CACHE_DIR", get("CACHE_DIR", "")))
         if get("BASE_MODEL"):
             values["base_model"] = _base_model(get("BASE_MODEL", ""))
         for name in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS", "LABEL_STUDIO_API_KEY"):
@@ -266,7 +342,7 @@ class Settings:
         if get("ZERO_SHOT_TEMPLATE"):
             values["zero_shot_template"] = _zero_shot_template(get("ZERO_SHOT_TEMPLATE", ""))
         if get("LABEL_STUDIO_URL"):
-            values["label_studio_url"] = get("LABEL_STUDIO_URL", "").rstrip("/")
+            values["label_studio_url"] = _label_studio_url(get("LABEL_STUDIO_URL", ""))
         if get("DATABASE_URL"):
             values["database_url"] = _database_url(get("DATABASE_URL", ""))
         if get("CACHE_MAX_AGE_DAYS"):
@@ -276,7 +352,7 @@ class Settings:
         if get("REDIS_URL"):
             values["redis_url"] = _redis_url(get("REDIS_URL", ""))
         if get("QUEUE_NAME"):
-            values["queue_name"] = get("QUEUE_NAME", "").strip()
+            values["queue_name"] = _queue_name(get("QUEUE_NAME", ""))
         if get("TRAIN_SCHEDULE"):
             values["train_schedule"] = _schedule(get("TRAIN_SCHEDULE", ""))
         if get("TRAIN_MODE"):
@@ -357,7 +433,9 @@ class Settings:
             value = getattr(self, f.name)
             if f.name in {"basic_auth_pass", "label_studio_api_key"} and value:
                 value = "***"
-            if f.name in {"redis_url", "database_url"} and value:
+            if f.name == "database_url" and value:
+                value = _mask_database_url(value)
+            elif f.name in {"redis_url", "label_studio_url"} and value:
                 value = _mask_password(value)
             shown[f.name] = str(value) if isinstance(value, Path) else value
         return shown

@@ -125,6 +125,11 @@ def test_the_cache_command_lists_encoders_and_prunes_with_the_space_given_back(t
     monkeypatch.setenv("CACHE_MAX_AGE_DAYS", "0")
     assert cli.main(["cache", "--prune"]) == 2
     assert "--older-than" in capsys.readouterr().err
+    # a cache file that is no database: one line naming it and what to do, not a traceback
+    cache.path.write_bytes(b"garbage")
+    assert cli.main(["cache"]) == 1
+    said = capsys.readouterr().err
+    assert str(cache.path) in said and "delete that file" in said and "Traceback" not in said
 
 
 def test_reading_cached_rows_never_waits_on_a_writer_elsewhere_and_marks_a_use_at_most_hourly(tmp_path):

@@ -138,3 +138,19 @@ def test_batches_are_sorted_by_length_and_padded_row_for_row(encoder):
             n = len(ids[i])
             assert input_ids[row, :n].tolist() == ids[i] and set(input_ids[row, n:].tolist()) <= {pad}
             assert mask[row].tolist() == [1] * n + [0] * (width - n)
+
+
+def test_a_training_length_longer_than_the_model_reads_is_cut_to_what_it_reads(encoder):
+    """TRAIN_MAX_LENGTH=1000 with a 512-position encoder: a 900-token text made every full
+    fine-tune fail in its forward pass; it is cut at the encoder's 512 positions instead."""
+    long_text = "word " * 900
+    assert encoder.positions == 512
+    ids = encoder.tokenize([long_text], 1000)[0]
+    assert len(ids) == 512
+    import torch
+
+    from ls_backend.trainer import pad_batch
+
+    input_ids, mask = pad_batch([ids], encoder.tokenizer.pad_token_id, encoder.device)
+    with torch.no_grad():
+        assert encoder.pooled(input_ids, mask).shape == (1, encoder.dim)

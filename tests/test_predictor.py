@@ -292,6 +292,9 @@ def test_a_meta_json_that_is_no_object_is_an_unreadable_version_not_a_500(client
     refused = client.post(f"/projects/{PROJECT}/rollback", json={"to": "p7-v1"})
     assert refused.status_code == 404 and "unreadable meta.json" in refused.json["message"]
     assert registry.current(PROJECT) == "p7-v0"
+    (registry.version_dir(PROJECT, "p7-v2") / "meta.json").write_text("{torn")  # not JSON: named too
+    refused = client.post(f"/projects/{PROJECT}/rollback", json={"to": "p7-v2"})
+    assert refused.status_code == 404 and "p7-v2" in refused.json["message"] and "meta.json" in refused.json["message"]
 
 
 def test_a_prediction_uses_the_version_checked_against_its_label_config(client, monkeypatch):

@@ -48,8 +48,21 @@ def test_a_zero_shot_template_with_literal_braces_makes_the_prompts():
 @pytest.mark.parametrize("env, fix", [
     ({"SEED": str(2**32)}, "at most 4294967295"),  # numpy's seeds are 32-bit: every job failed
     ({"REDIS_URL": "localhost:6379"}, "redis://host:6379/0"),
-    ({"DATABASE_URL": "sqlite:foo"}, "sqlite:////path/store.sqlite"),
+    ({"DATABASE_URL": "sqlite:foo"}, "sqlite:////absolute/path/store.sqlite"),
     ({"BASE_MODEL": "/nonexistent/model"}, "no model folder there"),
+    # a cron expression that names no time (February 30th) killed the schedule; one of seconds ran every second
+    ({"TRAIN_SCHEDULE": "0 0 30 2 *"}, "never comes due"),
+    ({"TRAIN_SCHEDULE": "* * * * * *"}, "at least 10 seconds apart"),
+    # a port or database that is no number: a traceback at the first use, or db 0 without a word
+    ({"REDIS_URL": "redis://127.0.0.1:abc/12"}, "its port is not a number"),
+    ({"REDIS_URL": "redis://127.0.0.1:6379/notadb"}, "the database after the host is a number"),
+    ({"DATABASE_URL": "postgresql://u:pw@127.0.0.1:notaport/db"}, "DATABASE_URL: cannot be read"),
+    # one store per process (in memory), or per working folder (relative): labels lost between them
+    ({"DATABASE_URL": "sqlite://"}, "SQLite needs an absolute file path"),
+    ({"DATABASE_URL": "sqlite:///relative.sqlite"}, "SQLite needs an absolute file path"),
+    ({"LABEL_STUDIO_URL": "localhost:8080"}, "http://host:8080"),
+    ({"QUEUE_NAME": "  "}, "QUEUE_NAME is blank"),
+    ({"MODEL_DIR": "~nosuchuser/models"}, "MODEL_DIR='~nosuchuser/models': .*write the path out in full"),
 ])
 def test_settings_that_would_fail_every_job_or_the_first_request_are_refused_at_start(env, fix):
     with pytest.raises(SettingsError, match=fix.replace("(", r"\(").replace("/", "/")):
@@ -72,7 +85,12 @@ def test_passwords_in_url_queries_are_masked_too(tmp_path):
                                "DATABASE_URL": "postgresql://u:pw@db:5432/ls?sslpassword=k3y&sslmode=require"}).describe()
     assert "s3cret" not in shown["redis_url"] and shown["redis_url"].endswith("?password=***")
     assert "pw@" not in shown["database_url"] and "k3y" not in shown["database_url"]
-    assert shown["database_url"].endswith("sslpassword=***&sslmode=require")
+    # a password with "?" in it (SQLAlchemy reads it whole) was shown as part of a query string
+    tricky = Settings.from_env({"DATABASE_URL": "postgresql://u:pa?ss@db:5432/x",
+                                "LABEL_STUDIO_URL": "http://admin:hunter2@ls:8080"}).describe()
+    assert tricky["database_url"] == "postgresql://u:***@db:5432/x"
+    assert tricky["label_studio_url"] == "http://admin:***@ls:8080"
+    assert "sslpassword=***" in shown["database_url"] and "sslmode=require" in shown["database_url"]
     store = CorrectionStore(f"sqlite:///{tmp_path / 'store.sqlite'}?password=s3cret")
     try:
         assert "s3cret" not in store.describe()
