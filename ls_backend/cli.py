@@ -186,6 +186,36 @@ def _device_problem(settings: Settings) -> str | None:
             "use bfloat16 or float32, or leave it unset")
 
 
+_BASE_MODEL_PROBE = """
+import sys
+from transformers import AutoConfig, AutoTokenizer
+path = sys.argv[1]
+AutoConfig.from_pretrained(path)
+if not getattr(AutoTokenizer.from_pretrained(path), "is_fast", False):
+    raise SystemExit("its tokenizer is not a fast one (character offsets need one)")
+"""
+
+
+def _base_model_problem(settings: Settings) -> str | None:
+    """What stops every web worker at start where ``BASE_MODEL`` names a folder whose config or
+    tokenizer will not load (a ``config.json`` alone, a half-copied folder), else None.  Asked in a
+    child process, as for the device: the server's own process stays free of the model code."""
+    import subprocess
+
+    if not settings.base_model:
+        return None
+    try:
+        probe = subprocess.run([sys.executable, "-c", _BASE_MODEL_PROBE, settings.base_model],
+                               capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return f"BASE_MODEL={settings.base_model}: its config and tokenizer did not load within 300 s"
+    if probe.returncode == 0:
+        return None
+    last = (probe.stderr.strip().splitlines() or ["(no message)"])[-1]
+    return (f"BASE_MODEL={settings.base_model}: not a model folder this backend can load ({last}); "
+            "give a local Hugging Face model folder with its config, tokenizer and weights, or unset it for the bundled encoder")
+
+
 def _limit_threads(count: int) -> None:
     import torch
 
@@ -313,7 +343,7 @@ def _main(argv: list[str] | None = None) -> int:
             from .jobs import RUNNER_PARENT_ENV
 
             asked = RUNNER_PARENT_ENV in os.environ  # the runner serve starts: serve has just asked
-        problem = None if asked else _device_problem(settings)
+        problem = None if asked else (_device_problem(settings) or _base_model_problem(settings))
         if problem:
             print(f"ls-backend: bad setting: {problem}", file=sys.stderr)
             return 2

@@ -152,3 +152,25 @@ def test_a_torch_that_cannot_be_imported_is_named_as_such_not_as_no_cuda(monkeyp
     problem = cli._device_problem(Settings(device="cuda"))
     assert problem is not None and problem.startswith("torch cannot be imported")
     assert cli._device_problem(Settings()) is None  # nothing asked of CUDA: no probe at all
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_base_model_folder_that_will_not_load_is_refused_at_start(command, tmp_path, monkeypatch, capsys):
+    """A folder with a config.json alone passed the settings, then every web worker failed to boot
+    (gunicorn's 60-line log never named BASE_MODEL); a real model folder starts."""
+    from ls_backend import cli, commands
+    from ls_backend.settings import bundled_encoder_path
+
+    broken = tmp_path / "model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    started = []
+    monkeypatch.setattr(cli, "serve", lambda *args: started.append(args) or 0)
+    monkeypatch.setattr(commands, "run", lambda *args: started.append(args) or 0)
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("BASE_MODEL", str(broken))
+    assert cli.main([command]) == 2
+    said = capsys.readouterr().err
+    assert started == [] and f"bad setting: BASE_MODEL={broken}" in said and "model_type" in said
+    monkeypatch.setenv("BASE_MODEL", bundled_encoder_path())
+    assert cli.main([command]) == 0 and len(started) == 1
