@@ -22,7 +22,7 @@ from .labeling import CHOICES, LabelingPlan, UnsupportedConfig, plan_for
 from .model import ClassifierHead, Encoder, resolve_device, zero_shot_head
 from .ner_job import encoder_is_taken, token_candidates, token_data, version_figures
 from .registry import LoadedHeads, ModelRegistry
-from .sampling import PoolStore
+from .sampling import PoolStore, skipped_task_ids
 from .settings import Settings
 from .embeddings import EmbeddingCache, encoder_id
 from .trainer import (
@@ -234,6 +234,7 @@ class FineTuneJob:
 
     def _data(self, project_key: str, plan: LabelingPlan, heads: dict[str, ClassifierHead]) -> dict[str, Split]:
         splits = {}
+        self._slice_only = 0  # labeled tasks of controls whose every label fell in the evaluation slice
         for control in plan.controls:
             if control.kind != CHOICES or control.name not in heads:
                 continue
@@ -247,6 +248,8 @@ class FineTuneJob:
             def as_data(rows):
                 return ControlData(control.name, list(labels), control.multiple, [e.text for e in rows], [tuple(e.labels) for e in rows])
 
+            if not train:
+                self._slice_only += len(held)
             if train:
                 digest = hashlib.sha256()
                 for part, rows in (("train", train), ("held", held)):
@@ -284,6 +287,11 @@ class FineTuneJob:
         token_splits = token_data(self.store, project_key, plan, start_heads, self.settings, self.args, base_encoder)
         if not splits and not token_splits:
             self.store.mark_trained(project_key, cutoff)
+            if self._slice_only:  # labels there are, but the slice holds them all: say so, and what helps
+                raise NothingToTrain(
+                    f"all {self._slice_only} labeled task(s) are in the evaluation slice (EVAL_SHARE="
+                    f"{self.settings.eval_share:g}), which is never trained on: label a few more tasks"
+                )
             raise NothingToTrain("no labeled tasks for any control")
         n_train = sum(len(s.train) for s in splits.values()) + sum(len(s.train) for s in token_splits.values())
         # the project's labels, slice included: what FULL_MIN_LABELS counts here and when it queues the job
@@ -294,13 +302,17 @@ class FineTuneJob:
         )
         wants_full = wants_full and self.args.mode != "frozen" and not encoder_is_taken(start_heads, token_splits)
         # the labels this job would learn from; NER data is not covered, so those jobs always run
+        # (and the label config's shape: the same labels under other labels or another choice kind are news)
         digest = "" if token_splits else hashlib.sha256(
-            "".join(f"{name}:{split.digest};" for name, split in sorted(splits.items())).encode()
+            (plan.signature + "|" + "".join(f"{name}:{split.digest};" for name, split in sorted(splits.items()))).encode()
         ).hexdigest()
         if wants_full and digest:
-            # the encoder was tuned on exactly these labels already (promoted or kept back)
+            # the encoder was tuned on exactly these labels already, from what serves now: the serving
+            # version itself, or one the gate kept back against it (a version of long ago, since
+            # left behind, is no reason: labels deleted since go back to what it learned from)
             tried = [v.name for v in self.registry.versions(project_key)
-                     if v.meta.get("data_digest") == digest and v.meta.get("recipe") in ENCODER_RECIPES]
+                     if v.meta.get("data_digest") == digest and v.meta.get("recipe") in ENCODER_RECIPES
+                     and current.version in (v.name, v.meta.get("parent"))]
             if tried:
                 if self.args.mode == "full":
                     self.store.mark_trained(project_key, cutoff)
@@ -544,9 +556,9 @@ class FineTuneJob:
     def _unlabeled(self, project_key: str, version: str, embedded_with: str, splits: dict[str, Split]) -> dict[str, Unlabeled]:
         """The project's unlabeled tasks for self-training, by control: the pool the last refresh of
         predictions kept (``sampling.PoolStore``), when it was embedded exactly as this job embeds
-        (same encoder, same precision) for a single-label control this job trains; tasks labeled
-        since and tasks of the evaluation slice are left out, and a pool over ``self_train_max_pool``
-        is sampled."""
+        (same encoder, same precision) for a single-label control this job trains; tasks labeled,
+        skipped or deleted since and tasks of the evaluation slice are left out, and a pool over
+        ``self_train_max_pool`` is sampled."""
         if self.args.self_train_share <= 0:
             return {}
         pool = PoolStore(self.registry).best(project_key, version)
@@ -556,7 +568,9 @@ class FineTuneJob:
         split = splits.get(name)
         if split is None or split.train.multiple:
             return {}
-        rows = np.flatnonzero(~np.isin(pool.task_ids, np.fromiter(split.task_ids, dtype=np.int64)))
+        # labeled since the refresh, skipped, or deleted in Label Studio: not the project's unlabeled tasks
+        gone = set(split.task_ids) | skipped_task_ids(self.store, project_key)
+        rows = np.flatnonzero(~np.isin(pool.task_ids, np.fromiter(gone, dtype=np.int64)))
         # the slice's tasks are never trained on, labeled or not: no guess on one of them either, or
         # the model that fitted its own guess would later be judged on that very task's label
         share = self.settings.eval_share

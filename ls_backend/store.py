@@ -1635,7 +1635,7 @@ class CorrectionStore:
     ) -> list[Example]:
         allowed = control.values
         dropped: Counter[str] = Counter()
-        no_text = 0
+        no_text = ambiguous = 0
         by_task: dict[int, list[tuple[Any, tuple[str, ...]]]] = defaultdict(list)
         for row in rows:
             chosen = _choices_of(json.loads(row.result), control.name)
@@ -1643,6 +1643,11 @@ class CorrectionStore:
                 continue
             kept = tuple(value for value in allowed if value in chosen)
             dropped.update(value for value in chosen if value not in allowed)
+            if len(kept) > 1 and not control.multiple:
+                # made under choice="multiple" (or imported): which one a single choice means is unknown,
+                # and the first in config order would train as if the annotator had said it alone
+                ambiguous += 1
+                continue
             if kept:
                 by_task[row.task_id].append((row, kept))
         examples = []
@@ -1672,6 +1677,9 @@ class CorrectionStore:
         if no_text:
             say("project %s control %s: %d task(s) skipped: no text in data field %r",
                      project_key, control.name, no_text, control.field)
+        if ambiguous:
+            say("project %s control %s: %d annotation(s) with several choices left out: the control takes one "
+                "choice now (choice=\"multiple\" when they were made?)", project_key, control.name, ambiguous)
         examples.sort(key=lambda example: example.task_id)
         return examples
 

@@ -184,6 +184,51 @@ def test_a_job_behind_a_broken_current_pointer_starts_from_what_serves_and_write
     assert [v.meta["kind"] for v in registry.versions(KEY)].count("cold-start") == 1  # only the first one
 
 
+def test_full_fine_tuning_is_tried_again_when_labels_return_to_an_old_set_or_the_config_changes(tmp_path):
+    """TRAIN_MODE=full: 12 labels (v1), a wrong label (v2, serving), the wrong label deleted: the
+    labels are v1's again, but v2 serves what it learned from the deleted one, so the job trains
+    (it said "tried in v1", marked the labels trained, and v2 served on); a config that turns the
+    control into a multiple-choice one trains too (its zero-shot head served until a label changed)."""
+    from .support.events import TOPIC_CONFIG, deleted_event, project
+
+    settings = Settings(model_dir=tmp_path / "models", max_length=64, train_mode="full", train_epochs=1,
+                        train_min_steps=1, self_train_share=0, eval_min=10)
+    store = CorrectionStore.from_settings(settings)
+    words = {"World": "war peace government election", "Sports": "football match goal team",
+             "Business": "stocks market profit company", "Sci/Tech": "computer software space science"}
+    labels = list(words)
+
+    def label(annotation, task, value, text, proj=None):
+        store.record_event(annotation_event(annotation, task, choices(value), text=text, proj=proj))
+
+    try:
+        for i in range(12):
+            label(i + 1, 100 + i, labels[i % 4], f"{words[labels[i % 4]]} story {i}")
+        first = FineTuneJob(settings, store).run(KEY)
+        label(99, 500, "Sports", "stocks market profit company, labelled wrong")
+        second = FineTuneJob(settings, store).run(KEY)
+        assert second["promoted"], second
+        store.record_event(deleted_event(99))
+        third = FineTuneJob(settings, store).run(KEY)  # no NothingToTrain
+        assert third["recipe"] == "full" and third["version"] not in (first["version"], second["version"])
+        multiple = TOPIC_CONFIG.replace('choice="single"', 'choice="multiple"')
+        store.record_event({"action": "PROJECT_UPDATED", "project": project(3, config=multiple, updated=100)})
+        fourth = FineTuneJob(settings, store).run(KEY)
+        meta = ModelRegistry(settings.model_dir).meta(KEY, fourth["version"])
+        assert fourth["recipe"] == "full" and meta["controls"]["topic"]["multiple"], fourth
+    finally:
+        store.close()
+
+
+def test_a_job_says_when_every_label_is_in_the_evaluation_slice(job_env):
+    settings, store = job_env
+    in_slice = [task for task in range(1, 200) if in_eval_slice(task, settings.eval_share)][:2]
+    for n, task in enumerate(in_slice):
+        store.record_event(annotation_event(n + 1, task, choices("World"), text=f"a text {task}"))
+    with pytest.raises(NothingToTrain, match=r"all 2 labeled task\(s\) are in the evaluation slice"):
+        FineTuneJob(settings, store).run(KEY)
+
+
 def test_a_job_on_unchanged_labels_makes_no_second_copy(job_env):
     settings, store = job_env
     rows = balanced_agnews(12)

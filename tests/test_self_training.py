@@ -32,7 +32,7 @@ from ls_backend.trainer import (
 )
 
 from .support.data import AGNEWS_LABELS, agnews
-from .support.events import annotation_event, choices, key_of
+from .support.events import annotation_event, choices, key_of, project
 
 
 def test_pseudo_labels_take_the_surest_rows_of_each_guessed_class():
@@ -179,11 +179,18 @@ def test_a_job_self_trains_on_the_refresh_pool_without_the_labeled_tasks(tmp_pat
         _write_pool(registry, key, current.version, range(1, 1001), x[:1000], name)
         for task_id, text, label in labeled[40:]:
             store.record_event(annotation_event(task_id, task_id, choices(label), text=text))
+        # since the refresh, Label Studio deleted 100 of the pool's tasks and an annotator skipped 10
+        store.record_event({"action": "TASKS_DELETED", "tasks": [{"id": t} for t in range(101, 201)],
+                            "project": project(3)})
+        for task_id in range(201, 211):
+            store.record_event(annotation_event(5000 + task_id, task_id, [], cancelled=True, text=texts[task_id - 1]))
         second = FineTuneJob(settings, store, registry).run(key)
         meta = registry.meta(key, second["version"])
         report = meta["training"]["self-train"]["topic"]
-        # every labeled task (train and slice) is left out, and so is every task of the slice
-        assert report["pool"] == _guessable(range(61, 1001), settings) < 1000 - 60
+        # every labeled task (train and slice) is left out, and so is every task of the slice, and
+        # every task deleted or skipped since the refresh
+        left = [t for t in range(61, 1001) if not 101 <= t <= 210]
+        assert report["pool"] == _guessable(left, settings) < 1000 - 60 - 110
         assert set(meta["metrics"]) >= {"current", "frozen", "self-train"}
         scores = {name: meta["metrics"][name]["score"] for name in ("frozen", "self-train")}
         assert second["recipe"] == max(scores, key=lambda n: (scores[n], n == "self-train"))

@@ -235,6 +235,16 @@ def test_ground_truth_then_majority_then_latest(store):
     assert all(e.seq > 0 for e in examples.values())
 
 
+def test_several_choices_in_a_single_choice_control_are_left_out_not_read_as_the_first(store):
+    """Annotations made under choice="multiple" (or imported) after the control became single: which
+    choice is meant is unknown; they trained as the first choice in config order."""
+    store.record_event(annotation_event(1, 10, choices("Sports", "World"), annotator=1))  # two: left out
+    store.record_event(annotation_event(2, 11, choices("Sports", "World"), annotator=1))
+    store.record_event(annotation_event(3, 11, choices("Sports"), annotator=2, updated=5))  # a vote that counts
+    examples = {e.task_id: e.labels for e in store.training_examples(KEY, TOPIC)}
+    assert examples == {11: ("Sports",)}
+
+
 def test_cancelled_and_empty_annotations_are_skipped(store):
     store.record_event(annotation_event(1, 10, choices("World"), cancelled=True))
     store.record_event(annotation_event(2, 11, []))
