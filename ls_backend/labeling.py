@@ -98,7 +98,7 @@ def _labels_of(control) -> tuple[LabelSpec, ...]:
     seen = set()
     for value, label in (control.labels_attrs or {}).items():
         attr = getattr(label, "attr", None) or {}
-        if value in seen:
+        if value in seen or not str(value).strip():  # an empty value: nothing Label Studio can show as chosen
             continue
         seen.add(value)
         specs.append(LabelSpec(value=value, name=attr.get("value", value), hint=attr.get("hint", "") or ""))
@@ -126,9 +126,11 @@ def _plan(config: str) -> LabelingPlan:
         if tag not in (CHOICES, LABELS):
             skipped.append((control.name, f"<{control.tag}> controls are not predicted"))
             continue
-        text_objects = [o for o in control.objects if (o.tag or "").lower() in ("text", "hypertext")]
+        text_objects = [o for o in control.objects if (o.tag or "").lower() == "text"]
         if len(control.objects) != 1 or len(text_objects) != 1:
-            skipped.append((control.name, "only controls over exactly one <Text> object are predicted"))
+            kinds = ", ".join(f"<{o.tag}>" for o in control.objects) or "none"
+            skipped.append((control.name, f"only controls over exactly one <Text> object are predicted (this one: "
+                                          f"{kinds}; a <HyperText>'s markup is not read as the text an annotator sees)"))
             continue
         obj = text_objects[0]
         if tag == CHOICES and _true(control.attr.get("perRegion")):
@@ -149,6 +151,10 @@ def _plan(config: str) -> LabelingPlan:
         data_field = _object_field(obj.value)
         if data_field is None:
             skipped.append((control.name, f"object {obj.name!r} has no value=\"$field\""))
+            continue
+        if "{{" in data_field or "[" in data_field:  # a <Repeater>'s $items[{{idx}}].text: one per item
+            skipped.append((control.name, f"object {obj.name!r} reads {obj.value!r}, a field of each item of a "
+                                          "<Repeater>, which is not predicted"))
             continue
         labels = _labels_of(control)
         multiple = tag == CHOICES and (control.attr.get("choice") or "single") == "multiple"

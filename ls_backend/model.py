@@ -416,7 +416,9 @@ def adapt_head(
     labels new to the config get zero-shot rows (the learned rows' scale is matched
     so new labels compete fairly); removed labels lose their rows.
     """
-    keep = {label: i for i, label in enumerate(head.labels)}
+    # a row still zero-shot (never trained) is embedded anew from the label's prompt as it is now: an
+    # edited hint (or the value behind an alias) must change what the label is matched against
+    keep = {label: i for i, label in enumerate(head.labels) if label not in head.zero_shot_rows}
     new = [label for label in control.labels if label.value not in keep]
     new_rows = encoder.encode([template.format(label=label.prompt) for label in new]) if new else None
     kept_rows = [head.weight[keep[label.value]] for label in control.labels if label.value in keep]
@@ -427,8 +429,6 @@ def adapt_head(
         if label.value in keep:
             weight.append(head.weight[keep[label.value]])
             bias.append(head.bias[keep[label.value]])
-            if label.value in head.zero_shot_rows:
-                zero_rows.append(label.value)
         else:
             weight.append(new_rows[next(new_iter)] * scale)
             bias.append(float(np.mean(head.bias)) if len(head.bias) else 0.0)
@@ -465,9 +465,10 @@ def heads_for_plan(
         if control.kind != "choices":
             continue
         old = previous.get(control.name)
-        if not isinstance(old, ClassifierHead) or old.multiple != control.multiple:
+        if not isinstance(old, ClassifierHead) or old.multiple != control.multiple or not old.trained:
+            # (an untrained head is the zero-shot one: made anew from the config's prompts as they are now)
             heads[control.name] = zero_shot_head(control, encoder, template, temperature, threshold)
-        elif old.labels == list(control.values):
+        elif old.labels == list(control.values) and not old.zero_shot_rows:
             heads[control.name] = old
         else:
             heads[control.name] = adapt_head(old, control, encoder, template, threshold)

@@ -58,6 +58,13 @@ def test_several_controls_predicts_supported_and_skips_the_rest():
         ('<View><Text name="t" value="$text"/><Labels name="l" toName="t"><Label value="PER"/></Labels>'
          '<Choices name="c" toName="t" perRegion="true"><Choice value="a"/><Choice value="b"/></Choices></View>',
          None),
+        # markup is not the text an annotator sees: it was read whole, <style> and all
+        ('<View><HyperText name="h" value="$html"/><Choices name="c" toName="h"><Choice value="a"/>'
+         '<Choice value="b"/></Choices></View>', "<HyperText>'s markup is not read"),
+        # a field of each item of a Repeater: it was taken for a data key no task has
+        ('<View><Repeater on="$items" indexFlag="{{idx}}"><Text name="t_{{idx}}" value="$items[{{idx}}].text"/>'
+         '<Choices name="c_{{idx}}" toName="t_{{idx}}"><Choice value="a"/><Choice value="b"/></Choices></Repeater>'
+         '</View>', "<Repeater>"),
     ],
 )
 def test_unsupported_configs_say_why(config, reason):
@@ -85,3 +92,10 @@ def test_a_config_that_starts_with_an_xml_declaration_is_served_as_without_it(he
     declared = plan_for(head + TOPIC_CONFIG)
     assert [(c.name, c.kind, c.values, c.field) for c in declared.controls] == \
         [(c.name, c.kind, c.values, c.field) for c in plain.controls]
+
+
+def test_a_choice_with_an_empty_value_is_not_a_label():
+    """Label Studio shows nothing chosen for [""]: it won short texts at 0.998 as a zero-shot label."""
+    plan = plan_for('<View><Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="Sports"/>'
+                    '<Choice value="Politics"/><Choice value=""/><Choice value="  "/></Choices></View>')
+    assert plan.controls[0].values == ("Sports", "Politics")

@@ -297,6 +297,21 @@ def test_a_meta_json_that_is_no_object_is_an_unreadable_version_not_a_500(client
     assert refused.status_code == 404 and "p7-v2" in refused.json["message"] and "meta.json" in refused.json["message"]
 
 
+def test_an_edited_hint_changes_what_its_label_is_matched_against(client):
+    """A hint is the text a zero-shot label is embedded from: edited before any training, the new
+    version's predictions follow it (the old head was kept, and nothing changed but the version)."""
+    def config(hint):
+        return ('<View><Text name="text" value="$text"/><Choices name="c" toName="text">'
+                f'<Choice value="A" hint="{hint}"/><Choice value="B" hint="politics and elections"/></Choices></View>')
+
+    task = [{"id": 1, "data": {"text": "The Lakers won the NBA title"}}]
+    before = predict(client, task, config("cooking recipes"))[0]
+    after = predict(client, task, config("basketball and sports"))[0]
+    fresh = predict(client, task, config("basketball and sports"), project="8.1732665262")[0]
+    assert before["result"][0]["value"]["choices"] == ["B"] and after["model_version"] != before["model_version"]
+    assert after["result"][0]["value"]["choices"] == ["A"] and after["score"] == pytest.approx(fresh["score"])
+
+
 def test_a_prediction_uses_the_version_checked_against_its_label_config(client, monkeypatch):
     """A job's version (made under the old config) promoted between the check and the prediction
     must not answer for the new config."""
