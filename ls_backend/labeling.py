@@ -48,10 +48,26 @@ class ControlSpec:
     field: str  # the task data key the object reads (`value="$field"`)
     labels: tuple[LabelSpec, ...]
     multiple: bool = False
+    # shown only where other controls' choices say so (``visibleWhen="choice-selected"`` or
+    # ``"choice-unselected"`` on it or on a <View> around it): (mode, whenTagName, whenChoiceValue
+    # values) each; not part of the signature (the model does not depend on it)
+    visible_when: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
     @property
     def values(self) -> tuple[str, ...]:
         return tuple(label.value for label in self.labels)
+
+    def shown(self, chosen: dict[str, set[str]]) -> bool:
+        """Whether Label Studio shows this control given the choices predicted for the task
+        (control name -> the values and names chosen); a condition on a control not predicted
+        cannot be judged, and holds."""
+        for mode, tag, values in self.visible_when:
+            if tag not in chosen:
+                continue
+            hit = bool(chosen[tag] & set(values)) if values else bool(chosen[tag])
+            if hit != (mode == "choice-selected"):
+                return False
+        return True
 
     def signature(self) -> dict:
         return {
@@ -114,6 +130,27 @@ def _true(value: object) -> bool:
 _XML_DECLARATION = re.compile(r"^\ufeff?\s*<\?xml\b[^>]*\?>")
 
 
+_CONDITIONS = ("choice-selected", "choice-unselected")
+
+
+def _visible_when(interface: LabelInterface, name: str) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """The choice conditions on a control and on every tag around it (``visibleWhen`` with
+    ``whenTagName`` and ``whenChoiceValue``, a comma-separated list)."""
+    tree = getattr(interface, "_tree", None)
+    if tree is None:
+        return ()
+    found = []
+    for element in tree.iter():
+        if element.get("name") == name and element.get("toName") is not None:
+            for tag in [element, *element.iterancestors()]:
+                mode = (tag.get("visibleWhen") or "").strip()
+                if mode in _CONDITIONS and (tag.get("whenTagName") or "").strip():
+                    values = tuple(v.strip() for v in (tag.get("whenChoiceValue") or "").split(",") if v.strip())
+                    found.append((mode, tag.get("whenTagName").strip(), values))
+            break
+    return tuple(found)
+
+
 def _plan(config: str) -> LabelingPlan:
     try:
         interface = LabelInterface(_XML_DECLARATION.sub("", config, count=1))
@@ -169,6 +206,7 @@ def _plan(config: str) -> LabelingPlan:
                 field=data_field,
                 labels=labels,
                 multiple=multiple,
+                visible_when=_visible_when(interface, control.name),
             )
         )
     return LabelingPlan(controls=tuple(controls), skipped=tuple(skipped), interface=interface, config=config)

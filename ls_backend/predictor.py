@@ -386,18 +386,27 @@ class Predictor:
         out, scored = [], []
         for i in range(len(tasks)):
             result, scores = [], []
+            items, chosen = [], {}
             for control in controls:
                 probs = probabilities[control.name][i]
                 if probs is None:
                     continue
                 head = serving.heads[control.name]
                 item, score = choices_result(control, head, probs)
-                result.append(item)
+                names = {label.value: label.name for label in control.labels}
+                chosen[control.name] = set(item["value"]["choices"]) | {names.get(v, v) for v in item["value"]["choices"]}
                 # the task's score under SCORE_MODE (the item keeps its calibrated confidence)
-                scores.append(result_score(self.settings.score_mode, probs, head.multiple, head.threshold, score))
+                items.append((control, item, result_score(self.settings.score_mode, probs, head.multiple, head.threshold,
+                                                          score)))
+            # a control Label Studio would hide, given the choices predicted, gets no result and does not
+            # set the task's score: the annotator never sees that question
+            for control, item, score in items:
+                if control.shown(chosen):
+                    result.append(item)
+                    scores.append(score)
             for control in token_controls:
                 found = spans.get((control.name, slot.get((control.field, i), -1)))
-                if found is not None:
+                if found is not None and control.shown(chosen):
                     result.extend(found[0])
                     scores.append(found[1])
             if i in problems and not result:

@@ -312,6 +312,30 @@ def test_an_edited_hint_changes_what_its_label_is_matched_against(client):
     assert after["result"][0]["value"]["choices"] == ["A"] and after["score"] == pytest.approx(fresh["score"])
 
 
+CONDITIONAL_CONFIG = """<View><Text name="text" value="$text"/>
+  <Choices name="topic" toName="text"><Choice value="Sports"/><Choice value="Politics"/></Choices>
+  <View visibleWhen="choice-selected" whenTagName="topic" whenChoiceValue="Politics">
+    <Choices name="party" toName="text"><Choice value="Democrats"/><Choice value="Republicans"/></Choices>
+  </View>
+  <Choices name="league" toName="text" visibleWhen="choice-unselected" whenTagName="topic" whenChoiceValue="Politics">
+    <Choice value="NBA"/><Choice value="NFL"/></Choices>
+</View>"""
+
+
+def test_a_control_label_studio_would_hide_gets_no_result_and_no_say_in_the_score(client):
+    """A question shown only when another choice is selected (on the control, or on a <View>
+    around it): where the predicted choice hides it, it is not predicted, and its score no longer
+    sets the task's (the annotator never sees it, and uncertainty sorting followed it)."""
+    tasks = [{"id": 1, "data": {"text": "The Lakers won the NBA title"}},
+             {"id": 2, "data": {"text": "The senate passed the election bill after a long debate"}}]
+    sports, politics = predict(client, tasks, CONDITIONAL_CONFIG)
+    shown = {r["from_name"]: r for r in sports["result"]}
+    assert shown["topic"]["value"]["choices"] == ["Sports"] and set(shown) == {"topic", "league"}
+    assert sports["score"] == min(r["score"] for r in sports["result"])
+    shown = {r["from_name"]: r for r in politics["result"]}
+    assert shown["topic"]["value"]["choices"] == ["Politics"] and set(shown) == {"topic", "party"}
+
+
 def test_a_prediction_uses_the_version_checked_against_its_label_config(client, monkeypatch):
     """A job's version (made under the old config) promoted between the check and the prediction
     must not answer for the new config."""
