@@ -33,6 +33,23 @@ def job_env(tmp_path):
     store.close()
 
 
+def relabel_training_side(store, rows, settings):
+    """A bad batch: the training side of the project relabelled with a systematic permutation of the
+    topics; the evaluation slice keeps its true labels."""
+    shift = {label: AGNEWS_LABELS[(i + 1) % 4] for i, label in enumerate(AGNEWS_LABELS)}
+    label_all(store, rows, updated=10.0,
+              relabel=lambda task, label: label if in_eval_slice(task, settings.eval_share) else shift[label])
+
+
+def trained_project(settings, store):
+    """96 AG News labels and the first job's version serving: (the labeled rows, the job's outcome)."""
+    rows = balanced_agnews(24)
+    label_all(store, rows)
+    first = FineTuneJob(settings, store).run(KEY)
+    assert first["promoted"], first
+    return rows, first
+
+
 def label_all(store, rows, first_id=1, updated=0.0, relabel=None):
     for n, (task_id, text, label) in enumerate(rows):
         label = relabel(task_id, label) if relabel else label
@@ -86,16 +103,10 @@ def test_train_mode_full_keeps_the_fast_heads_when_the_encoder_cannot_be_tuned(t
 
 def test_a_candidate_trained_on_shuffled_labels_is_rejected(job_env):
     settings, store = job_env
-    rows = balanced_agnews(24)
-    label_all(store, rows)
-    first = FineTuneJob(settings, store).run(KEY)
-    assert first["promoted"], first
+    rows, first = trained_project(settings, store)
     registry = ModelRegistry(settings.model_dir)
     good = registry.current(KEY)
-    # the training side of the project is relabelled with a systematic permutation of the topics;
-    # the evaluation slice keeps its true labels (a bad batch of annotations)
-    shift = {label: AGNEWS_LABELS[(i + 1) % 4] for i, label in enumerate(AGNEWS_LABELS)}
-    label_all(store, rows, updated=10.0, relabel=lambda task, label: label if in_eval_slice(task, 0.2) else shift[label])
+    relabel_training_side(store, rows, settings)
     second = FineTuneJob(settings, store).run(KEY)
     assert not second["promoted"], second
     assert "worse than current" in second["reason"]
@@ -169,14 +180,10 @@ def test_a_job_behind_a_broken_current_pointer_starts_from_what_serves_and_write
     the last version that served, and a job warm-starts from it and is judged against it, instead
     of writing a zero-shot cold start over the trained model (emptied) or failing (deleted)."""
     settings, store = job_env
-    rows = balanced_agnews(24)
-    label_all(store, rows)
-    first = FineTuneJob(settings, store).run(KEY)
-    assert first["promoted"], first
+    rows, first = trained_project(settings, store)
     registry = ModelRegistry(settings.model_dir)
     (registry.project_dir(KEY) / "current").write_text("" if pointer == "emptied" else "p3-v9\n")
-    shift = {label: AGNEWS_LABELS[(i + 1) % 4] for i, label in enumerate(AGNEWS_LABELS)}
-    label_all(store, rows, updated=10.0, relabel=lambda task, label: label if in_eval_slice(task, 0.2) else shift[label])
+    relabel_training_side(store, rows, settings)
     second = FineTuneJob(settings, store).run(KEY)
     meta = registry.meta(KEY, second["version"])
     assert meta["parent"] == first["version"] and meta["decision"]["against"] == first["version"], meta["decision"]

@@ -259,15 +259,21 @@ def test_a_config_change_behind_an_unreadable_pointer_reshapes_what_served_last_
     assert registry.meta(PROJECT, version)["parent"] == "p7-v2"  # what served last, as every worker would pick
 
 
-def test_a_stand_in_is_never_the_version_an_operator_rolled_back_away_from(client, settings, encoder):
-    """v1 then v2 served; the operator rolled back to v1; v1's meta.json then breaks: a fresh worker
-    serves v0 (what served before v1), not v2, which the operator took out of service."""
+def setup_and_two_versions(client, settings) -> ModelRegistry:
+    """The cold start p7-v0, then p7-v1 and p7-v2 promoted in turn (copies of it)."""
     assert client.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).json["model_version"] == "p7-v0"
     registry = ModelRegistry(settings.model_dir)
     loaded = registry.load(PROJECT, "p7-v0")
     for _ in range(2):
         registry.promote(PROJECT, registry.create_version(PROJECT, loaded.heads, dict(loaded.meta, parent="p7-v0",
                                                                                        kind="test")))
+    return registry
+
+
+def test_a_stand_in_is_never_the_version_an_operator_rolled_back_away_from(client, settings, encoder):
+    """v1 then v2 served; the operator rolled back to v1; v1's meta.json then breaks: a fresh worker
+    serves v0 (what served before v1), not v2, which the operator took out of service."""
+    registry = setup_and_two_versions(client, settings)
     assert registry.rollback(PROJECT) == "p7-v1"
     (registry.version_dir(PROJECT, "p7-v1") / "meta.json").write_text("{torn")
     assert fresh_client(settings, encoder).post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}
@@ -277,12 +283,7 @@ def test_a_stand_in_is_never_the_version_an_operator_rolled_back_away_from(clien
 
 @pytest.mark.parametrize("content", ["null", "[]", "3"])
 def test_a_meta_json_that_is_no_object_is_an_unreadable_version_not_a_500(client, settings, content):
-    assert client.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).json["model_version"] == "p7-v0"
-    registry = ModelRegistry(settings.model_dir)
-    loaded = registry.load(PROJECT, "p7-v0")
-    for _ in range(2):
-        registry.promote(PROJECT, registry.create_version(PROJECT, loaded.heads, dict(loaded.meta, parent="p7-v0",
-                                                                                       kind="test")))
+    registry = setup_and_two_versions(client, settings)
     (registry.version_dir(PROJECT, "p7-v1") / "meta.json").write_text(content)
     listed = client.get(f"/projects/{PROJECT}/versions")
     assert listed.status_code == 200 and [v["version"] for v in listed.json["versions"]] == ["p7-v0", "p7-v2"]
