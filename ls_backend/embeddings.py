@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .model import Encoder
+
+log = logging.getLogger(__name__)
 
 
 def encoder_id(meta: dict, base_path: str, encoder: Encoder) -> str:
@@ -75,6 +79,7 @@ class EmbeddingCache:
         # WAL is a property of the file, set once; processes that open a new cache together (the
         # first jobs on a machine) race for that switch, which SQLite's busy wait does not cover
         deadline = time.monotonic() + 30
+        set_aside = False
         while True:
             try:
                 with self._connect() as db:
@@ -92,6 +97,21 @@ class EmbeddingCache:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+            except sqlite3.DatabaseError as exc:  # not a database (a torn copy, a disk error): only a cache
+                if set_aside:
+                    raise
+                set_aside = True
+                self._set_aside(exc)
+
+    def _set_aside(self, exc: Exception) -> None:
+        """Move a cache file that is no database out of the way (kept, renamed, for a look), so that
+        jobs embed anew instead of failing on it one after the other."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{self.path}{suffix}", f"{self.path}.corrupt-{stamp}{suffix}")
+        log.warning("embedding cache %s could not be read (%s): set aside as %s.corrupt-%s; texts are embedded anew",
+                    self.path, exc, self.path.name, stamp)
 
     @contextlib.contextmanager
     def _connect(self, timeout: float = 30) -> Iterator[sqlite3.Connection]:

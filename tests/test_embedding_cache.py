@@ -125,11 +125,32 @@ def test_the_cache_command_lists_encoders_and_prunes_with_the_space_given_back(t
     monkeypatch.setenv("CACHE_MAX_AGE_DAYS", "0")
     assert cli.main(["cache", "--prune"]) == 2
     assert "--older-than" in capsys.readouterr().err
-    # a cache file that is no database: one line naming it and what to do, not a traceback
+    # a cache file that is no database (a torn copy): set aside, and an empty cache in its place
     cache.path.write_bytes(b"garbage")
-    assert cli.main(["cache"]) == 1
-    said = capsys.readouterr().err
-    assert str(cache.path) in said and "delete that file" in said and "Traceback" not in said
+    assert cli.main(["cache"]) == 0 and json.loads(capsys.readouterr().out)["encoders"] == []
+    assert [p.read_bytes() for p in cache.path.parent.glob("embeddings.sqlite.corrupt-*")] == [b"garbage"]
+
+
+def test_a_cache_file_that_is_no_database_is_set_aside_and_the_job_embeds_anew(tmp_path):
+    """Every job failed on "file is not a database" until someone deleted the file by hand."""
+    from ls_backend.finetune import FineTuneJob
+    from ls_backend.store import CorrectionStore
+
+    from .support.events import annotation_event, choices, key_of
+    from .support.loop import balanced_agnews
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "embeddings.sqlite").write_bytes(b"garbage")
+    settings = Settings(model_dir=tmp_path / "models", cache_dir=str(tmp_path / "cache"), train_mode="frozen",
+                        max_length=64)
+    store = CorrectionStore.from_settings(settings)
+    try:
+        for n, (task, text, label) in enumerate(balanced_agnews(4)):
+            store.record_event(annotation_event(n + 1, task, choices(label), text=text))
+        assert FineTuneJob(settings, store).run(key_of(3))["promoted"]
+    finally:
+        store.close()
+    assert len(list((tmp_path / "cache").glob("embeddings.sqlite.corrupt-*"))) == 1
 
 
 def test_reading_cached_rows_never_waits_on_a_writer_elsewhere_and_marks_a_use_at_most_hourly(tmp_path):
