@@ -328,9 +328,9 @@ def _queue_unreachable(exc: Exception) -> bool:
     """A connection error or timeout of the job queue's Redis (with REDIS_URL set)."""
     if not services().settings.redis_url:
         return False
-    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+    from .jobs import redis_unreachable
 
-    return isinstance(exc, (RedisConnectionError, RedisTimeoutError))
+    return isinstance(exc, redis_unreachable())
 
 
 def _unless_a_server_fault(exc: Exception) -> None:

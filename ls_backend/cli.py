@@ -161,23 +161,31 @@ class EmbeddedRunnerProcess:
                 self.process.kill()
 
 
+def _probe(code: str, *args: str, timeout: float = 300):
+    """Run ``code`` in a child Python (the server's own process stays free of torch and the model
+    code): the finished process with ``last_error``, its last line on stderr; None past ``timeout``."""
+    import subprocess
+
+    try:
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    done.last_error = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+    return done
+
+
 def _device_problem(settings: Settings) -> str | None:
     """What stops every web worker or job at start where the settings need CUDA and none is visible
     (``DEVICE=cuda``, or ``INFERENCE_PRECISION=float16``, which only CUDA runs), else None.  Asked
     of torch in a child process: CUDA touched in the server's own process breaks the web workers
     it forks."""
-    import subprocess
-
     if settings.device != "cuda" and settings.inference_precision != "float16":
         return None
-    try:
-        probe = subprocess.run([sys.executable, "-c", "import torch; print('cuda', torch.cuda.is_available())"],
-                               capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
+    probe = _probe("import torch; print('cuda', torch.cuda.is_available())")
+    if probe is None:
         return "torch did not answer within 300 s whether it sees a CUDA device (DEVICE / INFERENCE_PRECISION need one)"
     if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or ["(no message)"])[-1]
-        return f"torch cannot be imported to check for a CUDA device: {last}"
+        return f"torch cannot be imported to check for a CUDA device: {probe.last_error}"
     if "cuda True" in probe.stdout.splitlines():
         return None
     if settings.device == "cuda":
@@ -200,19 +208,14 @@ def _base_model_problem(settings: Settings) -> str | None:
     """What stops every web worker at start where ``BASE_MODEL`` names a folder whose config or
     tokenizer will not load (a ``config.json`` alone, a half-copied folder), else None.  Asked in a
     child process, as for the device: the server's own process stays free of the model code."""
-    import subprocess
-
     if not settings.base_model:
         return None
-    try:
-        probe = subprocess.run([sys.executable, "-c", _BASE_MODEL_PROBE, settings.base_model],
-                               capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
+    probe = _probe(_BASE_MODEL_PROBE, settings.base_model)
+    if probe is None:
         return f"BASE_MODEL={settings.base_model}: its config and tokenizer did not load within 300 s"
     if probe.returncode == 0:
         return None
-    last = (probe.stderr.strip().splitlines() or ["(no message)"])[-1]
-    return (f"BASE_MODEL={settings.base_model}: not a model folder this backend can load ({last}); "
+    return (f"BASE_MODEL={settings.base_model}: not a model folder this backend can load ({probe.last_error}); "
             "give a local Hugging Face model folder with its config, tokenizer and weights, or unset it for the bundled encoder")
 
 
@@ -396,17 +399,7 @@ def cache(settings: Settings, prune: bool, older_than: float | None) -> int:
     if not cache_file(settings.local_cache_dir).exists():
         print(json.dumps({"path": str(cache_file(settings.local_cache_dir)), "bytes": 0, "encoders": []}, indent=2))
         return 0
-    import sqlite3
-
-    try:
-        return _cache(settings, prune, older_than, EmbeddingCache(settings.local_cache_dir))
-    except sqlite3.DatabaseError as exc:
-        print(f"ls-backend: the embedding cache {cache_file(settings.local_cache_dir)} cannot be read ({exc}): it is "
-              "only a cache; delete that file and the next job embeds anew", file=sys.stderr)
-        return 1
-
-
-def _cache(settings: Settings, prune: bool, older_than: float | None, embeddings) -> int:
+    embeddings = EmbeddingCache(settings.local_cache_dir)
     body: dict = {"path": str(embeddings.path)}
     if prune:
         days = settings.cache_max_age_days if older_than is None else older_than

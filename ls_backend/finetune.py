@@ -232,9 +232,10 @@ class FineTuneJob:
         except UnsupportedConfig as exc:
             raise NothingToTrain(str(exc)) from None
 
-    def _data(self, project_key: str, plan: LabelingPlan, heads: dict[str, ClassifierHead]) -> dict[str, Split]:
-        splits = {}
-        self._slice_only = 0  # labeled tasks of controls whose every label fell in the evaluation slice
+    def _data(self, project_key: str, plan: LabelingPlan, heads: dict[str, ClassifierHead]) -> tuple[dict[str, Split], int]:
+        """Each Choices control's training and slice examples; and the labeled tasks of the controls
+        left out because every one of their labels fell in the evaluation slice."""
+        splits, slice_only = {}, 0
         for control in plan.controls:
             if control.kind != CHOICES or control.name not in heads:
                 continue
@@ -249,8 +250,8 @@ class FineTuneJob:
                 return ControlData(control.name, list(labels), control.multiple, [e.text for e in rows], [tuple(e.labels) for e in rows])
 
             if not train:
-                self._slice_only += len(held)
-            if train:
+                slice_only += len(held)
+            else:
                 digest = hashlib.sha256()
                 for part, rows in (("train", train), ("held", held)):
                     for e in sorted(rows, key=lambda e: e.task_id):
@@ -258,7 +259,7 @@ class FineTuneJob:
                 splits[control.name] = Split(
                     as_data(train), as_data(held), digest.hexdigest(), frozenset(e.task_id for e in examples)
                 )
-        return splits
+        return splits, slice_only
 
     # -- the job ---------------------------------------------------------------------
     def run(self, project_key: str, trigger: str = "manual") -> dict:
@@ -283,13 +284,13 @@ class FineTuneJob:
                 if current is None or current.meta.get("plan_signature") != plan.signature:
                     current = self.registry.write_plan_version(project_key, plan, current, base_encoder, self.settings)
         start_heads = dict(current.heads)
-        splits = self._data(project_key, plan, start_heads)
+        splits, slice_only = self._data(project_key, plan, start_heads)
         token_splits = token_data(self.store, project_key, plan, start_heads, self.settings, self.args, base_encoder)
         if not splits and not token_splits:
             self.store.mark_trained(project_key, cutoff)
-            if self._slice_only:  # labels there are, but the slice holds them all: say so, and what helps
+            if slice_only:  # labels there are, but the slice holds them all: say so, and what helps
                 raise NothingToTrain(
-                    f"all {self._slice_only} labeled task(s) are in the evaluation slice (EVAL_SHARE="
+                    f"all {slice_only} labeled task(s) are in the evaluation slice (EVAL_SHARE="
                     f"{self.settings.eval_share:g}), which is never trained on: label a few more tasks"
                 )
             raise NothingToTrain("no labeled tasks for any control")
@@ -460,17 +461,16 @@ class FineTuneJob:
         with self.registry.lock(project_key):
             # a version promoted while this job trained (a fast-lane job, a rollback) is what the
             # candidate must beat: measure it on the same slice
-            against = self.registry.current(project_key) or current.version
-            serving = current
-            if against != current.version:
-                latest = self.registry.readable_current(project_key)
-                against = latest.version if latest is not None else current.version
-            if against != current.version:
-                if latest.meta.get("plan_signature") == plan.signature:
-                    figures["current"] = self._measure_version(
-                        latest, current, class_splits, embed, token_splits, base_encoder
-                    )
-                    serving = latest
+            against, serving = current.version, current
+            if (self.registry.current(project_key) or current.version) != current.version:
+                latest = self.registry.readable_current(project_key)  # (or its stand-in, as served)
+                if latest is not None and latest.version != current.version:
+                    against = latest.version
+                    if latest.meta.get("plan_signature") == plan.signature:
+                        figures["current"] = self._measure_version(
+                            latest, current, class_splits, embed, token_splits, base_encoder
+                        )
+                        serving = latest
             # the fast head on these very labels already serves: a second copy is no news
             frozen_serves = (
                 bool(digest) and serving.meta.get("data_digest") == digest and serving.meta.get("recipe") in FAST_RECIPES

@@ -202,6 +202,14 @@ class Throttled:
                 log.debug("progress update lost", exc_info=True)
 
 
+def redis_unreachable() -> tuple[type[BaseException], ...]:
+    """The errors of a Redis that does not answer (down, restarting): waited out or reported as
+    such (a 503), never taken for an answer about a job."""
+    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+
+    return RedisConnectionError, RedisTimeoutError
+
+
 # -- interface ---------------------------------------------------------------------
 class TrainingQueue(ABC):
     def __init__(self, settings: Settings):
@@ -395,9 +403,7 @@ class RedisTrainingQueue(TrainingQueue):
         from redis import Redis
         from rq import Queue
 
-        from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
-
-        self.transient_errors = (RedisConnectionError, RedisTimeoutError)
+        self.transient_errors = redis_unreachable()
         self.connection = connection or Redis.from_url(settings.redis_url)
         self.queues = {lane: Queue(lane_queue_name(settings, lane), connection=self.connection) for lane in LANES}
         self.queue = self.queues[FULL]
@@ -652,13 +658,21 @@ def slot_mark(schedule: str, due: float, now: float) -> float:
     return due if following is not None and following > now else now
 
 
+def schedule_due(schedule: str, last: float, now: float) -> tuple[float | None, float]:
+    """Where the schedule stands at ``now``, its last run at ``last``: the mark to record when a slot
+    is due (``slot_mark``) and its run fires, else None; and the seconds until the next look."""
+    due = schedule_after(schedule, last)
+    if now < due:
+        return None, min(due - now, 30.0)
+    return slot_mark(schedule, due, now), 0.0
+
+
 def run_rq_scheduler(settings: Settings) -> int:
     """``ls-backend scheduler`` with Redis: queue the scheduled jobs at each slot of TRAIN_SCHEDULE,
     counted from the schedule's last run, kept in Redis (``<QUEUE_NAME>:schedule-last``): a
     restart neither runs it at once nor pushes it back, and of several schedulers one fires each
     slot.  Redis not answering is waited out."""
     from redis import Redis
-    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
     if not settings.train_schedule:
         raise SystemExit("TRAIN_SCHEDULE is not set: nothing to schedule")
@@ -671,7 +685,7 @@ def run_rq_scheduler(settings: Settings) -> int:
     while not stopping.is_set():
         try:
             wait = rq_schedule_tick(connection, key, settings.train_schedule)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except redis_unreachable() as exc:
             log.warning("schedule: Redis does not answer (%s); trying again in 10 s", exc)
             wait = 10.0
         except Exception:  # the store down, say: the slot is spent, the next one comes as planned
@@ -696,11 +710,11 @@ def rq_schedule_tick(connection, key: str, schedule: str) -> float:
                 last = float(raw)
             except (TypeError, ValueError):
                 last = time.time()
-            due, now = schedule_after(schedule, last), time.time()
-            if now < due:
-                return min(due - now, 30.0)
+            mark, wait = schedule_due(schedule, last, time.time())
+            if mark is None:
+                return wait
             pipe.multi()
-            pipe.set(key, f"{slot_mark(schedule, due, now):.3f}")
+            pipe.set(key, f"{mark:.3f}")
             pipe.execute()
         except WatchError:  # another scheduler fired this slot
             return 1.0
@@ -1050,15 +1064,14 @@ class JobRunner:
             self._write_schedule_mark(last)
         while not self.stopping.is_set():
             try:
-                due, now = schedule_after(schedule, last), time.time()
+                mark, wait = schedule_due(schedule, last, time.time())
             except Exception:  # (settings refuse an expression that never comes due: never reached)
                 log.exception("schedule: TRAIN_SCHEDULE=%s gives no next run", schedule)
-                self.stopping.wait(60.0)
+                mark, wait = None, 60.0
+            if mark is None:
+                self.stopping.wait(wait)
                 continue
-            if now < due:
-                self.stopping.wait(min(due - now, 30.0))
-                continue
-            last = slot_mark(schedule, due, now)
+            last = mark
             self._write_schedule_mark(last)
             try:
                 queued = scheduled_training()
