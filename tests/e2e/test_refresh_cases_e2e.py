@@ -113,6 +113,57 @@ def test_bounded_by_refresh_max_tasks(project, encoder):
     assert sorted(p["ls"].versions_by_task(p["id"])) == sorted(p["tasks"])[:5]  # the lowest task ids first
 
 
+def test_a_task_whose_probabilities_are_not_finite_does_not_stop_the_refresh(project, encoder, monkeypatch):
+    """A half-precision overflow gives one task of each page a row of NaN: the refresh still
+    finishes (it stopped at that page on every try, and /next stayed stale), that task gets no
+    prediction, and the pool keeps it (/next ranks such a row first: test_sampling)."""
+    from ls_backend import model
+
+    p = project
+    probabilities = model.ClassifierHead.probabilities
+
+    def overflowing(self, embeddings):  # (a bf16 overflow cannot be made to happen here at will)
+        out = np.array(probabilities(self, embeddings), dtype=np.float32)
+        out[0] = np.nan  # the first task of each page of 4
+        return out
+
+    monkeypatch.setattr(model.ClassifierHead, "probabilities", overflowing)
+    report = refresh(p, encoder)
+    assert report.state == "finished" and report.tasks == 12, report
+    overflowed = sorted(p["tasks"])[::4]
+    assert set(p["ls"].versions_by_task(p["id"])) == set(p["tasks"]) - set(overflowed)
+    pool = PoolStore(p["registry"]).load(p["key"], p["version"])
+    assert pool.complete and sorted(pool.task_ids) == sorted(p["tasks"])
+    assert not np.isfinite(pool.probabilities[np.isin(pool.task_ids, overflowed)]).any()
+
+
+def test_a_short_batch_from_a_bounded_refresh_queues_a_top_up_and_a_resumed_refresh_stays_bounded(
+        project, encoder, monkeypatch):
+    """REFRESH_MAX_TASKS=8 of 12 unlabeled tasks: a refresh killed after its last page, resumed,
+    still says it stopped at the bound; once most of the pool is labeled, /next answers the few
+    left and queues a top-up (it waited until none was left)."""
+    from ls_backend.api import create_app
+
+    p = project
+    settings = replace(p["settings"], refresh_max_tasks=8)
+    killed = PredictionRefresh(settings, p["store"], p["registry"], encoder=encoder)
+    monkeypatch.setattr(killed, "_labeled_part", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # killed after its last page, before it said it had finished
+        killed.run(p["key"])
+    report = refresh(p, encoder, settings=settings)
+    assert report.state == "finished" and report.tasks == 8 and report.bounded, report
+    pooled = sorted(p["tasks"])[:8]
+    for task in pooled[:6]:  # 6 of the 8 pooled tasks labeled since
+        p["ls"].create_annotation(task, choices("Sports"))
+    sync_project(p["store"], settings, p["key"])
+    client = create_app(settings, Predictor(settings, p["registry"], encoder=encoder)).test_client()
+    answer = client.get(f"/projects/{p['key']}/next?n=5&strategy=random")
+    assert answer.status_code == 200 and sorted(answer.json["task_ids"]) == pooled[6:], answer.json
+    assert answer.json.get("refresh_job"), answer.json  # 4 more unlabeled tasks wait in Label Studio
+    enough = client.get(f"/projects/{p['key']}/next?n=2&strategy=random")
+    assert "refresh_job" not in enough.json  # as many as asked for: nothing to top up
+
+
 def test_a_re_created_project_is_refused(project, encoder):
     p = project
     stale_key = f"{p['id']}.{int(p['key'].split('.')[1]) - 3600}"  # same id, created an hour earlier
