@@ -7,6 +7,7 @@ Usage::
                                               [--modes margin,entropy] [--self-train]
                                               [--full-every 64] [--strategies random,uncertainty,diverse,typical]
                                               [--out curves.json]
+    .venv/bin/python bench/active_learning.py --merge a.json b.json ...   # curves of processes side by side, pooled
 
 Simulated annotators: the pool is the first ``--pool`` texts of ``../shared/data/agnews/dev.tsv``
 (embedded once, as the backend's refresh embeds a project's unlabeled tasks), the evaluation set
@@ -25,7 +26,8 @@ labels, ``/next`` batches of 20).  The batches are chosen
 
 and, as the backend's ``/next`` does, (b) and (c) take their first batch by coverage (k-means
 representatives of the pool), since no trained version exists yet; (d) is its own cold start.  ``--modes`` adds uncertainty
-runs under other score modes.  The same ``--seeds`` seeds for every strategy.
+runs under other score modes, and ``--strategies`` takes ``NAME:MODE`` for (b) or (c) under another
+score mode (``diverse:margin``).  The same ``--seeds`` seeds for every strategy.
 
 ``--self-train`` refits the self-trained fast head between rounds instead (what the fast lane
 also trains where a refresh has embedded the unlabeled tasks: here the pool's unlabeled rest);
@@ -38,7 +40,7 @@ encoder's embeddings.  A checkpoint on a fine-tune reads the fine-tuned model it
 encoder is fine-tuned every round, uncertainty is that of the fine-tuned model, as in the published
 studies of active learning with BERT-style models.  Minutes per run on a GPU; hours on a small CPU.
 ``--strategies`` runs a subset (to spread runs over processes) and ``--out`` writes every curve as
-JSON.
+JSON (after each curve, so a run stopped early keeps what it finished).
 
 Area under the curve: the trapezoid over the checkpoints' label counts, divided by their span
 (so it reads as an accuracy, in points).
@@ -72,6 +74,7 @@ if str(REPO) not in sys.path:
 
 from ls_backend.model import ClassifierHead, Encoder, resolve_device  # noqa: E402
 from ls_backend.sampling import (  # noqa: E402
+    SCORE_MODES,
     CoverageSampling,
     DiverseUncertainty,
     RandomSampling,
@@ -188,6 +191,40 @@ def run(strategy: str, mode: str, seed: int, pool: np.ndarray, gold: np.ndarray,
     return accuracies
 
 
+def merge(paths: list[str]) -> int:
+    """The curves of several ``--out`` files (processes side by side), pooled per strategy and
+    ``--full-every``: the mean curve, area and the area ahead of random's on the same seeds."""
+    pooled: dict[tuple[int, str], dict[int, list[float]]] = {}
+    checkpoints: dict[int, list[int]] = {}
+    for path in paths:
+        got = json.loads(Path(path).read_text())
+        every = int(got["full_every"])
+        if checkpoints.setdefault(every, got["checkpoints"]) != got["checkpoints"]:
+            raise SystemExit(f"{path}: other checkpoints than the files before it")
+        for name, curves in got["curves"].items():
+            for seed, curve in zip(got["seeds"], curves):
+                pooled.setdefault((every, name), {})[int(seed)] = curve
+    for every in sorted(checkpoints):
+        marks = checkpoints[every]
+        base = pooled.get((every, "random"), {})
+        print(f"\nfine-tuned every {every} labels" if every else "\nfast head only")
+        print("strategy".ljust(18) + "".join(f"{c:>8}" for c in marks) + "    area  seeds   vs random (same seeds; ahead on)")
+        for (e, name), by_seed in sorted(pooled.items()):
+            if e != every:
+                continue
+            seeds = sorted(by_seed)
+            curves = np.asarray([by_seed[s] for s in seeds])
+            areas = {s: area(marks, by_seed[s]) for s in seeds}
+            line = name.ljust(18) + "".join(f"{m:8.1f}" for m in curves.mean(axis=0))
+            line += f"  {np.mean(list(areas.values())):6.2f}  {len(seeds):>5}"
+            common = [s for s in seeds if s in base]
+            if name != "random" and common:
+                ahead = [areas[s] - area(marks, base[s]) for s in common]
+                line += f"   {np.mean(ahead):+.2f} ({sum(a > 0 for a in ahead)} of {len(common)})"
+            print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pool", type=int, default=2000)
@@ -203,9 +240,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="fine-tune the encoder every K labels (the full recipe; 0: the fast head only)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="with --full-every: override a TrainingArguments field of the fine-tunes (repeatable)")
-    parser.add_argument("--strategies", default="random,uncertainty,diverse,typical", help="which of the four to run")
+    parser.add_argument("--strategies", default="random,uncertainty,diverse,typical",
+                        help="which of the four to run, each as NAME or NAME:SCORE_MODE (e.g. diverse:margin)")
     parser.add_argument("--out", help="also write every curve here (JSON)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="only pool the curves of these --out files (per strategy and --full-every) and print them")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge)
     if not DATA.is_dir():
         print(f"skipped: {DATA} is not here (it lives in ../shared/data beside the repository)")
         return 0
@@ -237,25 +279,33 @@ def main(argv: list[str] | None = None) -> int:
         from label_efficiency import overrides  # bench/: NAME=VALUE pairs as TrainingArguments fields
 
         tuner = Tuner(encoder, texts, [t for t, _ in test_rows], args.full_every, settings.batch_size, overrides(args.set))
-    strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
-    runs = [(name, "confidence") for name in ("random", "uncertainty", "diverse", "typical") if name in strategies]
-    runs += [("uncertainty", mode.strip()) for mode in args.modes.split(",") if mode.strip()]
-    results: dict[str, np.ndarray] = {}
+    runs = []  # (strategy, score mode)
+    for entry in (e.strip() for e in args.strategies.split(",")):
+        name, _, mode = entry.partition(":")
+        if name not in ("random", "uncertainty", "diverse", "typical") or mode not in ("", *SCORE_MODES):
+            parser.error(f"--strategies: unknown {entry!r}")
+        if (name, mode or "confidence") not in runs:
+            runs.append((name, mode or "confidence"))
+    runs += [("uncertainty", mode.strip()) for mode in args.modes.split(",")
+             if mode.strip() and ("uncertainty", mode.strip()) not in runs]
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    curves: dict[str, list[list[float]]] = {}
     for strategy, mode in runs:
         name = strategy if mode == "confidence" else f"{strategy}:{mode}"
         started = time.perf_counter()
-        curves = [run(strategy, mode, seed, pool, gold, texts, test, test_gold, prior, args.batch, checkpoints,
-                      args.self_train, tuner)
-                  for seed in range(args.first_seed, args.first_seed + args.seeds)]
-        results[name] = np.asarray(curves) * 100
+        for seed in seeds:
+            curve = run(strategy, mode, seed, pool, gold, texts, test, test_gold, prior, args.batch, checkpoints,
+                        args.self_train, tuner)
+            curves.setdefault(name, []).append([100 * a for a in curve])
+            if args.out:  # after every curve: a run stopped early keeps the curves it finished
+                Path(args.out).write_text(json.dumps({
+                    "checkpoints": checkpoints, "seeds": seeds, "batch": args.batch,
+                    "full_every": args.full_every, "self_train": args.self_train, "device": str(encoder.device),
+                    "curves": curves,
+                }, indent=1))
         print(f"  {name}: {time.perf_counter() - started:.0f}s"
               + (f" ({tuner.seconds:.0f}s fine-tuning so far)" if tuner else ""), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps({
-            "checkpoints": checkpoints, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
-            "full_every": args.full_every, "self_train": args.self_train, "device": str(encoder.device),
-            "curves": {name: curves.tolist() for name, curves in results.items()},
-        }, indent=1))
+    results = {name: np.asarray(c) for name, c in curves.items()}
 
     header = "strategy".ljust(22) + "".join(f"{c:>12}" for c in checkpoints) + "      area   vs random"
     print("\naccuracy (%) after N labels, mean over seeds (min-max)\n" + header)

@@ -11,7 +11,7 @@
 #   2. bench/gpu.py: inference and training sequences/s beside transformers' pipeline and Trainer
 #   3. bench/predict.py: the served backend on CUDA, one-task latency and throughput, pipelines on CUDA
 # then side by side (accuracy only; their seconds share the card):
-#   4. bench/active_learning.py --full-every 64: the encoder fine-tuned every 64 labels, 3 strategies x 3 seeds
+#   4. bench/active_learning.py --full-every 32: the encoder fine-tuned every 32 labels (AL_EVERY), 3 strategies x 3 seeds
 #   5. bench/label_efficiency.py at 1,024 labels (AG News, SST-2; 3 seeds, with the Trainer baseline)
 #   6. bench/label_efficiency.py at 64 and 256 labels: the full recipe's defaults and variants (--set)
 #   7. bench/label_efficiency.py --auto-only at 64 and 256 labels: what a job serves with the GPU's
@@ -25,7 +25,11 @@
 # STEPS picks some of them (default: "tests gpu predict al le1024 variants"; "auto" adds 7); GPU_ARGS
 # replaces bench/gpu.py's arguments; AL_GROUPS lists the active-learning seed groups, FIRST:COUNT each,
 # one process per group and strategy (default "0:3"), AL_STRATEGIES the strategies (default "random
-# uncertainty diverse").  A second, shorter call, for example:
+# uncertainty diverse"; NAME:MODE for another score mode, e.g. diverse:margin), AL_EVERY the labels
+# between fine-tunes (default 32); AL_RUNS, where set, lists the runs instead, STRATEGY/EVERY/FIRST:COUNT
+# each (e.g. "random/32/0:1 diverse/32/0:1").  AUTO_RUNS lists step 7's runs, DATASET:SIZE:FIRST:COUNT
+# each, one process each (default: both data sets at 64 and 256 labels, seeds 0-2), AUTO_ARGS adds
+# arguments to each (e.g. "--unlabeled 9000").  A second, shorter call, for example:
 #   BUDGET=270 STEPS="gpu al" GPU_ARGS="--infer-n 20000 --repeats 2" AL_GROUPS="3:2 5:2 7:2" bash bench/gpu_session.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -34,6 +38,15 @@ BUDGET=${BUDGET:-540}
 STEPS=" ${STEPS:-tests gpu predict al le1024 variants} "
 AL_GROUPS=${AL_GROUPS:-0:3}
 AL_STRATEGIES=${AL_STRATEGIES:-random uncertainty diverse}
+AL_EVERY=${AL_EVERY:-32}
+if [ -z "${AL_RUNS:-}" ]; then
+    AL_RUNS=""
+    for group in $AL_GROUPS; do
+        for strategy in $AL_STRATEGIES; do AL_RUNS+=" $strategy/$AL_EVERY/$group"; done
+    done
+fi
+AUTO_RUNS=${AUTO_RUNS:-agnews:64:0:3 agnews:256:0:3 sst2:64:0:3 sst2:256:0:3}
+AUTO_ARGS=${AUTO_ARGS:-}
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
 T0=$SECONDS
@@ -103,15 +116,14 @@ step predict 120 python3 bench/predict.py --latency-requests 60 --repeats 2 --no
 limit=$(left)
 export OMP_NUM_THREADS=2
 pids=()
-for group in $AL_GROUPS; do
+for spec in $AL_RUNS; do  # STRATEGY/EVERY/FIRST:COUNT
     wanted al || break
-    for strategy in $AL_STRATEGIES; do
-        name=al-$strategy-${group%%:*}
-        LS_BACKEND_CACHE=/tmp/cache-$name timeout -k 5 "$limit" python3 bench/active_learning.py --full-every 64 \
-            --first-seed "${group%%:*}" --seeds "${group##*:}" --strategies "$strategy" --out "$LOGS/$name.json" \
-            > "$LOGS/$name.log" 2>&1 &
-        pids+=($!)
-    done
+    IFS=/ read -r strategy every group <<< "$spec"
+    name=al-${strategy/:/-}-$every-${group%%:*}
+    LS_BACKEND_CACHE=/tmp/cache-$name timeout -k 5 "$limit" python3 bench/active_learning.py --full-every "$every" \
+        --first-seed "${group%%:*}" --seeds "${group##*:}" --strategies "$strategy" --out "$LOGS/$name.json" \
+        > "$LOGS/$name.log" 2>&1 &
+    pids+=($!)
 done
 for dataset in agnews sst2; do
     wanted le1024 || break
@@ -119,14 +131,14 @@ for dataset in agnews sst2; do
         > "$LOGS/le1024-$dataset.log" 2>&1 &
     pids+=($!)
 done
-for dataset in agnews sst2; do
-    for size in 64 256; do
-        wanted auto || break 2
-        LS_BACKEND_CACHE=/tmp/cache-auto-$dataset-$size timeout -k 5 "$limit" python3 bench/label_efficiency.py \
-            --dataset "$dataset" --sizes "$size" --seeds 3 --no-trainer --auto-only --job-detail \
-            > "$LOGS/auto-$dataset-$size.log" 2>&1 &
-        pids+=($!)
-    done
+for spec in $AUTO_RUNS; do  # DATASET:SIZE:FIRST:COUNT
+    wanted auto || break
+    IFS=: read -r dataset size first count <<< "$spec"
+    # shellcheck disable=SC2086
+    LS_BACKEND_CACHE=/tmp/cache-auto-$dataset-$size-$first timeout -k 5 "$limit" python3 bench/label_efficiency.py \
+        --dataset "$dataset" --sizes "$size" --first-seed "$first" --seeds "$count" --no-trainer --auto-only \
+        --job-detail $AUTO_ARGS > "$LOGS/auto-$dataset-$size-$first.log" 2>&1 &
+    pids+=($!)
 done
 variant() {  # variant NAME --set ... : both data sets, 64 and 256 labels, 3 seeds, candidates only
     local name=$1
@@ -151,7 +163,8 @@ echo "== side-by-side runs done after $((SECONDS - T0)) s"
     echo "-- gpu"; tail -n 25 "$LOGS/gpu.log"
     for f in "$LOGS"/sweep-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "threads|ours, inference|tokenizer alone|model alone" "$f"; }; done
     echo "-- predict"; tail -n 25 "$LOGS/predict.log"
-    for f in "$LOGS"/al-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "labels,|^[a-z]+ +[0-9]|per seed" "$f"; }; done
+    for f in "$LOGS"/al-*.log; do [ -f "$f" ] && grep -qE "Error|error:" "$f" && { echo "-- $(basename "$f")"; tail -n 3 "$f"; }; done
+    ls "$LOGS"/al-*.json > /dev/null 2>&1 && { echo "-- al, pooled"; python3 bench/active_learning.py --merge "$LOGS"/al-*.json; }
     for f in "$LOGS"/le1024-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "^ +[0-9]+ +[0-9]+ |labels:|zero-shot" "$f"; }; done
     for f in "$LOGS"/auto-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "^ +[0-9]+ +[0-9]+ |labels:|auto|rounds|job, " "$f"; }; done
     for f in "$LOGS"/var-*.log; do [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "labels:|overrides|pool" "$f"; }; done

@@ -204,6 +204,7 @@ def main() -> int:
     parser.add_argument("--dataset", choices=["agnews", "sst2"], default="agnews")
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds --first-seed .. --first-seed + --seeds - 1")
     parser.add_argument("--test", type=int, default=1000)
     parser.add_argument("--unlabeled", type=int, default=4000,
                         help="the project's unlabeled tasks, for self-training: this many pool texts (0: none)")
@@ -259,7 +260,7 @@ def main() -> int:
           + f" {'auto':>6} {'(recipe)':<12} {'Trainer':>8}   seconds: " + " / ".join(COLUMNS) + " / Trainer")
     table = {}
     for n in args.sizes:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             picked = sample(pool, labels, n, seed)
             rows = [pool[i] for i in picked]
             unlabeled = job_unlabeled = None
@@ -319,7 +320,7 @@ def main() -> int:
                   flush=True)
     print("means over seeds (" + " / ".join(COLUMNS) + " / auto / Trainer defaults):")
     for n in args.sizes:
-        values = [table[(n, s)] for s in range(args.seeds)]
+        values = [table[(n, s)] for s in range(args.first_seed, args.first_seed + args.seeds)]
         means = []
         for column in range(len(COLUMNS) + 2):
             got = [v[column] for v in values if v[column] is not None]
