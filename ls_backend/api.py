@@ -13,12 +13,13 @@ from typing import Any, Callable
 
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.http import HTTP_STATUS_CODES
 
 from . import __version__
 from .curve import learning_curve, learning_curve_png
 from .jobs import TrainingQueue, queue_from_settings
 from .predictor import Predictor
-from .registry import ModelRegistry, RegistryError, safe_key
+from .registry import ModelRegistry, RegistryError, is_version_name, safe_key
 from .settings import Settings
 from .store import BadEvent, CorrectionStore, EventOutcome, UnknownProject
 from .sync import SyncScheduler
@@ -133,6 +134,8 @@ def json_body() -> dict:
     except RecursionError:  # silent=True covers ValueError only
         raise BadRequest("the body's JSON is nested too deeply") from None
     if payload is None:
+        if request.get_data(cache=True).strip() == b"null":
+            raise BadRequest("the body must be a JSON object, not null")
         raise BadRequest("the body is not valid JSON")
     if not isinstance(payload, dict):
         raise BadRequest(f"the body must be a JSON object, not {type(payload).__name__}")
@@ -144,7 +147,10 @@ def require_str(payload: dict, *names: str) -> str:
         value = payload.get(name)
         if value is None:
             continue
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float):  # 3.1732665260 would come back as "3.173266526": another key
+            raise BadRequest(f"'{name}' must be a string (a number with a fraction loses digits: send it as text, "
+                             "like \"3.1732665262\")")
+        if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
         if not isinstance(value, str) or not value.strip():
             raise BadRequest(f"'{name}' must be a non-empty string")
@@ -176,11 +182,13 @@ def label_config_of(payload: dict) -> str:
     params = payload.get("params") if isinstance(payload.get("params"), dict) else {}
     for source in (payload, params):
         for name in ("label_config", "schema"):
-            if source.get(name):
+            if source.get(name) is not None:
                 if not isinstance(source[name], str):
                     raise BadRequest(f"'{name}' must be a string holding the label config XML")
+                if not source[name].strip():
+                    raise BadRequest(f"'{name}' is empty: send the project's label config XML")
                 return source[name]
-    raise BadRequest("missing field 'label_config' (the project's label config XML)")
+    raise BadRequest("missing field 'label_config' (or 'schema', as /setup names it): the project's label config XML")
 
 
 # -- protocol routes -----------------------------------------------------------------
@@ -281,7 +289,7 @@ def project_detail(key: str):
     try:
         summary = store.project_summary(store.resolve_project(key))
     except UnknownProject as exc:
-        raise BadRequest(exc.message, 404) from None
+        raise BadRequest(exc.message, 400 if exc.ambiguous else 404) from None
     return jsonify(summary.to_dict())
 
 
@@ -305,7 +313,7 @@ def _project_key(key: str) -> str:
         matches = [k for k in registry.projects() if k == key or k.split(".")[0] == key]
         if len(matches) == 1:
             return matches[0]
-        raise BadRequest(exc.message, 404) from None
+        raise BadRequest(exc.message, 400 if exc.ambiguous else 404) from None
 
 
 @operator.get("/projects/<path:key>/versions")
@@ -340,6 +348,13 @@ def _unless_a_server_fault(exc: Exception) -> None:
         raise exc
 
 
+def _version_name(name: str, field: str) -> None:
+    """400 for a name no version can have (a slash, a NUL, not like p3-v2): the request's fault;
+    a well-formed name that names no version is a 404 where it is looked up."""
+    if not is_version_name(name):
+        raise BadRequest(f"'{field}': bad version name {name[:80]!r}: expected a name such as p3-v2")
+
+
 @operator.post("/projects/<path:key>/rollback")
 def project_rollback(key: str):
     project = _project_key(key)
@@ -347,6 +362,8 @@ def project_rollback(key: str):
     target = payload.get("to")
     if target is not None and not isinstance(target, str):
         raise BadRequest("'to' must be a version name such as p3-v2")
+    if target:  # (empty: one step back, as no name)
+        _version_name(target, "to")
     try:
         version = services().registry.rollback(project, target)
     except (RegistryError, OSError, ValueError) as exc:  # (a version's meta.json unreadable: ValueError)
@@ -366,6 +383,8 @@ def project_pin(key: str):
         version = payload.get("version")
         if version is not None and not isinstance(version, str):
             raise BadRequest("'version' must be a version name such as p3-v2")
+        if version:  # (empty: the current version, as no name)
+            _version_name(version, "version")
         try:
             registry.pin(project, version)
         except (RegistryError, OSError, ValueError) as exc:
@@ -456,6 +475,11 @@ def _credentials_ok(settings: Settings) -> bool:
     )
 
 
+def _error_name(status: int) -> str:
+    """The ``error`` field for a status: "bad_request", "not_found", "conflict", ..."""
+    return HTTP_STATUS_CODES.get(status, "bad request").lower().replace(" ", "_")
+
+
 def _error(status: int, error: str, message: str, **extra: Any):
     body = {"error": error, "message": message, **extra}
     response = jsonify(body)
@@ -491,7 +515,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     @app.errorhandler(BadRequest)
     def bad_request(exc: BadRequest):
         log.info("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
-        return _error(exc.status, "bad_request", exc.message)
+        return _error(exc.status, _error_name(exc.status), exc.message)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

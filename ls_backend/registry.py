@@ -52,6 +52,13 @@ _KEY_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _VERSION = re.compile(r"^(?P<prefix>.+)-v(?P<number>\d+)$")
 
 
+def is_version_name(version: str) -> bool:
+    """Whether ``version`` is a name as this registry writes them (p3-v2); anything else (a NUL, a
+    lone surrogate, a name longer than a file name may be) would fail in the file system instead."""
+    return not ("/" in version or version.startswith(".") or len(version) > 200 or not version.isprintable()
+                or not _VERSION.match(version))
+
+
 class RegistryError(RuntimeError):
     pass
 
@@ -109,10 +116,7 @@ class ModelRegistry:
         return self.project_dir(project_key) / "versions"
 
     def version_dir(self, project_key: str, version: str) -> Path:
-        # names as this registry writes them (p3-v2); anything else (a NUL, a lone surrogate, a
-        # name longer than a file name may be) would fail in the file system instead
-        if "/" in version or version.startswith(".") or len(version) > 200 or not version.isprintable() \
-                or not _VERSION.match(version):
+        if not is_version_name(version):
             raise RegistryError(f"bad version name {version[:80]!r}: expected a name such as p3-v2")
         return self.versions_dir(project_key) / version
 

@@ -120,9 +120,12 @@ class BadEvent(ValueError):
 class UnknownProject(LookupError):
     """No such project in the store, or a bare id that names several."""
 
-    def __init__(self, message: str):
+    ambiguous = False  # a bare id that names several projects: the request's to fix (400), not a 404
+
+    def __init__(self, message: str, ambiguous: bool = False):
         super().__init__(message)
         self.message = message
+        self.ambiguous = ambiguous
 
     def __str__(self) -> str:
         return self.message
@@ -184,6 +187,20 @@ def _int_id(value: Any, what: str) -> int:
     if number < 0 or number >= 2**63:
         raise BadEvent(f"{what} {number} is out of range")
     return number
+
+
+def _flag(annotation: dict, name: str, annotation_id: int) -> bool:
+    """A true/false field of an annotation: a JSON boolean (or missing or null: false); the text
+    "true" or "false" as well.  Anything else is refused, rather than read as true ("false" is a
+    non-empty string) and the label dropped from training."""
+    value = annotation.get(name)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise BadEvent(f"annotation {annotation_id}: {name!r} must be true or false, not {str(value)[:40]!r}")
 
 
 def _annotator(value: Any) -> str:
@@ -286,8 +303,8 @@ class AnnotationRecord:
             task_data=data,
             result=result,
             annotator=_annotator(annotation.get("completed_by")),
-            was_cancelled=bool(annotation.get("was_cancelled")),
-            ground_truth=bool(annotation.get("ground_truth")),
+            was_cancelled=_flag(annotation, "was_cancelled", annotation_id),
+            ground_truth=_flag(annotation, "ground_truth", annotation_id),
             updated_us=micros(stamp),
         )
 
@@ -1602,7 +1619,8 @@ class CorrectionStore:
                 if len(matches) > 1:
                     raise UnknownProject(
                         f"Label Studio project id {text} is ambiguous here: it names {', '.join(matches)} "
-                        "(projects of several Label Studio instances); pass the full key"
+                        "(projects of several Label Studio instances); pass the full key",
+                        ambiguous=True,
                     )
         shown = ", ".join(known[:20]) or "none yet"
         raise UnknownProject(f"no project {text!r} in the store (known: {shown})")

@@ -74,11 +74,12 @@ def test_bad_tasks_get_empty_results_not_a_failed_batch(client):
         {"id": 7, "data": {"text": "\u200b\u200b"}},
         {"id": 8, "data": {"text": "\x00\x01 \x7f \ufeff\u0301"}},
         {"id": 9, "data": {"text": "!!! 😀"}},  # punctuation and an emoji are read (as tokens and [UNK])
+        {"id": 10, "data": {"text": "😀 🎉"}},  # unknown tokens alone: nothing the model can read
     ]
     results = predict(client, tasks)
     assert len(results) == len(tasks)
     assert results[0]["result"][0]["value"]["choices"] == ["Sports"]
-    for entry in results[1:6] + results[7:9]:
+    for entry in results[1:6] + results[7:9] + results[10:]:
         assert entry["result"] == [] and entry["score"] == 0.0 and entry["model_version"] == "p7-v0"
     assert len(results[6]["result"]) == 1 and len(results[9]["result"]) == 1
 

@@ -54,6 +54,57 @@ def test_malformed_payloads_get_4xx_json_and_nothing_is_stored(client, body, fra
     assert client.get("/projects").get_json()["projects"] == []
 
 
+@pytest.mark.parametrize("flag", ["was_cancelled", "ground_truth"])
+def test_true_false_fields_are_read_as_booleans_and_anything_else_is_a_400(client, app, flag):
+    store = app.extensions["ls_backend"].store
+    event = annotation_event(1, 10, choices("World"))
+    event["annotation"][flag] = "false"  # text, not a JSON boolean: "false" is still false
+    assert client.post("/webhook", json=event).status_code == 200
+    assert [e.labels for e in store.training_examples(KEY, _topic())] == [("World",)]
+    assert client.get(f"/projects/{KEY}").get_json()["cancelled"] == 0
+    for value in ("maybe", 2, [True], {"x": 1}):
+        event = annotation_event(2, 11, choices("Sports"), updated=1)
+        event["annotation"][flag] = value
+        response = client.post("/webhook", json=event)
+        assert response.status_code == 400, value
+        assert f"'{flag}' must be true or false" in response.get_json()["message"]
+    assert [e.labels for e in store.training_examples(KEY, _topic())] == [("World",)]  # nothing half-stored
+    event = annotation_event(1, 10, choices("World"), updated=2)
+    event["annotation"]["was_cancelled"] = "True"
+    assert client.post("/webhook", json=event).get_json()["changed"] == 1
+    assert client.get(f"/projects/{KEY}").get_json()["cancelled"] == 1  # a skip, as Label Studio's true
+
+
+def test_request_errors_name_their_status_and_what_to_fix(client):
+    response = client.post("/setup", data=b"null", content_type="application/json")
+    assert response.status_code == 400 and "must be a JSON object, not null" in response.get_json()["message"]
+    for schema, fragment in (("", "'schema' is empty"), ("  ", "'schema' is empty"), ([], "must be a string"),
+                             ({}, "must be a string"), (0, "must be a string"), (False, "must be a string")):
+        response = client.post("/setup", json={"project": KEY, "schema": schema})
+        assert response.status_code == 400 and fragment in response.get_json()["message"], schema
+    response = client.post("/setup", json={"project": KEY})
+    assert "missing field 'label_config' (or 'schema'" in response.get_json()["message"]
+    for number in (1.5, float("nan"), float("-inf"), 3.1732665260):  # a fraction loses digits: text only
+        response = client.post("/setup", json={"project": number, "schema": TOPIC_CONFIG})
+        assert response.status_code == 400 and "must be a string" in response.get_json()["message"], number
+    assert client.get("/projects").get_json()["projects"] == []
+    assert client.post("/setup", json={"project": 3, "schema": TOPIC_CONFIG}).status_code == 200  # a whole id
+    missing = client.get("/projects/999")
+    assert (missing.status_code, missing.get_json()["error"]) == (404, "not_found")
+    many = client.post("/predict", json={"project": KEY, "label_config": TOPIC_CONFIG, "tasks": [{}] * 10_001})
+    assert (many.status_code, many.get_json()["error"]) == (413, "request_entity_too_large")
+
+
+def test_a_bare_id_naming_two_projects_is_a_400_asking_for_the_full_key(client):
+    for created in ("2026-11-27T00:54:22.448107Z", "2025-01-02T03:04:05Z"):
+        event = annotation_event(1, 10, choices("World"), proj=project(3, created_at=created))
+        assert client.post("/webhook", json=event).status_code == 200
+    for path in ("/projects/3", "/projects/3/versions"):
+        response = client.get(path)
+        assert response.status_code == 400 and "ambiguous" in response.get_json()["message"], path
+        assert "pass the full key" in response.get_json()["message"]
+
+
 def test_a_bulk_event_with_a_malformed_entry_stores_the_others_and_answers_400_naming_it(client, app):
     heard = []
     app.extensions["ls_backend"].event_listeners.append(heard.append)
@@ -271,16 +322,23 @@ def test_operator_routes_answer_4xx_for_ids_and_limits_out_of_range(client):
 
 def test_pin_and_rollback_answer_4xx_for_version_names_the_file_system_refuses(client, app):
     assert client.post("/setup", json={"project": KEY, "schema": TOPIC_CONFIG}).status_code == 200
-    for name in ("p3-v0\u0000", "\ud800", "a" * 300, "p3-v" + "9" * 250, "é" * 190 + "-v1"):
+    # no version can have these names: the request's fault (400, "bad version name")
+    for name in ("p3-v0\u0000", "\ud800", "a" * 300, "p3-v" + "9" * 250, "a/b", "p3-v1/../p3-v0"):
         for path, body in (("pin", {"version": name}), ("rollback", {"to": name})):
             response = client.post(f"/projects/{KEY}/{path}", json=body)
-            assert response.status_code == 404 and response.get_json()["message"], (path, name[:10], response.status_code)
+            assert response.status_code == 400, (path, name[:10], response.status_code)
+            assert response.get_json()["error"] == "bad_request"
+            assert "bad version name" in response.get_json()["message"]
+    # a name of the right form that the file system refuses (over 255 bytes) names no version: 404
+    for path, body in (("pin", {"version": "é" * 190 + "-v1"}), ("rollback", {"to": "é" * 190 + "-v1"})):
+        response = client.post(f"/projects/{KEY}/{path}", json=body)
+        assert response.status_code == 404 and response.get_json()["error"] == "not_found", path
     # a version whose meta.json is unreadable is not served, and says so
     registry = app.extensions["ls_backend"].registry
     served = registry.current(KEY)
     (registry.version_dir(KEY, served) / "meta.json").write_text("{torn")
     response = client.post(f"/projects/{KEY}/pin", json={"version": served})
-    assert response.status_code == 404 and response.get_json()["error"] == "bad_request"
+    assert response.status_code == 404 and response.get_json()["error"] == "not_found"
 
 
 def test_json_sent_with_a_form_content_type_is_read_as_json(client, app):
