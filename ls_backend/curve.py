@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from .registry import ModelRegistry
+from .registry import ModelRegistry, RegistryError
 
 
 def learning_curve(registry: ModelRegistry, project_key: str) -> dict:
@@ -21,7 +21,10 @@ def learning_curve(registry: ModelRegistry, project_key: str) -> dict:
         recipe = meta.get("recipe")
         if not cold_start_measured and (metrics.get("current") or {}).get("score") is not None:
             parent = meta.get("parent")
-            parent_meta = registry.meta(project_key, parent) if parent else {}
+            try:
+                parent_meta = registry.meta(project_key, parent) if parent else {}
+            except (RegistryError, OSError, ValueError):  # removed or unreadable: its point is left out
+                parent_meta = {}
             if parent_meta.get("kind") in ("cold-start", "config-change"):
                 points.append(
                     {

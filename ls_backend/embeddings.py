@@ -143,11 +143,15 @@ class EmbeddingCache:
                 first.setdefault(keys[i], i)
             order = list(first.values())
             fresh = encoder.encode([texts[i] for i in order], batch_size)
-            with self._connect() as db:
-                db.executemany(
-                    "INSERT OR REPLACE INTO embeddings (encoder, key, vector) VALUES (?, ?, ?)",
-                    [(encoder_id, keys[i], fresh[row].astype(np.float32).tobytes()) for row, i in enumerate(order)],
-                )
+            try:
+                with self._connect(timeout=self.WRITE_WAIT_S) as db:
+                    db.executemany(
+                        "INSERT OR REPLACE INTO embeddings (encoder, key, vector) VALUES (?, ?, ?)",
+                        [(encoder_id, keys[i], fresh[row].astype(np.float32).tobytes()) for row, i in enumerate(order)],
+                    )
+            except sqlite3.Error as exc:  # locked past the wait (a prune, a VACUUM), a full disk: only a cache
+                log.warning("embedding cache %s: %d new embeddings not kept (%s); they are used all the same, "
+                            "and embedded again next time", self.path, len(order), exc)
             for row, i in enumerate(order):
                 found[keys[i]] = fresh[row]
         out = np.zeros((len(texts), encoder.dim), dtype=np.float32)
@@ -157,6 +161,8 @@ class EmbeddingCache:
 
     #: a use is written at most this often per encoder (a read of cached rows stays a read)
     MARK_EVERY_S = 3600.0
+    #: how long new rows wait for a write lock held elsewhere before they are given up (not the job)
+    WRITE_WAIT_S = 5.0
 
     def _mark_used(self, encoder_id: str) -> None:
         """Record that ``encoder_id`` is in use, before its rows are read (a prune running meanwhile

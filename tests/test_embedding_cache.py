@@ -173,6 +173,28 @@ def test_reading_cached_rows_never_waits_on_a_writer_elsewhere_and_marks_a_use_a
     assert missed == 0 and encoder.encoded == 20 and vectors[3][0] == len(texts[3])
 
 
+def test_new_rows_that_cannot_be_written_are_used_all_the_same(tmp_path, monkeypatch, caplog):
+    """A write lock held past the wait (a long prune, a VACUUM) or a full disk failed the whole job
+    after its texts were embedded ("database is locked" after 30 s)."""
+    monkeypatch.setattr(EmbeddingCache, "WRITE_WAIT_S", 0.2, raising=False)
+    cache, encoder = EmbeddingCache(tmp_path), FakeEncoder()
+    cache.encode(encoder, "a", ["warm"])
+    holder = sqlite3.connect(cache.path, timeout=1)
+    holder.execute("BEGIN IMMEDIATE")  # another process writing
+    try:
+        started = time.monotonic()
+        vectors, missed = cache.encode(encoder, "a", ["one", "three"])
+        waited = time.monotonic() - started
+    finally:
+        holder.rollback()
+        holder.close()
+    assert missed == 2 and [v[0] for v in vectors] == [3.0, 5.0] and waited < 5
+    assert "2 new embeddings not kept" in caplog.text
+    assert _rows(cache) == {"a": 1}  # not kept: embedded again next time, then kept
+    cache.encode(encoder, "a", ["one", "three"])
+    assert _rows(cache) == {"a": 3} and encoder.encoded == 5
+
+
 def test_a_refresh_only_job_prunes_too(tmp_path, monkeypatch):
     from ls_backend import jobs, refresh as refresh_module
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -464,3 +465,9 @@ def test_learning_curve_json_and_png_agree(job_env):
     image = Image.open(io.BytesIO(png))
     image.verify()
     assert image.format == "PNG" and image.size == (640, 400)
+    # the cold start unreadable (a torn meta.json) or removed by hand: its point is left out, the rest stays
+    cold = registry.version_dir(KEY, points[0]["version"])
+    (cold / "meta.json").write_text("{torn")
+    assert learning_curve(registry, KEY)["points"] == points[1:]
+    shutil.rmtree(cold)
+    assert learning_curve(registry, KEY)["points"] == points[1:]
