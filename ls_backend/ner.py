@@ -609,20 +609,23 @@ def capped_windows(windows_: list, max_tokens: int, seed: int) -> tuple[list, bo
     return [windows_[i] for i in sorted(chosen)], True
 
 
-def _trimmed(text: str, span: Span) -> Span:
-    start, end, label = span
-    while start < end and text[start].isspace():
-        start += 1
-    while end > start and text[end - 1].isspace():
-        end -= 1
-    return start, through_marks(text, end) if start < end else end, label
+def as_tagged(tokenizer, texts: Sequence[str], spans: Sequence[Sequence[Span]], labels: Sequence[str]) -> list[list[Span]]:
+    """The annotated spans as training tags them and decoding reads them back: widened to whole
+    tokens, trimmed of surrounding whitespace, run on through combining marks, overlaps resolved
+    (the longest wins) — the best any prediction can match.  A region drawn over ``"Paris "``, or
+    over "Paris" inside the token "Parisian", is then matched by what a model that learned its
+    tags exactly predicts."""
+    out = []
+    for text, tokenized, gold in zip(texts, tokenize(tokenizer, texts), spans):
+        tags, _ = token_tags(tokenized.offsets, gold, labels)
+        out.append([found.span for found in decode(text, tokenized.offsets, tags, labels)])
+    return out
 
 
 def evaluate_tokens(encoder: "Encoder", head: TokenHead, data: TokenData, batch_size: int = 32) -> dict:
-    """Entity-level P/R/F1 of ``head`` against the annotated spans (exact match).  Gold spans
-    are trimmed of surrounding whitespace and run on through combining marks, as predicted
-    spans do, so a region drawn over ``"Paris "`` matches a prediction of ``"Paris"``."""
+    """Entity-level P/R/F1 of ``head`` against the annotated spans (exact match), each read as
+    training tags it (:func:`as_tagged`)."""
     predicted = [[s.span for s in found] for found in predict_spans(encoder, head, data.texts, batch_size)]
-    gold = [[_trimmed(text, span) for span in spans] for text, spans in zip(data.texts, data.spans)]
+    gold = as_tagged(encoder.tokenizer, data.texts, data.spans, data.labels)
     return span_scores(gold, predicted)
 

@@ -55,10 +55,12 @@ def spans_of(text: str, items: list[dict], labels: tuple[str, ...], to_name: str
     region whose ``value`` or ``labels`` is malformed; a region with none of the control's
     labels (renamed or removed since) is counted ``unknown_label``; a region drawn on another
     object than ``to_name`` (the control pointed at another ``<Text>`` when it was made) is
-    counted ``other_text``: its offsets and words belong to that text, not this one.
+    counted ``other_text``: its offsets and words belong to that text, not this one.  A region
+    of no characters (``start == end``, no text: a click without a drag) marks nothing and is
+    counted ``empty``; the task's other regions still train.
     """
     spans: list[Span] = []
-    counts = {"unresolved": 0, "unknown_label": 0, "other_text": 0}
+    counts = {"unresolved": 0, "unknown_label": 0, "other_text": 0, "empty": 0}
     for item in items:
         if to_name is not None and isinstance(item, dict) and item.get("to_name") not in (None, to_name):
             counts["other_text"] += 1
@@ -74,6 +76,10 @@ def spans_of(text: str, items: list[dict], labels: tuple[str, ...], to_name: str
         label = next((name for name in names if name in labels), None)
         if label is None:
             counts["unknown_label"] += bool(names)
+            continue
+        start, end = value.get("start"), value.get("end")
+        if type(start) is int and start == end and not value.get("text"):
+            counts["empty"] += 1
             continue
         where = resolve_span(text, value)
         if where is None:
@@ -121,7 +127,7 @@ def token_data(
         if control.kind != LABELS:
             continue
         rows = store.annotation_results(project_key, control.name, field=control.field, include_empty="since_first")
-        examples, problems = [], {"unresolved": 0, "unknown_label": 0, "other_text": 0, "no_text": 0}
+        examples, problems = [], {"unresolved": 0, "unknown_label": 0, "other_text": 0, "empty": 0, "no_text": 0}
         for task_id, text, items in rows:
             if not text:
                 problems["no_text"] += 1

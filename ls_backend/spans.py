@@ -95,7 +95,7 @@ def resolve_span(text: str, value: dict) -> tuple[int, int] | None:
     if 0 <= start < end <= len(text) and (text[start:end] == quoted or _squeezed(text[start:end]) == _squeezed(quoted)):
         return start, end
     a, b = utf16_to_index(text, start), utf16_to_index(text, end)
-    if a is not None and b is not None and a < b and text[a:b] == quoted:
+    if a is not None and b is not None and a < b and (text[a:b] == quoted or _squeezed(text[a:b]) == _squeezed(quoted)):
         return a, b
     found, position = [], text.find(quoted)
     while position >= 0:

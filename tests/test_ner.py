@@ -116,6 +116,9 @@ def test_annotation_offsets_are_checked_against_the_text():
     assert resolve_span(text, {"start": 20, "end": 26, "text": "Zürich"}) == (text.rindex("Zürich"), len(text))
     assert resolve_span(text, {"start": 0, "end": 2, "text": "Paris"}) is None
     assert resolve_span(text, {"start": "0", "end": 2}) is None
+    # UTF-16 offsets, and a run of spaces shown as one in the region's text (as the editor writes it)
+    text = "😀 Text: Berlin,  Germany."
+    assert resolve_span(text, {"start": 9, "end": 25, "text": "Berlin, Germany"}) == (8, 24)
 
 
 def test_windows_cover_every_token_and_each_token_has_one_owner():
@@ -483,9 +486,9 @@ def test_a_span_never_ends_between_a_letter_and_its_combining_mark(tokenizer):
         found = decode(text, offsets, tags, ["PER"])
         assert [text[s.start:s.end] for s in found] == [word], (text, found)
     # gold spans drawn over the whole word match such a prediction; a region that left the mark out too
-    from ls_backend.ner import _trimmed
+    from ls_backend.ner import as_tagged
 
-    assert _trimmed("Zoe\u0308 met", (0, 3, "PER")) == (0, 4, "PER")
+    assert as_tagged(tokenizer, ["Zoe\u0308 met"], [[(0, 3, "PER")]], ["PER"]) == [[(0, 4, "PER")]]
 
 
 def test_a_task_with_a_region_that_cannot_be_placed_or_read_is_left_out_of_ner_training():
@@ -501,6 +504,9 @@ def test_a_task_with_a_region_that_cannot_be_placed_or_read_is_left_out_of_ner_t
     assert spans_found == [] and counts["unresolved"] == 1
     spans_found, counts = spans_of(text, [{"from_name": "ner", "value": [0, 13]}], ("PER", "LOC"))
     assert spans_found == [] and counts["unresolved"] == 1
+    # a region of no characters (a click without a drag) marks nothing: the task's other regions stay
+    spans_found, counts = spans_of(text, [span(0, 13, "Angela Merkel", "PER"), span(22, 22, "", "LOC")], ("PER", "LOC"))
+    assert spans_found == [(0, 13, "PER")] and (counts["empty"], counts["unresolved"]) == (1, 0)
 
 
 def test_a_task_whose_region_label_the_control_no_longer_has_is_left_out_not_trained_as_no_entity(tmp_path, encoder):
@@ -604,8 +610,8 @@ def test_an_ner_job_is_judged_against_a_version_promoted_while_it_trained(tmp_pa
         first["metrics"][first["recipe"]]["controls"]["ner"]["f1"], abs=1e-6)
 
 
-def test_the_frozen_token_fit_samples_windows_beyond_its_token_cap_and_gold_is_trimmed_like_predictions():
-    from ls_backend.ner import _trimmed, capped_windows
+def test_the_frozen_token_fit_samples_windows_beyond_its_token_cap_and_gold_is_read_as_tagged(encoder):
+    from ls_backend.ner import as_tagged, capped_windows
     from ls_backend.spans import IGNORE
 
     windows_ = [([1, 2, 3, 4], [IGNORE, 0, 1, IGNORE]) for _ in range(10)]  # 2 tagged tokens each
@@ -613,4 +619,11 @@ def test_the_frozen_token_fit_samples_windows_beyond_its_token_cap_and_gold_is_t
     assert kept == windows_ and not sampled
     kept, sampled = capped_windows(windows_, 7, seed=0)
     assert sampled and len(kept) == 3 and kept == capped_windows(windows_, 7, seed=0)[0]
-    assert _trimmed("see Paris now", (3, 10, "LOC")) == (4, 9, "LOC")
+    # evaluation reads gold spans as training tags them, so a model that learned the tags exactly
+    # scores F1 1: trimmed of whitespace, widened to whole tokens, a dropped zero-width space left out
+    texts = ["see Paris now", "Parisians love it", "visit Paris\u200b now"]
+    gold = [[(3, 10, "LOC")], [(0, 5, "LOC")], [(6, 12, "LOC")]]
+    tagged = as_tagged(encoder.tokenizer, texts, gold, ["LOC"])
+    assert tagged[0] == [(4, 9, "LOC")] and tagged[2] == [(6, 11, "LOC")]
+    (start, end, _), = tagged[1]
+    assert start == 0 and texts[1][start:end] in ("Parisian", "Parisians")  # the token "Paris" was drawn in
