@@ -295,7 +295,8 @@ def _main(argv: list[str] | None = None) -> int:
     sub.add_parser("settings", help="print the settings in force (secrets masked)")
     p_cache = sub.add_parser("cache", help="print this machine's embedding cache per encoder (JSON); --prune to shrink it")
     p_cache.add_argument("--prune", action="store_true",
-                         help="remove the embeddings of encoders unused for CACHE_MAX_AGE_DAYS, and give the space back")
+                         help="remove the embeddings of encoders unused for CACHE_MAX_AGE_DAYS, then the oldest rows "
+                              "past CACHE_MAX_ROWS, and give the space back")
     p_cache.add_argument("--older-than", type=_days, metavar="DAYS", help="with --prune: this many days instead")
     p_status = sub.add_parser("status", help="print what the corrections store holds per project (JSON)")
     p_status.add_argument("--project", help="one project: its key, or a bare Label Studio id")
@@ -393,7 +394,8 @@ def status(settings: Settings, project: str | None) -> int:
 
 def cache(settings: Settings, prune: bool, older_than: float | None) -> int:
     """This machine's embedding cache: its size and rows per encoder; with ``prune``, the rows of
-    encoders unused for ``older_than`` (else ``CACHE_MAX_AGE_DAYS``) days removed first."""
+    encoders unused for ``older_than`` (else ``CACHE_MAX_AGE_DAYS``) days removed first, then the
+    oldest rows past ``CACHE_MAX_ROWS``."""
     from .embeddings import EmbeddingCache, cache_file
 
     if not cache_file(settings.local_cache_dir).exists():
@@ -403,11 +405,12 @@ def cache(settings: Settings, prune: bool, older_than: float | None) -> int:
     body: dict = {"path": str(embeddings.path)}
     if prune:
         days = settings.cache_max_age_days if older_than is None else older_than
-        if older_than is None and days <= 0:
-            print("ls-backend: CACHE_MAX_AGE_DAYS=0 keeps every embedding; give --older-than DAYS", file=sys.stderr)
+        if older_than is None and days <= 0 and settings.cache_max_rows <= 0:
+            print("ls-backend: CACHE_MAX_AGE_DAYS=0 and CACHE_MAX_ROWS=0 keep every embedding; give --older-than DAYS",
+                  file=sys.stderr)
             return 2
         before = embeddings.size_bytes()
-        removed = embeddings.prune(days * 86_400, vacuum=True)
+        removed = embeddings.prune(days * 86_400, vacuum=True, max_rows=settings.cache_max_rows)
         body.update({"removed": [r.to_dict() for r in removed], "bytes_before": before})
     body["bytes"] = embeddings.size_bytes()
     body["encoders"] = [u.to_dict() for u in embeddings.usage()]

@@ -8,7 +8,9 @@ that hold a fine-tuned ``encoder/`` folder, with the stamp the registry gave tho
 
 Each encoder id's last use on this machine is kept beside its rows: the rows of weights no job or refresh
 has read or written for ``CACHE_MAX_AGE_DAYS`` (a version long replaced, a project deleted) are removed,
-at most once a day at the end of a job, or on demand with ``ls-backend cache --prune``.
+then, past ``CACHE_MAX_ROWS`` rows in all, the rows written longest ago (texts deleted or edited long
+since, under an encoder still in use); at most once a day at the end of a job, or on demand with
+``ls-backend cache --prune``.
 """
 
 from __future__ import annotations
@@ -189,36 +191,52 @@ class EmbeddingCache:
             counts = db.execute("SELECT encoder, COUNT(*) FROM embeddings GROUP BY encoder ORDER BY encoder").fetchall()
         return [EncoderUsage(name, rows, used.get(name)) for name, rows in counts]
 
-    def prune(self, max_age_s: float, now: float | None = None, vacuum: bool = False) -> list["EncoderUsage"]:
-        """Remove the rows of every encoder id not used for ``max_age_s`` seconds; returns what was
-        removed.  Ids with rows but no recorded use (a cache from before uses were kept) count as
-        used now, so they get a full period.  Freed pages are reused by later rows; ``vacuum`` also
-        gives them back to the file system (it rewrites the file: slow for a large cache)."""
+    def prune(self, max_age_s: float, now: float | None = None, vacuum: bool = False,
+              max_rows: int = 0) -> list["EncoderUsage"]:
+        """Remove the rows of every encoder id not used for ``max_age_s`` seconds (``0``: none by
+        age); then, past ``max_rows`` rows in all (``0``: no cap), the rows written longest ago,
+        whatever their encoder (texts of tasks deleted or edited long since, under an encoder
+        still in use, would otherwise stay for good).  Returns what was removed, per encoder
+        (``reason``: "unused" or "cap").  Ids with rows but no recorded use (a cache from before
+        uses were kept) count as used now, so they get a full period.  Freed pages are reused by
+        later rows; ``vacuum`` also gives them back to the file system (it rewrites the file: slow
+        for a large cache)."""
         now = time.time() if now is None else now
         removed: list[EncoderUsage] = []
         with self._connect() as db:
             db.execute("INSERT OR IGNORE INTO encoders (encoder, used) SELECT DISTINCT encoder, ? FROM embeddings", [now])
             db.execute("INSERT OR REPLACE INTO cache_state (name, value) VALUES ('pruned', ?)", [now])
-            stale = db.execute("SELECT encoder, used FROM encoders WHERE used < ? ORDER BY encoder", [now - max_age_s]).fetchall()
+            stale = []
+            if max_age_s > 0:
+                stale = db.execute("SELECT encoder, used FROM encoders WHERE used < ? ORDER BY encoder",
+                                   [now - max_age_s]).fetchall()
             for name, used in stale:
                 rows = db.execute("DELETE FROM embeddings WHERE encoder = ?", [name]).rowcount
                 db.execute("DELETE FROM encoders WHERE encoder = ? AND used = ?", [name, used])
-                removed.append(EncoderUsage(name, rows, used))
+                removed.append(EncoderUsage(name, rows, used, "unused"))
+            over = db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0] - max_rows if max_rows > 0 else 0
+            if over > 0:  # a row is rewritten (a new rowid) each time it is embedded anew: oldest first
+                used = dict(db.execute("SELECT encoder, used FROM encoders"))
+                oldest = "SELECT rowid FROM embeddings ORDER BY rowid LIMIT ?"
+                for name, rows in db.execute(f"SELECT encoder, COUNT(*) FROM embeddings WHERE rowid IN ({oldest}) "
+                                             "GROUP BY encoder ORDER BY encoder", [over]).fetchall():
+                    removed.append(EncoderUsage(name, rows, used.get(name), "cap"))
+                db.execute(f"DELETE FROM embeddings WHERE rowid IN ({oldest})", [over])
         if vacuum:
             with self._connect() as db:
                 db.execute("VACUUM")
         return removed
 
-    def prune_daily(self, max_age_s: float, now: float | None = None) -> list["EncoderUsage"] | None:
+    def prune_daily(self, max_age_s: float, now: float | None = None, max_rows: int = 0) -> list["EncoderUsage"] | None:
         """:meth:`prune`, where the cache was not pruned in the last day (None: not due, or off)."""
         now = time.time() if now is None else now
-        if max_age_s <= 0:
+        if max_age_s <= 0 and max_rows <= 0:
             return None
         with self._connect() as db:
             row = db.execute("SELECT value FROM cache_state WHERE name = 'pruned'").fetchone()
         if row is not None and now - row[0] < 86_400:
             return None
-        return self.prune(max_age_s, now)
+        return self.prune(max_age_s, now, max_rows=max_rows)
 
     def size_bytes(self) -> int:
         """The cache's files on disk (the database and its write-ahead log)."""
@@ -236,9 +254,11 @@ class EncoderUsage:
     encoder: str
     rows: int
     used: float | None
+    reason: str | None = None  # of rows removed: "unused" (the encoder, for CACHE_MAX_AGE_DAYS) or "cap"
 
     def to_dict(self) -> dict:
         when = None
         if self.used is not None:
             when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.used))
-        return {"encoder": self.encoder, "rows": self.rows, "last_used": when}
+        return {"encoder": self.encoder, "rows": self.rows, "last_used": when,
+                **({"reason": self.reason} if self.reason else {})}

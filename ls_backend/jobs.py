@@ -160,19 +160,26 @@ def execute_training(settings: Settings, project_key: str, trigger: str, progres
 
 def _prune_embedding_cache(settings: Settings) -> None:
     """At most once a day, drop this machine's cached embeddings of encoders unused for
-    ``CACHE_MAX_AGE_DAYS`` (a cache: a failure here costs nothing but disk)."""
+    ``CACHE_MAX_AGE_DAYS``, then the oldest rows past ``CACHE_MAX_ROWS`` (a cache: a failure here
+    costs nothing but disk)."""
     from .embeddings import EmbeddingCache, cache_file
 
-    if settings.cache_max_age_days <= 0 or not cache_file(settings.local_cache_dir).exists():
+    if (settings.cache_max_age_days <= 0 and settings.cache_max_rows <= 0) or not cache_file(settings.local_cache_dir).exists():
         return
     try:
-        removed = EmbeddingCache(settings.local_cache_dir).prune_daily(settings.cache_max_age_days * 86_400)
+        removed = EmbeddingCache(settings.local_cache_dir).prune_daily(
+            settings.cache_max_age_days * 86_400, max_rows=settings.cache_max_rows)
     except Exception as exc:
         log.warning("the embedding cache was not pruned: %s", exc)
         return
-    if removed:
+    unused = [r for r in removed or [] if r.reason == "unused"]
+    capped = [r for r in removed or [] if r.reason == "cap"]
+    if unused:
         log.info("embedding cache: removed %d rows of %d encoders unused for %g days",
-                 sum(r.rows for r in removed), len(removed), settings.cache_max_age_days)
+                 sum(r.rows for r in unused), len(unused), settings.cache_max_age_days)
+    if capped:
+        log.info("embedding cache: removed the %d rows written longest ago, past CACHE_MAX_ROWS=%d",
+                 sum(r.rows for r in capped), settings.cache_max_rows)
 
 
 def _sync_before_training(settings: Settings, store, project_key: str) -> None:

@@ -226,6 +226,8 @@ class Settings:
     cache_dir: str = ""
     # days an encoder's cached embeddings are kept after their last use on this machine (0: for good)
     cache_max_age_days: float = 30.0
+    # rows the cache keeps in all, at its daily prune (0: no cap); past it, the rows written longest ago go
+    cache_max_rows: int = 1_000_000
     # encoder to start from: a local Hugging Face folder; empty means the bundled one
     base_model: str = ""
     # HTTP basic auth on every route when both are set
@@ -347,6 +349,8 @@ class Settings:
             values["database_url"] = _database_url(get("DATABASE_URL", ""))
         if get("CACHE_MAX_AGE_DAYS"):
             values["cache_max_age_days"] = _float("CACHE_MAX_AGE_DAYS", get("CACHE_MAX_AGE_DAYS", ""), 0, 36_500)
+        if get("CACHE_MAX_ROWS"):
+            values["cache_max_rows"] = _int("CACHE_MAX_ROWS", get("CACHE_MAX_ROWS", ""), 0, 10**10)
         if get("SYNC_CHECK_INTERVAL"):
             values["sync_check_interval"] = _float("SYNC_CHECK_INTERVAL", get("SYNC_CHECK_INTERVAL", ""), 0, 86_400)
         if get("REDIS_URL"):

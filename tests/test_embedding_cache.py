@@ -84,6 +84,29 @@ def test_the_daily_prune_runs_once_a_day_and_never_with_a_max_age_of_zero(tmp_pa
     assert [r.encoder for r in cache.prune_daily(30 * DAY, now=now + DAY + 1)] == ["b"]
 
 
+def test_past_the_row_cap_the_rows_written_longest_ago_go_whatever_their_encoder(tmp_path):
+    """An encoder in use (the base one, almost always) kept the rows of every text it ever embedded:
+    tasks deleted or edited long since stayed for good, and the file only grew."""
+    cache, encoder = EmbeddingCache(tmp_path), FakeEncoder()
+    cache.encode(encoder, "base", [f"day 1 text {i}" for i in range(6)])
+    cache.encode(encoder, "tuned", [f"day 2 text {i}" for i in range(3)])
+    cache.encode(encoder, "base", [f"day 3 text {i}" for i in range(4)])
+    cache.encode(encoder, "base", ["day 1 text 5"])  # read, not written: its age stays
+    assert cache.prune(30 * DAY, max_rows=0) == [] and sum(_rows(cache).values()) == 13  # no cap
+    removed = cache.prune(30 * DAY, max_rows=8)
+    assert [(r.encoder, r.rows, r.reason) for r in removed] == [("base", 5, "cap")]
+    assert _rows(cache) == {"base": 5, "tuned": 3}
+    _, missed = cache.encode(encoder, "base", ["day 1 text 0", "day 3 text 0"])
+    assert missed == 1  # the oldest is embedded again, and written anew (the newest row now)
+    removed = cache.prune(30 * DAY, max_rows=8)
+    assert [(r.encoder, r.rows, r.reason) for r in removed] == [("base", 1, "cap")]
+    assert cache.encode(encoder, "base", ["day 1 text 0"])[1] == 0  # kept: it was written last
+    # the daily prune applies the cap with CACHE_MAX_AGE_DAYS=0 too
+    now = time.time() + 2 * DAY
+    assert [r.reason for r in cache.prune_daily(0, now=now, max_rows=2)] == ["cap", "cap"]
+    assert sum(_rows(cache).values()) == 2
+
+
 def test_a_job_prunes_the_cache_and_a_machine_without_one_gets_none(tmp_path, monkeypatch):
     from ls_backend import finetune, jobs
 
@@ -97,6 +120,12 @@ def test_a_job_prunes_the_cache_and_a_machine_without_one_gets_none(tmp_path, mo
     _backdate(cache, "retired", 8)
     jobs.execute_training(settings, "5.1732665262", "labels")
     assert _rows(cache) == {"serving": 1}
+    # CACHE_MAX_AGE_DAYS=0 keeps every encoder's rows, and CACHE_MAX_ROWS still bounds them
+    capped = Settings(model_dir=tmp_path / "models", cache_dir=str(tmp_path / "cache2"), cache_max_age_days=0,
+                      cache_max_rows=2)
+    EmbeddingCache(tmp_path / "cache2").encode(FakeEncoder(), "serving", ["one", "two", "three"])
+    jobs.execute_training(capped, "5.1732665262", "labels")
+    assert _rows(EmbeddingCache(tmp_path / "cache2")) == {"serving": 2}
 
 
 def test_the_cache_command_lists_encoders_and_prunes_with_the_space_given_back(tmp_path, monkeypatch, capsys):
@@ -123,6 +152,11 @@ def test_the_cache_command_lists_encoders_and_prunes_with_the_space_given_back(t
     with pytest.raises(SystemExit):
         cli.main(["cache", "--prune", "--older-than", "nan"])
     monkeypatch.setenv("CACHE_MAX_AGE_DAYS", "0")
+    monkeypatch.setenv("CACHE_MAX_ROWS", "4")  # no age, but a cap: the oldest rows past it go
+    assert cli.main(["cache", "--prune"]) == 0
+    capped = json.loads(capsys.readouterr().out)
+    assert [(e["encoder"], e["rows"], e["reason"]) for e in capped["removed"]] == [("new", 6, "cap")]
+    monkeypatch.setenv("CACHE_MAX_ROWS", "0")
     assert cli.main(["cache", "--prune"]) == 2
     assert "--older-than" in capsys.readouterr().err
     # a cache file that is no database (a torn copy): set aside, and an empty cache in its place

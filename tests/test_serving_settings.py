@@ -47,6 +47,7 @@ def test_a_zero_shot_template_with_literal_braces_makes_the_prompts():
 
 @pytest.mark.parametrize("env, fix", [
     ({"SEED": str(2**32)}, "at most 4294967295"),  # numpy's seeds are 32-bit: every job failed
+    ({"CACHE_MAX_ROWS": "-1"}, "CACHE_MAX_ROWS"),
     ({"REDIS_URL": "localhost:6379"}, "redis://host:6379/0"),
     ({"DATABASE_URL": "sqlite:foo"}, "sqlite:////absolute/path/store.sqlite"),
     ({"BASE_MODEL": "/nonexistent/model"}, "no model folder there"),
