@@ -103,15 +103,19 @@ def position_limit(model, tokenizer) -> int:
 _VISIBLE = re.compile(r"\S+")
 
 
-def clip_visible(text: str, visible: int) -> str:
+def clip_visible(text: str, visible: int, whole_words: bool = False) -> str:
     """``text`` up to its first ``visible`` non-whitespace characters: whitespace, however long its
-    runs, does not count (a text of 9,000 newlines and then a sentence keeps its sentence)."""
+    runs, does not count (a text of 9,000 newlines and then a sentence keeps its sentence).  With
+    ``whole_words``, a word the limit falls inside is left out whole (unless it is the first), so
+    no entity is found in half a word."""
     if len(text) <= visible:
         return text
     seen = 0
     for match in _VISIBLE.finditer(text):
         seen += match.end() - match.start()
         if seen >= visible:
+            if whole_words and seen > visible and match.start() > 0:
+                return text[: match.start()]
             return text[: match.end() - (seen - visible)]
     return text
 

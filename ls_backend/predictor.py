@@ -362,7 +362,7 @@ class Predictor:
                     problems.setdefault(i, read.problem or "unreadable")
                     continue
                 # a prefix: span offsets found in it hold for the whole text
-                text = clip_visible(read.text, self.settings.max_text_chars)  # as training reads it
+                text = clip_visible(read.text, self.settings.max_text_chars, whole_words=True)
                 if reads_nothing(serving.encoder, text):
                     problems.setdefault(i, f"task data field {data_field!r} holds no character the model reads")
                     continue

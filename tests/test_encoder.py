@@ -109,6 +109,10 @@ def test_whitespace_runs_do_not_push_a_long_texts_words_out_of_what_is_read():
     expected = encoder.tokenizer(text, truncation=True, max_length=32)["input_ids"]
     assert encoder.tokenize([text]) == [expected] and len(expected) > 5
     assert clip_visible("abc  def ghi", 5) == "abc  de" and clip_visible("ab", 5) == "ab"
+    # for prediction: a word the limit cuts is left out (no entity in half a word), unless it is the first
+    assert clip_visible("abc  def ghi", 5, whole_words=True) == "abc  "
+    assert clip_visible("abc  def ghi", 6, whole_words=True) == "abc  def"
+    assert clip_visible("abcdefgh ij", 5, whole_words=True) == "abcde"
 
 
 def test_texts_of_long_words_are_read_as_far_as_the_tokenizers_own_truncation(encoder):
