@@ -57,6 +57,30 @@ def test_encoders_unused_for_the_max_age_lose_their_rows_and_used_ones_keep_them
     assert missed == 5 and vectors[0][0] == len(texts[0])
 
 
+def test_weights_replaced_at_the_same_path_with_the_same_size_and_time_get_another_stamp(tmp_path):
+    """A reproducible image build sets every file's time alike: a model of the same shape swapped in
+    at the same path kept the old one's name, and its texts were read from the old weights' rows."""
+    import os
+
+    from ls_backend.embeddings import weights_stamp
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    weights = folder / "model.safetensors"
+    weights.write_bytes(bytes(range(256)) * 64)
+    os.utime(weights, ns=(10**18, 10**18))
+    first = weights_stamp(str(folder))
+    assert first and weights_stamp(str(folder)) == first
+    swapped = tmp_path / "swapped"  # another model of the same shape, written in place of the first
+    swapped.write_bytes(bytes(reversed(range(256))) * 64)
+    os.utime(swapped, ns=(10**18, 10**18))
+    os.replace(swapped, weights)
+    assert weights.stat().st_size == 256 * 64 and weights.stat().st_mtime_ns == 10**18
+    assert weights_stamp(str(folder)) not in ("", first)
+    assert weights_stamp(str(tmp_path / "absent")) == ""
+
+
 def test_a_cache_written_before_uses_were_kept_gets_a_full_period(tmp_path):
     cache = EmbeddingCache(tmp_path)
     with sqlite3.connect(cache.path) as db:  # rows with no recorded use, as an older version wrote them
