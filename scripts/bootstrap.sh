@@ -4,11 +4,18 @@
 #   scripts/bootstrap.sh test       runtime + test tools
 # PYTHON: the Python 3.11 to build .venv with (default: python3.11, else python3 when it is 3.11).
 # TORCH_INDEX_URL: where to take torch from (for example PyTorch's CPU or CUDA wheel index);
-# unset, torch==2.13.0 comes from the default index (or a local wheel where pip is set up for one).
-# Changing it later reinstalls torch from the new index on the next run.
+# unset, torch==2.13.0 comes from the default index (or a local wheel where pip is set up for one)
+# on the first install, and later runs keep the torch .venv has.  Set to another index later, it
+# reinstalls torch from there on the next run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
+# one bootstrap at a time per checkout (serve.sh and test.sh started together would otherwise remove
+# or install into one .venv at once)
+if command -v flock >/dev/null; then
+  exec 9>.venv.lock
+  flock 9 || { echo "bootstrap: could not lock .venv.lock" >&2; exit 1; }
+fi
 # pyproject.toml: requires-python = ">=3.11,<3.12"
 is_py311() { "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' >/dev/null 2>&1; }
 version_of() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo "unknown"; }
@@ -57,14 +64,15 @@ fi
 stamp=".venv/.ls-backend-installed${extras:+-$extras}"
 # where torch was installed from ("" for the default index), so that a changed TORCH_INDEX_URL reinstalls it
 torch_stamp=".venv/.ls-backend-torch-index"
-torch_index="${TORCH_INDEX_URL:-}"
+torch_from="$(cat "$torch_stamp" 2>/dev/null || true)"
+# unset: whatever index the installed torch came from (test.sh without it keeps serve.sh's CPU torch)
+torch_index="${TORCH_INDEX_URL-$torch_from}"
 digest="$( (cat pyproject.toml scripts/bootstrap.sh; printf 'TORCH_INDEX_URL=%s\n' "$torch_index") | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then
   exit 0
 fi
 pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 echo "bootstrap: installing into .venv (first run takes a few minutes)"
-torch_from="$(cat "$torch_stamp" 2>/dev/null || true)"
 torch_args=()
 if ! .venv/bin/python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
   torch_args=(torch==2.13.0)

@@ -5,7 +5,7 @@
 #   - a Label Studio 1.23.2 virtualenv and migrated data folder, cached under ~/.cache/ls-backend
 # Arguments go to pytest (for example: scripts/test.sh -k predict).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 bash scripts/bootstrap.sh test || exit 1
 bash scripts/ensure-services.sh || echo "test: some services are missing; the tests that need them will say so"
 if [ -f scripts/ensure-label-studio.sh ]; then
