@@ -314,7 +314,10 @@ class Settings:
         import hashlib
 
         digest = hashlib.sha1(str(Path(self.model_dir).resolve()).encode()).hexdigest()[:12]
-        return Path.home() / ".cache" / "ls-backend" / f"models-{digest}"
+        # the user's cache folder: $XDG_CACHE_HOME where set (an absolute path), else ~/.cache
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        root = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+        return root / "ls-backend" / f"models-{digest}"
 
     @property
     def auth_enabled(self) -> bool:

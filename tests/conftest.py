@@ -1,11 +1,25 @@
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 
 from ls_backend.model import Encoder
 from ls_backend.settings import Settings, bundled_encoder_path
 from tests.support.backend import BackendServer
 from tests.support.events import TOPIC_CONFIG  # noqa: F401  (tests import it from here)
+
+
+# the embedding caches of every backend, job and command the tests start (CACHE_DIR unset: under
+# XDG_CACHE_HOME) go to one folder of this session, removed at its end, not ~/.cache
+_CACHE_HOME = tempfile.mkdtemp(prefix="ls-backend-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

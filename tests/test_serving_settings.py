@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 
 import pytest
@@ -175,3 +176,19 @@ def test_a_base_model_folder_that_will_not_load_is_refused_at_start(command, tmp
     assert started == [] and f"bad setting: BASE_MODEL={broken}" in said and "model_type" in said
     monkeypatch.setenv("BASE_MODEL", bundled_encoder_path())
     assert cli.main([command]) == 0 and len(started) == 1
+
+
+def test_the_embedding_cache_goes_under_the_users_cache_folder(tmp_path, monkeypatch):
+    """CACHE_DIR unset: $XDG_CACHE_HOME/ls-backend/models-<hash>, else ~/.cache (the test session
+    sets XDG_CACHE_HOME to a folder of its own, so runs leave nothing in the home folder)."""
+    from pathlib import Path
+
+    settings = Settings(model_dir=tmp_path / "models")
+    assert settings.local_cache_dir.parent == Path(os.environ["XDG_CACHE_HOME"]) / "ls-backend"
+    assert not str(settings.local_cache_dir).startswith(str(Path.home() / ".cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert settings.local_cache_dir.parent == tmp_path / "xdg" / "ls-backend"
+    for unset in ("", "relative/cache"):  # not an absolute path: the XDG rule says to ignore it
+        monkeypatch.setenv("XDG_CACHE_HOME", unset)
+        assert settings.local_cache_dir.parent == Path.home() / ".cache" / "ls-backend"
+    assert Settings(model_dir=tmp_path / "models", cache_dir=str(tmp_path / "mine")).local_cache_dir == tmp_path / "mine"
