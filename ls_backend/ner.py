@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .precision import TrainingStep
-from .spans import IGNORE, FoundSpan, Span, TaggingReport, bio_tags, decode, label_index_of, span_scores, through_marks, token_tags, window_owners, windows
+from .spans import IGNORE, FoundSpan, Span, TaggingReport, bio_tags, decode, label_index_of, span_scores, token_tags, window_owners, windows
 from .text import utf8_safe
 
 if TYPE_CHECKING:
