@@ -462,10 +462,13 @@ class FineTuneJob:
             # a version promoted while this job trained (a fast-lane job, a rollback) is what the
             # candidate must beat: measure it on the same slice
             against, serving = current.version, current
+            config_moved = None  # a version for another label config promoted while this job trained
             if (self.registry.current(project_key) or current.version) != current.version:
                 latest = self.registry.readable_current(project_key)  # (or its stand-in, as served)
                 if latest is not None and latest.version != current.version:
                     against = latest.version
+                    if latest.meta.get("plan_signature") not in (None, plan.signature):
+                        config_moved = latest.version
                     if latest.meta.get("plan_signature") == plan.signature:
                         figures["current"] = self._measure_version(
                             latest, current, class_splits, embed, token_splits, base_encoder
@@ -492,7 +495,12 @@ class FineTuneJob:
 
             if not pinned and not self.settings.force_promote:
                 best = choose(passes)
-            if pinned:
+            if config_moved:  # its labels are not the project's any more: the next job trains for the new ones
+                promote, reason = False, (
+                    f"the label config changed while this job trained ({config_moved} serves the new one): "
+                    "kept, not promoted; the next job trains for the new config"
+                )
+            elif pinned:
                 promote, reason = False, f"the project is pinned to {pinned} (unpin to take new versions)"
             elif self.settings.force_promote:
                 promote, reason = True, "FORCE_PROMOTE is set"
@@ -539,7 +547,8 @@ class FineTuneJob:
             version = self.registry.create_version(project_key, heads, meta, write_encoder=writer)
             if promote:
                 self.registry.promote(project_key, version, reason=f"{best}: {reason}")
-        self.store.mark_trained(project_key, cutoff)
+        if not config_moved:  # (else these labels still count towards the next job's trigger)
+            self.store.mark_trained(project_key, cutoff)
         log.info("project %s: job made %s (%s); %s", project_key, version, best, reason)
         return {
             "project": project_key,

@@ -20,7 +20,7 @@ from ls_backend.trainer import ControlData, expected_calibration_error, fit_head
 
 from .support.backend import BackendServer
 from .support.data import AGNEWS_LABELS, sst2
-from .support.events import annotation_event, choices, key_of
+from .support.events import TOPIC_CONFIG, annotation_event, choices, key_of, project
 from .support.loop import LoopClient, balanced_agnews
 
 KEY = key_of(3)
@@ -390,6 +390,41 @@ def test_the_gate_measures_a_version_promoted_while_the_job_trained(job_env):
     start_score = first["metrics"]["frozen"]["score"]
     assert meta["metrics"]["current"]["score"] < 0.5 < start_score, (meta["metrics"]["current"], start_score)
     assert second["promoted"] and registry.current(KEY) == second["version"]
+
+
+def test_a_job_whose_label_config_changed_while_it_trained_is_kept_not_promoted(job_env, encoder):
+    """A /setup with a new label (Health) re-shaped the served model while a job trained on the old
+    labels; the job then promoted its model of the old labels over it (and the next /setup re-shaped
+    that again, a second model_version for one change)."""
+    from ls_backend.api import create_app
+    from ls_backend.predictor import Predictor
+
+    settings, store = job_env
+    settings = settings.with_overrides(eval_min=1000)  # a slice too small to gate: promoted as it comes
+    label_all(store, balanced_agnews(8))
+    web = create_app(settings, Predictor(settings, encoder=encoder)).test_client()  # records /setup's config
+
+    def setup(config: str) -> str:
+        return web.post("/setup", json={"project": KEY, "schema": config}).get_json()["model_version"]
+
+    assert setup(TOPIC_CONFIG) == "p3-v0"
+    grown = TOPIC_CONFIG.replace('<Choice value="World"/>', '<Choice value="World"/><Choice value="Health"/>')
+    changed = []
+
+    def config_change_midway(update: dict) -> None:  # Label Studio's webhook, then its /setup
+        if update.get("stage") == "fast-head" and not changed:
+            event = {"action": "PROJECT_UPDATED", "project": project(3, config=grown, updated=5.0)}
+            assert web.post("/webhook", json=event).status_code == 200
+            changed.append(setup(grown))
+
+    result = FineTuneJob(settings, store, progress=config_change_midway).run(KEY)
+    registry = ModelRegistry(settings.model_dir)
+    assert changed == ["p3-v1"] and not result["promoted"] and "label config changed" in result["reason"]
+    assert registry.current(KEY) == "p3-v1"  # the new labels keep serving
+    assert "Health" in registry.load(KEY, "p3-v1").heads["topic"].labels
+    assert store.project_summary(KEY).labels_since_training == 32  # they still count towards the next job
+    again = FineTuneJob(settings, store).run(KEY)  # the next job trains for the new config
+    assert again["promoted"] and "Health" in registry.load(KEY, again["version"]).heads["topic"].labels
 
 
 def test_calibration_lowers_expected_calibration_error_on_sst2():
