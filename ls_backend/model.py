@@ -413,17 +413,23 @@ def adapt_head(
     encoder: Encoder,
     template: str,
     threshold: float,
+    recall: dict[str, tuple] | None = None,
 ) -> ClassifierHead:
     """The head re-shaped to the control's current labels.
 
     Rows of labels that still exist are kept (what was learned for them stays);
-    labels new to the config get zero-shot rows (the learned rows' scale is matched
-    so new labels compete fairly); removed labels lose their rows.
+    labels new to the config get the row ``recall`` holds for them (learned by an earlier version
+    of the same encoder: a label that comes back), else zero-shot rows (the learned rows' scale
+    is matched so new labels compete fairly); removed labels lose their rows.
     """
     # a row still zero-shot (never trained) is embedded anew from the label's prompt as it is now: an
     # edited hint (or the value behind an alias) must change what the label is matched against
     keep = {label: i for i, label in enumerate(head.labels) if label not in head.zero_shot_rows}
-    new = [label for label in control.labels if label.value not in keep]
+    recalled = {
+        value: (row, bias) for value, (row, bias, multiple) in (recall or {}).items()
+        if value not in keep and multiple == control.multiple and len(row) == head.weight.shape[1]
+    }
+    new = [label for label in control.labels if label.value not in keep and label.value not in recalled]
     new_rows = encoder.encode([template.format(label=label.prompt) for label in new]) if new else None
     kept_rows = [head.weight[keep[label.value]] for label in control.labels if label.value in keep]
     scale = float(np.mean([np.linalg.norm(r) for r in kept_rows])) if kept_rows else 1.0
@@ -433,6 +439,9 @@ def adapt_head(
         if label.value in keep:
             weight.append(head.weight[keep[label.value]])
             bias.append(head.bias[keep[label.value]])
+        elif label.value in recalled:
+            weight.append(np.asarray(recalled[label.value][0], dtype=np.float32))
+            bias.append(recalled[label.value][1])
         else:
             weight.append(new_rows[next(new_iter)] * scale)
             bias.append(float(np.mean(head.bias)) if len(head.bias) else 0.0)
@@ -456,9 +465,11 @@ def heads_for_plan(
     template: str,
     temperature: float,
     threshold: float,
+    recall: dict[str, dict[str, tuple]] | None = None,
 ) -> dict[str, ClassifierHead]:
     """Heads for every control of ``plan``, reusing ``previous`` where it fits: a
-    :class:`ClassifierHead` per Choices control, a ``ner.TokenHead`` per Labels control."""
+    :class:`ClassifierHead` per Choices control, a ``ner.TokenHead`` per Labels control;
+    ``recall``: learned rows of earlier versions, per control and label (:func:`adapt_head`)."""
     from .ner import token_head_for
 
     heads: dict[str, ClassifierHead] = {}
@@ -475,5 +486,5 @@ def heads_for_plan(
         elif old.labels == list(control.values) and not old.zero_shot_rows:
             heads[control.name] = old
         else:
-            heads[control.name] = adapt_head(old, control, encoder, template, threshold)
+            heads[control.name] = adapt_head(old, control, encoder, template, threshold, (recall or {}).get(control.name))
     return heads

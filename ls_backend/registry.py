@@ -417,11 +417,43 @@ class ModelRegistry:
                 write_atomic(self.project_dir(project_key) / "pinned", (to + "\n").encode())
         return to
 
+    #: how far back a re-shape looks for a returning label's learned row
+    RECALL_DEPTH = 50
+
+    def learned_rows(self, project_key: str, parent: LoadedHeads) -> dict[str, dict[str, tuple]]:
+        """Per Choices control, the learned ``(row, bias, multiple)`` of each label in ``parent``'s
+        line of versions (``parent`` first, then its parents), nearest first, while they read the
+        same encoder (a row means nothing to other weights); unreadable versions end the walk."""
+        def reads(meta: dict) -> tuple:
+            return meta.get("encoder"), meta.get("encoder_stamp"), meta.get("base_model")
+
+        found: dict[str, dict[str, tuple]] = {}
+        same, version, seen = reads(parent.meta), parent, set()
+        while version is not None and version.version not in seen and len(seen) < self.RECALL_DEPTH:
+            seen.add(version.version)
+            if reads(version.meta) != same:
+                break
+            for name, head in version.heads.items():
+                if isinstance(head, ClassifierHead) and head.trained:
+                    rows = found.setdefault(name, {})
+                    for i, label in enumerate(head.labels):
+                        if label not in head.zero_shot_rows and label not in rows:
+                            rows[label] = (head.weight[i], float(head.bias[i]), head.multiple)
+            above = version.meta.get("parent")
+            try:
+                version = self.load(project_key, above) if above else None
+            except (RegistryError, OSError, ValueError, KeyError):
+                version = None
+        return found
+
     def write_plan_version(
         self, project_key: str, plan: "LabelingPlan", parent: LoadedHeads | None, encoder: Encoder, settings: "Settings"
     ) -> LoadedHeads:
         """Write and promote the cold start (no parent) or ``parent`` re-shaped to a changed
-        label config: learned rows kept, new labels zero-shot, removed labels dropped."""
+        label config: learned rows kept, new labels zero-shot, removed labels dropped.  A label
+        that comes back (removed, then added again; or a request that still carried the older
+        config) gets the row an earlier version of the same encoder learned for it, not a
+        zero-shot one: what was learned is not lost to a config that went back and forth."""
         heads = heads_for_plan(
             plan,
             parent.heads if parent else {},
@@ -429,6 +461,7 @@ class ModelRegistry:
             settings.zero_shot_template,
             settings.zero_shot_temperature,
             settings.multi_label_threshold,
+            recall=self.learned_rows(project_key, parent) if parent else None,
         )
         meta = {
             "parent": parent.version if parent else None,

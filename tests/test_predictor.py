@@ -113,6 +113,46 @@ def test_label_config_change_makes_a_new_version(client, settings):
     assert registry.versions(PROJECT)[1].meta["parent"] == "p7-v0"
 
 
+def test_a_label_that_comes_back_gets_the_row_learned_for_it_not_a_zero_shot_one(settings, encoder):
+    """A request that still carried the older config (a second tab, a batch built before the save)
+    re-shaped the model without a label, and the next request with the new config re-shaped it
+    back with that label zero-shot: its learned row was lost for good."""
+    from dataclasses import replace
+
+    from ls_backend.predictor import Predictor
+
+    grown = TOPIC_CONFIG.replace('<Choice value="World"/>', '<Choice value="World"/><Choice value="Health"/>')
+
+    def worker() -> Predictor:  # a web worker that has served nothing yet (no check interval to wait out)
+        return Predictor(settings, encoder=encoder)
+
+    assert worker().setup(PROJECT, TOPIC_CONFIG) == "p7-v0"
+    assert worker().setup(PROJECT, grown) == "p7-v1"
+    registry = ModelRegistry(settings.model_dir)
+    v1 = registry.load(PROJECT, "p7-v1")
+    head = v1.heads["topic"]
+    learned = np.random.default_rng(0).normal(size=head.weight.shape).astype(np.float32)  # as a job leaves it
+    trained = replace(head, weight=learned, bias=np.arange(5, dtype=np.float32), trained=True, zero_shot_rows=[])
+    v2 = registry.create_version(PROJECT, {"topic": trained}, {**v1.meta, "parent": "p7-v1", "kind": "fine-tune"})
+    registry.promote(PROJECT, v2)
+    assert worker().setup(PROJECT, TOPIC_CONFIG) == "p7-v3"  # the older config: Health dropped
+    assert "Health" not in registry.load(PROJECT, "p7-v3").heads["topic"].labels
+    assert worker().setup(PROJECT, grown) == "p7-v4"  # and back
+    back = registry.load(PROJECT, "p7-v4").heads["topic"]
+    health = trained.labels.index("Health")
+    assert np.array_equal(back.weight[back.labels.index("Health")], learned[health])
+    assert back.bias[back.labels.index("Health")] == health and "Health" not in back.zero_shot_rows
+    for label in ("World", "Sports"):  # the rows that stayed are the learned ones too
+        assert np.array_equal(back.weight[back.labels.index(label)], learned[trained.labels.index(label)])
+    # a row learned for other weights means nothing to this encoder: a version that reads another
+    # encoder ends the walk back
+    other = registry.create_version(PROJECT, {"topic": registry.load(PROJECT, "p7-v3").heads["topic"]},
+                                    {**registry.load(PROJECT, "p7-v3").meta, "parent": "p7-v3", "kind": "fine-tune",
+                                     "encoder_stamp": "other-weights"})
+    assert "Health" not in registry.learned_rows(PROJECT, registry.load(PROJECT, other)).get("topic", {})
+    assert "Health" in registry.learned_rows(PROJECT, registry.load(PROJECT, "p7-v3"))["topic"]
+
+
 def test_unsupported_config_still_answers_setup_and_empty_results(client):
     config = '<View><Image name="i" value="$img"/><RectangleLabels name="r" toName="i"><Label value="a"/></RectangleLabels></View>'
     setup = client.post("/setup", json={"project": "9.1", "schema": config})
