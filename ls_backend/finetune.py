@@ -389,8 +389,9 @@ class FineTuneJob:
                 full_learned_from_pool = learned_from_pool(guesses, n_labels, self.args)
             merged = dict(start_heads)
             merged.update(full_heads)
+            served = student.reading_as(base_encoder)  # judged on what the web workers will compute
             held_embed = {
-                name: (None, student.encode(split.held.texts, self.settings.batch_size)) for name, split in splits.items()
+                name: (None, served.encode(split.held.texts, self.settings.batch_size)) for name, split in splits.items()
             }
             candidates["full"] = (merged, student, full_report)
             figures["full"] = self._measure({n: merged[n] for n in splits}, splits, held_embed)
@@ -409,13 +410,14 @@ class FineTuneJob:
             if tuned is not None:
                 tuned_heads = dict(start_heads)
                 tuned_embed = {}
+                reader = tuned.reading_as(base_encoder)  # heads fitted and judged as they will be served
                 for name, split in splits.items():
                     tuned_embed[name] = (
-                        tuned.encode(split.train.texts, self.settings.batch_size),
-                        tuned.encode(split.held.texts, self.settings.batch_size),
+                        reader.encode(split.train.texts, self.settings.batch_size),
+                        reader.encode(split.held.texts, self.settings.batch_size),
                     )
                     control = plan.control(name)
-                    prior = zero_shot_head(control, tuned, self.settings.zero_shot_template,
+                    prior = zero_shot_head(control, reader, self.settings.zero_shot_template,
                                            self.settings.zero_shot_temperature, self.settings.multi_label_threshold)
                     tuned_heads[name], contrastive_report[f"head:{name}"] = fit_head(
                         tuned_embed[name][0], split.train, prior, self.args.seed
@@ -608,7 +610,8 @@ class FineTuneJob:
         student, heads, full_report = fine_tune(base_encoder, taught, fit, self.args, self.progress, validation=valid)
         full_report["pseudo_labels"] = report
         merged = {**teacher_heads, **heads}
-        held_embed = {name: (None, student.encode(split.held.texts, self.settings.batch_size))
+        served = student.reading_as(base_encoder)
+        held_embed = {name: (None, served.encode(split.held.texts, self.settings.batch_size))
                       for name, split in splits.items()}
         return (merged, student, full_report), self._measure({n: merged[n] for n in splits}, splits, held_embed)
 

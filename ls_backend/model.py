@@ -204,6 +204,22 @@ class Encoder:
             return self
         return Encoder(self.path, self.device, self.max_length, "float32")
 
+    def reading_as(self, served: "Encoder") -> "Encoder":
+        """This encoder's weights read in ``served``'s inference dtype: what a web worker will
+        compute with them once saved (a fine-tuned student trains in float32 and serves in bf16 on a
+        CPU that has it).  This encoder itself where the dtypes agree, else a twin with its own
+        copy of the weights (on a CPU, converted) for slice figures and heads fitted on them."""
+        if served.dtype == self.dtype and served.device == self.device:
+            return self
+        import copy
+
+        twin = copy.copy(self)
+        twin.dtype = served.dtype
+        twin.weights_dtype = served.dtype if self.device.type == "cpu" else torch.float32
+        twin.model = copy.deepcopy(self.model).to(twin.weights_dtype).eval()
+        twin._lock, twin._bulk, twin._bulk_lock = threading.Lock(), {}, threading.Lock()
+        return twin
+
     @property
     def lock(self) -> threading.Lock:
         """Held around every forward pass of this encoder's model (see the class docstring)."""

@@ -227,10 +227,11 @@ def token_candidates(
         )
         heads = dict(start_heads)
         heads.update(token_heads)
-        refit, classification = _refit_classification(job, plan, student, heads, splits)
+        served = student.reading_as(encoder)  # fitted and judged on what the web workers will compute
+        refit, classification = _refit_classification(job, plan, served, heads, splits)
         report = {"ner": report, "classification_refit": refit}
         out["ner-full"] = (heads, student, report)
-        out_figures["ner-full"] = _combine(classification, _token_figures(student, heads, token_splits, batch))
+        out_figures["ner-full"] = _combine(classification, _token_figures(served, heads, token_splits, batch))
     out = {name: out[name] for name in ("ner-full", "ner-frozen") if name in out}  # a tie goes to the full one
     for name, split in token_splits.items():
         log.info("control %s: %d training texts (%d entities), %d in the evaluation slice", name, len(split.train),

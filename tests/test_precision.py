@@ -108,3 +108,18 @@ def test_gpu_memory_cap_setting_and_its_no_op_on_a_cpu():
         Settings.from_env({"TRAIN_GPU_MEMORY_FRACTION": "1.5"})
     assert precision.cap_gpu_memory(CPU, 0.4) is False  # nothing to cap on a CPU
     assert precision.cap_gpu_memory(torch.device("cuda"), 0.0) is False  # 0: no cap
+
+
+def test_a_float32_student_reads_as_the_served_encoder_for_its_slice_figures():
+    """A fine-tuned student trains in float32 and is served in bf16 where the CPU has it: its slice
+    figures (and the contrastive candidate's heads) were computed in float32, not on what /predict sees."""
+    texts = ["The striker scored twice in the final", "Shares fell after the earnings report", "A new chip ships"]
+    student = Encoder(bundled_encoder_path(), "cpu", 64, "float32")
+    served = Encoder(bundled_encoder_path(), "cpu", 64, "bfloat16")  # what a web worker loads from its folder
+    before = student.encode(texts)
+    twin = student.reading_as(served)
+    assert twin is not student and twin.precision_tag == "bf16" == served.precision_tag
+    assert np.array_equal(twin.encode(texts), served.encode(texts))  # exactly what /predict computes
+    assert not np.array_equal(twin.encode(texts), before)
+    assert student.weights_dtype is torch.float32 and np.array_equal(student.encode(texts), before)  # untouched
+    assert student.reading_as(Encoder(bundled_encoder_path(), "cpu", 64, "float32")) is student
