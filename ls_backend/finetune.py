@@ -469,13 +469,14 @@ class FineTuneJob:
                 latest = self.registry.readable_current(project_key)  # (or its stand-in, as served)
                 if latest is not None and latest.version != current.version:
                     against = latest.version
-                    if latest.meta.get("plan_signature") not in (None, plan.signature):
-                        config_moved = latest.version
-                    if latest.meta.get("plan_signature") == plan.signature:
+                    signature = latest.meta.get("plan_signature")
+                    if signature == plan.signature:
                         figures["current"] = self._measure_version(
                             latest, current, class_splits, embed, token_splits, base_encoder
                         )
                         serving = latest
+                    elif signature is not None:
+                        config_moved = latest.version
             # the fast head on these very labels already serves: a second copy is no news
             frozen_serves = (
                 bool(digest) and serving.meta.get("data_digest") == digest and serving.meta.get("recipe") in FAST_RECIPES

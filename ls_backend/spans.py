@@ -76,6 +76,11 @@ def _squeezed(text: str) -> str:
     return " ".join(text.split())
 
 
+def _same_text(piece: str, quoted: str) -> bool:
+    """Whether ``piece`` of the task text is the region's text, or differs only in runs of whitespace."""
+    return piece == quoted or _squeezed(piece) == _squeezed(quoted)
+
+
 def resolve_span(text: str, value: dict) -> tuple[int, int] | None:
     """Where an annotation's ``{"start","end","text"}`` lies in ``text``, or None.
 
@@ -92,10 +97,10 @@ def resolve_span(text: str, value: dict) -> tuple[int, int] | None:
         return None
     if not isinstance(quoted, str) or not quoted:
         return (start, end) if 0 <= start < end <= len(text) else None
-    if 0 <= start < end <= len(text) and (text[start:end] == quoted or _squeezed(text[start:end]) == _squeezed(quoted)):
+    if 0 <= start < end <= len(text) and _same_text(text[start:end], quoted):
         return start, end
     a, b = utf16_to_index(text, start), utf16_to_index(text, end)
-    if a is not None and b is not None and a < b and (text[a:b] == quoted or _squeezed(text[a:b]) == _squeezed(quoted)):
+    if a is not None and b is not None and a < b and _same_text(text[a:b], quoted):
         return a, b
     found, position = [], text.find(quoted)
     while position >= 0:

@@ -120,12 +120,10 @@ class BadEvent(ValueError):
 class UnknownProject(LookupError):
     """No such project in the store, or a bare id that names several."""
 
-    ambiguous = False  # a bare id that names several projects: the request's to fix (400), not a 404
-
     def __init__(self, message: str, ambiguous: bool = False):
         super().__init__(message)
         self.message = message
-        self.ambiguous = ambiguous
+        self.ambiguous = ambiguous  # a bare id that names several projects: the request's to fix (400), not a 404
 
     def __str__(self) -> str:
         return self.message

@@ -248,9 +248,8 @@ def fit_head(
     # the untrained prior competes while some label has fewer examples than folds: there the
     # out-of-fold figures are least sure, and fits were worst (past that, their figures, each
     # from three quarters of the labels, would undersell them against the prior's on all)
-    fewest = _fewest_per_label(y, k, data.multiple)
-    keepable = (prior is not None and not prior.trained and list(prior.labels) == list(data.labels)
-                and fewest < max(2, min(folds, n)))
+    in_every_fold = _fewest_per_label(y, k, data.multiple) >= max(2, min(folds, n))  # (the folds _fold_of makes)
+    keepable = prior is not None and not prior.trained and list(prior.labels) == list(data.labels) and not in_every_fold
     for name, strength in HEAD_GRID:
         if n < 8:  # too few for cross-validation: trust the prior
             break
@@ -268,7 +267,7 @@ def fit_head(
     if scores:
         choice = max(scores, key=lambda key: (scores[key], key[0] == "zero-shot", key[1]))
         temperature = 1.0
-        if fewest >= max(2, min(folds, n)):
+        if in_every_fold:
             temperature = fit_temperature(out_of_fold[choice].numpy(), y.numpy(), data.multiple)
     else:
         choice = ("zero-shot", 1.0)
