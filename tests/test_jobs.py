@@ -554,7 +554,7 @@ def wait_for(condition, timeout: float, what: str):
 
 
 def test_the_embedded_schedule_counts_from_its_last_run_across_runners(tmp_path, monkeypatch):
-    """TRAIN_SCHEDULE=10 with the embedded runner: a new MODEL_DIR marks its first start (restarts
+    """TRAIN_SCHEDULE=60 with the embedded runner: a new MODEL_DIR marks its first start (restarts
     count from it, so a runner restarted more often than the interval still reaches it); a slot
     that is due fires once; a runner that was waiting for the flock and takes over does not fire
     it again."""
@@ -562,7 +562,7 @@ def test_the_embedded_schedule_counts_from_its_last_run_across_runners(tmp_path,
 
     from .support.events import key_of
 
-    settings = schedule_env(tmp_path, monkeypatch)
+    settings = schedule_env(tmp_path, monkeypatch, TRAIN_SCHEDULE="60")  # no slot reached by a slow start
     mark = tmp_path / ".schedule-last"
 
     def start(runner):
@@ -591,7 +591,7 @@ def test_the_embedded_schedule_counts_from_its_last_run_across_runners(tmp_path,
     stop(again, thread)
     assert float(mark.read_text()) == started and not scheduled()  # a restart keeps the count
 
-    mark.write_text(f"{time.time() - 9:.3f}\n")  # the slot comes due in about a second
+    mark.write_text(f"{time.time() - 59:.3f}\n")  # the slot comes due in about a second
     standby = JobRunner(settings)  # made now, while the slot is still ahead
     running = JobRunner(settings)
     thread = start(running)
@@ -606,13 +606,15 @@ def test_the_embedded_schedule_counts_from_its_last_run_across_runners(tmp_path,
 
 
 def test_the_rq_scheduler_counts_from_its_last_run_and_fires_each_slot_once(redis_url, queue_name, tmp_path, monkeypatch):
-    """``ls-backend scheduler`` (TRAIN_SCHEDULE=10): a start, or a restart, does not run the schedule
-    at once; a due slot fires once, with two schedulers running."""
+    """``ls-backend scheduler`` (TRAIN_SCHEDULE=60): a start, or a restart, does not run the schedule
+    at once; a slot that came due fires once, with two schedulers starting side by side.  The interval
+    is long enough that a slow start on a busy machine cannot reach the slot by itself."""
     import redis
 
     from .support.events import key_of
 
-    settings = schedule_env(tmp_path, monkeypatch, REDIS_URL=redis_url, QUEUE_NAME=queue_name)
+    settings = schedule_env(tmp_path, monkeypatch, REDIS_URL=redis_url, QUEUE_NAME=queue_name,
+                            TRAIN_SCHEDULE="60")
     connection = redis.Redis.from_url(redis_url)
     key = f"{queue_name}:schedule-last"
     env = {name: os.environ[name] for name in ("MODEL_DIR", "REDIS_URL", "QUEUE_NAME", "TRAIN_SCHEDULE", "TRAIN_EVERY")}
@@ -621,10 +623,14 @@ def test_the_rq_scheduler_counts_from_its_last_run_and_fires_each_slot_once(redi
 
     def start():
         full_env = server_environment(dict(HF_HUB_OFFLINE="1", **env))
-        process = subprocess.Popen(console_script() + ["scheduler"], env=full_env, cwd=REPO,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        with open(tmp_path / f"scheduler-{len(schedulers)}.log", "wb") as log_file:
+            process = subprocess.Popen(console_script() + ["scheduler"], env=full_env, cwd=REPO,
+                                       stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True)
         schedulers.append(process)
         return process
+
+    def fired(process) -> int:
+        return (tmp_path / f"scheduler-{schedulers.index(process)}.log").read_text().count("schedule: queued")
 
     try:
         first = start()
@@ -636,14 +642,19 @@ def test_the_rq_scheduler_counts_from_its_last_run_and_fires_each_slot_once(redi
         second = start()
         time.sleep(6)  # long enough to start and look
         assert queue.jobs() == [] and float(connection.get(key)) == started  # nor at a restart
-        start()
-        time.sleep(4)
-        connection.set(key, f"{time.time() - 9:.3f}")  # the slot comes due in about a second
-        jobs = wait_for(queue.jobs, 15, "the due slot did not fire")
-        time.sleep(3)
-        assert [(job.project, job.trigger, job.lane) for job in queue.jobs()] == [(key_of(3), "schedule", "full")], jobs
         second.terminate()
         assert second.wait(30) == 0
+        last = round(time.time() - 61, 3)
+        connection.set(key, f"{last:.3f}")  # a slot came due while no scheduler ran
+        both = [start(), start()]  # each finds it due at its first look
+        jobs = wait_for(queue.jobs, 30, "the due slot did not fire")
+        time.sleep(3)
+        assert [(job.project, job.trigger, job.lane) for job in queue.jobs()] == [(key_of(3), "schedule", "full")], jobs
+        assert float(connection.get(key)) == pytest.approx(last + 60)  # the slot that fired, a minute on
+        for process in both:
+            process.terminate()
+            assert process.wait(30) == 0
+        assert sorted(fired(process) for process in both) == [0, 1]  # one of them fired it, once
     finally:
         for process in schedulers:
             if process.poll() is None:

@@ -192,3 +192,34 @@ def test_the_embedding_cache_goes_under_the_users_cache_folder(tmp_path, monkeyp
         monkeypatch.setenv("XDG_CACHE_HOME", unset)
         assert settings.local_cache_dir.parent == Path.home() / ".cache" / "ls-backend"
     assert Settings(model_dir=tmp_path / "models", cache_dir=str(tmp_path / "mine")).local_cache_dir == tmp_path / "mine"
+
+
+def test_the_log_follows_stderr_when_it_is_swapped_and_closed(capsys):
+    """A process's log handler writes to the stderr of the moment: after the stream it started on is
+    closed (a test's capture ending, say), records still reach stderr, without a "Logging error"."""
+    import io
+    import logging
+    import sys
+
+    from ls_backend.logs import configure
+
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    first = io.StringIO()
+    saved, sys.stderr = sys.stderr, first
+    try:
+        configure("INFO")
+        logging.getLogger("ls_backend.test").info("while the first stream is open")
+    finally:
+        sys.stderr = saved
+    assert "while the first stream is open" in first.getvalue()
+    first.close()
+    try:
+        logging.getLogger("ls_backend.test").info("after it was closed")
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in before:
+                root.removeHandler(handler)
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "after it was closed" in err and "Logging error" not in err
