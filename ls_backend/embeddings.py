@@ -92,6 +92,10 @@ class EmbeddingCache:
     def __init__(self, cache_dir: Path | str):
         self.path = cache_file(cache_dir)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._create()
+
+    def _create(self) -> None:
+        """Open the cache's file, making it (and its tables) where there is none yet."""
         # WAL is a property of the file, set once; processes that open a new cache together (the
         # first jobs on a machine) race for that switch, which SQLite's busy wait does not cover
         deadline = time.monotonic() + 30
@@ -119,10 +123,31 @@ class EmbeddingCache:
                 set_aside = True
                 self._set_aside(exc)
 
+    def _inode(self) -> int | None:
+        try:
+            return os.stat(self.path).st_ino
+        except OSError:
+            return None
+
+    def _recover(self, exc: sqlite3.DatabaseError, inode: int | None) -> None:
+        """Where ``exc`` is the file's (damaged pages from a disk error or a copy torn mid-write,
+        whose header still reads), not a lock or a full disk (raised again): set the cache file read
+        as ``inode`` aside and start an empty one, unless another process did so first (the path
+        then names a file made since, which is left alone)."""
+        if isinstance(exc, sqlite3.OperationalError):
+            raise exc
+        if inode is not None and self._inode() == inode:
+            self._set_aside(exc)
+        self._create()
+
     def _set_aside(self, exc: Exception) -> None:
         """Move a cache file that is no database out of the way (kept, renamed, for a look), so that
         jobs embed anew instead of failing on it one after the other."""
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        stamp = base = time.strftime("%Y%m%d-%H%M%S")
+        n = 0
+        while Path(f"{self.path}.corrupt-{stamp}").exists():  # set aside twice within a second: keep both
+            n += 1
+            stamp = f"{base}.{n}"
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(f"{self.path}{suffix}", f"{self.path}.corrupt-{stamp}{suffix}")
@@ -142,16 +167,21 @@ class EmbeddingCache:
         """Embeddings of ``texts`` (cached ones read, the rest encoded and stored); also the miss count."""
         keys = [text_key(t, encoder.max_length) for t in texts]
         found: dict[str, np.ndarray] = {}
-        self._mark_used(encoder_id)
-        with self._connect() as db:
-            unique = list(dict.fromkeys(keys))
-            for start in range(0, len(unique), 500):
-                chunk = unique[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                for key, blob in db.execute(
-                    f"SELECT key, vector FROM embeddings WHERE encoder = ? AND key IN ({marks})", [encoder_id, *chunk]
-                ):
-                    found[key] = np.frombuffer(blob, dtype=np.float32)
+        inode = self._inode()
+        try:
+            self._mark_used(encoder_id)
+            with self._connect() as db:
+                unique = list(dict.fromkeys(keys))
+                for start in range(0, len(unique), 500):
+                    chunk = unique[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    for key, blob in db.execute(
+                        f"SELECT key, vector FROM embeddings WHERE encoder = ? AND key IN ({marks})", [encoder_id, *chunk]
+                    ):
+                        found[key] = np.frombuffer(blob, dtype=np.float32)
+        except sqlite3.DatabaseError as exc:
+            found.clear()  # rows read before the damage showed are not trusted either
+            self._recover(exc, inode)
         missing = [i for i, key in enumerate(keys) if key not in found]
         if missing:
             first = {}
@@ -199,10 +229,15 @@ class EmbeddingCache:
 
     def usage(self) -> list["EncoderUsage"]:
         """Every encoder id with rows here: how many, and when it was last used (None: never recorded,
-        a cache written before uses were kept)."""
-        with self._connect() as db:
-            used = dict(db.execute("SELECT encoder, used FROM encoders"))
-            counts = db.execute("SELECT encoder, COUNT(*) FROM embeddings GROUP BY encoder ORDER BY encoder").fetchall()
+        a cache written before uses were kept).  A damaged cache is set aside: none."""
+        inode = self._inode()
+        try:
+            with self._connect() as db:
+                used = dict(db.execute("SELECT encoder, used FROM encoders"))
+                counts = db.execute("SELECT encoder, COUNT(*) FROM embeddings GROUP BY encoder ORDER BY encoder").fetchall()
+        except sqlite3.DatabaseError as exc:
+            self._recover(exc, inode)
+            return []
         return [EncoderUsage(name, rows, used.get(name)) for name, rows in counts]
 
     def prune(self, max_age_s: float, now: float | None = None, vacuum: bool = False,
@@ -214,8 +249,15 @@ class EmbeddingCache:
         (``reason``: "unused" or "cap").  Ids with rows but no recorded use (a cache from before
         uses were kept) count as used now, so they get a full period.  Freed pages are reused by
         later rows; ``vacuum`` also gives them back to the file system (it rewrites the file: slow
-        for a large cache)."""
-        now = time.time() if now is None else now
+        for a large cache).  A damaged cache is set aside (every row gone with it; none listed)."""
+        inode = self._inode()
+        try:
+            return self._prune(max_age_s, time.time() if now is None else now, vacuum, max_rows)
+        except sqlite3.DatabaseError as exc:
+            self._recover(exc, inode)
+            return []
+
+    def _prune(self, max_age_s: float, now: float, vacuum: bool, max_rows: int) -> list["EncoderUsage"]:
         removed: list[EncoderUsage] = []
         with self._connect() as db:
             db.execute("INSERT OR IGNORE INTO encoders (encoder, used) SELECT DISTINCT encoder, ? FROM embeddings", [now])

@@ -189,16 +189,59 @@ def test_the_cache_command_lists_encoders_and_prunes_with_the_space_given_back(t
     assert [p.read_bytes() for p in cache.path.parent.glob("embeddings.sqlite.corrupt-*")] == [b"garbage"]
 
 
-def test_a_cache_file_that_is_no_database_is_set_aside_and_the_job_embeds_anew(tmp_path):
-    """Every job failed on "file is not a database" until someone deleted the file by hand."""
+def _damage(cache: EmbeddingCache) -> None:
+    """Every page after the first overwritten (a disk error, a copy torn mid-write): the header still
+    reads, so the file opens, and the first read of a table fails ("database disk image is malformed")."""
+    with sqlite3.connect(cache.path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page = db.execute("PRAGMA page_size").fetchone()[0]
+    data = bytearray(cache.path.read_bytes())
+    data[page:] = np.random.default_rng(0).integers(0, 256, len(data) - page, dtype=np.uint8).tobytes()
+    cache.path.write_bytes(bytes(data))
+
+
+def test_a_cache_with_damaged_pages_is_set_aside_wherever_it_is_read(tmp_path):
+    """A cache whose header still reads but whose pages do not failed every job that read it
+    ("database disk image is malformed"), and the cache command too."""
+    encoder = FakeEncoder()
+    cache = EmbeddingCache(tmp_path)
+    texts = [f"text number {i}" for i in range(300)]
+    cache.encode(encoder, "a", texts)
+    _damage(cache)
+    vectors, missed = EmbeddingCache(tmp_path).encode(encoder, "a", texts[:50])
+    assert missed == 50 and [v[0] for v in vectors[:2]] == [len(texts[0]), len(texts[1])]
+    assert len(list(tmp_path.glob("embeddings.sqlite.corrupt-*[0-9]"))) == 1
+    assert _rows(cache) == {"a": 50}  # an empty cache took its place, and keeps the new rows
+    _damage(cache)
+    assert cache.usage() == [] and cache.prune(0, max_rows=1) == []
+    assert len(list(tmp_path.glob("embeddings.sqlite.corrupt-*[0-9]"))) >= 2
+    # a process that read the damaged file after another had set it aside leaves the new one alone
+    fresh = EmbeddingCache(tmp_path)
+    fresh.encode(encoder, "a", texts[:3])
+    fresh._recover(sqlite3.DatabaseError("database disk image is malformed"), inode=-1)
+    assert _rows(fresh) == {"a": 3}
+    with pytest.raises(sqlite3.OperationalError):  # a lock or a full disk is no damage: nothing set aside
+        fresh._recover(sqlite3.OperationalError("database is locked"), inode=fresh._inode())
+    assert _rows(fresh) == {"a": 3}
+
+
+@pytest.mark.parametrize("damage", ["no database", "damaged pages"])
+def test_a_cache_file_that_is_no_database_is_set_aside_and_the_job_embeds_anew(tmp_path, damage):
+    """Every job failed on "file is not a database" (or "database disk image is malformed") until
+    someone deleted the file by hand."""
     from ls_backend.finetune import FineTuneJob
     from ls_backend.store import CorrectionStore
 
     from .support.events import annotation_event, choices, key_of
     from .support.loop import balanced_agnews
 
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "embeddings.sqlite").write_bytes(b"garbage")
+    if damage == "no database":
+        (tmp_path / "cache").mkdir()
+        (tmp_path / "cache" / "embeddings.sqlite").write_bytes(b"garbage")
+    else:
+        cache = EmbeddingCache(tmp_path / "cache")
+        cache.encode(FakeEncoder(), "another encoder", [f"text number {i}" for i in range(300)])
+        _damage(cache)
     settings = Settings(model_dir=tmp_path / "models", cache_dir=str(tmp_path / "cache"), train_mode="frozen",
                         max_length=64)
     store = CorrectionStore.from_settings(settings)
@@ -208,7 +251,7 @@ def test_a_cache_file_that_is_no_database_is_set_aside_and_the_job_embeds_anew(t
         assert FineTuneJob(settings, store).run(key_of(3))["promoted"]
     finally:
         store.close()
-    assert len(list((tmp_path / "cache").glob("embeddings.sqlite.corrupt-*"))) == 1
+    assert len(list((tmp_path / "cache").glob("embeddings.sqlite.corrupt-*[0-9]"))) == 1
 
 
 def test_reading_cached_rows_never_waits_on_a_writer_elsewhere_and_marks_a_use_at_most_hourly(tmp_path):
