@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -238,24 +239,21 @@ def _bounded_int(low: int, high: int):
     return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0:  # NaN too: a deadline of NaN is never reached
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds (0 or more; inf waits for good)")
-    return value
+def _amount(unit: str, high: float = math.inf):
+    """An argument type: a number of ``unit`` in [0, ``high``] (NaN never: a deadline of NaN is never
+    reached)."""
+    limits = "0 or more; inf waits for good" if high == math.inf else f"0 to {high:g}"
 
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit}") from None
+        if not 0 <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not a number of {unit} ({limits})")
+        return value
 
-def _days(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
-    if not 0 <= value <= 36_500:  # NaN too
-        raise argparse.ArgumentTypeError(f"{text} is not a number of days (0 to 36500)")
-    return value
+    return parse
 
 
 def _unreachable(exc: BaseException) -> str | None:
@@ -297,7 +295,7 @@ def _main(argv: list[str] | None = None) -> int:
     p_cache.add_argument("--prune", action="store_true",
                          help="remove the embeddings of encoders unused for CACHE_MAX_AGE_DAYS, then the oldest rows "
                               "past CACHE_MAX_ROWS, and give the space back")
-    p_cache.add_argument("--older-than", type=_days, metavar="DAYS", help="with --prune: this many days instead")
+    p_cache.add_argument("--older-than", type=_amount("days", 36_500), metavar="DAYS", help="with --prune: this many days instead")
     p_status = sub.add_parser("status", help="print what the corrections store holds per project (JSON)")
     p_status.add_argument("--project", help="one project: its key, or a bare Label Studio id")
     p_sync = sub.add_parser("sync", help="fetch a project's annotations from Label Studio and reconcile the store")
@@ -312,7 +310,7 @@ def _main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--wait", action="store_true", help="wait for the job and print its outcome")
     p_train.add_argument("--lane", choices=["fast", "full"], default="full",
                          help="fast: refit the heads only; full: TRAIN_MODE's candidates (default)")
-    p_train.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds to wait with --wait (inf: for good)")
+    p_train.add_argument("--timeout", type=_amount("seconds"), default=3600.0, help="seconds to wait with --wait (inf: for good)")
     p_jobs = sub.add_parser("jobs", help="list training jobs (JSON)")
     p_jobs.add_argument("--project", help="one project: its key, or a bare Label Studio id")
     p_versions = sub.add_parser("versions", help="list a project's model versions with their figures (JSON)")

@@ -101,7 +101,9 @@ def test_passwords_in_url_queries_are_masked_too(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["serve", "--port", "99999"], ["rank", "--project", "3", "--seed", "-1"],
-                                  ["rank", "--project", "3", "--n", "0"], ["train", "--project", "3", "--timeout", "nan"]])
+                                  ["rank", "--project", "3", "--n", "0"], ["train", "--project", "3", "--timeout", "nan"],
+                                  ["train", "--project", "3", "--timeout", "-1"],
+                                  ["cache", "--prune", "--older-than", "36501"], ["cache", "--prune", "--older-than", "nan"]])
 def test_command_line_values_out_of_range_are_usage_errors(argv, capsys):
     from ls_backend import cli
 
