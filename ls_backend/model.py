@@ -248,12 +248,16 @@ class Encoder:
         encode = getattr(core, "encode_batch_fast", core.encode_batch)  # no character offsets
         return [e.ids for e in encode(clipped)]
 
+    def readable_length(self, max_length: int | None = None) -> int:
+        """``max_length`` (else the serving one) cut to what the model reads: a longer TRAIN_MAX_LENGTH
+        than the model's positions would index past them."""
+        return min(max_length or self.max_length, self.positions)
+
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
         """Token ids with the special tokens, cut at ``max_length`` (the same ids as the tokenizer's
         own ``__call__`` with ``truncation=True``); lists of over ``2 * TOKENIZE_CHUNK`` texts are
         split over ``tokenize_threads()`` threads."""
-        # a longer max_length (TRAIN_MAX_LENGTH) than the model reads is cut to what it reads
-        limit = min(max_length or self.max_length, self.positions)
+        limit = self.readable_length(max_length)
         if len(texts) < 2 * TOKENIZE_CHUNK or tokenize_threads() == 1:
             return self._tokenize_chunk(texts, limit)
         parts = [texts[i : i + TOKENIZE_CHUNK] for i in range(0, len(texts), TOKENIZE_CHUNK)]

@@ -475,7 +475,7 @@ def fine_tune_tokens(
     examples: dict[str, list[tuple[list[int], list[int]]]] = {}
     tagging: dict[str, dict] = {}
     for control in data:
-        examples[control.name], report = training_windows(student.tokenizer, control, min(args.max_length, student.positions))
+        examples[control.name], report = training_windows(student.tokenizer, control, student.readable_length(args.max_length))
         _log_report(control.name, report)
         tagging[control.name] = report.as_dict()
     total = sum(len(e) for e in examples.values())
@@ -572,7 +572,7 @@ def fit_token_head(
     from .trainer import _fit_linear
 
     started = time.perf_counter()
-    examples, report = training_windows(encoder.tokenizer, data, min(args.max_length, encoder.positions))
+    examples, report = training_windows(encoder.tokenizer, data, encoder.readable_length(args.max_length))
     _log_report(data.name, report)
     examples, sampled = capped_windows(examples, MAX_FIT_TOKENS, args.seed)
     x, y = token_states(encoder, examples)
