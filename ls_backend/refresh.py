@@ -73,7 +73,11 @@ Progress = Callable[[dict], None]
 
 
 class RefreshError(RuntimeError):
-    """Label Studio refused or failed a call the refresh needs."""
+    """Label Studio refused or failed a call the refresh needs (``status``: its HTTP status, if any)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -86,6 +90,8 @@ class RefreshReport:
     written: int = 0  # predictions created in Label Studio
     already_there: int = 0  # tasks that held a prediction of this version already (a resumed page)
     unreadable: int = 0  # tasks without a readable text: no prediction written
+    returned: int = 0  # a top-up: tasks below where the refresh had gone, unlabeled again (a label or skip deleted)
+    gone: int = 0  # tasks deleted in Label Studio while their page was predicted: no prediction written
     pooled_only: int = 0  # tasks in the pool without a prediction: no trained head reads them yet
     pages: int = 0
     resumed_after: int | None = None  # the task id this run resumed after, when it resumed
@@ -100,7 +106,7 @@ class RefreshReport:
 
 
 # the report's counts the cursor keeps, so that a resumed refresh goes on counting
-CURSOR_COUNTS = ("tasks", "written", "already_there", "unreadable", "pooled_only", "pages")
+CURSOR_COUNTS = ("tasks", "written", "already_there", "unreadable", "returned", "gone", "pooled_only", "pages")
 
 
 def _field(item: Any, name: str, default: Any = None) -> Any:
@@ -122,14 +128,16 @@ class LabelStudioPredictions:
     def __init__(self, client, ls_id: int, url: str = ""):
         self.client, self.ls_id, self.url = client, ls_id, url
 
-    def unlabeled_after(self, after_id: int, size: int) -> tuple[list[dict], int | None]:
-        """Up to ``size`` unlabeled tasks with ids above ``after_id``, by id; and how many are left
-        (this page included)."""
-        query = tasks_after(
-            after_id,
+    def unlabeled_after(self, after_id: int, size: int, up_to: int | None = None) -> tuple[list[dict], int | None]:
+        """Up to ``size`` unlabeled tasks with ids above ``after_id`` (and at most ``up_to``), by id;
+        and how many are left (this page included)."""
+        filters = [
             {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
             {"filter": "filter:tasks:cancelled_annotations", "operator": "equal", "type": "Number", "value": 0},
-        )
+        ]
+        if up_to is not None:
+            filters.append({"filter": "filter:tasks:id", "operator": "less_or_equal", "type": "Number", "value": int(up_to)})
+        query = tasks_after(after_id, *filters)
         try:
             pager = self.client.tasks.list(
                 project=self.ls_id, query=query, fields="all", include=TASK_FIELDS, page=1, page_size=size
@@ -153,7 +161,8 @@ class LabelStudioPredictions:
         try:
             answer = self.client.projects.import_predictions(id=self.ls_id, request=[PredictionRequest(**row) for row in rows])
         except Exception as exc:
-            raise RefreshError(f"Label Studio at {self.url}: importing {len(rows)} predictions ({_reason(exc)})") from None
+            raise RefreshError(f"Label Studio at {self.url}: importing {len(rows)} predictions ({_reason(exc)})",
+                               getattr(exc, "status_code", None)) from None
         created = _field(answer, "created")
         return int(created) if created is not None else len(rows)
 
@@ -278,8 +287,11 @@ class PredictionRefresh:
             project_key, version
         ):
             report.top_up_after = int(cursor.get("after_id", 0))
+            # what this version's earlier runs wrote to Label Studio, or found there
+            before = sum(int(cursor.get(name, 0)) for name in ("predicted_before", "written", "already_there"))
             cursor = {"version": version, "state": "running", "after_id": report.top_up_after,
-                      "top_up_after": report.top_up_after, "started_at": time.time()}
+                      "top_up_after": report.top_up_after, "predicted_before": before,
+                      "follow_pending": bool(cursor.get("follow_pending")), "started_at": time.time()}
             self._save_cursor(project_key, cursor)
         else:
             head = loaded.heads.get(primary.name) if primary else None
@@ -300,6 +312,8 @@ class PredictionRefresh:
             })
             cursor = {"version": version, "state": "running", "after_id": 0, "started_at": time.time()}
             self._save_cursor(project_key, cursor)
+        if report.top_up_after is not None:
+            self._returned(project_key, version, plan, predictor, serving, embed_control, primary, report, limit, cursor)
         after_id = int(cursor.get("after_id", 0))
         while report.tasks < limit:
             size = min(self.settings.refresh_page_size, limit - report.tasks)
@@ -317,11 +331,38 @@ class PredictionRefresh:
             self.progress({"stage": "refresh", "version": version, "step": report.tasks, "steps": steps,
                            "written": report.written})
         self._labeled_part(project_key, version, loaded, serving, embed_control)
-        cursor.update(state="finished", bounded=report.bounded, finished_at=time.time())
+        # Label Studio's model_version moves last; until it has, the next job runs a top-up that tries again
+        cursor.update(state="finished", bounded=report.bounded, finished_at=time.time(), follow_pending=True)
         self._save_cursor(project_key, cursor)
         self.pools.finish(project_key, version, report.to_dict())
-        self._follow(project_key, version, api, report)
+        if self._follow(project_key, version, api, report, int(cursor.get("predicted_before", 0))):
+            cursor.update(follow_pending=False)
+            self._save_cursor(project_key, cursor)
         return report
+
+    def _returned(self, project_key, version, plan, predictor, serving, embed_control, primary, report, limit, cursor) -> None:
+        """A top-up's first part: the unlabeled tasks at or below where the refresh had gone that the
+        pool does not hold, unlabeled again since (an annotation or a skip deleted in Label Studio).
+        Pool members, and tasks a run of this version found no text in, are passed over (a top-up
+        cut short and run again predicts none twice; a task whose text was mended is read again at
+        the next version's refresh)."""
+        pool = self.pools.load(project_key, version)
+        passed = set(pool.task_ids.tolist()) if pool is not None else set()
+        passed |= self.pools.unreadable(project_key, version)
+        api, after_id = self.api_for(project_key), 0
+        while report.tasks < limit:
+            tasks, _ = api.unlabeled_after(after_id, self.settings.refresh_page_size, up_to=report.top_up_after)
+            if not tasks:
+                break
+            after_id = tasks[-1]["id"]
+            fresh = [task for task in tasks if task["id"] not in passed][: limit - report.tasks]
+            if fresh:
+                report.returned += self._page(project_key, version, plan, predictor, serving, embed_control, primary,
+                                              fresh, report)
+                report.pages += 1
+                passed.update(task["id"] for task in fresh)
+                cursor.update(**{name: getattr(report, name) for name in CURSOR_COUNTS})
+                self._save_cursor(project_key, cursor)
 
     def _labeled_part(self, project_key: str, version: str, loaded, serving, control) -> None:
         """Beside the pool, the embeddings of the tasks labeled now (the ``typical`` strategy counts
@@ -380,14 +421,17 @@ class PredictionRefresh:
         serving = Serving(loaded.version, loaded.heads, encoder, loaded.meta.get("plan_signature"))
         return predictor, serving
 
-    def _page(self, project_key, version, plan, predictor, serving, embed_control, primary, tasks, report) -> None:
+    def _page(self, project_key, version, plan, predictor, serving, embed_control, primary, tasks, report) -> int:
+        """Predict ``tasks``, write what is new to Label Studio and add them to the pool; how many
+        joined the pool."""
         keep: dict = {}
         results = predictor.predict_with(serving, plan, tasks, project_key, keep=keep)
-        rows, ids, rows_of_embedding, probabilities, scores = [], [], [], [], []
+        rows, ids, rows_of_embedding, probabilities, scores, unreadable = [], [], [], [], [], []
         for i, (task, result) in enumerate(zip(tasks, results)):
             slot = keep["slot"].get((embed_control.field, i)) if embed_control is not None else None
             if slot is None:  # no text to read; a text with nothing found (no entity) still has its score
                 report.unreadable += 1
+                unreadable.append(task["id"])
                 continue
             ids.append(task["id"])
             rows_of_embedding.append(slot)
@@ -404,7 +448,13 @@ class PredictionRefresh:
                 report.already_there += 1
                 continue
             rows.append({"task": task["id"], "result": result["result"], "score": result["score"], "model_version": version})
-        report.written += self.api_for(project_key).create(rows)
+        gone = self._create(project_key, rows, report)
+        if gone:
+            keep_rows = [k for k, task_id in enumerate(ids) if task_id not in gone]
+            ids = [ids[k] for k in keep_rows]
+            rows_of_embedding = [rows_of_embedding[k] for k in keep_rows]
+            scores = [scores[k] for k in keep_rows]
+            probabilities = [probabilities[k] for k in keep_rows] if primary is not None else probabilities
         report.tasks += len(tasks)
         self.pools.add(project_key, version, PoolPart(
             task_ids=ids,
@@ -414,28 +464,66 @@ class PredictionRefresh:
             # a job re-embeds these with the encoder it tunes; the encoder reads MAX_LENGTH tokens at most
             texts=[keep["texts"][row][: POOL_TEXT_CHARS_PER_TOKEN * self.settings.max_length] for row in rows_of_embedding],
         ))
+        self.pools.add_unreadable(project_key, version, unreadable)
+        return len(ids)
 
-    def _follow(self, project_key: str, version: str, api: LabelStudioPredictions, report: RefreshReport) -> None:
-        """Move the project's ``model_version`` to ``version`` when it names another of our versions."""
+    def _create(self, project_key: str, rows: list[dict], report: RefreshReport) -> set[int]:
+        """Import ``rows``; the tasks among them that Label Studio no longer has.  Label Studio
+        refuses a whole import (400) for one task deleted since its page was listed: the rows are
+        then sent one by one, and the refused ones are taken as gone, unless every one is refused
+        (a fault of the rows, not of a task: raised)."""
+        api = self.api_for(project_key)
+        try:
+            report.written += api.create(rows)
+            return set()
+        except RefreshError as exc:
+            if exc.status != 400 or len(rows) < 2:
+                raise
+            refused, written = set(), 0
+            for row in rows:
+                try:
+                    written += api.create([row])
+                except RefreshError as one:
+                    if one.status != 400:
+                        raise
+                    refused.add(int(row["task"]))
+            if len(refused) == len(rows):
+                raise exc
+            report.written += written
+            report.gone += len(refused)
+            log.warning("project %s: tasks %s are no longer in Label Studio (%s); no prediction written for them",
+                        project_key, sorted(refused)[:20], exc)
+            return refused
+
+    def _follow(self, project_key: str, version: str, api: LabelStudioPredictions, report: RefreshReport,
+                predicted_before: int = 0) -> bool:
+        """Move the project's ``model_version`` to ``version`` when it names another of our versions
+        and Label Studio holds predictions of ``version`` (this run's, or an earlier run's:
+        ``predicted_before``); False where Label Studio could not be asked or told."""
         try:
             _, chosen, _ = api.project()
             ours = re.fullmatch(re.escape(version_prefix(project_key)) + r"-v\d+", chosen or "")
-            if ours and chosen != version and report.written + report.already_there > 0:
+            if ours and chosen != version and report.written + report.already_there + predicted_before > 0:
                 api.set_model_version(version)
                 chosen, report.followed = version, True
             report.label_studio_model_version = chosen
+            return True
         except RefreshError as exc:
             log.warning("project %s: could not move Label Studio's model_version to %s: %s", project_key, version, exc)
+            return False
 
 
 def unfinished_refresh(settings: Settings, project_key: str) -> str | None:
     """The served version, when its refresh started and did not finish (its job was killed by
-    JOB_TIMEOUT or a crash, or Label Studio failed mid-way): the next job of the project resumes
-    it, so a retried job whose labels did not change still completes what was cut short."""
+    JOB_TIMEOUT or a crash, or Label Studio failed mid-way), or when Label Studio's model_version
+    was not moved to it at the end: the next job of the project resumes it, so a retried job whose
+    labels did not change still completes what was cut short."""
     registry = ModelRegistry(settings.model_dir)
     cursor = PredictionRefresh(settings, None, registry=registry).cursor(project_key)
     current = registry.current(project_key)
-    if current is not None and cursor.get("state") == "running" and cursor.get("version") == current:
+    if current is not None and cursor.get("version") == current and (
+        cursor.get("state") == "running" or cursor.get("follow_pending")
+    ):
         return current
     return None
 

@@ -493,6 +493,19 @@ class PoolStore:
             arrays["texts"] = np.frombuffer(json.dumps(list(part.texts)).encode(), dtype=np.uint8)
         self._write(folder / name, arrays)
 
+    def add_unreadable(self, project_key: str, version: str, task_ids: list[int]) -> None:
+        """Tasks a refresh of ``version`` found no text in (``unreadable-*.npz``): a top-up passes over them."""
+        if task_ids:
+            name = f"unreadable-{min(task_ids):012d}-{max(task_ids):012d}.npz"
+            self._write(self.folder(project_key, version) / name, {"task_ids": np.asarray(task_ids, dtype=np.int64)})
+
+    def unreadable(self, project_key: str, version: str) -> set[int]:
+        found: set[int] = set()
+        for path in self.folder(project_key, version).glob("unreadable-*.npz"):
+            with np.load(path) as part:
+                found.update(part["task_ids"].tolist())
+        return found
+
     def add_labeled(self, project_key: str, version: str, task_ids: list[int], embeddings: np.ndarray) -> None:
         """The embeddings of the tasks labeled when the refresh ran (``labeled.npz``): what the
         ``typical`` strategy counts as covered."""

@@ -106,6 +106,52 @@ def test_labeled_skipped_and_unreadable_tasks_get_nothing_and_the_pool_keeps_the
     assert pool.complete and sorted(pool.task_ids) == sorted(set(written) | set(new))
 
 
+def test_a_top_up_predicts_tasks_unlabeled_again_below_where_the_refresh_had_gone(project, encoder):
+    """A task labeled when the refresh ran, whose annotation (or skip) is deleted afterwards, lies
+    below the refresh's cursor: a top-up that only read ids above it never predicted it, and /next
+    stayed empty while it waited unlabeled in Label Studio."""
+    p, ls = project, project["ls"]
+    first, second = sorted(p["tasks"])[1], sorted(p["tasks"])[2]
+    labeled = ls.create_annotation(first, choices("Business"))
+    skipped = ls.create_annotation(second, [], was_cancelled=True)
+    blank = ls.import_tasks(p["id"], [{"text": "   "}])[0]  # unreadable: no prediction, then or in a top-up
+    report = refresh(p, encoder)
+    assert report.written == len(TEXTS) - 2 and report.unreadable == 1
+    ls.delete_annotation(labeled["id"])
+    ls.delete_annotation(skipped["id"])
+    topped = refresh(p, encoder)
+    assert topped.top_up_after == blank and topped.returned == 2 and topped.written == 2, topped
+    assert topped.unreadable == 0  # the blank task is not read again for the same version
+    written = ls.versions_by_task(p["id"])
+    assert set(written) == set(p["tasks"]) and all(c == Counter({p["version"]: 1}) for c in written.values())
+    pool = PoolStore(p["registry"]).load(p["key"], p["version"])
+    assert sorted(pool.task_ids) == sorted(p["tasks"]) and len(pool.task_ids) == len(set(pool.task_ids.tolist()))
+    again = refresh(p, encoder)  # nothing new: nothing read twice, nothing written
+    assert again.returned == again.written == again.tasks == 0, again
+
+
+def test_a_task_deleted_while_its_page_is_predicted_costs_only_its_own_prediction(project, encoder, monkeypatch):
+    """Label Studio refuses a whole import (400) for one task deleted since its page was listed: the
+    refresh failed there, and no task after it got a prediction."""
+    from ls_backend.refresh import LabelStudioPredictions
+
+    p, ls = project, project["ls"]
+    doomed = sorted(p["tasks"])[5]  # on the second page of 4
+    listed = LabelStudioPredictions.unlabeled_after
+
+    def listing_then_delete(self, after_id, size, up_to=None):
+        tasks, left = listed(self, after_id, size, up_to)
+        if any(t["id"] == doomed for t in tasks):
+            ls.request("DELETE", f"/api/tasks/{doomed}")
+        return tasks, left
+
+    monkeypatch.setattr(LabelStudioPredictions, "unlabeled_after", listing_then_delete)
+    report = refresh(p, encoder)
+    assert report.state == "finished" and report.gone == 1 and report.written == len(TEXTS) - 1, report
+    assert set(ls.versions_by_task(p["id"])) == set(p["tasks"]) - {doomed}
+    assert doomed not in PoolStore(p["registry"]).load(p["key"], p["version"]).task_ids
+
+
 def test_bounded_by_refresh_max_tasks(project, encoder):
     p = project
     report = refresh(p, encoder, settings=replace(p["settings"], refresh_max_tasks=5))
@@ -202,6 +248,35 @@ def test_label_studios_model_version_follows_ours_but_not_another_models(project
     assert ls.project(p["id"])["model_version"] == "their-model"
     assert ls.versions_by_task(p["id"]) == {t: Counter({v1: 1, v2: 1, v3: 1, "their-model": 1}) for t in p["tasks"]}
     assert [path.name for path in PoolStore(registry).root(p["key"]).iterdir()] == [v3]  # older pools dropped
+
+
+def test_label_studios_model_version_follows_at_the_next_job_when_it_could_not_be_moved(project, encoder,
+                                                                                        monkeypatch):
+    """Label Studio failing the PATCH that moves its model_version once left it on the older version
+    until the next promotion: the refresh had finished, and its top-ups wrote nothing new."""
+    from ls_backend.refresh import LabelStudioPredictions, RefreshError, unfinished_refresh
+
+    p, ls, registry = project, project["ls"], project["registry"]
+    v1 = p["version"]
+    refresh(p, encoder)
+    ls.request("PATCH", f"/api/projects/{p['id']}", json={"model_version": v1})
+    loaded = registry.load(p["key"], v1)
+    v2 = registry.create_version(p["key"], loaded.heads, dict(loaded.meta, parent=v1))
+    registry.promote(p["key"], v2)
+    moved = LabelStudioPredictions.set_model_version
+
+    def failing(self, version):
+        raise RefreshError("Label Studio: HTTP 502", 502)
+
+    monkeypatch.setattr(LabelStudioPredictions, "set_model_version", failing)
+    report = refresh(p, encoder)
+    assert report.written == len(TEXTS) and not report.followed and ls.project(p["id"])["model_version"] == v1
+    assert unfinished_refresh(p["settings"], p["key"]) == v2  # the next job of the project runs a top-up
+    monkeypatch.setattr(LabelStudioPredictions, "set_model_version", moved)
+    topped = refresh(p, encoder)
+    assert topped.top_up_after is not None and topped.written == 0 and topped.followed, topped
+    assert ls.project(p["id"])["model_version"] == v2
+    assert unfinished_refresh(p["settings"], p["key"]) is None
 
 
 def test_cold_start_refresh_makes_v0_and_the_first_batch_is_chosen_for_coverage(label_studio, tmp_path, encoder):
