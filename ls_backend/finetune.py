@@ -45,7 +45,10 @@ Progress = Callable[[dict], None]
 
 
 class NothingToTrain(Exception):
-    """The job found no usable labels; it ends without a new version."""
+    """The job found no usable labels; it ends without a new version (``cutoff_seq``: the store's
+    sequence its labels were read up to)."""
+
+    cutoff_seq: int | None = None
 
 
 # recipes that only refit heads on frozen embeddings (the fast lane's)
@@ -263,9 +266,20 @@ class FineTuneJob:
 
     # -- the job ---------------------------------------------------------------------
     def run(self, project_key: str, trigger: str = "manual") -> dict:
+        cutoff = self.store.current_seq(project_key)
+        try:
+            return self._run(project_key, trigger, cutoff)
+        except NothingToTrain as exc:
+            # its labels count as seen, whatever the reason (a label config that cannot be trained
+            # too): else every label trigger, and the job's own check for labels behind it, would
+            # queue the same job again, and again
+            self.store.mark_trained(project_key, cutoff)
+            exc.cutoff_seq = cutoff
+            raise
+
+    def _run(self, project_key: str, trigger: str, cutoff: int) -> dict:
         started = time.time()
         set_seed(self.args.seed)
-        cutoff = self.store.current_seq(project_key)
         # the current version, or where its pointer is missing or names a version gone or unreadable,
         # the version that stands in for it (as the web workers serve): never a cold start over a
         # trained model, and never a job that fails until someone mends the pointer

@@ -146,7 +146,8 @@ def execute_training(settings: Settings, project_key: str, trigger: str, progres
             result = FineTuneJob(settings, store, progress=progress, mode=mode).run(project_key, base)
         except NothingToTrain as exc:
             log.info("project %s: nothing to train: %s", project_key, exc)
-            result = {"project": project_key, "version": None, "promoted": False, "reason": f"nothing to train: {exc}"}
+            result = {"project": project_key, "version": None, "promoted": False, "reason": f"nothing to train: {exc}",
+                      "cutoff_seq": exc.cutoff_seq}
         # a new version goes live: Label Studio's ordering follows it; a refresh asked for
         # while the job was queued runs whatever the outcome, and so does the served version's
         # refresh that a killed job left unfinished (its retry resumes it)
@@ -252,6 +253,31 @@ class TrainingQueue(ABC):
             if job.state in (FINISHED, FAILED) or time.monotonic() > deadline:
                 return job
             time.sleep(poll)
+
+    @staticmethod
+    def labels_behind(store, project_key: str, result) -> int:
+        """Labels changed past the cut-off of the job that ``result`` ended (past the project's
+        training mark where it has none).  A lane's own cut-off, not the project's mark: the fast
+        lane's jobs beside a full-lane one move the mark past labels the full lane never saw."""
+        cutoff = result.get("cutoff_seq") if isinstance(result, dict) else None
+        if cutoff is None:
+            return store.labels_since_training(project_key)
+        return store.changes_since(project_key, int(cutoff))
+
+    def requeue_if_behind(self, project_key: str, lane: str = FULL, result: dict | None = None) -> None:
+        """At the end of a job (``result``): queue the lane's next one at once where ``TRAIN_EVERY``
+        labels or more came past its cut-off while it ran (they queued nothing themselves)."""
+        every = self.settings.train_every
+        if not every:
+            return
+        from .store import CorrectionStore
+
+        store = CorrectionStore.from_settings(self.settings)
+        try:
+            if self.labels_behind(store, project_key, result) >= every and lane in self.label_lanes(store, project_key):
+                self.enqueue(project_key, "labels", lane)
+        finally:
+            store.close()
 
     def label_lanes(self, store, project_key: str) -> list[str]:
         """The lanes a label trigger feeds: the fast lane, and the full lane under TRAIN_MODE=full
@@ -398,7 +424,7 @@ def train_project(project_key: str, trigger: str = "manual", lane: str = FULL) -
                 job.meta["last_error"] = f"{type(exc).__name__}: {exc}"[:1000]
                 job.save_meta()
             raise
-    queue.requeue_if_behind(project_key, lane)
+    queue.requeue_if_behind(project_key, lane, result)
     return result
 
 
@@ -531,19 +557,6 @@ class RedisTrainingQueue(TrainingQueue):
     def running(self, project_key: str, lane: str) -> bool:
         # the lock a running job holds (``train_project``; it expires LOCK_TTL after a dead worker)
         return bool(self.connection.exists(self.key(f"lock:{lane}", project_key)))
-
-    def requeue_if_behind(self, project_key: str, lane: str = FULL) -> None:
-        every = self.settings.train_every
-        if not every:
-            return
-        from .store import CorrectionStore
-
-        store = CorrectionStore.from_settings(self.settings)
-        try:
-            if store.labels_since_training(project_key) >= every and lane in self.label_lanes(store, project_key):
-                self.enqueue(project_key, "labels", lane)
-        finally:
-            store.close()
 
     def _info(self, job) -> JobInfo:
         status = job.get_status(refresh=False)
@@ -1216,23 +1229,10 @@ class JobRunner:
         kind, body = outcome
         if kind == "ok":
             self.queue.finish(job.id, body)
-            every = self.settings.train_every
-            if every:
-                self._requeue_if_behind(job.project, every, job.lane)
+            self.queue.requeue_if_behind(job.project, job.lane, body)
         else:
             log.error("job %s: %s", job.id, body)
             self.queue.fail(job.id, body, retry=kind in ("crash", "timeout", "stopped"), refund=kind == "stopped")
-
-    def _requeue_if_behind(self, project_key: str, every: int, lane: str) -> None:
-        from .store import CorrectionStore
-
-        store = CorrectionStore.from_settings(self.settings)
-        try:
-            if store.labels_since_training(project_key) >= every and lane in self.queue.label_lanes(store, project_key):
-                self.queue.enqueue(project_key, "labels", lane)
-        finally:
-            store.close()
-
 
 #: set by ``ls-backend serve`` for the runner it starts: the pid of the server, and a pipe the
 #: runner writes "stopped" to when it ends on request (a runner that dies writes nothing: restarted)

@@ -666,6 +666,76 @@ def test_the_rq_scheduler_counts_from_its_last_run_and_fires_each_slot_once(redi
         queue.close()
 
 
+def test_a_label_config_that_cannot_be_trained_queues_its_job_once(tmp_path):
+    """<Choices> over an <Image>: the job ends "nothing to train" and, its labels not counted as
+    seen, queued itself again at its end, for ever (a burst worker never ended; a runner started a
+    process importing torch again and again)."""
+    from ls_backend.store import CorrectionStore
+
+    from .support.events import annotation_event, choices, key_of, project
+
+    config = ('<View><Image name="image" value="$image"/><Choices name="topic" toName="image">'
+              '<Choice value="World"/><Choice value="Sports"/></Choices></View>')
+    env = {"MODEL_DIR": str(tmp_path), "REDIS_URL": "", "TRAIN_EVERY": "3", "TRAIN_MODE": "frozen",
+           "JOB_STANDBY": "false", "HF_HUB_OFFLINE": "1"}
+    settings = Settings.from_env(env)
+    queue, store = EmbeddedTrainingQueue(settings), CorrectionStore.from_settings(settings)
+    try:
+        for n in (1, 2, 3):
+            queue.maybe_enqueue(store, store.record_event(annotation_event(n, n, choices("World"), proj=project(7, config))))
+        assert [job.state for job in queue.jobs(key_of(7))] == ["queued"]
+        done = subprocess.run(console_script() + ["worker", "--burst"], env=server_environment(env), cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        jobs = queue.jobs(key_of(7))
+        assert [job.state for job in jobs] == ["finished"], [(job.state, job.error) for job in jobs]
+        assert "nothing to train" in jobs[0].result["reason"] and store.labels_since_training(key_of(7)) == 0
+    finally:
+        store.close()
+        queue.close()
+
+
+def test_labels_that_come_while_a_full_lane_job_runs_get_the_next_full_lane_job(tmp_path):
+    """TRAIN_MODE=auto: the fast lane's jobs beside a full-lane one move the project's training mark
+    past the labels that came meanwhile; the full-lane job, ending, read that mark and queued nothing,
+    so the full model never learned them unless TRAIN_EVERY more labels came."""
+    from ls_backend.jobs import FAST, FULL
+    from ls_backend.store import CorrectionStore
+
+    from .support.events import annotation_event, choices, key_of
+
+    settings = Settings(model_dir=tmp_path, train_every=3, train_mode="auto", full_min_labels=3)
+    queue, store = EmbeddedTrainingQueue(settings), CorrectionStore.from_settings(settings)
+    key = key_of(3)
+
+    def label(n):
+        queue.maybe_enqueue(store, store.record_event(annotation_event(n, n, choices("World"))))
+
+    def end(job, cutoff):  # what a job does as it ends: its mark, then the runner's check
+        store.mark_trained(key, cutoff)
+        queue.finish(job.id, {"cutoff_seq": cutoff})
+        queue.requeue_if_behind(key, job.lane, {"cutoff_seq": cutoff})
+
+    try:
+        for n in (1, 2, 3):
+            label(n)
+        full = queue.claim(FULL)
+        full_cutoff = store.current_seq(key)
+        end(queue.claim(FAST), store.current_seq(key))
+        for n in (4, 5, 6, 7):  # while the full-lane job runs: a fast-lane job, which takes them all
+            label(n)
+        end(queue.claim(FAST), store.current_seq(key))
+        assert store.labels_since_training(key) == 0
+        end(full, full_cutoff)
+        queued = [(job.lane, job.trigger) for job in queue.jobs(key) if job.state == "queued"]
+        assert queued == [(FULL, "labels")], queued
+        end(queue.claim(FULL), store.current_seq(key))  # that one takes them: nothing more to queue
+        assert [job for job in queue.jobs(key) if job.state == "queued"] == []
+    finally:
+        store.close()
+        queue.close()
+
+
 def test_a_burst_worker_does_not_wait_for_another_runner(tmp_path):
     """``ls-backend worker --burst`` (embedded) where another runner holds the flock: it says so
     and exits 1 at once, instead of waiting for the flock for good."""
