@@ -360,9 +360,21 @@ def renewed_lock(connection, key: str, ttl: float, wait: float, what: str) -> It
     stop = threading.Event()
 
     def renew() -> None:
+        from redis.exceptions import LockNotOwnedError
+
         while not stop.wait(ttl / 3):
             try:
-                lock.reacquire()
+                try:
+                    lock.reacquire()
+                except LockNotOwnedError:
+                    # it expired while Redis was away longer than the TTL (or a Redis without
+                    # persistence came back empty): take it back, or else the next job of the
+                    # project would start beside this one
+                    if connection.set(key, lock.local.token, nx=True, px=int(ttl * 1000)):
+                        log.warning("%s: the lock %s had expired (Redis away?); taken back", what, key)
+                    else:
+                        log.error("%s: the lock %s expired and another job holds it now: two jobs of the "
+                                  "project may run side by side", what, key)
             except Exception as exc:  # Redis away for a moment: try again at the next tick
                 log.warning("%s: could not renew the lock %s: %s", what, key, exc)
 

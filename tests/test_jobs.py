@@ -394,6 +394,30 @@ def test_a_job_keeps_its_redis_lock_past_the_lock_ttl(redis_url, queue_name):
         connection.close()
 
 
+def test_a_job_takes_its_redis_lock_back_after_it_expired_while_redis_was_away(redis_url, queue_name, caplog):
+    """Redis away for longer than LOCK_TTL (or back without its data): the lock was gone and its
+    renewal failed for good, so the next job of the project started beside the running one."""
+    import redis
+
+    from ls_backend.jobs import renewed_lock
+
+    connection = redis.Redis.from_url(redis_url)
+    key = f"{queue_name}:lock:full:5.1"
+    try:
+        with renewed_lock(connection, key, 0.6, 1, "project 5.1"):
+            token = connection.get(key)
+            connection.delete(key)  # what an expiry while Redis was away leaves
+            time.sleep(0.5)  # a renewal tick or two
+            assert connection.get(key) == token and "taken back" in caplog.text
+            assert not connection.lock(key, timeout=5).acquire(blocking=False)
+            connection.set(key, b"another job")  # taken by another job in between: not overwritten
+            time.sleep(0.5)
+            assert connection.get(key) == b"another job" and "another job holds it now" in caplog.text
+    finally:
+        connection.delete(key)
+        connection.close()
+
+
 def test_redis_queue_coalesces(redis_url, queue_name, tmp_path):
     settings = Settings(model_dir=tmp_path, redis_url=redis_url, queue_name=queue_name)
     queue = RedisTrainingQueue(settings)
