@@ -429,11 +429,17 @@ def train_project(project_key: str, trigger: str = "manual", lane: str = FULL) -
             result = execute_training(settings, project_key, trigger, Throttled(sink), lane)
         except BaseException as exc:
             if job is not None and job.should_retry:
+                job.meta["last_error"] = f"{type(exc).__name__}: {exc}"[:1000]
                 # rq retries this job (after a back-off): triggers meanwhile join the retry, as they
                 # join a queued job, instead of queuing a second job that would run beside it; its
                 # status says why it waits (rq keeps no result of an attempt it retries)
-                connection.set(queue.key(f"queued:{lane}", project_key), job.id, nx=True, ex=QUEUED_MARKER_TTL)
-                job.meta["last_error"] = f"{type(exc).__name__}: {exc}"[:1000]
+                if not connection.set(queue.key(f"queued:{lane}", project_key), job.id, nx=True, ex=QUEUED_MARKER_TTL):
+                    # a job of the project and lane was queued while this one ran: that one is the
+                    # retry, and takes this job's trigger (Start Training's sync, say); rq does not
+                    # retry this one, which would train a second time after it
+                    successor, _ = queue.enqueue(project_key, trigger, lane)
+                    job.retries_left = 0
+                    job.meta["retried_as"] = successor.id
                 job.save_meta()
             raise
     queue.requeue_if_behind(project_key, lane, result)
@@ -485,6 +491,8 @@ class RedisTrainingQueue(TrainingQueue):
         # another enqueuer would find no job behind the key, take it for stale and queue a second one
         with self.connection.lock(self.key(f"enqueue:{lane}", project_key), timeout=30, blocking_timeout=30,
                                   thread_local=False):
+            if not self.connection.exists(key):
+                self._mark_orphan(project_key, lane, key)
             for _ in range(5):
                 job_id = _job_id(project_key)
                 # the marker lives as long as the job's result (a week): behind a long queue, a job can wait
@@ -539,6 +547,20 @@ class RedisTrainingQueue(TrainingQueue):
                 self.release_queued(project_key, existing_id, lane)  # stale, or started: queue a new one
             raise RuntimeError(f"project {project_key}: could not queue a job")
 
+    def _mark_orphan(self, project_key: str, lane: str, key: str) -> None:
+        """Where no job is marked queued, one may wait all the same: rq retries a job whose worker
+        died (found abandoned) by itself, without the marker its start removed.  That job becomes
+        the queued one, so the trigger joins it instead of queuing a second training."""
+        from rq.job import Job
+
+        for raw in self.connection.zrevrange(self.key("jobs", project_key), 0, 9):
+            with contextlib.suppress(Exception):
+                job = Job.fetch(raw.decode(), connection=self.connection)
+                status = job.get_status(refresh=True)
+                if getattr(status, "value", status) in ("queued", "scheduled") and (job.meta or {}).get("lane", FULL) == lane:
+                    self.connection.set(key, job.id, nx=True, ex=QUEUED_MARKER_TTL)
+                    return
+
     def _rewrite_queued(self, job, project_key: str, trigger: str, lane: str) -> bool:
         """Give a queued job a new trigger in its place in the queue: one transaction that is tried
         again when the queue changes meanwhile, and gives up (False) once a worker has taken the job.
@@ -588,6 +610,8 @@ class RedisTrainingQueue(TrainingQueue):
                 result = job.return_value()
         if state == FAILED:
             error = self._failure(job) or f"job {status}"
+            if meta.get("retried_as"):
+                error = f"{error} (retried as {meta['retried_as']})"
         started = meta.get("started_at") or (job.started_at.replace(tzinfo=timezone.utc).timestamp() if job.started_at else None)
         ended = job.ended_at.replace(tzinfo=timezone.utc).timestamp() if job.ended_at else None
         # attempts started, as the embedded queue counts them: rq counts the retries it used

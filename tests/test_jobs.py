@@ -1059,6 +1059,75 @@ def test_a_job_process_ends_when_its_runner_is_killed_hard():
     assert _ends_after_its_parent_is_killed(runner, child, within=10), "the orphaned job process kept running"
 
 
+def test_an_rq_job_that_fails_while_a_newer_one_waits_hands_it_its_trigger_instead_of_a_retry(
+        redis_url, queue_name, tmp_path, monkeypatch):
+    """Start Training's job fails (a CUDA out-of-memory, say) after a label queued the project's next
+    job: rq retried it as a job of its own, so two trainings followed, and the one that ran first
+    had no sync.  The queued job takes its trigger, as in the embedded queue."""
+    from rq import SimpleWorker
+
+    from ls_backend import jobs
+
+    for name, value in {"REDIS_URL": redis_url, "QUEUE_NAME": queue_name, "MODEL_DIR": str(tmp_path),
+                        "JOB_RETRIES": "1", "TRAIN_EVERY": "0"}.items():
+        monkeypatch.setenv(name, value)
+    queue = RedisTrainingQueue(Settings.from_env())
+    runs = []
+
+    def training(settings, project, trigger, progress=None, lane="full"):
+        runs.append(trigger)
+        if len(runs) == 1:
+            newer, created = queue.enqueue(project, "labels", lane)  # a label while it runs
+            assert created
+            raise RuntimeError("CUDA out of memory")
+        return {"version": "p5-v2", "promoted": True}
+
+    monkeypatch.setattr(jobs, "execute_training", training)
+    try:
+        first, _ = queue.enqueue("5.1", "START_TRAINING")
+        SimpleWorker([queue.queue], connection=queue.connection).work(burst=True)
+        assert runs == ["START_TRAINING", "START_TRAINING"]  # the queued job ran once, with the sync
+        by_id = {job.id: job for job in queue.jobs("5.1")}
+        assert len(by_id) == 2 and by_id[first.id].state == "failed", by_id
+        newer = next(job for job in by_id.values() if job.id != first.id)
+        assert newer.state == "finished" and newer.trigger == "START_TRAINING"
+        assert "CUDA out of memory" in by_id[first.id].error and f"retried as {newer.id}" in by_id[first.id].error
+        assert not queue.queue.scheduled_job_registry.get_job_ids()  # no retry of the failed one waits
+    finally:
+        for q in queue.queues.values():
+            q.empty()
+            for scheduled in q.scheduled_job_registry.get_job_ids():
+                q.scheduled_job_registry.remove(scheduled)
+        queue.close()
+
+
+def test_a_trigger_joins_the_retry_rq_makes_of_a_job_whose_worker_died(redis_url, queue_name, tmp_path):
+    """A worker SIGKILLed mid-job: rq finds the job abandoned and retries it by itself, without the
+    queued marker the job's start removed, so the next trigger queued a second job beside it."""
+    from rq.job import Job
+
+    settings = Settings(model_dir=tmp_path, redis_url=redis_url, queue_name=queue_name, job_retries=2)
+    queue = RedisTrainingQueue(settings)
+    try:
+        job, _ = queue.enqueue("5.1", "START_TRAINING")
+        assert queue.queue.pop_job_id() == job.id  # a worker takes it ...
+        queue.release_queued("5.1", job.id)  # ... and starts it (train_project), then dies
+        with queue.connection.pipeline() as pipe:  # what rq's cleanup of an abandoned job does
+            Job.fetch(job.id, connection=queue.connection).retry(queue.queue, pipe)
+            pipe.execute()
+        again, created = queue.enqueue("5.1", "labels")
+        assert not created and again.id == job.id and again.trigger == "START_TRAINING", again
+        assert [j.id for j in queue.jobs("5.1")] == [job.id]
+        other_lane, created = queue.enqueue("5.1", "labels", "fast")  # the other lane's job is its own
+        assert created and other_lane.id != job.id
+    finally:
+        for q in queue.queues.values():
+            q.empty()
+            for scheduled in q.scheduled_job_registry.get_job_ids():
+                q.scheduled_job_registry.remove(scheduled)
+        queue.close()
+
+
 def test_the_wait_for_a_projects_lock_does_not_count_against_job_timeout(redis_url, queue_name, tmp_path, monkeypatch):
     """Two workers, one project: the second job waits for the first one's lock. JOB_TIMEOUT counts
     from the lock on, so waiting 6 s and then training 6 s passes a 10 s JOB_TIMEOUT, while training
