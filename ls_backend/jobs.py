@@ -934,9 +934,12 @@ class EmbeddedTrainingQueue(TrainingQueue):
                 (row["project"], QUEUED, row["lane"], job_id),
             ).fetchone()
             if retry and row["attempts"] <= self.settings.job_retries and queued is None:
+                # a job that failed goes behind the jobs queued since (one that crashes again does not
+                # hold them up); one stopped by a deploy keeps its place
                 db.execute(
                     "UPDATE jobs SET state = ?, started_at = NULL, error = ?, enqueued_at = ? WHERE id = ?",
-                    (QUEUED, f"attempt {row['attempts']} failed: {error}", time.time(), job_id),
+                    (QUEUED, f"attempt {row['attempts']} failed: {error}",
+                     row["enqueued_at"] if refund else time.time(), job_id),
                 )
             elif retry and row["attempts"] <= self.settings.job_retries:
                 # the job queued for this project and lane is the retry: it must also do what this

@@ -1016,6 +1016,22 @@ def test_a_job_stopped_with_its_runner_goes_back_to_the_queue_without_using_a_re
     assert queue.get(job.id).state == "failed"
 
 
+def test_a_job_stopped_by_a_deploy_keeps_its_place_and_a_crashed_one_goes_behind(tmp_path):
+    """Stopped by a deploy, a job went behind every job queued while it ran, and GET /jobs showed a
+    queue time it never had."""
+    from ls_backend.jobs import EmbeddedTrainingQueue
+
+    queue = EmbeddedTrainingQueue(Settings(model_dir=tmp_path, job_retries=2))
+    first, _ = queue.enqueue("1.1", "START_TRAINING")
+    assert queue.claim().id == first.id
+    later = [queue.enqueue(f"{n}.1", "labels")[0].id for n in (2, 3)]
+    queue.fail(first.id, "the job runner was stopped", retry=True, refund=True)
+    assert queue.get(first.id).enqueued_at == first.enqueued_at
+    assert queue.claim().id == first.id  # its place, ahead of the jobs queued after it
+    queue.fail(first.id, "the job process died", retry=True)  # a crash: behind them
+    assert [queue.claim().id for _ in range(3)] == later + [first.id]
+
+
 def test_a_job_process_is_killed_when_the_runner_loses_track_of_it(tmp_path, monkeypatch):
     """The lane retries a job whose runner failed: the first process must not go on training beside the retry."""
     from ls_backend.jobs import FAST, JobRunner
