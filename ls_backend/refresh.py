@@ -248,7 +248,7 @@ class PredictionRefresh:
             return RefreshReport(project_key, None, "skipped", "REFRESH_MAX_TASKS=0")
         cursor = self.cursor(project_key)
         api = self.api_for(project_key)
-        ls_key, _, ls_config = api.project()
+        ls_key, chosen, ls_config = api.project()
         if ls_key != project_key:
             raise RefreshError(
                 f"Label Studio project {api.ls_id} at {api.url} has key {ls_key}, not {project_key}: "
@@ -264,6 +264,7 @@ class PredictionRefresh:
                        else "no version yet, and no label config we can serve")
                 return RefreshReport(project_key, None, "skipped", why)
             loaded = self.registry.load(project_key, version)
+        loaded = self._past_another_install(project_key, api, loaded, chosen)
         version = loaded.version
         config = loaded.meta.get("label_config") or self.store.latest_label_config(project_key) or ls_config
         try:
@@ -363,6 +364,30 @@ class PredictionRefresh:
                 passed.update(task["id"] for task in fresh)
                 cursor.update(**{name: getattr(report, name) for name in CURSOR_COUNTS})
                 self._save_cursor(project_key, cursor)
+
+    def _past_another_install(self, project_key: str, api: LabelStudioPredictions, loaded, chosen: str | None):
+        """Where Label Studio holds predictions under names of ours that this registry never gave
+        (another install of the backend, or this one before its ``MODEL_DIR`` was lost: names start
+        again at v0), and the served version's name or the next ones are among them, the served
+        version is written again under a name past all of them.  Else the refresh took their
+        predictions for its own ("already there"), and Label Studio went on showing another
+        model's suggestions and scores under the name.  Looks at the project's chosen version and
+        the first page of unlabeled tasks; names below the ones given here are left alone."""
+        ours = re.compile(re.escape(version_prefix(project_key)) + r"-v(\d+)")
+        first, _ = api.unlabeled_after(0, self.settings.refresh_page_size)
+        names = {chosen}.union(*(task["versions"] for task in first))
+        given = self.registry.given(project_key)
+        foreign = {name: int(match[1]) for name in names
+                   if name and name not in given and (match := ours.fullmatch(name))}
+        serving = ours.fullmatch(loaded.version)
+        if not foreign or (serving is not None and max(foreign.values()) < int(serving[1])):
+            return loaded
+        top = max(foreign.values())
+        reason = (f"Label Studio holds predictions of {', '.join(sorted(foreign, key=foreign.get)[-5:])}, "
+                  "which this MODEL_DIR never made (another install of the backend)")
+        name = self.registry.renumber_past(project_key, loaded.version, top, reason)
+        log.warning("project %s: %s; %s is served as %s from now on", project_key, reason, loaded.version, name)
+        return self.registry.load(project_key, name)
 
     def _labeled_part(self, project_key: str, version: str, loaded, serving, control) -> None:
         """Beside the pool, the embeddings of the tasks labeled now (the ``typical`` strategy counts

@@ -208,6 +208,34 @@ class ModelRegistry:
                 numbers.append(int(match["number"]))
         return max(numbers) + 1 if numbers else 0
 
+    def given(self, project_key: str) -> dict[str, float | None]:
+        """Every version name given for the project here (folders, and names noted in the history,
+        reserved ones too), with when it was given where known."""
+        names: dict[str, float | None] = {}
+        for entry in self.history(project_key):
+            if entry.get("event") in ("created", "reserved") and entry.get("version"):
+                names.setdefault(str(entry["version"]), entry.get("at") if entry.get("event") == "created" else None)
+        for info in self.versions(project_key):
+            if names.get(info.name) is None:
+                names[info.name] = info.meta.get("created_at")
+        return names
+
+    def renumber_past(self, project_key: str, version: str, taken: int, reason: str) -> str:
+        """Reserve every name up to ``p<id>-v<taken>`` (taken elsewhere: Label Studio holds
+        predictions of another install's versions under them) and serve ``version`` again under
+        the next free name: the same heads, and the same encoder folder.  Returns the new name."""
+        with self.lock(project_key):
+            self._note(project_key, {"event": "reserved", "version": f"{version_prefix(project_key)}-v{taken}",
+                                     "reason": reason})
+            loaded = self.load(project_key, version)
+            meta = {k: v for k, v in loaded.meta.items() if k not in ("version", "number", "created_at", "controls")}
+            meta.update(parent=version, kind="renumbered", renumbered_from=version)
+            name = self.create_version(project_key, loaded.heads, meta)
+            self.promote(project_key, name, reason=f"renumbered: {reason}")
+            if self.pinned(project_key) == version:
+                write_atomic(self.project_dir(project_key) / "pinned", (name + "\n").encode())
+        return name
+
     def create_version(
         self,
         project_key: str,
@@ -365,7 +393,7 @@ class ModelRegistry:
         """``version`` and the versions it re-shapes: a label config change writes the served model
         again with the new label set (``write_plan_version``), so rolling back from the re-shaped
         version must not land on the model it was made from (which the next request would re-shape
-        straight back)."""
+        straight back); a renumbered copy (``renumber_past``) is its original's model too."""
         names: set[str] = set()
         while version and version not in names:
             names.add(version)
@@ -373,7 +401,7 @@ class ModelRegistry:
                 meta = self.meta(project_key, version)
             except (RegistryError, OSError, ValueError):
                 break
-            version = meta.get("parent") if meta.get("kind") == "config-change" else None
+            version = meta.get("parent") if meta.get("kind") in ("config-change", "renumbered") else None
         return names
 
     def pinned(self, project_key: str) -> str | None:

@@ -279,6 +279,35 @@ def test_label_studios_model_version_follows_at_the_next_job_when_it_could_not_b
     assert unfinished_refresh(p["settings"], p["key"]) is None
 
 
+def test_versions_another_install_left_in_label_studio_are_not_taken_for_ours(project, encoder):
+    """A backend whose MODEL_DIR was lost (a container recreated without its volume) names versions
+    from v0 again: Label Studio's predictions of the old p<id>-v1 were taken for the new v1's
+    ("already there"), and it went on showing the old model's suggestions and scores."""
+    p, ls, registry = project, project["ls"], project["registry"]
+    prefix = f"p{p['id']}"
+    result = [{"from_name": "topic", "to_name": "text", "type": "choices", "value": {"choices": ["World"]}}]
+    for task_id in p["tasks"]:
+        for old in (1, 2, 3):
+            ls.request("POST", "/api/predictions", json={"task": task_id, "result": result, "score": 0.9,
+                                                         "model_version": f"{prefix}-v{old}"})
+    ls.request("PATCH", f"/api/projects/{p['id']}", json={"model_version": f"{prefix}-v3"})
+    assert p["version"] == f"{prefix}-v1"
+    report = refresh(p, encoder)
+    served = f"{prefix}-v4"
+    assert report.version == served == registry.current(p["key"]) and report.written == len(TEXTS), report
+    assert report.followed and ls.project(p["id"])["model_version"] == served
+    assert ls.versions_by_task(p["id"]) == {
+        t: Counter({f"{prefix}-v1": 1, f"{prefix}-v2": 1, f"{prefix}-v3": 1, served: 1}) for t in p["tasks"]}
+    copy = registry.load(p["key"], served)
+    assert copy.meta["renumbered_from"] == p["version"]
+    assert {n: h.weight.tolist() for n, h in copy.heads.items()} == {
+        n: h.weight.tolist() for n, h in registry.load(p["key"], p["version"]).heads.items()}
+    again = refresh(p, encoder)  # the names are reserved now: no second copy
+    assert again.version == served and again.written == 0 and registry.current(p["key"]) == served
+    loaded = registry.load(p["key"], served)
+    assert registry.create_version(p["key"], loaded.heads, dict(loaded.meta, parent=served)) == f"{prefix}-v5"
+
+
 def test_cold_start_refresh_makes_v0_and_the_first_batch_is_chosen_for_coverage(label_studio, tmp_path, encoder):
     ls = label_studio
     # the store has never seen the project (no sync): its label config comes from Label Studio
