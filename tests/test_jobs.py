@@ -310,6 +310,15 @@ def test_redis_queue_merges_triggers_in_place(redis_url, queue_name, tmp_path):
         queue.close()
 
 
+def _clear(queue: RedisTrainingQueue) -> None:
+    """A test's rq queues emptied, retries waiting for their back-off included, and closed."""
+    for q in queue.queues.values():
+        q.empty()
+        for scheduled in q.scheduled_job_registry.get_job_ids():
+            q.scheduled_job_registry.remove(scheduled)
+    queue.close()
+
+
 def test_a_trigger_while_an_rq_job_waits_for_its_retry_joins_the_retry(redis_url, queue_name, tmp_path, monkeypatch):
     """A real rq worker runs a job that fails for real (its store's database does not answer):
     while the job waits for its retry, triggers join it instead of queuing a second job, and its
@@ -337,11 +346,7 @@ def test_a_trigger_while_an_rq_job_waits_for_its_retry_joins_the_retry(redis_url
         assert Job.fetch(job.id, connection=queue.connection).args == ("3.1", "START_TRAINING", "full")  # the retry's
         assert [j.id for j in queue.jobs("3.1")] == [job.id]
     finally:
-        for q in queue.queues.values():
-            q.empty()
-            for scheduled in q.scheduled_job_registry.get_job_ids():
-                q.scheduled_job_registry.remove(scheduled)
-        queue.close()
+        _clear(queue)
 
 
 def test_redis_queue_coalesces_enqueues_that_race(redis_url, queue_name, tmp_path):
@@ -1110,11 +1115,7 @@ def test_an_rq_job_that_fails_while_a_newer_one_waits_hands_it_its_trigger_inste
         assert "CUDA out of memory" in by_id[first.id].error and f"retried as {newer.id}" in by_id[first.id].error
         assert not queue.queue.scheduled_job_registry.get_job_ids()  # no retry of the failed one waits
     finally:
-        for q in queue.queues.values():
-            q.empty()
-            for scheduled in q.scheduled_job_registry.get_job_ids():
-                q.scheduled_job_registry.remove(scheduled)
-        queue.close()
+        _clear(queue)
 
 
 def test_a_trigger_joins_the_retry_rq_makes_of_a_job_whose_worker_died(redis_url, queue_name, tmp_path):
@@ -1137,11 +1138,7 @@ def test_a_trigger_joins_the_retry_rq_makes_of_a_job_whose_worker_died(redis_url
         other_lane, created = queue.enqueue("5.1", "labels", "fast")  # the other lane's job is its own
         assert created and other_lane.id != job.id
     finally:
-        for q in queue.queues.values():
-            q.empty()
-            for scheduled in q.scheduled_job_registry.get_job_ids():
-                q.scheduled_job_registry.remove(scheduled)
-        queue.close()
+        _clear(queue)
 
 
 def test_the_wait_for_a_projects_lock_does_not_count_against_job_timeout(redis_url, queue_name, tmp_path, monkeypatch):
