@@ -32,11 +32,17 @@ from .model import Encoder
 log = logging.getLogger(__name__)
 
 
+#: the tokenization rule embeddings are made with, in every encoder id: a new rule (here, characters a
+#: vocabulary cannot read split off the words they touch: ``text.readable``) makes every text embedded anew once,
+#: instead of cached rows of the older rule mixing with the new ones
+TOKENIZATION = "t2"
+
+
 def encoder_id(meta: dict, base_path: str, encoder: Encoder) -> str:
     """The name of the weights a version's embeddings come from, and their precision: the project
     and version that hold its fine-tuned ``encoder/`` folder (``meta["encoder"]``) with the stamp
-    the registry gave those weights when it wrote them, else ``base:<path>#<weights_stamp>``; ``@bf16``/``@fp16``
-    where the encoder serves in that precision.  Version names carry only Label Studio's project
+    the registry gave those weights when it wrote them, else ``base:<path>#<weights_stamp>``; then the
+    tokenization rule (``|t2``), and ``@bf16``/``@fp16`` where the encoder serves in that precision.  Version names carry only Label Studio's project
     id, so two projects of one id (two Label Studio instances, a re-created database) or a project
     whose folder was removed and trained again would otherwise read each other's embeddings."""
     stamp = weights_stamp(base_path)
@@ -44,6 +50,7 @@ def encoder_id(meta: dict, base_path: str, encoder: Encoder) -> str:
     if meta.get("encoder"):
         stamp = meta.get("encoder_stamp")
         name = f"{meta.get('project', '')}/{meta['encoder']}" + (f":{stamp}" if stamp else "")
+    name = f"{name}|{TOKENIZATION}"
     return name if encoder.precision_tag == "fp32" else f"{name}@{encoder.precision_tag}"
 
 

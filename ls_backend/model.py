@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .precision import autocast, inference_dtype, short_name
-from .text import utf8_safe
+from .text import readable, utf8_safe
 
 if TYPE_CHECKING:  # annotations only: the encoder and trainer import without label_studio_sdk
     from .labeling import ControlSpec, LabelingPlan
@@ -243,7 +243,7 @@ class Encoder:
 
     def _tokenize_chunk(self, texts: Sequence[str], limit: int) -> list[list[int]]:
         # absurdly long texts are cut first where nothing truncation would keep is lost
-        clipped = [utf8_safe(clip_for_tokens(t, limit)) for t in texts]
+        clipped = [readable(self.tokenizer, utf8_safe(clip_for_tokens(t, limit))) for t in texts]
         core = self._bulk_tokenizer(limit)
         encode = getattr(core, "encode_batch_fast", core.encode_batch)  # no character offsets
         return [e.ids for e in encode(clipped)]

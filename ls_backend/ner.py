@@ -32,7 +32,7 @@ import torch
 
 from .precision import TrainingStep
 from .spans import IGNORE, FoundSpan, Span, TaggingReport, bio_tags, decode, label_index_of, span_scores, token_tags, window_owners, windows
-from .text import utf8_safe
+from .text import readable, utf8_safe
 
 if TYPE_CHECKING:
     from .labeling import ControlSpec
@@ -188,19 +188,25 @@ def token_head_for(control: "ControlSpec", previous: object, dim: int, encoder_p
 class Tokenized:
     ids: list[int]
     offsets: list[tuple[int, int]]
+    words: list[int | None] | None = None  # the word of each token (the fast tokenizer's word_ids)
+    masked: bool = False  # whether characters the vocabulary lacks were split off their words (``text.readable``)
 
 
 def tokenize(tokenizer, texts: Sequence[str]) -> list[Tokenized]:
-    """Whole texts, no special tokens, no truncation, with character offsets."""
+    """Whole texts, no special tokens, no truncation, with character offsets and words."""
     if not texts:
         return []
-    out = tokenizer(
-        [utf8_safe(t) for t in texts], add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False
-    )
-    return [
-        Tokenized(list(ids), [(int(a), int(b)) for a, b in offsets])
-        for ids, offsets in zip(out["input_ids"], out["offset_mapping"])
-    ]
+    safe = [utf8_safe(t) for t in texts]
+    read = [readable(tokenizer, t) for t in safe]
+    out = tokenizer(read, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False)
+    found = []
+    for i, (ids, offsets) in enumerate(zip(out["input_ids"], out["offset_mapping"])):
+        try:
+            words = list(out.word_ids(i))
+        except (ValueError, AttributeError):  # a slow tokenizer: no word ids, decoded token by token
+            words = None
+        found.append(Tokenized(list(ids), [(int(a), int(b)) for a, b in offsets], words, read[i] != safe[i]))
+    return found
 
 
 def special_frame(tokenizer) -> tuple[list[int], list[int]]:
@@ -320,7 +326,7 @@ def spans_from_probabilities(text: str, tokenized: Tokenized, probs: np.ndarray,
     probs = served_probabilities(probs, head)
     tags = probs.argmax(axis=-1)
     chosen = probs[np.arange(len(tags)), tags]
-    return decode(text, tokenized.offsets, tags.tolist(), head.labels, chosen.tolist())
+    return decode(text, tokenized.offsets, tags.tolist(), head.labels, chosen.tolist(), tokenized.words)
 
 
 def control_score(found: Sequence[FoundSpan], probs: np.ndarray) -> float:
@@ -618,7 +624,7 @@ def as_tagged(tokenizer, texts: Sequence[str], spans: Sequence[Sequence[Span]], 
     out = []
     for text, tokenized, gold in zip(texts, tokenize(tokenizer, texts), spans):
         tags, _ = token_tags(tokenized.offsets, gold, labels)
-        out.append([found.span for found in decode(text, tokenized.offsets, tags, labels)])
+        out.append([found.span for found in decode(text, tokenized.offsets, tags, labels, words=tokenized.words)])
     return out
 
 

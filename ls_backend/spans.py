@@ -236,8 +236,15 @@ def decode(
     tags: Sequence[int],
     labels: Sequence[str],
     probabilities: Sequence[float] | None = None,
+    words: Sequence[int | None] | None = None,
 ) -> list[FoundSpan]:
     """Character spans from token tags.
+
+    With ``words`` (the word of each token, as a fast tokenizer gives them), a word is read by
+    its first token's tag: the word's other pieces follow it (they extend the open entity, or stay
+    outside one), so no span starts or ends inside a word ("Klinsmann" as "K" + "linsmann", or
+    "Volgo" and "grad" under two labels), and a span's score is the mean over its words' first
+    tokens, where the decisions were made.
 
     ``B-X`` always starts a new entity (so two adjacent entities of one type stay
     apart); ``I-X`` continues an ``X`` entity, or starts one after ``O`` or another
@@ -265,19 +272,23 @@ def decode(
             if start < end:  # through the marks after it, never into the next token
                 following = (offsets[t][0] for t in range(current[-1] + 1, len(offsets)) if offsets[t][1] > offsets[t][0])
                 end = through_marks(text, end, next(following, None))
-                scores = [float(probabilities[t]) for t in current] if probabilities is not None else [1.0]
+                scores = ([float(probabilities[t]) for t in current if t in deciding] or [1.0]) \
+                    if probabilities is not None else [1.0]
                 found.append(FoundSpan(start, end, labels[current_label], sum(scores) / len(scores)))
         current, current_label = [], None
 
+    deciding: set[int] = set()  # the tokens whose tags made the decisions (a word's first ones)
     for t, tag in enumerate(tags):
         a, b = offsets[t]
         if b <= a:
             continue
         inside, covered = a < covered, max(covered, b)
-        if inside:  # the character's first token decided
+        continued = words is not None and t > 0 and words[t] is not None and words[t] == words[t - 1]
+        if inside or continued:  # the character's (or the word's) first token decided
             if current:
                 current.append(t)
             continue
+        deciding.add(t)
         label = label_index_of(int(tag))
         if label is None:
             close()

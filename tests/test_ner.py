@@ -82,6 +82,53 @@ def test_inside_after_outside_or_another_type_starts_an_entity(tokenizer):
     assert [s.span for s in decode(text, offsets, tags, LABELS)] == [(3, 6, "PER"), (7, 17, "ORG")]
 
 
+def test_a_word_is_read_by_its_first_pieces_tag_so_no_span_cuts_a_word(tokenizer):
+    """Tags are per word piece: a B on a continuation piece split "Klinsmann" into "K" + "linsmann",
+    a type change inside "Volgograd" made two entities of it, and an O on its last piece cut it."""
+    labels = ["PER", "LOC", "ORG"]
+    text = "Juergen Klinsmann met in Volgograd ."
+    tokenized = tokenize(tokenizer, [text])[0]
+    pieces = [text[a:b] for a, b in tokenized.offsets]
+    assert pieces == ["Ju", "er", "gen", "K", "lins", "mann", "met", "in", "Vol", "go", "grad", "."]
+    index = {tag: i for i, tag in enumerate(bio_tags(labels))}
+    cases = {
+        "B on a continuation piece": ["B-PER", "I-PER", "I-PER", "B-PER", "B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC", "I-LOC", "O"],
+        "a type change inside a word": ["B-PER", "I-PER", "I-PER", "I-PER", "I-PER", "I-PER", "O", "O", "B-ORG", "I-ORG", "I-LOC", "O"],
+        "O on a continuation piece": ["B-PER", "I-PER", "I-PER", "I-PER", "I-PER", "O", "O", "O", "B-LOC", "I-LOC", "O", "O"],
+    }
+    expected = {
+        "B on a continuation piece": [("Juergen", "PER"), ("Klinsmann", "PER"), ("Volgograd", "LOC")],
+        "a type change inside a word": [("Juergen Klinsmann", "PER"), ("Volgograd", "ORG")],
+        "O on a continuation piece": [("Juergen Klinsmann", "PER"), ("Volgograd", "LOC")],
+    }
+    for name, tags in cases.items():
+        found = decode(text, tokenized.offsets, [index[t] for t in tags], labels, words=tokenized.words)
+        assert [(text[s.start:s.end], s.label) for s in found] == expected[name], name
+    # an O first piece keeps the whole word out, whatever its other pieces say
+    tags = ["O"] * 8 + ["O", "B-LOC", "I-LOC", "O"]
+    assert decode(text, tokenized.offsets, [index[t] for t in tags], labels, words=tokenized.words) == []
+    # the score is the mean over the words' first pieces, where the decisions were made
+    probabilities = [0.9, 0.1, 0.1] + [0.5] * 9
+    tags = ["B-PER", "O", "O"] + ["O"] * 9
+    found = decode(text, tokenized.offsets, [index[t] for t in tags], labels, probabilities, tokenized.words)
+    assert [(text[s.start:s.end], s.score) for s in found] == [("Juergen", pytest.approx(0.9))]
+
+
+def test_a_symbol_the_vocabulary_cannot_read_no_longer_hides_the_word_it_touches(tokenizer, encoder):
+    """WordPiece reads a whole word as [UNK] for one emoji in it: "❤️Paris" was never seen as Paris,
+    by the entity heads or the classification heads, and every entity beside one took it in."""
+    text = "I ❤️Paris and Berlin✈️Rome"
+    tokenized = tokenize(tokenizer, [text])[0]
+    unk = tokenizer.unk_token_id
+    assert tokenized.masked and [text[a:b] for a, b in tokenized.offsets] == ["I", "❤", "Paris", "and", "Berlin", "✈", "Rome"]
+    assert [i == unk for i in tokenized.ids] == [False, True, False, False, False, True, False]  # each emoji its own [UNK]
+    spans = [(4, 9, "PER"), (14, 20, "ORG"), (22, 26, "ORG")]  # Paris, Berlin, Rome
+    tags, report = token_tags(tokenized.offsets, spans, LABELS)
+    assert report.shared_token == 0 and [s.span for s in decode(text, tokenized.offsets, tags, LABELS)] == spans
+    assert encoder.tokenize([text])[0][1:-1] == tokenized.ids  # the classification path reads it alike
+    assert not tokenize(tokenizer, ["°C and ñ are read as they are"])[0].masked
+
+
 def test_decoded_spans_are_trimmed_of_surrounding_whitespace():
     text = "  Ann  \n"
     found = decode(text, [(0, 5), (5, 8)], [begin_tag(0), inside_tag(0)], LABELS, [0.9, 0.5])

@@ -317,7 +317,7 @@ def test_fine_tuned_encoders_of_projects_with_one_label_studio_id_have_distinct_
     child = registry.meta("3.1700000000", registry.create_version(
         "3.1700000000", _heads(0, 2), {"kind": "test", "encoder": again["encoder"], "encoder_stamp": again["encoder_stamp"]}))
     assert encoder_id(child, "base", fp32) == encoder_id(again, "base", fp32)
-    assert encoder_id({}, "base", fp32) == "base:base"  # no such folder: its path alone
+    assert encoder_id({}, "base", fp32) == "base:base|t2"  # no such folder: its path alone (and the tokenization)
 
 
 def test_base_weights_replaced_at_the_same_path_get_another_cache_id(tmp_path):
