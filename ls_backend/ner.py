@@ -62,16 +62,39 @@ class TokenHead:
     trained: bool = False  # False: predicts no spans
     untrained_labels: list[str] = field(default_factory=list)  # labels added since the head was trained
     source: str = "new"  # new | trained | base-model
+    # labels removed from the config since the head was trained, with their B/I rows: still scored,
+    # and what they win goes to ``O`` (``fold``), until a job trains the head without them
+    retired: list[str] = field(default_factory=list)
+    retired_weight: np.ndarray | None = None  # (2 x retired, dim)
+    retired_bias: np.ndarray | None = None
 
     @property
     def tags(self) -> list[str]:
         return bio_tags(self.labels)
 
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row the head scores: its tags', then its retired labels'."""
+        if not self.retired:
+            return self.weight, self.bias
+        return np.concatenate([self.weight, self.retired_weight]), np.concatenate([self.bias, self.retired_bias])
+
+    def fold(self, probabilities: np.ndarray) -> np.ndarray:
+        """Probabilities over :meth:`rows` as probabilities over the tags: a retired label's go to
+        ``O``.  Dropped with its rows, a removed label's share went to whichever label came next (a
+        removed ORG made every organisation a confident LOC)."""
+        n = len(self.tags)
+        if probabilities.shape[-1] == n:
+            return probabilities
+        out = probabilities[..., :n].copy()
+        out[..., 0] += probabilities[..., n:].sum(axis=-1)
+        return out
+
     def probabilities(self, states: np.ndarray) -> np.ndarray:
-        logits = states @ self.weight.T + self.bias
+        weight, bias = self.rows()
+        logits = states @ weight.T + bias
         logits = logits - logits.max(axis=-1, keepdims=True)
         exp = np.exp(logits)
-        return exp / exp.sum(axis=-1, keepdims=True)
+        return self.fold(exp / exp.sum(axis=-1, keepdims=True))
 
     def to_meta(self) -> dict:
         return {
@@ -81,10 +104,13 @@ class TokenHead:
             "trained": self.trained,
             "untrained_labels": list(self.untrained_labels),
             "source": self.source,
+            **({"retired": list(self.retired)} if self.retired else {}),
         }
 
     @classmethod
-    def from_meta(cls, meta: dict, weight: np.ndarray, bias: np.ndarray) -> "TokenHead":
+    def from_meta(cls, meta: dict, weight: np.ndarray, bias: np.ndarray,
+                  retired_weight: np.ndarray | None = None, retired_bias: np.ndarray | None = None) -> "TokenHead":
+        retired = list(meta.get("retired", [])) if retired_weight is not None and retired_bias is not None else []
         head = cls(
             labels=list(meta["labels"]),
             weight=np.asarray(weight, dtype=np.float32),
@@ -92,7 +118,12 @@ class TokenHead:
             trained=bool(meta.get("trained", False)),
             untrained_labels=list(meta.get("untrained_labels", [])),
             source=str(meta.get("source", "trained" if meta.get("trained") else "new")),
+            retired=retired,
+            retired_weight=np.asarray(retired_weight, dtype=np.float32) if retired else None,
+            retired_bias=np.asarray(retired_bias, dtype=np.float32) if retired else None,
         )
+        if retired and head.retired_weight.shape[0] != 2 * len(retired):
+            raise ValueError(f"token head has {head.retired_weight.shape[0]} rows for {len(retired)} retired labels")
         if meta.get("tags") and list(meta["tags"]) != head.tags:
             raise ValueError(f"token head tags {meta['tags']} do not follow its labels {head.labels}")
         if head.weight.shape[0] != len(head.tags) or head.bias.shape != (len(head.tags),):
@@ -152,8 +183,9 @@ def token_head_for(control: "ControlSpec", previous: object, dim: int, encoder_p
     """The head of a Labels control for a (new or changed) label config.
 
     Rows of tags whose label is still there are kept; a label new to a trained head gets
-    zero rows with a bias far below ``O`` (never predicted until trained); removed labels
-    lose their rows.  A control without a previous head starts untrained (or from a
+    zero rows with a bias far below ``O`` (never predicted until trained); a trained head's removed
+    labels keep their rows as retired ones (what they win goes to ``O``; a label that comes back
+    gets them again).  A control without a previous head starts untrained (or from a
     token-classification ``BASE_MODEL``, see :func:`pretrained_token_head`).
     """
     values = list(control.values)
@@ -161,18 +193,22 @@ def token_head_for(control: "ControlSpec", previous: object, dim: int, encoder_p
         return pretrained_token_head(control, encoder_path, dim) or new_token_head(values, dim)
     if previous.labels == values:
         return previous
-    old = {tag: i for i, tag in enumerate(previous.tags)}
+    every_weight, every_bias = previous.rows()
+    old = {tag: i for i, tag in enumerate(previous.tags + bio_tags(previous.retired)[1:])}
     floor = float(previous.bias[0]) + NEW_LABEL_BIAS if previous.trained else 0.0
     weight, bias = [], []
     for tag in bio_tags(values):
         if tag in old:
-            weight.append(previous.weight[old[tag]])
-            bias.append(previous.bias[old[tag]])
+            weight.append(every_weight[old[tag]])
+            bias.append(every_bias[old[tag]])
         else:
             weight.append(np.zeros(dim, np.float32))
             bias.append(floor)
     kept = [label for label in previous.untrained_labels if label in values]
-    added = [label for label in values if label not in previous.labels]
+    added = [label for label in values if label not in previous.labels and label not in previous.retired]
+    retired = [label for label in previous.labels + previous.retired
+               if label not in values and label not in previous.untrained_labels] if previous.trained else []
+    rows = [old[tag] for tag in bio_tags(retired)[1:]]
     return TokenHead(
         labels=values,
         weight=np.asarray(weight, np.float32),
@@ -180,6 +216,9 @@ def token_head_for(control: "ControlSpec", previous: object, dim: int, encoder_p
         trained=previous.trained,
         untrained_labels=kept + added if previous.trained else [],
         source=previous.source,
+        retired=retired,
+        retired_weight=every_weight[rows] if retired else None,
+        retired_bias=every_bias[rows] if retired else None,
     )
 
 
@@ -261,9 +300,9 @@ def run_windows(
     pooled = np.zeros((len(tokenized), encoder.dim), dtype=np.float32)
     device = encoder.device
     if heads:
-        weight = torch.from_numpy(np.concatenate([h.weight for h in heads]).astype(np.float32)).to(device)
-        bias = torch.from_numpy(np.concatenate([h.bias for h in heads]).astype(np.float32)).to(device)
-    cuts = np.cumsum([0] + [len(h.tags) for h in heads])
+        weight = torch.from_numpy(np.concatenate([h.rows()[0] for h in heads]).astype(np.float32)).to(device)
+        bias = torch.from_numpy(np.concatenate([h.rows()[1] for h in heads]).astype(np.float32)).to(device)
+    cuts = np.cumsum([0] + [len(h.rows()[1]) for h in heads])
     order = sorted(range(len(items)), key=lambda k: len(items[k][2]))
     with encoder.lock, torch.inference_mode():
         for start in range(0, len(order), batch_size):
@@ -300,22 +339,24 @@ def run_windows(
             part = merged[:, cuts[h] : cuts[h + 1]]
             part = part - part.max(axis=-1, keepdims=True) if len(part) else part
             exp = np.exp(part)
-            per_head[h].append(exp / exp.sum(axis=-1, keepdims=True) if len(part) else exp)
+            per_head[h].append(heads[h].fold(exp / exp.sum(axis=-1, keepdims=True)) if len(part) else heads[h].fold(exp))
     return TokenRun(pooled=pooled, probabilities=per_head)
 
 
 def served_probabilities(probs: np.ndarray, head: TokenHead) -> np.ndarray:
-    """The tag probabilities a prediction reads: those of the labels added since the head was
-    trained (``untrained_labels``) are taken out and the rest renormalised.  Their rows start far
-    below ``O``, but the trained ``O`` row's weights can still push ``O`` under them on a token that
-    looks like an entity, and a renamed label would then be predicted before any job trained it."""
+    """The tag probabilities a prediction reads: what the labels added since the head was trained
+    (``untrained_labels``) win goes to ``O``.  Their rows start far below ``O``, but the trained
+    ``O`` row's weights can still push ``O`` under them on a token that looks like an entity, and a
+    renamed label would then be predicted before any job trained it; spread over the other labels
+    instead, their share made the next label win, surer than before."""
     if not head.untrained_labels or not len(probs):
         return probs
     untrained = set(head.untrained_labels)
-    keep = np.array([label_index_of(tag) is None or head.labels[label_index_of(tag)] not in untrained
+    drop = np.array([label_index_of(tag) is not None and head.labels[label_index_of(tag)] in untrained
                      for tag in range(probs.shape[-1])])
-    kept = np.where(keep, probs, 0.0)
-    return kept / np.maximum(kept.sum(axis=-1, keepdims=True), 1e-12)
+    out = np.where(drop, 0.0, probs)
+    out[..., 0] += probs[..., drop].sum(axis=-1)
+    return out
 
 
 def spans_from_probabilities(text: str, tokenized: Tokenized, probs: np.ndarray, head: TokenHead) -> list[FoundSpan]:

@@ -186,7 +186,9 @@ class ModelRegistry:
         for name, control_meta in meta.get("controls", {}).items():
             # a token head (Labels) says so; anything else is a classification head (Choices)
             kind = TokenHead if control_meta.get("head") == "token" else ClassifierHead
-            heads[name] = kind.from_meta(control_meta, tensors[f"{name}.weight"], tensors[f"{name}.bias"])
+            retired = {"retired_weight": tensors[f"{name}.retired_weight"], "retired_bias": tensors[f"{name}.retired_bias"]} \
+                if kind is TokenHead and f"{name}.retired_weight" in tensors else {}
+            heads[name] = kind.from_meta(control_meta, tensors[f"{name}.weight"], tensors[f"{name}.bias"], **retired)
         encoder_path = None
         if meta.get("encoder"):
             encoder_path = str(self.version_dir(project_key, meta["encoder"]) / "encoder")
@@ -259,6 +261,9 @@ class ModelRegistry:
             for name, head in heads.items():
                 tensors[f"{name}.weight"] = np.ascontiguousarray(head.weight, dtype=np.float32)
                 tensors[f"{name}.bias"] = np.ascontiguousarray(head.bias, dtype=np.float32)
+                if getattr(head, "retired", None):  # a token head's removed labels (``TokenHead.fold``)
+                    tensors[f"{name}.retired_weight"] = np.ascontiguousarray(head.retired_weight, dtype=np.float32)
+                    tensors[f"{name}.retired_bias"] = np.ascontiguousarray(head.retired_bias, dtype=np.float32)
                 controls[name] = head.to_meta()
             if tensors:
                 save_file(tensors, str(tmp / "heads.safetensors"))

@@ -327,6 +327,45 @@ def test_a_changed_label_set_keeps_learned_rows_and_never_predicts_new_labels_un
     assert not token_head_for(control, None, 4).trained
 
 
+def test_a_removed_or_renamed_label_gives_way_to_o_not_to_the_next_label(tmp_path):
+    """Removing ORG dropped its rows, so on a token the head read as ORG its share went to the
+    remaining tags in proportion, and the runner-up (LOC) won, surer than ORG had been; a renamed
+    label (ORG -> Organization: the old one removed, the new one untrained) did the same."""
+    from ls_backend.ner import served_probabilities
+
+    config = NER_AND_TOPIC_CONFIG.replace('<Label value="ORG"/>', '<Label value="ORG"/><Label value="LOC"/>')
+    head = new_token_head(["PER", "ORG", "LOC"], 3)
+    head.weight[:] = 0.0
+    head.weight[3, 0] = 3.0  # B-ORG: a token along the first axis is an organisation ...
+    head.weight[5, 0] = 2.0  # ... B-LOC its runner-up
+    head.trained = True
+    token = np.array([[1.0, 0.0, 0.0]], dtype=np.float32)
+    before = head.probabilities(token)[0]
+    assert before.argmax() == 3
+    tags_of = lambda labels: {t: i for i, t in enumerate(bio_tags(labels))}  # noqa: E731
+
+    removed = token_head_for(plan_for(config.replace('<Label value="ORG"/>', "")).control("ner"), head, 3)
+    assert removed.labels == ["PER", "LOC"] and removed.retired == ["ORG"]
+    after = removed.probabilities(token)[0]
+    assert after.argmax() == 0  # O: no organisation turned into a location
+    assert after[tags_of(removed.labels)["B-LOC"]] == pytest.approx(before[5], rel=1e-5)
+    assert after[0] == pytest.approx(before[0] + before[3] + before[4], rel=1e-5) and after.sum() == pytest.approx(1.0)
+    # kept through the registry, and a label that comes back gets its rows again, trained
+    name = ModelRegistry(tmp_path).create_version("3.1", {"ner": removed}, {"kind": "test"})
+    loaded = ModelRegistry(tmp_path).load("3.1", name).heads["ner"]
+    assert loaded.retired == ["ORG"] and np.allclose(loaded.probabilities(token), removed.probabilities(token))
+    back = token_head_for(plan_for(config).control("ner"), loaded, 3)
+    assert back.labels == ["PER", "ORG", "LOC"] and back.retired == [] and back.untrained_labels == []
+    assert np.allclose(back.probabilities(token), head.probabilities(token))
+
+    renamed = token_head_for(plan_for(config.replace('"ORG"', '"Organization"')).control("ner"), head, 3)
+    assert renamed.untrained_labels == ["Organization"] and renamed.retired == ["ORG"]
+    served = served_probabilities(renamed.probabilities(token), renamed)[0]
+    index = tags_of(renamed.labels)
+    assert served.argmax() == 0 and served[index["B-LOC"]] == pytest.approx(before[5], rel=1e-5)
+    assert served[index["B-Organization"]] == 0.0 and served.sum() == pytest.approx(1.0)
+
+
 def test_a_token_classification_base_model_with_the_projects_tags_gives_a_cold_start_head(tmp_path):
     from safetensors.numpy import save_file
 
