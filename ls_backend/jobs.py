@@ -28,6 +28,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import sqlite3
 import sys
@@ -250,6 +251,11 @@ class TrainingQueue(ABC):
                 continue
             if job is None:
                 raise LookupError(f"no job {job_id}")
+            handed = _RETRIED_AS.search(job.error or "") if job.state == FAILED else None
+            if handed and time.monotonic() <= deadline:  # a job queued meanwhile is its retry: follow the work
+                log.info("job %s failed and was retried as %s: waiting for that one", job_id, handed[1])
+                job_id = handed[1]
+                continue
             if job.state in (FINISHED, FAILED) or time.monotonic() > deadline:
                 return job
             time.sleep(poll)
@@ -318,6 +324,10 @@ class TrainingQueue(ABC):
 
     def close(self) -> None:
         pass
+
+
+#: how both queues end the error of a failed job whose retry is another job (one queued meanwhile)
+_RETRIED_AS = re.compile(r"\(retried as ([A-Za-z0-9_-]+)\)$")
 
 
 def queue_from_settings(settings: Settings) -> TrainingQueue:

@@ -1021,6 +1021,29 @@ def test_a_job_stopped_with_its_runner_goes_back_to_the_queue_without_using_a_re
     assert queue.get(job.id).state == "failed"
 
 
+def test_waiting_for_a_job_follows_it_to_the_job_that_became_its_retry(tmp_path):
+    """``ls-backend train --wait``: the job crashed while another job of its project and lane was
+    queued, which became its retry; the wait ended at once with exit 1 while the work went on."""
+    from ls_backend.jobs import EmbeddedTrainingQueue
+
+    queue = EmbeddedTrainingQueue(Settings(model_dir=tmp_path, job_retries=2))
+    job, _ = queue.enqueue("3.1", "manual")
+    assert queue.claim().id == job.id
+    newer, created = queue.enqueue("3.1", "labels")  # queued while it runs
+    assert created
+    queue.fail(job.id, "the job process died", retry=True)
+    assert queue.get(job.id).error.endswith(f"(retried as {newer.id})")
+
+    def run_the_retry():
+        time.sleep(0.5)
+        assert queue.claim().id == newer.id
+        queue.finish(newer.id, {"promoted": True})
+
+    threading.Thread(target=run_the_retry, daemon=True).start()
+    waited = queue.wait(job.id, 10, poll=0.05)
+    assert waited.id == newer.id and waited.state == "finished"
+
+
 def test_a_job_stopped_by_a_deploy_keeps_its_place_and_a_crashed_one_goes_behind(tmp_path):
     """Stopped by a deploy, a job went behind every job queued while it ran, and GET /jobs showed a
     queue time it never had."""
