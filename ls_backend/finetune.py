@@ -9,6 +9,7 @@ and promotes the best one only when it is not worse than the current one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -272,8 +273,11 @@ class FineTuneJob:
         except NothingToTrain as exc:
             # its labels count as seen, whatever the reason (a label config that cannot be trained
             # too): else every label trigger, and the job's own check for labels behind it, would
-            # queue the same job again, and again
-            self.store.mark_trained(project_key, cutoff)
+            # queue the same job again, and again (a project the store does not know has none)
+            from .store import UnknownProject
+
+            with contextlib.suppress(UnknownProject):
+                self.store.mark_trained(project_key, cutoff)
             exc.cutoff_seq = cutoff
             raise
 
