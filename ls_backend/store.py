@@ -361,6 +361,11 @@ def parse_event(payload: Any) -> ParsedEvent:
         raise BadEvent("missing field 'action' (a Label Studio webhook event name)")
     if action not in HANDLED_ACTIONS:
         return ParsedEvent(action)
+    listed = {ANNOTATIONS_DELETED: "annotations", TASKS_DELETED: "tasks"}.get(action)
+    if listed and payload.get("project") is None and not payload.get(listed):
+        # Label Studio's Data Manager sends the event for a deletion that found nothing to delete,
+        # without a project: nothing to do (with ids and no project, the 400 below stands)
+        return ParsedEvent(action)
     project = ProjectInfo.from_payload(payload.get("project"))
     parsed = ParsedEvent(action, project)
     if action in (ANNOTATION_CREATED, ANNOTATION_UPDATED):

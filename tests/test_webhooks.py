@@ -30,6 +30,19 @@ def test_deletes_and_replays_through_the_route(client):
     assert (summary["annotations"], summary["deleted"]) == (0, 1)
 
 
+@pytest.mark.parametrize("body", [{"action": "ANNOTATIONS_DELETED"}, {"action": "TASKS_DELETED"},
+                                  {"action": "ANNOTATIONS_DELETED", "annotations": []}])
+def test_a_deletion_that_found_nothing_to_delete_is_no_bad_request(client, body):
+    """Label Studio's Data Manager sends "Delete Annotations" on tasks without annotations as the action
+    alone (no project, no ids): it was answered 400 "names no project" for a normal action."""
+    response = client.post("/webhook", json=body)
+    assert response.status_code == 200 and response.get_json()["changed"] == 0
+    assert client.get("/projects").get_json()["projects"] == []
+    # ids without a project could lose a deletion: still refused
+    response = client.post("/webhook", json={"action": body["action"], "annotations": [{"id": 1}], "tasks": [{"id": 1}]})
+    assert response.status_code == 400 and "names no project" in response.get_json()["message"]
+
+
 @pytest.mark.parametrize(
     "body, fragment",
     [
