@@ -495,25 +495,30 @@ class PredictionRefresh:
     def _create(self, project_key: str, rows: list[dict], report: RefreshReport) -> set[int]:
         """Import ``rows``; the tasks among them that Label Studio no longer has.  Label Studio
         refuses a whole import (400) for one task deleted since its page was listed: the rows are
-        then sent one by one, and the refused ones are taken as gone, unless every one is refused
-        (a fault of the rows, not of a task: raised)."""
+        then sent one by one, and the refused ones are taken as gone.  Where every one is refused,
+        they are gone only if Label Studio no longer lists them (else the rows are at fault:
+        raised)."""
         api = self.api_for(project_key)
         try:
             report.written += api.create(rows)
             return set()
         except RefreshError as exc:
-            if exc.status != 400 or len(rows) < 2:
+            if exc.status != 400 or not rows:
                 raise
             refused, written = set(), 0
-            for row in rows:
+            for row in rows if len(rows) > 1 else []:
                 try:
                     written += api.create([row])
                 except RefreshError as one:
                     if one.status != 400:
                         raise
                     refused.add(int(row["task"]))
-            if len(refused) == len(rows):
-                raise exc
+            if len(rows) == 1 or len(refused) == len(rows):
+                refused = {int(row["task"]) for row in rows}
+                # (the page listed every unlabeled task between them, so one page covers them again)
+                listed, _ = api.unlabeled_after(min(refused) - 1, self.settings.refresh_page_size, up_to=max(refused))
+                if refused & {task["id"] for task in listed}:
+                    raise exc
             report.written += written
             report.gone += len(refused)
             log.warning("project %s: tasks %s are no longer in Label Studio (%s); no prediction written for them",

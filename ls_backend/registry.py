@@ -210,17 +210,12 @@ class ModelRegistry:
                 numbers.append(int(match["number"]))
         return max(numbers) + 1 if numbers else 0
 
-    def given(self, project_key: str) -> dict[str, float | None]:
-        """Every version name given for the project here (folders, and names noted in the history,
-        reserved ones too), with when it was given where known."""
-        names: dict[str, float | None] = {}
-        for entry in self.history(project_key):
-            if entry.get("event") in ("created", "reserved") and entry.get("version"):
-                names.setdefault(str(entry["version"]), entry.get("at") if entry.get("event") == "created" else None)
-        for info in self.versions(project_key):
-            if names.get(info.name) is None:
-                names[info.name] = info.meta.get("created_at")
-        return names
+    def given(self, project_key: str) -> set[str]:
+        """Every version name given for the project here: folders, and names noted in the history
+        (reserved ones too)."""
+        names = {str(entry["version"]) for entry in self.history(project_key)
+                 if entry.get("event") in ("created", "reserved") and entry.get("version")}
+        return names | {info.name for info in self.versions(project_key)}
 
     def renumber_past(self, project_key: str, version: str, taken: int, reason: str) -> str:
         """Reserve every name up to ``p<id>-v<taken>`` (taken elsewhere: Label Studio holds

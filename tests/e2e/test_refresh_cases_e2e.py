@@ -150,6 +150,22 @@ def test_a_task_deleted_while_its_page_is_predicted_costs_only_its_own_predictio
     assert report.state == "finished" and report.gone == 1 and report.written == len(TEXTS) - 1, report
     assert set(ls.versions_by_task(p["id"])) == set(p["tasks"]) - {doomed}
     assert doomed not in PoolStore(p["registry"]).load(p["key"], p["version"]).task_ids
+    # a page of one task, deleted as well: gone, not a failed refresh (nothing else to tell it by)
+    doomed = ls.import_tasks(p["id"], [{"text": "Markets rally on the news"}])[0]
+    topped = refresh(p, encoder)
+    assert topped.state == "finished" and topped.gone == 1 and topped.written == 0, topped
+    # and a refusal of a task Label Studio still lists is the rows' fault: raised
+    monkeypatch.setattr(LabelStudioPredictions, "unlabeled_after", listed)
+    kept = ls.import_tasks(p["id"], [{"text": "A late goal wins the cup"}])[0]
+    print("DEBUG ids", doomed, kept)
+
+    def refusing(self, rows):
+        raise RefreshError("Label Studio: HTTP 400: a malformed prediction", 400)
+
+    monkeypatch.setattr(LabelStudioPredictions, "create", refusing)
+    with pytest.raises(RefreshError, match="malformed"):
+        refresh(p, encoder)
+    assert kept not in ls.versions_by_task(p["id"])
 
 
 def test_bounded_by_refresh_max_tasks(project, encoder):
