@@ -599,7 +599,7 @@ class FineTuneJob:
         if split is None or split.train.multiple:
             return {}
         # labeled since the refresh, skipped, or deleted in Label Studio: not the project's unlabeled tasks
-        gone = set(split.task_ids) | skipped_task_ids(self.store, project_key)
+        gone = set(split.task_ids) | skipped_task_ids(self.store, project_key, pool.meta.get("started_at"))
         rows = np.flatnonzero(~np.isin(pool.task_ids, np.fromiter(gone, dtype=np.int64)))
         # the slice's tasks are never trained on, labeled or not: no guess on one of them either, or
         # the model that fitted its own guess would later be judged on that very task's label

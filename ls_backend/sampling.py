@@ -633,13 +633,14 @@ class NextBatch:
         }
 
 
-def skipped_task_ids(store, project_key: str) -> set[int]:
-    """Tasks an annotator skipped, or Label Studio deleted, since the refresh listed them (none where
-    the store cannot tell)."""
+def skipped_task_ids(store, project_key: str, since: float | None = None) -> set[int]:
+    """Tasks an annotator skipped, or Label Studio deleted (at or after ``since``: the refresh that
+    listed them started then, so a task deleted before is a new one under the same id), since the
+    refresh listed them (none where the store cannot tell)."""
     if store is None:
         return set()
     try:
-        return store.skipped_task_ids(project_key) | store.deleted_task_ids(project_key)
+        return store.skipped_task_ids(project_key) | store.deleted_task_ids(project_key, since)
     except Exception:
         log.debug("project %s: skipped tasks unknown", project_key, exc_info=True)
         return set()
@@ -682,7 +683,7 @@ def next_batch(settings, registry: ModelRegistry, store, project_key: str, n: in
     if pool is None:
         raise NoPool(f"project {project_key}: no refresh has listed its unlabeled tasks yet")
     labeled = labeled_task_ids(store, project_key)
-    skipped = skipped_task_ids(store, project_key)
+    skipped = skipped_task_ids(store, project_key, pool.meta.get("started_at"))
     was_labeled = np.asarray([int(t) in labeled for t in pool.task_ids], dtype=bool)
     keep = ~was_labeled & np.asarray([int(t) not in skipped for t in pool.task_ids], dtype=bool)
     ids = pool.task_ids[keep]

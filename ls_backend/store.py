@@ -18,8 +18,9 @@ One :class:`CorrectionStore` per process.  It holds, per project (keyed ``"<id>.
     what ``/setup`` told us (Label Studio's address and the owner's token, for catching up),
     and the last sync report.
 ``deleted_tasks``
-    task ids ``TASKS_DELETED`` named (final, like a tombstone: Label Studio never reuses task
-    ids); an annotation event for such a task is ignored.
+    task ids ``TASKS_DELETED`` named, and when (the last time); an annotation event for such a task
+    is ignored, unless the annotation was made after the deletion: Label Studio on SQLite gives the
+    next task the id of the last one deleted, and that new task's labels count.
 ``task_changes``
     per task, the seq of its last training-relevant change; ``projects.pending_tasks`` keeps
     the number of tasks changed since the last training run.
@@ -262,6 +263,7 @@ class AnnotationRecord:
     was_cancelled: bool
     ground_truth: bool
     updated_us: int
+    created_us: int | None = None  # when Label Studio made the annotation, where it says
 
     @classmethod
     def from_payload(cls, annotation: Any, task: Any, ls_project_id: int | None = None) -> "AnnotationRecord":
@@ -304,6 +306,7 @@ class AnnotationRecord:
             was_cancelled=_flag(annotation, "was_cancelled", annotation_id),
             ground_truth=_flag(annotation, "ground_truth", annotation_id),
             updated_us=micros(stamp),
+            created_us=micros(made) if (made := parse_time(annotation.get("created_at"))) else None,
         )
 
     @cached_property
@@ -539,7 +542,7 @@ tombstones = sa.Table(
     sa.Column("deleted_at", sa.Float, nullable=False),
     sa.Column("seq", sa.BigInteger, nullable=False),
 )
-deleted_tasks = sa.Table(  # v3: tasks deleted in Label Studio (it never reuses task ids)
+deleted_tasks = sa.Table(  # v3: tasks deleted in Label Studio
     "deleted_tasks",
     metadata,
     sa.Column("project_key", sa.String(200), primary_key=True),
@@ -735,7 +738,7 @@ _MARK_MOVE = (
 _IDS_OF_TASKS = sa.select(annotations.c.annotation_id).where(
     annotations.c.project_key == sa.bindparam("key"), annotations.c.task_id.in_(sa.bindparam("tasks", expanding=True))
 )
-_DEAD_TASKS = sa.select(deleted_tasks.c.task_id).where(
+_DEAD_TASKS = sa.select(deleted_tasks.c.task_id, deleted_tasks.c.deleted_at).where(
     deleted_tasks.c.project_key == sa.bindparam("key"), deleted_tasks.c.task_id.in_(sa.bindparam("tasks", expanding=True))
 )
 _PROJECT_BY_KEY = sa.select(projects).where(projects.c.key == sa.bindparam("key"))
@@ -913,8 +916,9 @@ class _ProjectWork:
         self.touched: set[int] = set()
         self.triggers: list[dict] = []
         self.tasks_known: set[int] = set()  # task ids whose deletion state has been read
-        self.dead_tasks: set[int] = set()  # of those, the deleted ones
+        self.dead_tasks: dict[int, float] = {}  # of those, the deleted ones, and when they were
         self.buried_tasks: list[int] = []  # deleted by this transaction
+        self.reburied_tasks: list[int] = []  # deleted again by it (a new task under a deleted id: ``upsert``)
 
     def set(self, **values: Any) -> None:
         for name, value in values.items():
@@ -993,7 +997,8 @@ class _ProjectWork:
         """Read which of these tasks were deleted in Label Studio, for those not in hand yet."""
         missing = sorted({int(t) for t in task_ids} - self.tasks_known)
         for chunk in _chunks(missing, 500):
-            self.dead_tasks.update(self.conn.execute(_DEAD_TASKS, {"key": self.key, "tasks": list(chunk)}).scalars())
+            for task_id, deleted_at in self.conn.execute(_DEAD_TASKS, {"key": self.key, "tasks": list(chunk)}):
+                self.dead_tasks[int(task_id)] = float(deleted_at)
         self.tasks_known.update(missing)
 
     def delete_tasks(self, task_ids: Sequence[int]) -> int:
@@ -1002,8 +1007,10 @@ class _ProjectWork:
         self.load_tasks(task_ids)
         for task_id in dict.fromkeys(int(t) for t in task_ids):
             if task_id not in self.dead_tasks:
-                self.dead_tasks.add(task_id)
                 self.buried_tasks.append(task_id)
+            elif task_id not in self.buried_tasks and task_id not in self.reburied_tasks:
+                self.reburied_tasks.append(task_id)
+            self.dead_tasks[task_id] = self.now
         return sum(self.delete(i) for i in self.ids_of_tasks(task_ids))
 
     def ids_of_tasks(self, task_ids: Iterable[int]) -> list[int]:
@@ -1020,7 +1027,11 @@ class _ProjectWork:
         held = self.held[record.annotation_id]
         if held.dead:
             return BURIED
-        if record.task_id in self.dead_tasks:  # a late event for an annotation of a deleted task: deleted too
+        deleted_at = self.dead_tasks.get(record.task_id)
+        # an annotation made after its task was deleted is on a new task under that id (Label Studio
+        # on SQLite gives the next task the id of the last one deleted): its labels count
+        if deleted_at is not None and not (record.created_us is not None and record.created_us > deleted_at * 1_000_000):
+            # a late event for an annotation of a deleted task: deleted too
             if held.now is None:
                 held.dead, held.tomb_task = True, record.task_id
             else:
@@ -1111,6 +1122,9 @@ class _ProjectWork:
         if self.buried_tasks:
             conn.execute(deleted_tasks.insert(), [{"project_key": key, "task_id": t, "deleted_at": self.now, "seq": seq}
                                                   for t in self.buried_tasks])
+        for chunk in _chunks(self.reburied_tasks, 500):
+            conn.execute(deleted_tasks.update().where(deleted_tasks.c.project_key == key,
+                                                      deleted_tasks.c.task_id.in_(list(chunk))).values(deleted_at=self.now, seq=seq))
         if self.touched:
             self.pending += self.store._mark_tasks(conn, key, self.touched, seq, self.state["trained_seq"])
             self.set(last_seq=seq, pending_tasks=self.pending)
@@ -1737,12 +1751,15 @@ class CorrectionStore:
         """Tasks with a live cancelled (skipped) annotation: Label Studio's "unlabeled" filter leaves them out too."""
         return self._task_ids(project_key, cancelled=True)
 
-    def deleted_task_ids(self, project_key: str) -> set[int]:
-        """Tasks ``TASKS_DELETED`` named (Label Studio never reuses a task id)."""
+    def deleted_task_ids(self, project_key: str, since: float | None = None) -> set[int]:
+        """Tasks ``TASKS_DELETED`` named (at or after ``since``, a Unix time, where given: a task
+        listed after its id was deleted is a new task under that id, which Label Studio on SQLite
+        gives the next task after the last one was deleted)."""
+        query = sa.select(deleted_tasks.c.task_id).where(deleted_tasks.c.project_key == project_key)
+        if since is not None:
+            query = query.where(deleted_tasks.c.deleted_at >= since)
         with self._read() as conn:
-            return set(conn.execute(
-                sa.select(deleted_tasks.c.task_id).where(deleted_tasks.c.project_key == project_key)
-            ).scalars().all())
+            return set(conn.execute(query).scalars().all())
 
     def annotated_task_ids(self, project_key: str) -> set[int]:
         """Tasks with a live annotation that is not a skip, whichever controls it answers."""

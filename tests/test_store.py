@@ -103,6 +103,29 @@ def test_a_late_event_for_an_annotation_of_a_deleted_task_is_not_stored(store):
     assert again.changed == 0 and store.record_event(annotation_event(4, 11, choices("World"))).changed == 1
 
 
+def test_a_new_task_under_the_id_of_a_deleted_one_keeps_its_labels(store):
+    """Label Studio on SQLite (its default) gives the next task the id of the last one deleted (seen
+    on 1.23.2: task 13 deleted, the next import was task 13 again). Every label on that new task was
+    taken for a late event of the deleted one and dropped."""
+    from datetime import datetime, timedelta, timezone
+
+    store.record_event(annotation_event(1, 10, choices("World")))
+    store.record_event({"action": "TASKS_DELETED", "tasks": [{"id": 10}], "project": project()})
+    deleted = time.time()
+    assert store.record_event(annotation_event(1, 10, choices("World"), updated=5)).changed == 0  # late: still gone
+    assert store.record_event(annotation_event(2, 10, choices("Sports"))).changed == 0  # made before the deletion
+    fresh = annotation_event(7, 10, choices("Business"))
+    fresh["annotation"]["created_at"] = fresh["annotation"]["updated_at"] = (
+        datetime.now(timezone.utc) + timedelta(seconds=1)).isoformat().replace("+00:00", "Z")
+    assert store.record_event(fresh).changed == 1
+    assert labels_of(store) == {10: ("Business",)} and store.annotation_ids(KEY) == {7}
+    assert store.deleted_task_ids(KEY) == {10} and store.deleted_task_ids(KEY, since=deleted + 0.5) == set()
+    # the new task deleted in turn: its label goes, and a replay of it stays out
+    time.sleep(1.1)
+    assert store.record_event({"action": "TASKS_DELETED", "tasks": [{"id": 10}], "project": project()}).changed == 1
+    assert store.record_event(fresh).changed == 0 and labels_of(store) == {}
+
+
 def test_bulk_created_annotations_are_stored(store):
     proj = project()
     events = [annotation_event(i, 100 + i, choices("Business")) for i in (1, 2)]
