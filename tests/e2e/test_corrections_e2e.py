@@ -167,3 +167,28 @@ def test_a_backend_connected_to_a_labeled_project_learns_all_of_it(label_studio,
         assert len(labels) == count and sorted(set(labels.values())) == sorted((label,) for label in LABELS)
     finally:
         backend.stop()
+
+
+def test_a_new_task_under_the_id_of_a_deleted_one_keeps_its_labels(label_studio, tmp_path):
+    """Label Studio on SQLite gives the next task the id of the last one deleted: the store took every
+    label on that new task for a late event of the deleted one, and dropped it."""
+    env = {"WEB_WORKERS": "1", "SYNC_CHECK_INTERVAL": "0", "TRAIN_EVERY": "0"}
+    project_id = label_studio.create_project("reused task ids e2e", TOPIC_CONFIG)["id"]
+    task_ids = label_studio.import_tasks(project_id, [{"text": f"news item number {i}"} for i in range(3)])
+    backend = BackendServer(tmp_path / "models", env=env).start()
+    try:
+        connect(label_studio, project_id, backend)
+        key = requests.get(f"{backend.url}/projects", timeout=10).json()["projects"][0]["key"]
+        first = label_studio.create_annotation(task_ids[-1], choices("World"))["id"]
+        assert stored_labels(backend, key) == {first: ("World",)}
+        # the Data Manager's "Delete tasks" (it sends TASKS_DELETED), then a new import
+        label_studio.request("POST", "/api/dm/actions", params={"id": "delete_tasks", "project": project_id},
+                             json={"selectedItems": {"all": False, "included": [task_ids[-1]]}})
+        wait_for(lambda: stored_labels(backend, key) == {}, timeout=30, what="the deletion", log=backend.log)
+        reused = label_studio.import_tasks(project_id, [{"text": "a new task"}])[0]
+        assert reused == task_ids[-1]  # what Label Studio does on SQLite (else this test has nothing to show)
+        second = label_studio.create_annotation(reused, choices("Sports"))["id"]
+        assert stored_labels(backend, key) == {second: ("Sports",)}
+        assert stored_labels(backend, key) == ls_annotations(label_studio, project_id)
+    finally:
+        backend.stop()
