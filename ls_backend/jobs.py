@@ -1283,6 +1283,7 @@ class JobRunner:
             log.error("job %s: %s", job.id, body)
             self.queue.fail(job.id, body, retry=kind in ("crash", "timeout", "stopped"), refund=kind == "stopped")
 
+
 #: set by ``ls-backend serve`` for the runner it starts: the pid of the server, and a pipe the
 #: runner writes "stopped" to when it ends on request (a runner that dies writes nothing: restarted)
 RUNNER_PARENT_ENV = "LS_BACKEND_RUNNER_PARENT"

@@ -228,15 +228,13 @@ class Tokenized:
     ids: list[int]
     offsets: list[tuple[int, int]]
     words: list[int | None] | None = None  # the word of each token (the fast tokenizer's word_ids)
-    masked: bool = False  # whether characters the vocabulary lacks were split off their words (``text.readable``)
 
 
 def tokenize(tokenizer, texts: Sequence[str]) -> list[Tokenized]:
     """Whole texts, no special tokens, no truncation, with character offsets and words."""
     if not texts:
         return []
-    safe = [utf8_safe(t) for t in texts]
-    read = [readable(tokenizer, t) for t in safe]
+    read = [readable(tokenizer, utf8_safe(t)) for t in texts]
     out = tokenizer(read, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False)
     found = []
     for i, (ids, offsets) in enumerate(zip(out["input_ids"], out["offset_mapping"])):
@@ -244,7 +242,7 @@ def tokenize(tokenizer, texts: Sequence[str]) -> list[Tokenized]:
             words = list(out.word_ids(i))
         except (ValueError, AttributeError):  # a slow tokenizer: no word ids, decoded token by token
             words = None
-        found.append(Tokenized(list(ids), [(int(a), int(b)) for a, b in offsets], words, read[i] != safe[i]))
+        found.append(Tokenized(list(ids), [(int(a), int(b)) for a, b in offsets], words))
     return found
 
 
@@ -299,10 +297,11 @@ def run_windows(
     found: dict[tuple[int, int], np.ndarray] = {}
     pooled = np.zeros((len(tokenized), encoder.dim), dtype=np.float32)
     device = encoder.device
+    rows = [h.rows() for h in heads]  # (a head's retired labels' rows too: ``TokenHead.fold``)
     if heads:
-        weight = torch.from_numpy(np.concatenate([h.rows()[0] for h in heads]).astype(np.float32)).to(device)
-        bias = torch.from_numpy(np.concatenate([h.rows()[1] for h in heads]).astype(np.float32)).to(device)
-    cuts = np.cumsum([0] + [len(h.rows()[1]) for h in heads])
+        weight = torch.from_numpy(np.concatenate([w for w, _ in rows]).astype(np.float32)).to(device)
+        bias = torch.from_numpy(np.concatenate([b for _, b in rows]).astype(np.float32)).to(device)
+    cuts = np.cumsum([0] + [len(b) for _, b in rows])
     order = sorted(range(len(items)), key=lambda k: len(items[k][2]))
     with encoder.lock, torch.inference_mode():
         for start in range(0, len(order), batch_size):

@@ -45,14 +45,16 @@ def readable(tokenizer, text: str) -> str:
     if text.isascii() or getattr(tokenizer, "unk_token_id", None) is None:
         return text
     unk = tokenizer.unk_token_id
-    with _PROBE:
-        known = _UNREADABLE.setdefault(tokenizer, {})
-        if None not in known:
-            known[None] = next((c for c in _STAND_INS if _ids(tokenizer, c) == [unk]), "")
-        for char in set(text):
-            if ord(char) > 127 and char not in known:
-                ids = _ids(tokenizer, char)
-                known[char] = bool(ids) and all(i == unk for i in ids)
+    known = _UNREADABLE.get(tokenizer) or {}
+    if None not in known or any(ord(char) > 127 and char not in known for char in text):
+        with _PROBE:  # (characters seen before are read without it: tokenizer threads do not queue here)
+            known = _UNREADABLE.setdefault(tokenizer, {})
+            if None not in known:
+                known[None] = next((c for c in _STAND_INS if _ids(tokenizer, c) == [unk]), "")
+            for char in set(text):
+                if ord(char) > 127 and char not in known:
+                    ids = _ids(tokenizer, char)
+                    known[char] = bool(ids) and all(i == unk for i in ids)
     stand_in = known[None]
     if not stand_in or not any(known.get(char) for char in text):
         return text
