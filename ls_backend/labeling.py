@@ -13,6 +13,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Sequence
 
 from label_studio_sdk.label_interface import LabelInterface
 
@@ -78,6 +79,21 @@ class ControlSpec:
             "multiple": self.multiple,
             "labels": [[label.value, label.name, label.hint] for label in self.labels],
         }
+
+
+def shown_controls(controls: Sequence[ControlSpec], chosen: dict[str, set[str]]) -> set[str]:
+    """The names of the ``controls`` Label Studio shows, given the choices predicted for a task
+    (control name -> the values and names chosen).  A hidden control gets no result, so a
+    condition on it sees nothing selected there, and a chain of conditions is followed to its end
+    (at most one pass per control: a cycle of conditions ends where it stands)."""
+    shown = {control.name for control in controls}
+    for _ in range(len(controls)):
+        seen = {name: (values if name in shown else set()) for name, values in chosen.items()}
+        now = {control.name for control in controls if control.shown(seen)}
+        if now == shown:
+            break
+        shown = now
+    return shown
 
 
 @dataclass(frozen=True)

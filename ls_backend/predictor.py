@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .labeling import CHOICES, LABELS, LabelingPlan, UnsupportedConfig, plan_for
+from .labeling import CHOICES, LABELS, LabelingPlan, UnsupportedConfig, plan_for, shown_controls
 from .model import ClassifierHead, Encoder, clip_visible, resolve_device
 from .ner import TokenHead, encode_with_tokens
 from .registry import LoadedHeads, ModelRegistry, version_prefix
@@ -402,13 +402,14 @@ class Predictor:
                                                           score)))
             # a control Label Studio would hide, given the choices predicted, gets no result and does not
             # set the task's score: the annotator never sees that question
+            shown = shown_controls(plan.controls, chosen)
             for control, item, score in items:
-                if control.shown(chosen):
+                if control.name in shown:
                     result.append(item)
                     scores.append(score)
             for control in token_controls:
                 found = spans.get((control.name, slot.get((control.field, i), -1)))
-                if found is not None and control.shown(chosen):
+                if found is not None and control.name in shown:
                     result.extend(found[0])
                     scores.append(found[1])
             if i in problems and not result:

@@ -378,6 +378,28 @@ def test_a_control_label_studio_would_hide_gets_no_result_and_no_say_in_the_scor
     assert shown["topic"]["value"]["choices"] == ["Politics"] and set(shown) == {"topic", "party"}
 
 
+CHAINED_CONFIG = """<View><Text name="text" value="$text"/>
+  <Choices name="topic" toName="text"><Choice value="Sports"/><Choice value="Politics"/></Choices>
+  <Choices name="party" toName="text" visibleWhen="choice-selected" whenTagName="topic" whenChoiceValue="Politics">
+    <Choice value="Democrats"/><Choice value="Republicans"/></Choices>
+  <Choices name="stance" toName="text" visibleWhen="MODE" whenTagName="party" whenChoiceValue="Democrats,Republicans">
+    <Choice value="For"/><Choice value="Against"/></Choices>
+</View>"""
+
+
+@pytest.mark.parametrize("mode, stance_shown", [("choice-selected", False), ("choice-unselected", True)])
+def test_a_condition_on_a_hidden_control_sees_nothing_selected_there(client, mode, stance_shown):
+    """A chain of conditions: ``party`` shows only for Politics, ``stance`` depends on ``party``.
+    For a sports text ``party`` is hidden and gets no result, so in Label Studio nothing is selected
+    there: ``stance`` hides where it needs a party, and shows where it needs none."""
+    task = [{"id": 1, "data": {"text": "The Lakers won the NBA title"}}]
+    got = predict(client, task, CHAINED_CONFIG.replace("MODE", mode))[0]
+    shown = {r["from_name"]: r for r in got["result"]}
+    assert shown["topic"]["value"]["choices"] == ["Sports"]
+    assert set(shown) == ({"topic", "stance"} if stance_shown else {"topic"})
+    assert got["score"] == pytest.approx(min(r["score"] for r in got["result"]))
+
+
 def test_a_prediction_uses_the_version_checked_against_its_label_config(client, monkeypatch):
     """A job's version (made under the old config) promoted between the check and the prediction
     must not answer for the new config."""
