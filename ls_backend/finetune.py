@@ -22,10 +22,10 @@ import numpy as np
 from .labeling import CHOICES, LabelingPlan, UnsupportedConfig, plan_for
 from .model import ClassifierHead, Encoder, resolve_device, zero_shot_head
 from .ner_job import encoder_is_taken, token_candidates, token_data, version_figures
-from .registry import LoadedHeads, ModelRegistry
+from .registry import LoadedHeads, ModelRegistry, built_on_other_base
 from .sampling import PoolStore, skipped_task_ids
 from .settings import Settings
-from .embeddings import EmbeddingCache, encoder_id
+from .embeddings import EmbeddingCache, encoder_id, weights_stamp
 from .trainer import (
     ControlData,
     TrainingArguments,
@@ -295,6 +295,18 @@ class FineTuneJob:
             self.settings.max_length,
             self.settings.inference_precision,  # the frozen embeddings are the served ones
         )
+        if current is not None and (other := built_on_other_base(current, self.settings.encoder_path, base_encoder.dim)):
+            # BASE_MODEL changed: what was learned on the old one means nothing to the new one; the
+            # job starts from a cold start on BASE_MODEL (as the web workers do) and trains it on every label
+            log.warning("project %s: version %s was %s; starting from a cold start on BASE_MODEL", project_key,
+                        current.version, other)
+            if current.encoder_path:
+                base_encoder = Encoder(self.settings.encoder_path, self.device, self.settings.max_length,
+                                       self.settings.inference_precision)
+            with self.registry.lock(project_key):
+                current = self.registry.readable_current(project_key)
+                if current is None or built_on_other_base(current, self.settings.encoder_path, base_encoder.dim):
+                    current = self.registry.write_plan_version(project_key, plan, None, base_encoder, self.settings)
         if current is None or current.meta.get("plan_signature") != plan.signature:
             # the cold start, or the current heads re-shaped to the config (new labels start zero-shot)
             with self.registry.lock(project_key):
@@ -551,6 +563,7 @@ class FineTuneJob:
                 "encoder": current.meta.get("encoder") if student is None else None,
                 "encoder_stamp": current.meta.get("encoder_stamp") if student is None else None,
                 "base_model": self.settings.encoder_path,
+                "base_stamp": weights_stamp(self.settings.encoder_path),
                 "plan_signature": plan.signature,
                 "plan": [c.signature() for c in plan.controls],
                 "label_config": config,

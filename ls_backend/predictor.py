@@ -19,7 +19,7 @@ import numpy as np
 from .labeling import CHOICES, LABELS, LabelingPlan, UnsupportedConfig, plan_for, shown_controls
 from .model import ClassifierHead, Encoder, clip_visible, resolve_device
 from .ner import TokenHead, encode_with_tokens
-from .registry import LoadedHeads, ModelRegistry, version_prefix
+from .registry import LoadedHeads, ModelRegistry, built_on_other_base, version_prefix
 from .sampling import result_score
 from .settings import Settings
 
@@ -203,7 +203,13 @@ class Predictor:
         # what served last first, as the registry's history has it (the same in every process; a
         # version the gate refused, or one an operator rolled back away from, is no stand-in while
         # one that served is readable), then what this process served, then the newest readable one
-        return self.registry.readable_current(project_key, skip, [serving.version] if serving is not None else [])
+        loaded = self.registry.readable_current(project_key, skip, [serving.version] if serving is not None else [])
+        if loaded is not None and (other := built_on_other_base(loaded, self.settings.encoder_path, self.base_encoder.dim)):
+            # BASE_MODEL changed: the project starts over with a cold start on it (a new version)
+            log.warning("project %s: version %s was %s; a cold start on BASE_MODEL replaces it", project_key,
+                        loaded.version, other)
+            return None
+        return loaded
 
     def ensure_version(self, project_key: str, plan: LabelingPlan) -> str:
         """The project's current version, creating the cold start (``v0``) or a version

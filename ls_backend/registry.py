@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from .embeddings import weights_stamp
 from .model import ClassifierHead, Encoder, heads_for_plan
 from .ner import TokenHead
 
@@ -101,6 +102,28 @@ class LoadedHeads:
     meta: dict
     heads: dict[str, ClassifierHead]
     encoder_path: str | None  # a fine-tuned encoder folder, or None for the base encoder
+
+
+def built_on_other_base(loaded: LoadedHeads, base_path: str, base_dim: int) -> str | None:
+    """Why ``loaded`` was built on another base model than ``base_path`` (``BASE_MODEL`` now, of
+    ``base_dim``-dimension embeddings), or None where it was not (or nothing says).  Its meta's
+    ``base_stamp`` (the fingerprint of the base model's files when it was written) differs from the
+    files there now; or, for a version written before stamps were kept, one of its heads over the
+    base encoder reads embeddings of another width.  Its rows mean nothing to the new encoder."""
+    stamp = loaded.meta.get("base_stamp")
+    if stamp:
+        now = weights_stamp(base_path)
+        if now and now != stamp:
+            return (f"built on another base model ({loaded.meta.get('base_model')}, files {stamp}); "
+                    f"BASE_MODEL is {base_path} (files {now})")
+        return None
+    if loaded.encoder_path is None:
+        for name, head in sorted(loaded.heads.items()):
+            width = int(head.weight.shape[-1])
+            if width != base_dim:
+                return (f"its head {name!r} reads {width}-dimension embeddings, and BASE_MODEL ({base_path}) "
+                        f"gives {base_dim}")
+    return None
 
 
 class ModelRegistry:
@@ -497,6 +520,7 @@ class ModelRegistry:
             "encoder": parent.meta.get("encoder") if parent else None,
             "encoder_stamp": parent.meta.get("encoder_stamp") if parent else None,
             "base_model": settings.encoder_path,
+            "base_stamp": weights_stamp(settings.encoder_path),
             "plan_signature": plan.signature,
             "plan": [c.signature() for c in plan.controls],
             "label_config": plan.config,

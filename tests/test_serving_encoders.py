@@ -6,15 +6,18 @@ hub access): what is tested is how they load and are kept, not what they predict
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from ls_backend import predictor as predictor_module
+from ls_backend.embeddings import weights_stamp
 from ls_backend.model import Encoder
 from ls_backend.predictor import Predictor
 from ls_backend.registry import ModelRegistry
@@ -210,3 +213,77 @@ def test_past_max_served_encoders_the_least_recently_asked_projects_are_loaded_a
     for project in projects:
         unlimited.predict(project, TOPIC_CONFIG, TASKS)
     assert len(unlimited._serving) == 3 and len(unlimited._encoders) == 3
+
+
+# -- BASE_MODEL changed ------------------------------------------------------------------------------
+def test_after_base_model_changes_a_project_starts_over_on_the_new_encoder(tmp_path, tiny):
+    """Versions made on the bundled encoder, then BASE_MODEL set to another model: their rows mean
+    nothing to its embeddings (here of another width, a 500 on every request before), so /setup
+    answers a new cold start on it, which /predict serves; a version from before the base
+    model's fingerprint was kept is told by its heads' width."""
+    models = tmp_path / "models"
+    before = Predictor(Settings(model_dir=models, max_length=64), encoder=Encoder(bundled_encoder_path(), "cpu", 64))
+    assert before.setup(PROJECT, TOPIC_CONFIG) == "p7-v0"
+    assert before.setup(OTHER, TOPIC_CONFIG) == "p8-v0"
+    registry = ModelRegistry(models)
+    meta = registry.meta(OTHER, "p8-v0")
+    meta.pop("base_stamp")  # as a version written before the stamp
+    (registry.version_dir(OTHER, "p8-v0") / "meta.json").write_text(json.dumps(meta))
+
+    settings = Settings(model_dir=models, max_length=64, base_model=str(tiny))
+    after = Predictor(settings)
+    assert after.setup(PROJECT, TOPIC_CONFIG) == "p7-v1"
+    got = after.predict(PROJECT, TOPIC_CONFIG, TASKS)[0]
+    assert got["model_version"] == "p7-v1" and got["result"]
+    fresh = registry.meta(PROJECT, "p7-v1")
+    assert fresh["kind"] == "cold-start" and fresh["parent"] is None
+    assert fresh["base_stamp"] == weights_stamp(str(tiny)) != registry.meta(PROJECT, "p7-v0")["base_stamp"]
+    assert after.predict(OTHER, TOPIC_CONFIG, TASKS)[0]["model_version"] == "p8-v1"
+    # the same BASE_MODEL again: nothing new
+    assert Predictor(settings).setup(PROJECT, TOPIC_CONFIG) == "p7-v1"
+
+
+def test_a_base_model_of_the_same_width_but_other_weights_is_told_by_its_files(tmp_path, tiny):
+    models = tmp_path / "models"
+    twin = tiny_bert(tmp_path / "twin")  # the same shape and seed: the same files
+    other = tmp_path / "other"
+    shutil.copytree(twin, other)
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(other)
+    with torch.no_grad():
+        model.pooler.dense.bias.add_(1.0)  # other weights, the same width
+    model.save_pretrained(other)
+    first = Predictor(Settings(model_dir=models, max_length=64, base_model=str(twin)))
+    assert first.setup(PROJECT, TOPIC_CONFIG) == "p7-v0"
+    assert Predictor(Settings(model_dir=models, max_length=64, base_model=str(tiny))).setup(PROJECT, TOPIC_CONFIG) == "p7-v0"
+    assert Predictor(Settings(model_dir=models, max_length=64, base_model=str(other))).setup(PROJECT, TOPIC_CONFIG) == "p7-v1"
+
+
+def test_a_job_after_base_model_changes_trains_the_new_encoder_from_a_cold_start(tmp_path, tiny):
+    from ls_backend.finetune import FineTuneJob
+    from ls_backend.store import CorrectionStore
+
+    from .support.events import annotation_event, choices, key_of
+    from .support.loop import balanced_agnews
+
+    key = key_of(3)
+    models = tmp_path / "models"
+    first = Settings(model_dir=models, max_length=64, train_mode="frozen", eval_min=10)
+    store = CorrectionStore.from_settings(first)
+    try:
+        for n, (task_id, text, label) in enumerate(balanced_agnews(8)):
+            store.record_event(annotation_event(n + 1, task_id, choices(label), text=text))
+        assert FineTuneJob(first, store).run(key)["promoted"]
+        registry = ModelRegistry(models)
+        trained = registry.current(key)
+        # a random tiny encoder reads AG News no better than its zero-shot start: no slice to judge it on
+        outcome = FineTuneJob(replace(first, base_model=str(tiny), eval_min=1000), store).run(key)
+        assert outcome["promoted"], outcome
+        now = registry.meta(key, registry.current(key))
+        start = registry.meta(key, now["parent"])
+        assert start["kind"] == "cold-start" and start["parent"] is None and now["parent"] != trained
+        assert now["base_stamp"] == weights_stamp(str(tiny))
+        assert registry.load(key, registry.current(key)).heads["topic"].weight.shape[1] == 32
+    finally:
+        store.close()
