@@ -186,6 +186,11 @@ def _plan(config: str) -> LabelingPlan:
                                           f"{kinds}; a <HyperText>'s markup is not read as the text an annotator sees)"))
             continue
         obj = text_objects[0]
+        dynamic = (control.attr.get("value") or "").strip()
+        if dynamic.startswith("$"):  # Label Studio shows the options each task's data lists, not the children
+            skipped.append((control.name, f"options loaded from each task's data (value=\"{dynamic}\") are not "
+                                          "predicted: a model learns one fixed set of labels"))
+            continue
         if tag == CHOICES and _true(control.attr.get("perRegion")):
             skipped.append((control.name, "per-region <Choices> (perRegion=\"true\") are not predicted"))
             continue

@@ -58,6 +58,11 @@ def test_several_controls_predicts_supported_and_skips_the_rest():
         ('<View><Text name="t" value="$text"/><Labels name="l" toName="t"><Label value="PER"/></Labels>'
          '<Choices name="c" toName="t" perRegion="true"><Choice value="a"/><Choice value="b"/></Choices></View>',
          None),
+        # options from each task's data: the static children (or none) are not what Label Studio shows
+        ('<View><Text name="t" value="$text"/><Choices name="c" toName="t" value="$options"><Choice value="a"/>'
+         '<Choice value="b"/></Choices></View>', 'value="$options"'),
+        ('<View><Text name="t" value="$text"/><Labels name="l" toName="t" value="$entities"><Label value="PER"/>'
+         '</Labels></View>', 'value="$entities"'),
         # markup is not the text an annotator sees: it was read whole, <style> and all
         ('<View><HyperText name="h" value="$html"/><Choices name="c" toName="h"><Choice value="a"/>'
          '<Choice value="b"/></Choices></View>', "<HyperText>'s markup is not read"),
