@@ -306,13 +306,11 @@ def _whole_number(value: str | None, low: int, high: int) -> int | None:
 
 def _project_key(key: str) -> str:
     """A stored project key, or a bare Label Studio id; 404 when unknown."""
-    registry = services().registry
+    from .commands import resolve_key
+
     try:
-        return services().store.resolve_project(key)
+        return resolve_key(services().store, services().registry, key)
     except UnknownProject as exc:
-        matches = [k for k in registry.projects() if k == key or k.split(".")[0] == key]
-        if len(matches) == 1:
-            return matches[0]
         raise BadRequest(exc.message, 400 if exc.ambiguous else 404) from None
 
 

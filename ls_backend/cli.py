@@ -419,6 +419,7 @@ def cache(settings: Settings, prune: bool, older_than: float | None) -> int:
 def rank(settings: Settings, args: argparse.Namespace) -> int:
     """The next batch to label; lists and predicts the unlabeled tasks first (in this process) when
     the pool is missing or not the current version's."""
+    from .commands import resolve_key
     from .logs import configure
     from .refresh import RefreshError, rank_project
     from .registry import ModelRegistry
@@ -429,13 +430,7 @@ def rank(settings: Settings, args: argparse.Namespace) -> int:
     configure(settings.log_level)
     store = CorrectionStore.from_settings(settings)
     try:
-        try:
-            project = store.resolve_project(args.project)
-        except UnknownProject:
-            found = [k for k in ModelRegistry(settings.model_dir).projects() if args.project in (k, k.split(".")[0])]
-            if len(found) != 1:
-                raise
-            project = found[0]
+        project = resolve_key(store, ModelRegistry(settings.model_dir), args.project)
         body = rank_project(settings, store, project, max(1, args.n), args.strategy, args.refresh, args.seed)
     except (UnknownProject, SyncError, RefreshError, NoPool) as exc:
         print(f"ls-backend: rank failed: {exc}", file=sys.stderr)

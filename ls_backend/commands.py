@@ -9,19 +9,37 @@ import sys
 from .settings import Settings
 
 
+def resolve_key(store, registry, key_or_id: str) -> str:
+    """A project key from a key or a bare Label Studio id: the store's, else (a project that has
+    versions but no stored labels yet) the registry's.  An id that names several projects (of
+    several Label Studio instances) raises ``UnknownProject(ambiguous=True)``, wherever they are:
+    never one of them picked for the operator."""
+    from .store import UnknownProject
+
+    try:
+        return store.resolve_project(key_or_id)
+    except UnknownProject as exc:
+        if exc.ambiguous:
+            raise
+        text = str(key_or_id).strip()
+        matches = sorted(k for k in registry.projects() if text in (k, k.split(".")[0]))
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise UnknownProject(
+                f"Label Studio project id {text} is ambiguous here: it names {', '.join(matches)} "
+                "(projects of several Label Studio instances); pass the full key", ambiguous=True,
+            ) from None
+        raise
+
+
 def _resolve(settings: Settings, key_or_id: str) -> str:
     from .registry import ModelRegistry
-    from .store import CorrectionStore, UnknownProject
+    from .store import CorrectionStore
 
     store = CorrectionStore.from_settings(settings)
     try:
-        return store.resolve_project(key_or_id)
-    except UnknownProject:
-        # a project that has versions but no stored labels yet
-        matches = [k for k in ModelRegistry(settings.model_dir).projects() if k == key_or_id or k.split(".")[0] == key_or_id]
-        if len(matches) == 1:
-            return matches[0]
-        raise
+        return resolve_key(store, ModelRegistry(settings.model_dir), key_or_id)
     finally:
         store.close()
 

@@ -116,6 +116,17 @@ def test_a_bare_id_naming_two_projects_is_a_400_asking_for_the_full_key(client):
         response = client.get(path)
         assert response.status_code == 400 and "ambiguous" in response.get_json()["message"], path
         assert "pass the full key" in response.get_json()["message"]
+    # one of them has versions: still ambiguous (the operator's command went to that one before)
+    first = key_of(3, "2026-11-27T00:54:22.448107Z")
+    assert client.post("/setup", json={"project": first, "schema": TOPIC_CONFIG}).status_code == 200
+    response = client.get("/projects/3/versions")
+    assert response.status_code == 400 and "ambiguous" in response.get_json()["message"]
+    # two projects with versions and no labels (the registry alone knows them)
+    for created in ("2026-11-27T00:54:22.448107Z", "2025-01-02T03:04:05Z"):
+        assert client.post("/setup", json={"project": key_of(4, created), "schema": TOPIC_CONFIG}).status_code == 200
+    response = client.get("/projects/4/versions")
+    assert response.status_code == 400 and "pass the full key" in response.get_json()["message"]
+    assert client.get(f"/projects/{first}/versions").get_json()["current"] == "p3-v0"
 
 
 def test_a_bulk_event_with_a_malformed_entry_stores_the_others_and_answers_400_naming_it(client, app):
