@@ -409,8 +409,30 @@ class ModelRegistry:
         for entry in reversed(switches[:last]):
             version = entry["version"]
             if version not in skip and version not in rejected and version in existing:
-                return version
+                if self._loadable(project_key, version) is None:
+                    return version
+                skip.add(version)  # (its heads would not load: the one before it)
         return None
+
+    def _loadable(self, project_key: str, version: str) -> str | None:
+        """Why ``version``'s heads do not load, or None when they do."""
+        try:
+            self.load(project_key, version)
+        except Exception as exc:  # a damaged or missing file: whatever the reader raises
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def _served(self, project_key: str) -> str | None:
+        """The version that serves: the current one, or its stand-in where the pointer is missing
+        or names a version that does not load (as the web workers serve)."""
+        served = self.readable_current(project_key)
+        return served.version if served is not None else self.current(project_key)
+
+    def _must_load(self, project_key: str, version: str, action: str) -> None:
+        self.meta(project_key, version)  # no such version: RegistryError naming it
+        problem = self._loadable(project_key, version)
+        if problem is not None:
+            raise RegistryError(f"project {project_key}: version {version} does not load ({problem}); not {action}")
 
     def _same_model(self, project_key: str, version: str) -> set[str]:
         """``version`` and the versions it re-shapes: a label config change writes the served model
@@ -436,10 +458,10 @@ class ModelRegistry:
     def pin(self, project_key: str, version: str | None = None) -> str:
         """Pin the project to ``version`` (default: the current one): no automatic promotion until unpinned."""
         with self.lock(project_key):
-            version = version or self.current(project_key)
+            version = version or self._served(project_key)
             if not version:
                 raise RegistryError(f"project {project_key} has no version to pin")
-            self.meta(project_key, version)
+            self._must_load(project_key, version, "pinned")
             if self.current(project_key) != version:
                 self.promote(project_key, version, reason="pinned")
             write_atomic(self.project_dir(project_key) / "pinned", (version + "\n").encode())
@@ -457,12 +479,12 @@ class ModelRegistry:
 
         A pinned project moves its pin along (the operator chose this version)."""
         with self.lock(project_key):
-            current = self.current(project_key)
+            current = self._served(project_key)  # (what serves where the pointer is missing or broken)
             if not to:  # (an empty name, as pin takes it: the default)
                 to = self._served_before(project_key, current)
                 if to is None:
                     raise RegistryError(f"project {project_key}: no earlier served version to roll back to")
-            self.meta(project_key, to)
+            self._must_load(project_key, to, "rolled back to")
             self.promote(project_key, to, reason=f"rollback from {current}", away_from=current)
             if self.pinned(project_key):
                 write_atomic(self.project_dir(project_key) / "pinned", (to + "\n").encode())

@@ -275,6 +275,35 @@ def test_rollback_returns_to_the_version_served_before_and_passes_over_rolled_ba
         ModelRegistry(tmp_path / "other").rollback("8.1")
 
 
+def test_rollback_and_pin_never_land_on_a_version_whose_heads_do_not_load(tmp_path):
+    """A version whose meta.json reads but whose heads file is damaged: rollback passes over it
+    (to the one served before it), and naming it is refused; before, both answered that it was
+    current while a stand-in served."""
+    registry = ModelRegistry(tmp_path)
+    v = [registry.create_version(PROJECT, _heads(0, n), {"kind": "test"}) for n in range(3)]
+    for version in v:
+        registry.promote(PROJECT, version)
+    (registry.version_dir(PROJECT, v[1]) / "heads.safetensors").write_bytes(b"torn")
+    for refused in (lambda: registry.rollback(PROJECT, v[1]), lambda: registry.pin(PROJECT, v[1])):
+        with pytest.raises(RegistryError, match=f"{v[1]} does not load"):
+            refused()
+        assert registry.current(PROJECT) == v[2] and registry.pinned(PROJECT) is None
+    assert registry.rollback(PROJECT) == v[0] == registry.readable_current(PROJECT).version
+
+
+def test_with_the_current_pointer_missing_rollback_and_pin_start_from_the_version_that_serves(tmp_path):
+    registry = ModelRegistry(tmp_path)
+    v = [registry.create_version(PROJECT, _heads(0, n), {"kind": "test"}) for n in range(3)]
+    for version in v:
+        registry.promote(PROJECT, version)
+    (registry.project_dir(PROJECT) / "current").unlink()
+    assert registry.readable_current(PROJECT).version == v[2]  # the stand-in
+    assert registry.pin(PROJECT) == v[2] == registry.pinned(PROJECT)
+    registry.unpin(PROJECT)
+    (registry.project_dir(PROJECT) / "current").unlink()
+    assert registry.rollback(PROJECT) == v[1] == registry.current(PROJECT)
+
+
 def test_rollback_from_a_label_config_change_walks_past_the_model_it_reshaped(tmp_path):
     """A config change serves the current model again with the new labels (kind config-change,
     parent: that model). Rolling back from it must go a step further back: landing on its parent,
