@@ -330,9 +330,13 @@ class ModelRegistry:
 
     # -- history, pinning, rollback ------------------------------------------------------
     def _note(self, project_key: str, entry: dict) -> None:
-        line = json.dumps(dict(entry, at=time.time()), sort_keys=True) + "\n"
-        with open(self.project_dir(project_key) / "history.jsonl", "a") as handle:
-            handle.write(line)  # one short append: atomic on local and NFS-style shared folders
+        line = (json.dumps(dict(entry, at=time.time()), sort_keys=True) + "\n").encode()
+        with open(self.project_dir(project_key) / "history.jsonl", "ab+") as handle:
+            if handle.seek(0, os.SEEK_END) > 0:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":  # a torn last line (a crash mid-write): this entry starts its own
+                    line = b"\n" + line
+            handle.write(line)  # one short append
 
     def history(self, project_key: str) -> list[dict]:
         """Every version written, every switch of ``current`` and every pin change, oldest first."""

@@ -275,6 +275,19 @@ def test_rollback_returns_to_the_version_served_before_and_passes_over_rolled_ba
         ModelRegistry(tmp_path / "other").rollback("8.1")
 
 
+def test_an_entry_after_a_torn_history_line_is_kept_and_no_name_is_given_twice(tmp_path):
+    """A crash mid-append leaves history.jsonl ending in part of a line: the next entry starts a
+    line of its own (glued on, it was lost too, and the name it noted could be given again)."""
+    registry = ModelRegistry(tmp_path)
+    registry.promote(PROJECT, registry.create_version(PROJECT, _heads(0, 0), {"kind": "cold-start"}))
+    with open(registry.project_dir(PROJECT) / "history.jsonl", "a") as handle:
+        handle.write('{"event": "current", "versi')
+    kept = registry.create_version(PROJECT, _heads(0, 1), {"kind": "fine-tune"})  # not promoted
+    assert {"event": "created", "version": kept}.items() <= registry.history(PROJECT)[-1].items()
+    shutil.rmtree(registry.version_dir(PROJECT, kept))  # an operator removes it
+    assert registry.create_version(PROJECT, _heads(0, 2), {"kind": "fine-tune"}) != kept
+
+
 def test_rollback_and_pin_never_land_on_a_version_whose_heads_do_not_load(tmp_path):
     """A version whose meta.json reads but whose heads file is damaged: rollback passes over it
     (to the one served before it), and naming it is refused; before, both answered that it was
