@@ -550,7 +550,7 @@ def unfinished_refresh(settings: Settings, project_key: str) -> str | None:
     labels did not change still completes what was cut short."""
     registry = ModelRegistry(settings.model_dir)
     cursor = PredictionRefresh(settings, None, registry=registry).cursor(project_key)
-    current = registry.current(project_key)
+    current = registry.served_version(project_key)
     if current is not None and cursor.get("version") == current and (
         cursor.get("state") == "running" or cursor.get("follow_pending")
     ):
@@ -599,7 +599,7 @@ def rank_project(settings: Settings, store, project_key: str, n: int, strategy: 
         except (RefreshError, SyncError) as exc:
             # Label Studio out of reach: a pool there is still ranked, stale (as GET /next ranks it);
             # without one, or with --refresh asked for, the reason is the answer
-            if refresh or PoolStore(registry).best(project_key, registry.current(project_key)) is None:
+            if refresh or PoolStore(registry).best(project_key, registry.served_version(project_key)) is None:
                 raise
             log.warning("project %s: refresh before ranking failed (%s); ranking the pool there is", project_key, exc)
             body["refresh"] = {"state": "failed", "reason": str(exc)}

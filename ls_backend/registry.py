@@ -426,9 +426,9 @@ class ModelRegistry:
             return f"{type(exc).__name__}: {exc}"
         return None
 
-    def _served(self, project_key: str) -> str | None:
+    def served_version(self, project_key: str) -> str | None:
         """The version that serves: the current one, or its stand-in where the pointer is missing
-        or names a version that does not load (as the web workers serve)."""
+        or names a version that does not load (as the web workers, jobs and refreshes take it)."""
         served = self.readable_current(project_key)
         return served.version if served is not None else self.current(project_key)
 
@@ -462,7 +462,7 @@ class ModelRegistry:
     def pin(self, project_key: str, version: str | None = None) -> str:
         """Pin the project to ``version`` (default: the current one): no automatic promotion until unpinned."""
         with self.lock(project_key):
-            version = version or self._served(project_key)
+            version = version or self.served_version(project_key)
             if not version:
                 raise RegistryError(f"project {project_key} has no version to pin")
             self._must_load(project_key, version, "pinned")
@@ -483,7 +483,7 @@ class ModelRegistry:
 
         A pinned project moves its pin along (the operator chose this version)."""
         with self.lock(project_key):
-            current = self._served(project_key)  # (what serves where the pointer is missing or broken)
+            current = self.served_version(project_key)  # (what serves where the pointer is missing or broken)
             if not to:  # (an empty name, as pin takes it: the default)
                 to = self._served_before(project_key, current)
                 if to is None:

@@ -678,7 +678,7 @@ def next_batch(settings, registry: ModelRegistry, store, project_key: str, n: in
 
     Before any trained version (the pool was made by the cold start's zero-shot heads) the
     batch is chosen for coverage whatever ``strategy`` says, except ``random``."""
-    current = registry.current(project_key)
+    current = registry.served_version(project_key)  # (a stand-in's complete pool is not stale)
     pool = PoolStore(registry).best(project_key, current)
     if pool is None:
         raise NoPool(f"project {project_key}: no refresh has listed its unlabeled tasks yet")

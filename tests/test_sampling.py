@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
 from types import SimpleNamespace
 
@@ -314,6 +316,33 @@ def test_next_batch_ranks_the_pool_and_leaves_labeled_tasks_out(tmp_path):
     diverse = next_batch(settings, registry, FakeStore(), PROJECT, 5, "diverse")
     assert len(set(diverse.task_ids)) == 5 and set(diverse.task_ids) <= set(int(i) for i in ids)
     assert next_batch(settings, registry, FakeStore(), PROJECT, 5, "random").strategy == "random"
+
+
+def test_the_complete_pool_of_the_version_standing_in_is_not_stale(tmp_path):
+    """The current version does not load (or the pointer is gone): its stand-in serves, and the
+    refresh completes the stand-in's pool. /next ranks it as current; stale, it queued a refresh
+    job on every call (and `ls-backend rank` ran a whole refresh each time)."""
+    from ls_backend.model import ClassifierHead
+
+    settings = Settings(model_dir=tmp_path / "models")
+    registry = ModelRegistry(settings.model_dir)
+    head = {"topic": ClassifierHead(labels=["a", "b", "c"], weight=np.zeros((3, 8), np.float32),
+                                    bias=np.zeros(3, np.float32), trained=True)}
+    versions = [registry.create_version(PROJECT, head, {"kind": "fine-tune"}) for _ in range(2)]
+    for version in versions:
+        registry.promote(PROJECT, version)
+    (registry.version_dir(PROJECT, versions[1]) / "heads.safetensors").write_bytes(b"torn")
+    write_pool(registry, versions[0])
+    batch = next_batch(settings, registry, FakeStore(), PROJECT, 5)
+    assert (batch.pool_version, batch.current_version, batch.stale) == (versions[0], versions[0], False)
+    # a refresh of the stand-in cut short is resumed by the project's next job
+    from ls_backend.refresh import unfinished_refresh
+
+    (registry.project_dir(PROJECT) / "refresh.json").write_text(json.dumps({"version": versions[0], "state": "running"}))
+    assert unfinished_refresh(settings, PROJECT) == versions[0]
+    (registry.project_dir(PROJECT) / "current").unlink()
+    shutil.rmtree(registry.version_dir(PROJECT, versions[1]))
+    assert not next_batch(settings, registry, FakeStore(), PROJECT, 5).stale
 
 
 def test_an_entities_only_pool_leaves_out_the_tasks_labeled_or_deleted_since_the_refresh(tmp_path):
