@@ -408,7 +408,9 @@ def cache(settings: Settings, prune: bool, older_than: float | None) -> int:
                   file=sys.stderr)
             return 2
         before = embeddings.size_bytes()
-        removed = embeddings.prune(days * 86_400, vacuum=True, max_rows=settings.cache_max_rows)
+        # --older-than 0: every encoder (to prune, an age of 0 is no age limit)
+        age_s = days * 86_400 if days > 0 or older_than is None else 1e-6
+        removed = embeddings.prune(age_s, vacuum=True, max_rows=settings.cache_max_rows)
         body.update({"removed": [r.to_dict() for r in removed], "bytes_before": before})
     body["bytes"] = embeddings.size_bytes()
     body["encoders"] = [u.to_dict() for u in embeddings.usage()]

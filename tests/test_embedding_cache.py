@@ -183,6 +183,9 @@ def test_the_cache_command_lists_encoders_and_prunes_with_the_space_given_back(t
     monkeypatch.setenv("CACHE_MAX_ROWS", "0")
     assert cli.main(["cache", "--prune"]) == 2
     assert "--older-than" in capsys.readouterr().err
+    assert cli.main(["cache", "--prune", "--older-than", "0"]) == 0  # every encoder, however recent
+    emptied = json.loads(capsys.readouterr().out)
+    assert [(e["encoder"], e["rows"]) for e in emptied["removed"]] == [("new", 4)] and emptied["encoders"] == []
     # a cache file that is no database (a torn copy): set aside, and an empty cache in its place
     cache.path.write_bytes(b"garbage")
     assert cli.main(["cache"]) == 0 and json.loads(capsys.readouterr().out)["encoders"] == []
