@@ -66,7 +66,7 @@ def version_rows(settings: Settings, project_key: str) -> list[dict]:
                 "seconds": meta.get("seconds"),  # the job's duration, for fine-tunes
                 "data": meta.get("data"),
                 "metrics": meta.get("metrics"),
-                "promoted": decision.get("promoted", meta.get("kind") in ("cold-start", "config-change")),
+                "promoted": decision.get("promoted", meta.get("kind") in ("cold-start", "config-change", "renumbered")),
                 "reason": decision.get("reason"),
                 "labels": {name: c.get("labels") for name, c in (meta.get("controls") or {}).items()},
             }

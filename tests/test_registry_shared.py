@@ -288,6 +288,20 @@ def test_an_entry_after_a_torn_history_line_is_kept_and_no_name_is_given_twice(t
     assert registry.create_version(PROJECT, _heads(0, 2), {"kind": "fine-tune"}) != kept
 
 
+def test_a_renumbered_copy_of_the_cold_start_is_listed_as_promoted(tmp_path):
+    """Version names another install gave in Label Studio: the serving version is issued again past
+    them (``renumber_past``); the listing showed that copy, current, as not promoted."""
+    from ls_backend.commands import version_rows
+    from ls_backend.settings import Settings
+
+    registry = ModelRegistry(tmp_path)
+    v0 = registry.create_version(PROJECT, _heads(0, 0), {"kind": "cold-start"})
+    registry.promote(PROJECT, v0)
+    copy = registry.renumber_past(PROJECT, v0, 5, "renumbered past p7-v5")
+    rows = {row["version"]: row for row in version_rows(Settings(model_dir=tmp_path), PROJECT)}
+    assert registry.current(PROJECT) == copy and rows[copy]["current"] and rows[copy]["promoted"]
+
+
 def test_rollback_and_pin_never_land_on_a_version_whose_heads_do_not_load(tmp_path):
     """A version whose meta.json reads but whose heads file is damaged: rollback passes over it
     (to the one served before it), and naming it is refused; before, both answered that it was
