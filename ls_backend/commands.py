@@ -134,9 +134,7 @@ def _registry_command(args: argparse.Namespace, settings: Settings) -> int:
     project = _resolve(settings, args.project)
     try:
         if args.command == "rollback":
-            version = registry.rollback(project, args.to)
-            if args.pin:
-                registry.pin(project, version)
+            registry.rollback(project, args.to, pin=args.pin)
         elif args.command == "pin":
             if args.off:
                 registry.unpin(project)

@@ -478,10 +478,11 @@ class ModelRegistry:
                 os.unlink(self.project_dir(project_key) / "pinned")
             self._note(project_key, {"event": "unpin"})
 
-    def rollback(self, project_key: str, to: str | None = None) -> str:
+    def rollback(self, project_key: str, to: str | None = None, pin: bool = False) -> str:
         """Serve ``to``, or the version that was current before the current one.
 
-        A pinned project moves its pin along (the operator chose this version)."""
+        A pinned project moves its pin along (the operator chose this version); ``pin`` pins it
+        in the same hold of the lock (a job's promotion cannot come in between)."""
         with self.lock(project_key):
             current = self.served_version(project_key)  # (what serves where the pointer is missing or broken)
             if not to:  # (an empty name, as pin takes it: the default)
@@ -490,8 +491,10 @@ class ModelRegistry:
                     raise RegistryError(f"project {project_key}: no earlier served version to roll back to")
             self._must_load(project_key, to, "rolled back to")
             self.promote(project_key, to, reason=f"rollback from {current}", away_from=current)
-            if self.pinned(project_key):
+            if pin or self.pinned(project_key):
                 write_atomic(self.project_dir(project_key) / "pinned", (to + "\n").encode())
+            if pin:
+                self._note(project_key, {"event": "pin", "version": to})
         return to
 
     #: how far back a re-shape looks for a returning label's learned row

@@ -316,6 +316,9 @@ def test_rollback_and_pin_never_land_on_a_version_whose_heads_do_not_load(tmp_pa
             refused()
         assert registry.current(PROJECT) == v[2] and registry.pinned(PROJECT) is None
     assert registry.rollback(PROJECT) == v[0] == registry.readable_current(PROJECT).version
+    # rollback --pin: one hold of the lock, the switch then the pin (no promotion can come between)
+    assert registry.rollback(PROJECT, v[2], pin=True) == v[2] == registry.pinned(PROJECT)
+    assert [(e["event"], e["version"]) for e in registry.history(PROJECT)[-2:]] == [("current", v[2]), ("pin", v[2])]
 
 
 def test_with_the_current_pointer_missing_rollback_and_pin_start_from_the_version_that_serves(tmp_path):
