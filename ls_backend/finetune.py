@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .labeling import CHOICES, LabelingPlan, UnsupportedConfig, plan_for
-from .model import ClassifierHead, Encoder, resolve_device, zero_shot_head
+from .model import ClassifierHead, Encoder, reads_nothing, resolve_device, zero_shot_head
 from .ner_job import encoder_is_taken, token_candidates, token_data, version_figures
 from .registry import LoadedHeads, ModelRegistry, built_on_other_base
 from .sampling import PoolStore, skipped_task_ids
@@ -236,17 +236,26 @@ class FineTuneJob:
         except UnsupportedConfig as exc:
             raise NothingToTrain(str(exc)) from None
 
-    def _data(self, project_key: str, plan: LabelingPlan, heads: dict[str, ClassifierHead]) -> tuple[dict[str, Split], int]:
+    def _data(self, project_key: str, plan: LabelingPlan, heads: dict[str, ClassifierHead],
+              encoder: Encoder) -> tuple[dict[str, Split], int]:
         """Each Choices control's training and slice examples; and the labeled tasks of the controls
-        left out because every one of their labels fell in the evaluation slice."""
+        left out because every one of their labels fell in the evaluation slice.  A text the model
+        reads nothing of (empty, whitespace, zero-width marks) is neither trained on nor judged:
+        ``/predict`` suggests nothing for it, and its embedding is the special tokens alone."""
         splits, slice_only = {}, 0
         for control in plan.controls:
             if control.kind != CHOICES or control.name not in heads:
                 continue
             examples = self.store.training_examples(project_key, control)
-            train, held = [], []
+            train, held, blank = [], [], 0
             for example in examples:
+                if reads_nothing(encoder, example.text):
+                    blank += 1
+                    continue
                 (held if in_eval_slice(example.task_id, self.settings.eval_share) else train).append(example)
+            if blank:
+                log.info("project %s: %d labeled task(s) of %s hold no text the model reads; left out", project_key,
+                         blank, control.name)
             train = _bounded(train, self.args.max_train_examples, self.args.seed)
             labels = heads[control.name].labels
 
@@ -259,7 +268,8 @@ class FineTuneJob:
                 digest = hashlib.sha256()
                 for part, rows in (("train", train), ("held", held)):
                     for e in sorted(rows, key=lambda e: e.task_id):
-                        digest.update(f"{part}\x00{e.task_id}\x00{e.text}\x00{json.dumps(list(e.labels))}\n".encode())
+                        line = f"{part}\x00{e.task_id}\x00{e.text}\x00{json.dumps(list(e.labels))}\n"
+                        digest.update(line.encode("utf-8", "surrogatepass"))  # (a lone surrogate is stored as sent)
                 splits[control.name] = Split(
                     as_data(train), as_data(held), digest.hexdigest(), frozenset(e.task_id for e in examples)
                 )
@@ -314,7 +324,7 @@ class FineTuneJob:
                 if current is None or current.meta.get("plan_signature") != plan.signature:
                     current = self.registry.write_plan_version(project_key, plan, current, base_encoder, self.settings)
         start_heads = dict(current.heads)
-        splits, slice_only = self._data(project_key, plan, start_heads)
+        splits, slice_only = self._data(project_key, plan, start_heads, base_encoder)
         token_splits = token_data(self.store, project_key, plan, start_heads, self.settings, self.args, base_encoder)
         if not splits and not token_splits:
             self.store.mark_trained(project_key, cutoff)

@@ -354,6 +354,17 @@ class Encoder:
         return result
 
 
+def reads_nothing(encoder: Encoder, text: str) -> bool:
+    """Whether the model reads no token of ``text``: it holds only characters its tokenizer drops
+    (zero-width, control or combining marks, a byte-order mark) or reads as unknown (a lone
+    surrogate).  Such a text is as empty as whitespace; embedded, it would be the special tokens
+    alone and get a confident guess."""
+    if any(ch.isalnum() for ch in text):  # stops at the first letter or digit: almost every text
+        return False
+    special = set(getattr(encoder.tokenizer, "all_special_ids", ()))
+    return all(token in special for token in encoder.tokenize([text])[0])
+
+
 @dataclass
 class ClassifierHead:
     """A linear head over unit embeddings: ``p = softmax|sigmoid((E @ W.T + b) / T)``."""

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .labeling import CHOICES, LABELS, LabelingPlan, UnsupportedConfig, plan_for, shown_controls
-from .model import ClassifierHead, Encoder, clip_visible, resolve_device
+from .model import ClassifierHead, Encoder, clip_visible, reads_nothing, resolve_device
 from .ner import TokenHead, encode_with_tokens
 from .registry import LoadedHeads, ModelRegistry, built_on_other_base, version_prefix
 from .sampling import result_score
@@ -61,17 +61,6 @@ def read_text(task: Any, data_field: str) -> TaskText:
     if not value.strip():
         return TaskText(None, f"task data field {data_field!r} is empty")
     return TaskText(value)
-
-
-def reads_nothing(encoder: Encoder, text: str) -> bool:
-    """Whether the model reads no token of ``text``: it holds only characters its tokenizer drops
-    (zero-width, control or combining marks, a byte-order mark) or reads as unknown (a lone
-    surrogate).  Such a text is as empty as whitespace; embedded, it would be the special tokens
-    alone and get a confident guess."""
-    if any(ch.isalnum() for ch in text):  # stops at the first letter or digit: almost every text
-        return False
-    special = set(getattr(encoder.tokenizer, "all_special_ids", ()))
-    return all(token in special for token in encoder.tokenize([text])[0])
 
 
 def choices_result(control, head: ClassifierHead, probs: np.ndarray) -> tuple[dict, float]:

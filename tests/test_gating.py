@@ -102,6 +102,22 @@ def test_train_mode_full_keeps_the_fast_heads_when_the_encoder_cannot_be_tuned(t
     assert outcome["promoted"] and outcome["recipe"] in ("frozen", "self-train"), outcome
 
 
+def test_texts_the_model_reads_nothing_of_are_left_out_and_a_lone_surrogate_trains(job_env):
+    """A blank or zero-width text is neither trained on nor judged on the slice (/predict suggests
+    nothing for it; its embedding is the special tokens alone, and 13 of them on a 45-label slice
+    once gave a candidate 29 points it did not have); a text holding a lone surrogate (valid JSON,
+    stored as sent) trains: it failed every job of its project."""
+    settings, store = job_env
+    rows = balanced_agnews(12)
+    task_id, text, label = rows[0]
+    rows[0] = (task_id, text + " \ud800", label)
+    blanks = [(9000 + i, blank, "Business") for i, blank in enumerate(["", " ", "\n", "\t ", "\u200b", "\ufeff"] * 3)]
+    label_all(store, rows + blanks)
+    outcome = FineTuneJob(settings, store).run(KEY)
+    data = ModelRegistry(settings.model_dir).meta(KEY, outcome["version"])["data"]["topic"]
+    assert data["train"] + data["eval"] == len(rows)
+
+
 def test_a_candidate_trained_on_shuffled_labels_is_rejected(job_env):
     settings, store = job_env
     rows, first = trained_project(settings, store)
