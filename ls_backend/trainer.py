@@ -468,10 +468,11 @@ def evaluate(probs: np.ndarray, data: ControlData, head: ClassifierHead) -> dict
         fp = (predicted & ~truth).sum(axis=0)
         fn = (~predicted & truth).sum(axis=0)
         micro = float(_f1(tp.sum(keepdims=True), fp.sum(keepdims=True), fn.sum(keepdims=True))[0])
+        present = truth.any(axis=0) | predicted.any(axis=0)  # a label neither true nor suggested: no figure
         return {
             "n": int(len(y)),
             "micro_f1": round(micro, 4),
-            "macro_f1": round(float(_f1(tp, fp, fn).mean()), 4),
+            "macro_f1": round(float(_f1(tp, fp, fn)[present].mean()) if present.any() else 0.0, 4),
             "exact_match": round(float((predicted == truth).all(axis=1).mean()), 4),
             "primary": micro,
         }

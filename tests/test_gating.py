@@ -376,6 +376,12 @@ def test_multiple_choice_slice_figures_judge_what_predict_serves():
     # served against the truth: 3 right labels, 1 wrong (b on z), 1 missed (c on z)
     assert figures["micro_f1"] == pytest.approx(6 / 8) and figures["primary"] == pytest.approx(6 / 8)
     assert figures["exact_match"] == pytest.approx(2 / 3, abs=1e-4)
+    # macro-F1 over the labels true or suggested somewhere: a: 1.0, b: 2/3, c: 0
+    assert figures["macro_f1"] == pytest.approx((1 + 2 / 3 + 0) / 3, abs=1e-4)
+    # a label neither true nor suggested on the slice has no figure (it counted as a perfect 1.0)
+    wide = ClassifierHead(labels + ["d"], np.zeros((4, 4), np.float32), np.zeros(4, np.float32), multiple=True)
+    four = ControlData("tags", labels + ["d"], True, ["x", "y", "z"], [("a",), ("a", "b"), ("c",)])
+    assert evaluate(np.c_[probs, np.zeros(3)], four, wide)["macro_f1"] == pytest.approx(figures["macro_f1"], abs=1e-4)
 
 
 def test_the_gate_measures_a_version_promoted_while_the_job_trained(job_env):
