@@ -110,23 +110,47 @@ def not_worse(candidate: float, current: float, tolerance: float) -> bool:
     return candidate + tolerance >= current - 1e-9
 
 
-def choose_candidate(scores: dict[str, float], preference, tolerance: float) -> str:
+def choose_candidate(scores: dict[str, float], preference, tolerance: float, close_to=None) -> str:
     """The candidate a job keeps: among those within ``tolerance`` of the best figure on the slice
     (a one-example lead on a small slice is noise, not evidence), the first by ``preference(name)``
-    (``tie_preference``), then by figure, then by name."""
+    (``tie_preference``), then by figure, then by name.  ``close_to(name, best)``, where given,
+    says instead whether ``name`` is level with the best (several controls: within each control's
+    own tolerance on each of them)."""
     top = max(scores.values())
-    close = [name for name, score in scores.items() if not_worse(score, top, tolerance)]
+    best = max((name for name, score in scores.items() if score == top), key=lambda name: (preference(name), name))
+    if close_to is None:
+        close = [name for name, score in scores.items() if not_worse(score, top, tolerance)]
+    else:
+        close = [name for name in scores if name == best or close_to(name, best)]
     return max(close, key=lambda name: (preference(name), scores[name], name))
 
 
-def choose_for_gate(scores: dict[str, float], preference, tolerance: float, passes) -> str:
+def choose_for_gate(scores: dict[str, float], preference, tolerance: float, passes, close_to=None) -> str:
     """``choose_candidate`` among the candidates that pass the gate (``passes(name)``), or among
     all of them where none does (that version is still written, refused, with its figures).
     Being within ``tolerance`` is not transitive: the tie-preferred candidate within one example
     of the best may be two examples below the current version while the best is one, and the
     job must not refuse what the gate would take."""
     passing = {name: score for name, score in scores.items() if passes(name)}
-    return choose_candidate(passing or scores, preference, tolerance)
+    return choose_candidate(passing or scores, preference, tolerance, close_to)
+
+
+def level_on_every_control(figures: dict, sizes: dict[str, int], settings: Settings):
+    """``close_to`` for :func:`choose_candidate` with several controls: ``name`` is level with
+    ``best`` where, on every control with slice labels (``sizes``), it is within that control's own
+    tolerance of ``best``'s figure.  On their mean with the smallest slice's tolerance, a large
+    control's lead of several examples counted as a tie beside a 2-label control."""
+    def close_to(name: str, best: str) -> bool:
+        for control, size in sizes.items():
+            theirs = ((figures.get(best) or {}).get("controls") or {}).get(control, {}).get("primary")
+            if theirs is None:
+                continue
+            mine = ((figures.get(name) or {}).get("controls") or {}).get(control, {}).get("primary")
+            if mine is None or not not_worse(mine, theirs, slice_tolerance(settings, size)):
+                return False
+        return True
+
+    return close_to
 
 
 def learned_from_pool(guesses: int, n_labels: int, args: TrainingArguments) -> bool:
@@ -496,6 +520,7 @@ class FineTuneJob:
                 lambda name: tie_preference(name, full_learned_from_pool),
                 tolerance,
                 passes,
+                level_on_every_control(figures, held_sizes, self.settings) if len(held_sizes) > 1 else None,
             )
 
         best = choose()

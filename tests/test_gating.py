@@ -356,6 +356,25 @@ def test_a_job_promotes_the_candidate_that_passes_the_gate(job_env, monkeypatch)
     assert ModelRegistry(settings.model_dir).current(KEY) == second["version"]
 
 
+def test_with_several_controls_a_lead_on_the_large_one_is_no_tie_beside_a_small_ones_tolerance():
+    """topic: 46 slice labels, flag: 2. The plain fast head leads by 3 topic examples and is level on
+    flag; their means are 0.033 apart, within the 2-label slice's tolerance (0.5), and the
+    tie-preferred self-trained head was kept. Level on every control, the tie order still decides."""
+    from ls_backend.finetune import choose_for_gate, level_on_every_control, tie_preference
+
+    def figure(topic, flag):
+        return {"score": (topic + flag) / 2, "controls": {"topic": {"primary": topic}, "flag": {"primary": flag}}}
+
+    sizes, settings = {"topic": 46, "flag": 2}, Settings()
+    figures = {"frozen": figure(30 / 46, 0.5), "self-train": figure(27 / 46, 0.5)}
+    scores = {name: f["score"] for name, f in figures.items()}
+    close = level_on_every_control(figures, sizes, settings)
+    assert choose_for_gate(scores, tie_preference, 1 / 2, lambda name: True, close) == "frozen"
+    figures["self-train"] = figure(29 / 46, 0.5)  # one example behind: level
+    scores = {name: f["score"] for name, f in figures.items()}
+    assert choose_for_gate(scores, tie_preference, 1 / 2, lambda name: True, close) == "self-train"
+
+
 def test_multiple_choice_slice_figures_judge_what_predict_serves():
     """A row with no label at the threshold is served its likeliest label (``choices_result``): the
     gate's micro-F1 and exact match read that, not an empty set no annotator ever sees."""
