@@ -280,6 +280,14 @@ class FineTuneJob:
             if blank:
                 log.info("project %s: %d labeled task(s) of %s hold no text the model reads; left out", project_key,
                          blank, control.name)
+            # a text the slice holds is not trained on under another task's id (a duplicate task): the
+            # slice would judge a model on a text it learned
+            judged = {example.text for example in held}
+            twins = sum(example.text in judged for example in train)
+            if twins:
+                train = [example for example in train if example.text not in judged]
+                log.info("project %s: %d labeled task(s) of %s repeat a text of the evaluation slice; not trained on",
+                         project_key, twins, control.name)
             train = _bounded(train, self.args.max_train_examples, self.args.seed)
             labels = heads[control.name].labels
 

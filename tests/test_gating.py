@@ -118,6 +118,20 @@ def test_texts_the_model_reads_nothing_of_are_left_out_and_a_lone_surrogate_trai
     assert data["train"] + data["eval"] == len(rows)
 
 
+def test_a_text_of_the_slice_is_not_trained_on_under_another_tasks_id(job_env):
+    """Duplicate tasks: the same text labeled twice, once in the evaluation slice and once outside
+    it. Trained on, the slice would judge a model on a text it learned."""
+    settings, store = job_env
+    rows = balanced_agnews(12)
+    judged = [(task, text, label) for task, text, label in rows if in_eval_slice(task, settings.eval_share)]
+    spare = (t for t in range(20_000, 30_000) if not in_eval_slice(t, settings.eval_share))
+    twins = [(next(spare), text, label) for _, text, label in judged]
+    label_all(store, rows + twins)
+    outcome = FineTuneJob(settings, store).run(KEY)
+    data = ModelRegistry(settings.model_dir).meta(KEY, outcome["version"])["data"]["topic"]
+    assert judged and (data["train"], data["eval"]) == (len(rows) - len(judged), len(judged))
+
+
 def test_a_candidate_trained_on_shuffled_labels_is_rejected(job_env):
     settings, store = job_env
     rows, first = trained_project(settings, store)
