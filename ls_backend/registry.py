@@ -370,11 +370,15 @@ class ModelRegistry:
         """What serves while ``current`` is missing or unreadable, in order: the versions that
         served, most recent first, except those an operator rolled back away from; then ``extra``
         (what a process served last); then those rolled back away from; then every other version,
-        newest first.  The same in every process: a web worker, a job and a refresh agree."""
+        newest first, those the gate refused last (without a history, e.g. a folder copied without
+        ``history.jsonl``, the newest was a refused one as often as not).  The same in every
+        process: a web worker, a job and a refresh agree."""
         switches, rejected = self._switches(project_key)
         served = list(dict.fromkeys(e["version"] for e in reversed(switches)))
         order = [v for v in served if v not in rejected] + list(extra) + [v for v in served if v in rejected]
-        order += [v.name for v in reversed(self.versions(project_key))]
+        every = list(reversed(self.versions(project_key)))
+        refused = {v.name for v in every if (v.meta.get("decision") or {}).get("promoted") is False}
+        order += [v.name for v in every if v.name not in refused] + [v.name for v in every if v.name in refused]
         return list(dict.fromkeys(order))
 
     def readable_current(self, project_key: str, skip: Iterable[str] = (), extra: Iterable[str] = ()) -> LoadedHeads | None:

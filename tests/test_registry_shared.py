@@ -302,6 +302,19 @@ def test_a_renumbered_copy_of_the_cold_start_is_listed_as_promoted(tmp_path):
     assert registry.current(PROJECT) == copy and rows[copy]["current"] and rows[copy]["promoted"]
 
 
+def test_without_a_history_the_stand_in_is_no_version_the_gate_refused(tmp_path):
+    registry = ModelRegistry(tmp_path)
+    v0 = registry.create_version(PROJECT, _heads(0, 0), {"kind": "cold-start"})
+    v1 = registry.create_version(PROJECT, _heads(0, 1), {"kind": "fine-tune", "decision": {"promoted": True}})
+    v2 = registry.create_version(PROJECT, _heads(0, 2), {"kind": "fine-tune", "decision": {"promoted": False}})
+    for version in (v0, v1):
+        registry.promote(PROJECT, version)
+    for name in ("current", "history.jsonl"):  # a folder copied without them
+        (registry.project_dir(PROJECT) / name).unlink()
+    assert registry.stand_ins(PROJECT) == [v1, v0, v2]
+    assert registry.readable_current(PROJECT).version == v1
+
+
 def test_rollback_and_pin_never_land_on_a_version_whose_heads_do_not_load(tmp_path):
     """A version whose meta.json reads but whose heads file is damaged: rollback passes over it
     (to the one served before it), and naming it is refused; before, both answered that it was
