@@ -188,6 +188,7 @@ def training_arguments(settings: Settings) -> TrainingArguments:
     return TrainingArguments(
         mode=settings.train_mode,
         learning_rate=settings.learning_rate,
+        label_smoothing=settings.label_smoothing,
         batch_size=settings.train_batch_size,
         max_length=settings.train_max_length,
         epochs=settings.train_epochs,

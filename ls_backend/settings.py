@@ -252,6 +252,7 @@ class Settings:
     job_standby: bool = True
     train_mode: str = "auto"  # auto | frozen | full
     learning_rate: float = 1e-4
+    label_smoothing: float = 0.1  # full fine-tuning of single-choice controls (0: off)
     train_epochs: int = 0  # 0: scaled to the label count
     train_min_steps: int = 50
     train_batch_size: int = 16
@@ -366,6 +367,8 @@ class Settings:
             values["train_mode"] = _choice("TRAIN_MODE", get("TRAIN_MODE", ""), ("auto", "frozen", "full"))
         if get("LEARNING_RATE"):
             values["learning_rate"] = _float("LEARNING_RATE", get("LEARNING_RATE", ""), 1e-7, 1.0)
+        if get("LABEL_SMOOTHING"):
+            values["label_smoothing"] = _float("LABEL_SMOOTHING", get("LABEL_SMOOTHING", ""), 0.0, 0.5)
         for name, low, high in (("EVAL_SHARE", 0.0, 0.9), ("PROMOTION_TOLERANCE", 0.0, 1.0), ("SELF_TRAIN_SHARE", 0.0, 1.0)):
             if get(name):
                 values[name.lower()] = _float(name, get(name, ""), low, high)

@@ -179,6 +179,28 @@ def test_early_stopping_only_on_a_validation_split_large_enough_to_trust(encoder
     assert small["temperature"]["topic"] != 1.0  # the split still calibrates
 
 
+def test_label_smoothing_keeps_the_tuned_head_from_driving_its_labels_to_certainty(encoder):
+    """The full recipe trains on the fast head's guesses as well as the labels; a hard target of 1.0
+    on each guess teaches its errors. With LABEL_SMOOTHING (0.1, the default) the cross-entropy's
+    optimum on a training text is 0.925 for its label, not 1.0."""
+    from ls_backend.finetune import training_arguments
+
+    assert training_arguments(Settings()).label_smoothing == 0.1
+    assert training_arguments(Settings.from_env({"LABEL_SMOOTHING": "0"})).label_smoothing == 0.0
+    rows = balanced_agnews(8)
+    texts = [t for _, t, _ in rows]
+    data = ControlData("topic", AGNEWS_LABELS, False, texts, [(label,) for _, _, label in rows])
+    head, _ = fit_head(encoder.encode(texts), data, None)
+    args = TrainingArguments(epochs=10, min_steps=1, batch_size=8, max_length=32)
+
+    def surest(smoothing: float) -> float:
+        student, heads, _ = fine_tune(encoder, {"topic": head}, [data], replace(args, label_smoothing=smoothing))
+        return float(heads["topic"].probabilities(student.encode(texts)).max(axis=1).mean())
+
+    hard, smooth = surest(0.0), surest(0.1)
+    assert hard > 0.98 and smooth < 0.96
+
+
 def test_a_warm_start_folds_the_temperature_in_but_never_sharper_than_the_floor():
     from ls_backend.model import ClassifierHead
     from ls_backend.trainer import WARM_START_MIN_TEMPERATURE, _Heads
