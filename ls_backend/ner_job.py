@@ -147,8 +147,9 @@ def token_data(
         if not isinstance(heads.get(control.name), TokenHead):
             heads[control.name] = token_head_for(control, None, encoder.dim, settings.encoder_path)
         labels = heads[control.name].labels
-        train = [e for e in examples if not in_eval_slice(e[0], settings.eval_share)]
         held = [e for e in examples if in_eval_slice(e[0], settings.eval_share)]
+        judged = {text for _, text, _ in held}  # a duplicate task's text the slice holds is not trained on
+        train = [e for e in examples if not in_eval_slice(e[0], settings.eval_share) and e[1] not in judged]
         train = _bounded(train, args.max_train_examples, args.seed)
 
         def as_data(part: list) -> TokenData:

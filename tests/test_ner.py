@@ -629,6 +629,29 @@ def test_a_task_whose_region_label_the_control_no_longer_has_is_left_out_not_tra
         store.close()
 
 
+def test_a_text_of_the_entity_slice_is_not_trained_on_under_another_tasks_id(tmp_path, encoder):
+    from ls_backend.finetune import in_eval_slice
+    from ls_backend.labeling import plan_for
+    from ls_backend.ner_job import token_data
+    from ls_backend.store import CorrectionStore
+
+    settings = Settings(model_dir=tmp_path / "models")
+    judged = next(t for t in range(1, 1000) if in_eval_slice(t, settings.eval_share))
+    trained = [t for t in range(1000, 1100) if not in_eval_slice(t, settings.eval_share)][:2]
+    store = CorrectionStore(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    try:
+        proj = project(7, config=NER_CONFIG)
+        texts = {judged: "Angela Merkel visited Berlin.", trained[0]: "Angela Merkel visited Berlin.",
+                 trained[1]: "Emmanuel Macron spoke in Paris."}
+        for n, (task, text) in enumerate(texts.items()):
+            result = [span(0, 13, "Angela Merkel", "PER")] if "Merkel" in text else [span(0, 15, "Emmanuel Macron", "PER")]
+            store.record_event(annotation_event(n + 1, task, result, text=text, proj=proj))
+        splits = token_data(store, key_of(7), plan_for(NER_CONFIG), {}, settings, TrainingArguments(), encoder)
+        assert splits["ner"].train.task_ids == [trained[1]] and splits["ner"].held.task_ids == [judged]
+    finally:
+        store.close()
+
+
 def test_annotations_made_before_the_first_entity_are_not_ner_negatives(tmp_path):
     """A project labeled with Choices for a while, then given a Labels control: its earlier
     annotations say nothing about entities and must not teach the head that there are none."""
