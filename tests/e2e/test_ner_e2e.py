@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import requests
 
+from ls_backend.finetune import in_eval_slice
 from tests.support.backend import BackendServer
 from tests.support.conll import as_text, read_sentences
 from tests.support.data import data_file
@@ -88,7 +89,11 @@ def test_ner_predictions_are_stored_empty_before_training_and_with_spans_after(l
         trained = versions["current"]
         assert trained != cold_version, versions
         row = next(v for v in versions["versions"] if v["version"] == trained)
-        assert row["data"]["ner"]["train"] + row["data"]["ner"]["eval"] == LABELED, row
+        # a training task repeating a text of the slice (CoNLL repeats its datelines) is left out
+        labeled = list(zip(task_ids, rows))[:LABELED]
+        judged = {text for task_id, (text, _, _) in labeled if in_eval_slice(task_id, 0.2)}
+        twins = sum(text in judged for task_id, (text, _, _) in labeled if not in_eval_slice(task_id, 0.2))
+        assert row["data"]["ner"]["train"] + row["data"]["ner"]["eval"] == LABELED - twins, row
 
         # the new version's spans reach Label Studio
         time.sleep(1.5)  # past VERSION_CHECK_INTERVAL
