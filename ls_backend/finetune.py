@@ -84,6 +84,11 @@ def slice_size(held_sizes) -> int:
     return min((n for n in held_sizes if n), default=0)
 
 
+def control_figure(figures: dict, name: str, control: str) -> float | None:
+    """Candidate ``name``'s primary figure on ``control``'s slice (None: not measured there)."""
+    return ((figures.get(name) or {}).get("controls") or {}).get(control, {}).get("primary")
+
+
 def gate_failure(figures: dict, name: str, gated_sizes: dict[str, int], settings: Settings) -> str | None:
     """Why candidate ``name`` does not pass the gate, or None when it does: it must not be worse
     than the current model (``figures["current"]``) on any control whose slice holds ``EVAL_MIN``
@@ -92,10 +97,10 @@ def gate_failure(figures: dict, name: str, gated_sizes: dict[str, int], settings
     control could lose many examples where a small one stays level, and the small one's tolerance
     applied to all of them."""
     for control, size in sorted(gated_sizes.items()):
-        current = ((figures.get("current") or {}).get("controls") or {}).get(control, {}).get("primary")
+        current = control_figure(figures, "current", control)
         if current is None:  # the current model was not measured on it: nothing to be worse than
             continue
-        score = ((figures.get(name) or {}).get("controls") or {}).get(control, {}).get("primary")
+        score = control_figure(figures, name, control)
         tolerance = slice_tolerance(settings, size)
         if score is None or not not_worse(score, current, tolerance):
             shown = "-" if score is None else f"{score:.4f}"
@@ -117,10 +122,10 @@ def choose_candidate(scores: dict[str, float], preference, tolerance: float, clo
     says instead whether ``name`` is level with the best (several controls: within each control's
     own tolerance on each of them)."""
     top = max(scores.values())
-    best = max((name for name, score in scores.items() if score == top), key=lambda name: (preference(name), name))
     if close_to is None:
         close = [name for name, score in scores.items() if not_worse(score, top, tolerance)]
     else:
+        best = max((name for name, score in scores.items() if score == top), key=lambda name: (preference(name), name))
         close = [name for name in scores if name == best or close_to(name, best)]
     return max(close, key=lambda name: (preference(name), scores[name], name))
 
@@ -142,10 +147,10 @@ def level_on_every_control(figures: dict, sizes: dict[str, int], settings: Setti
     control's lead of several examples counted as a tie beside a 2-label control."""
     def close_to(name: str, best: str) -> bool:
         for control, size in sizes.items():
-            theirs = ((figures.get(best) or {}).get("controls") or {}).get(control, {}).get("primary")
+            theirs = control_figure(figures, best, control)
             if theirs is None:
                 continue
-            mine = ((figures.get(name) or {}).get("controls") or {}).get(control, {}).get("primary")
+            mine = control_figure(figures, name, control)
             if mine is None or not not_worse(mine, theirs, slice_tolerance(settings, size)):
                 return False
         return True
@@ -284,11 +289,11 @@ class FineTuneJob:
             # a text the slice holds is not trained on under another task's id (a duplicate task): the
             # slice would judge a model on a text it learned
             judged = {example.text for example in held}
-            twins = sum(example.text in judged for example in train)
-            if twins:
-                train = [example for example in train if example.text not in judged]
+            kept = [example for example in train if example.text not in judged]
+            if len(kept) < len(train):
                 log.info("project %s: %d labeled task(s) of %s repeat a text of the evaluation slice; not trained on",
-                         project_key, twins, control.name)
+                         project_key, len(train) - len(kept), control.name)
+            train = kept
             train = _bounded(train, self.args.max_train_examples, self.args.seed)
             labels = heads[control.name].labels
 
@@ -338,22 +343,21 @@ class FineTuneJob:
             self.settings.max_length,
             self.settings.inference_precision,  # the frozen embeddings are the served ones
         )
-        if current is not None and (other := built_on_other_base(current, self.settings.encoder_path, base_encoder.dim)):
+        other_base = current is not None and built_on_other_base(current, self.settings.encoder_path, base_encoder.dim)
+        if other_base:
             # BASE_MODEL changed: what was learned on the old one means nothing to the new one; the
             # job starts from a cold start on BASE_MODEL (as the web workers do) and trains it on every label
             log.warning("project %s: version %s was %s; starting from a cold start on BASE_MODEL", project_key,
-                        current.version, other)
+                        current.version, other_base)
             if current.encoder_path:
                 base_encoder = Encoder(self.settings.encoder_path, self.device, self.settings.max_length,
                                        self.settings.inference_precision)
-            with self.registry.lock(project_key):
-                current = self.registry.readable_current(project_key)
-                if current is None or built_on_other_base(current, self.settings.encoder_path, base_encoder.dim):
-                    current = self.registry.write_plan_version(project_key, plan, None, base_encoder, self.settings)
-        if current is None or current.meta.get("plan_signature") != plan.signature:
+        if other_base or current is None or current.meta.get("plan_signature") != plan.signature:
             # the cold start, or the current heads re-shaped to the config (new labels start zero-shot)
             with self.registry.lock(project_key):
                 current = self.registry.readable_current(project_key)
+                if current is not None and built_on_other_base(current, self.settings.encoder_path, base_encoder.dim):
+                    current = None  # no parent: its rows mean nothing to BASE_MODEL's embeddings
                 if current is None or current.meta.get("plan_signature") != plan.signature:
                     current = self.registry.write_plan_version(project_key, plan, current, base_encoder, self.settings)
         start_heads = dict(current.heads)
