@@ -102,6 +102,7 @@ class Predictor:
         self._encoders: dict[str, Encoder] = {}
         self._loading: dict[str, threading.Lock] = {}  # one lock per encoder path being loaded
         self._serving: dict[str, Serving] = {}
+        self._warming: set[str] = set()  # projects whose version /setup started loading ahead
         # versions whose encoder failed to load here, and when: passed over for BROKEN_RETRY_S
         self._broken: dict[tuple[str, str], float] = {}
         self._lock = threading.RLock()
@@ -316,7 +317,41 @@ class Predictor:
         except UnsupportedConfig as exc:
             log.warning("project %s: %s", project_key, exc)
             return self.unsupported_version(project_key)
-        return self.ensure_version(project_key, plan)
+        ahead = self._version_loading_ahead(project_key, plan)
+        return ahead if ahead is not None else self.ensure_version(project_key, plan)
+
+    def _version_loading_ahead(self, project_key: str, plan: LabelingPlan) -> str | None:
+        """For a project this process does not serve yet whose version reads an encoder of its own not
+        loaded here (a worker just started, a project forgotten past ``MAX_SERVED_ENCODERS``): that
+        version's name, with its encoder loading in the background.  Label Studio gives ``/setup``
+        3 s and marks the backend "Error" past them, and a fine-tuned encoder takes seconds to load
+        from a cold disk; ``/predict`` then waits for the one load under way rather than starting its
+        own.  None where :meth:`ensure_version` answers at once (heads only, or a version to write)."""
+        with self._lock:
+            if project_key in self._serving:
+                return None
+        loaded = self._readable_version(project_key, None)
+        if loaded is None or loaded.meta.get("plan_signature") != plan.signature:
+            return None  # a cold start or a re-shaped version to write: the usual path, under the lock
+        with self._lock:
+            if loaded.encoder_path is None or loaded.encoder_path in self._encoders:
+                return None
+            if project_key in self._warming:
+                return loaded.version  # a /setup again while it loads: the same answer, no second load
+            self._warming.add(project_key)
+
+        def run() -> None:
+            try:
+                self.ensure_serving(project_key, plan)
+            except Exception:
+                log.exception("project %s: could not load version %s ahead of its requests", project_key, loaded.version)
+            finally:
+                with self._lock:
+                    self._warming.discard(project_key)
+
+        threading.Thread(target=run, name=f"setup-{loaded.version}", daemon=True).start()
+        log.info("project %s: answering /setup with %s while its encoder loads", project_key, loaded.version)
+        return loaded.version
 
     def predict(self, project_key: str, label_config: str, tasks: Sequence[Any]) -> list[dict]:
         try:

@@ -287,3 +287,37 @@ def test_a_job_after_base_model_changes_trains_the_new_encoder_from_a_cold_start
         assert registry.load(key, registry.current(key)).heads["topic"].weight.shape[1] == 32
     finally:
         store.close()
+
+
+def test_setup_in_a_fresh_worker_answers_while_a_fine_tuned_encoder_loads(tmp_path, tiny, monkeypatch):
+    """Label Studio gives /setup 3 s: a worker started after a promotion names the version at once
+    and loads its encoder in the background; /predict waits for that one load."""
+    settings = Settings(model_dir=tmp_path / "models", max_length=64)
+    writer = Predictor(settings, encoder=Encoder(tiny, "cpu", 64))
+    assert writer.setup(PROJECT, TOPIC_CONFIG) == "p7-v0"
+    name = promote_own_encoder(writer.registry, PROJECT, tiny)
+    fresh = Predictor(settings, encoder=Encoder(tiny, "cpu", 64))
+    started, release, built = threading.Event(), threading.Event(), []
+
+    def slow_encoder(*args, **kwargs):
+        built.append(args[0])
+        started.set()
+        assert release.wait(30)
+        return Encoder(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "Encoder", slow_encoder)
+    answers, predicted = [], []
+    try:
+        setup = threading.Thread(target=lambda: answers.append(fresh.setup(PROJECT, TOPIC_CONFIG)))
+        setup.start()
+        setup.join(10)
+        assert answers == [name]  # answered while the encoder has not loaded
+        assert started.wait(30) and not release.is_set()
+        assert fresh.setup(PROJECT, TOPIC_CONFIG) == name  # again meanwhile: the same answer at once
+        request = threading.Thread(target=lambda: predicted.append(fresh.predict(PROJECT, TOPIC_CONFIG, TASKS)))
+        request.start()
+    finally:
+        release.set()
+    request.join(30)
+    assert predicted and predicted[0][0]["model_version"] == name
+    assert built == [writer.registry.load(PROJECT, name).encoder_path]  # loaded once, for all three calls
