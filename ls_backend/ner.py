@@ -429,6 +429,9 @@ def encode_with_tokens(
     for k, r in enumerate(tagged):
         for control, head in token_rows[r]:
             probs = run.probabilities[next(h for h, x in enumerate(heads) if x is head)][k]
+            if not np.all(np.isfinite(probs)):  # an overflow in half precision: nothing to suggest (NaN is not JSON)
+                log.warning("%s: tag probabilities that are not finite for one text; no regions suggested", control.name)
+                continue
             probs = served_probabilities(probs, head)
             found = spans_from_probabilities(texts[r], tokenized[k], probs, head)
             results[(control.name, r)] = (labels_results(control, texts[r], found), control_score(found, probs))

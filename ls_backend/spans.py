@@ -219,6 +219,21 @@ class FoundSpan:
         return self.start, self.end, self.label
 
 
+#: scripts written without spaces between words (Thai, Lao, Khmer, Myanmar, Tibetan, Japanese kana,
+#: Han), or with particles joined to the noun (Hangul): a BERT-style tokenizer's "word" there is a run
+#: of text ("서울에서", "タワーに", a whole Thai phrase), and an entity may end inside it
+_RUN_SCRIPTS = (
+    (0x0E00, 0x0EFF), (0x0F00, 0x0FFF), (0x1000, 0x109F), (0x1100, 0x11FF), (0x1780, 0x17FF),
+    (0x3040, 0x30FF), (0x3130, 0x318F), (0x31F0, 0x31FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF),
+    (0xA960, 0xA97F), (0xAC00, 0xD7FF), (0xF900, 0xFAFF), (0xFF66, 0xFFDC), (0x20000, 0x3FFFF),
+)
+
+
+def in_run_script(piece: str) -> bool:
+    """Whether ``piece`` holds a character of a script whose tokenizer "words" are runs of text."""
+    return any(lo <= ord(char) <= hi for char in piece if ord(char) >= 0x0E00 for lo, hi in _RUN_SCRIPTS)
+
+
 def through_marks(text: str, end: int, limit: int | None = None) -> int:
     """``end`` moved past the combining marks that follow it (accents of decomposed text, Arabic
     vowel marks, variation selectors), up to ``limit``: the tokenizer drops them, so a token's end
@@ -244,7 +259,10 @@ def decode(
     its first token's tag: the word's other pieces follow it (they extend the open entity, or stay
     outside one), so no span starts or ends inside a word ("Klinsmann" as "K" + "linsmann", or
     "Volgo" and "grad" under two labels), and a span's score is the mean over its words' first
-    tokens, where the decisions were made.
+    tokens, where the decisions were made.  A piece in a script written without spaces between
+    words, or with particles joined to them (:func:`in_run_script`: Thai, Japanese kana, Hangul...),
+    is read by its own tag: the tokenizer's "word" there is a run of text ("서울에서", "タワーに"),
+    and the annotator's entity ends inside it ("서울", "タワー").
 
     ``B-X`` always starts a new entity (so two adjacent entities of one type stay
     apart); ``I-X`` continues an ``X`` entity, or starts one after ``O`` or another
@@ -283,7 +301,8 @@ def decode(
         if b <= a:
             continue
         inside, covered = a < covered, max(covered, b)
-        continued = words is not None and t > 0 and words[t] is not None and words[t] == words[t - 1]
+        continued = (words is not None and t > 0 and words[t] is not None and words[t] == words[t - 1]
+                     and not in_run_script(text[a:b]))
         if inside or continued:  # the character's (or the word's) first token decided
             if current:
                 current.append(t)

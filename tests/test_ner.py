@@ -114,6 +114,24 @@ def test_a_word_is_read_by_its_first_pieces_tag_so_no_span_cuts_a_word(tokenizer
     assert [(text[s.start:s.end], s.score) for s in found] == [("Juergen", pytest.approx(0.9))]
 
 
+@pytest.mark.parametrize("text, entities", [
+    ("나는 어제 서울에서 김민수를 만났다", [("서울", "LOC"), ("김민수", "PER")]),  # Korean: particles joined to the noun
+    ("東京タワーに行きました", [("東京タワー", "LOC")]),  # Japanese: kana runs
+    ("ผมไปกรุงเทพเมื่อวาน", [("กรุงเทพ", "LOC")]),  # Thai: no spaces between words
+])
+def test_in_scripts_without_spaces_between_words_an_entity_may_end_inside_the_tokenizers_word(tokenizer, text, entities):
+    """The tokenizer's "word" there is a run of text ("서울에서", "タワーに", the whole Thai phrase):
+    read by its first piece's tag, every entity swallowed the rest of the run, and a model that
+    learned the annotations' tags exactly still served "서울에서"."""
+    labels = ["PER", "LOC"]
+    gold = [(text.index(e), text.index(e) + len(e), label) for e, label in entities]
+    tokenized = tokenize(tokenizer, [text])[0]
+    tags, report = token_tags(tokenized.offsets, gold, labels)
+    assert report.snapped == 0  # the annotated ends are token ends: the model can learn them
+    found = decode(text, tokenized.offsets, tags, labels, words=tokenized.words)
+    assert [(text[s.start:s.end], s.label) for s in found] == entities
+
+
 def test_a_symbol_the_vocabulary_cannot_read_no_longer_hides_the_word_it_touches(tokenizer, encoder):
     """WordPiece reads a whole word as [UNK] for one emoji in it: "❤️Paris" was never seen as Paris,
     by the entity heads or the classification heads, and every entity beside one took it in."""

@@ -446,6 +446,47 @@ def test_a_probability_row_that_is_not_finite_suggests_nothing_and_the_json_stay
     assert second["result"] and 0 <= second["score"] <= 1
 
 
+def test_tag_probabilities_that_are_not_finite_suggest_no_regions_and_the_json_stays_valid(tmp_path, encoder, monkeypatch):
+    import json
+
+    from ls_backend import ner
+    from ls_backend.api import create_app
+    from ls_backend.ner import TokenHead
+    from ls_backend.predictor import Predictor
+    from ls_backend.settings import Settings
+
+    from .support.events import NER_CONFIG
+
+    settings = Settings(model_dir=tmp_path / "models", max_length=128)
+    predictor = Predictor(settings, encoder=encoder)
+    key = "13.1"
+    predictor.setup(key, NER_CONFIG)
+    registry = predictor.registry
+    loaded = registry.load(key, registry.current(key))
+    untrained = loaded.heads["ner"]
+    bias = np.zeros_like(untrained.bias)
+    bias[1] = 5.0  # every token the beginning of a PER
+    heads = {"ner": TokenHead(untrained.labels, np.zeros_like(untrained.weight), bias, trained=True, source="trained")}
+    registry.promote(key, registry.create_version(key, heads, dict(loaded.meta, parent=loaded.version, kind="test")))
+    predictor._serving[key].checked_at = -1e9
+    real = ner.run_windows
+
+    def overflowed(*args, **kwargs):
+        run = real(*args, **kwargs)
+        run.probabilities[0][0][:] = np.nan  # the first text's rows, as an fp16 overflow would leave them
+        return run
+
+    monkeypatch.setattr(ner, "run_windows", overflowed)
+    response = create_app(settings, predictor, preload=False).test_client().post("/predict", json={
+        "project": key, "label_config": NER_CONFIG,
+        "tasks": [{"id": 1, "data": {"text": "Angela Merkel spoke"}}, {"id": 2, "data": {"text": "Bob met Carl"}}]})
+    assert response.status_code == 200
+    assert "NaN" not in response.get_data(as_text=True)  # (Python's parser takes NaN: check the text)
+    first, second = json.loads(response.get_data(as_text=True))["results"]
+    assert first["result"] == [] and first["score"] == 0.0
+    assert second["result"] and 0 <= second["score"] <= 1
+
+
 def test_a_project_whose_versions_are_all_gone_starts_over_at_zero_shot(client, settings, encoder):
     import shutil
 
