@@ -58,7 +58,7 @@ class Services:
         self._predictor = predictor
         self._store: CorrectionStore | None = None
         self._store_lock = threading.Lock()
-        self.sync = SyncScheduler(settings, lambda: self.store)
+        self.sync = SyncScheduler(settings, lambda: self.store, on_synced=lambda outcome: self.maybe_train(outcome))
         # called with each EventOutcome after its event is stored; errors are logged, never returned
         self.event_listeners: list[Callable[[EventOutcome], None]] = [self.sync.on_event, self.maybe_train]
         self._queue: TrainingQueue | None = None

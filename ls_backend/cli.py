@@ -447,18 +447,27 @@ def sync(settings: Settings, project: str) -> int:
     """Reconcile one project with Label Studio now; prints the report."""
     from .logs import configure
     from .store import CorrectionStore, UnknownProject
-    from .sync import SyncError, sync_project
+    from .jobs import queue_from_settings
+    from .sync import SyncError, sync_project, synced_outcome
 
     configure(settings.log_level)
     store = CorrectionStore.from_settings(settings)
     try:
         report = sync_project(store, settings, project, reason="ls-backend sync")
+        body = report.to_dict()
+        if report.changed:  # labels brought in queue training as labels from webhooks do
+            queue = queue_from_settings(settings)
+            try:
+                job = queue.maybe_enqueue(store, synced_outcome(report))
+            finally:
+                queue.close()
+            body["queued_job"] = job.id if job is not None else None
     except (SyncError, UnknownProject) as exc:
         print(f"ls-backend: sync failed: {exc}", file=sys.stderr)
         return 1
     finally:
         store.close()
-    print(json.dumps(report.to_dict(), indent=2))
+    print(json.dumps(body, indent=2))
     return 0
 
 

@@ -315,6 +315,12 @@ def _confirm_gone(source: LabelStudioSource, ls_id: int, candidates: set[int]) -
     return candidates - still_there
 
 
+def synced_outcome(report: SyncReport) -> EventOutcome:
+    """What a sync changed, as the outcome of an event: what the training triggers read."""
+    return EventOutcome("SYNC", report.project_key, changed=report.changed, recorded=True,
+                        ls_project_id=report.ls_project_id, stored_annotations=report.stored_annotations)
+
+
 class SyncScheduler:
     """Runs syncs and "behind?" checks in background threads, one at a time per project.
 
@@ -322,9 +328,14 @@ class SyncScheduler:
     two syncs of one project from running at once.
     """
 
-    def __init__(self, settings: Settings, store: Callable[[], CorrectionStore]):
+    def __init__(self, settings: Settings, store: Callable[[], CorrectionStore],
+                 on_synced: Callable[[EventOutcome], None] | None = None):
         self.settings = settings
         self._store = store
+        # told of what a sync changed (as an event's outcome), so labels it brought in queue training
+        # as labels from webhooks do: a backend catching up after downtime, or connected to a project
+        # labeled already, would otherwise train only at the next annotation
+        self._on_synced = on_synced
         self._lock = threading.Lock()
         self._busy: set[str] = set()
         self._checked: dict[str, float] = {}
@@ -411,9 +422,16 @@ class SyncScheduler:
             return
         try:
             source = source or source_for(self.settings, store, project_key)
-            self.last_reports[project_key] = sync_project(store, self.settings, project_key, reason=reason, source=source)
+            report = sync_project(store, self.settings, project_key, reason=reason, source=source)
+            self.last_reports[project_key] = report
         finally:
             store.finish_sync(project_key)
+        # (after START_TRAINING a job is queued already, and it syncs again before it trains)
+        if self._on_synced is not None and report.changed and reason != "START_TRAINING":
+            try:
+                self._on_synced(synced_outcome(report))
+            except Exception:
+                log.exception("project %s: the labels a sync brought in could not queue training", project_key)
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Wait until no sync or check runs in this process (for tests and the CLI)."""

@@ -389,3 +389,26 @@ def test_status_command_prints_the_operator_view(tmp_path, monkeypatch, capsys):
     assert main(["status", "--project", "3"]) == 0
     assert json.loads(capsys.readouterr().out)["labels"]["topic"]["World"] == 1
     assert main(["status", "--project", "4"]) == 1
+
+
+def test_labels_a_sync_brings_in_queue_training_as_labels_from_webhooks_do(tmp_path, monkeypatch):
+    """Webhooks lost while the backend was down, caught up by a sync: the labels counted towards
+    TRAIN_EVERY, and no job was queued until the next annotation came (never, once labeling was done)."""
+    from ls_backend.api import create_app
+
+    settings = Settings(model_dir=tmp_path / "models", train_every=3, train_mode="frozen")
+    app = create_app(settings, preload=False)
+    services = app.extensions["ls_backend"]
+    client = app.test_client()
+    key = key_of(3)
+    assert client.post("/webhook", json=annotation_event(1, 10, choices("World"))).status_code == 200
+    assert services.queue.jobs(key) == []
+    studio = FakeLabelStudio({10: [api_annotation(1, 10, "World")],
+                              **{t: [api_annotation(t - 9, t, "Sports")] for t in range(11, 16)}})
+    services.sync._sync(key, "behind Label Studio", source=studio)
+    assert services.store.labels_since_training(key) == 6
+    jobs = services.queue.jobs(key)
+    assert [job.trigger for job in jobs] == ["labels"], jobs
+    # a sync that changes nothing queues nothing more
+    services.sync._sync(key, "behind Label Studio", source=studio)
+    assert len(services.queue.jobs(key)) == 1
