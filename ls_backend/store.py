@@ -8,8 +8,12 @@ One :class:`CorrectionStore` per process.  It holds, per project (keyed ``"<id>.
     the label config snapshot it arrived with, and ``seq``, the change sequence number of
     its last change.
 ``tombstones``
-    annotation ids deleted in Label Studio.  A tombstone is final: a late replay of the
-    created/updated event for that id is ignored (Label Studio never reuses annotation ids).
+    annotation ids deleted in Label Studio, with their task and the last ``updated_at`` held.  A
+    late replay of the created/updated event for that id is ignored.  Label Studio on SQLite (its
+    default) gives imported annotations the ids after the newest one there, so once the newest
+    annotation is deleted the next import reuses its id: a record under a buried id that is on
+    another task, or was made after the deleted annotation's last change (Label Studio's clock
+    on both sides), is a new annotation, and is stored.
 ``label_configs``
     every label config a project has had, by hash; ``projects.label_config_id`` points at
     the current one.
@@ -18,9 +22,11 @@ One :class:`CorrectionStore` per process.  It holds, per project (keyed ``"<id>.
     what ``/setup`` told us (Label Studio's address and the owner's token, for catching up),
     and the last sync report.
 ``deleted_tasks``
-    task ids ``TASKS_DELETED`` named, and when (the last time); an annotation event for such a task
-    is ignored, unless the annotation was made after the deletion: Label Studio on SQLite gives the
-    next task the id of the last one deleted, and that new task's labels count.
+    task ids ``TASKS_DELETED`` named, when (the last time, this machine's clock), and the newest
+    ``updated_at`` of the labels held on the task then (Label Studio's clock); an annotation event
+    for such a task is ignored, unless the annotation was made after that label or after the
+    deletion: Label Studio on SQLite gives the next task the id of the last one deleted, and that
+    new task's labels count, whichever clock runs ahead.
 ``task_changes``
     per task, the seq of its last training-relevant change; ``projects.pending_tasks`` keeps
     the number of tasks changed since the last training run.
@@ -541,6 +547,7 @@ tombstones = sa.Table(
     sa.Column("task_id", sa.BigInteger),
     sa.Column("deleted_at", sa.Float, nullable=False),
     sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("updated_us", sa.BigInteger),  # v4: the deleted annotation's last updated_at held (None: never held)
 )
 deleted_tasks = sa.Table(  # v3: tasks deleted in Label Studio
     "deleted_tasks",
@@ -549,6 +556,7 @@ deleted_tasks = sa.Table(  # v3: tasks deleted in Label Studio
     sa.Column("task_id", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("deleted_at", sa.Float, nullable=False),
     sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("last_us", sa.BigInteger),  # v4: the newest updated_at of its labels held when deleted
 )
 changes = sa.Table(  # v1's change log: read by migration 2, no longer written
     "changes",
@@ -717,11 +725,20 @@ def _migration_3_deleted_tasks(conn: Connection) -> None:
     ).create(conn)
 
 
+def _migration_4_reused_ids(conn: Connection) -> None:
+    """Version 4: Label Studio's own times beside each deleted annotation and task, so that an id
+    Label Studio gives again (its SQLite import reuses the ids of the newest annotation and task
+    deleted) is told from a late event of the deleted one."""
+    conn.execute(sa.text("ALTER TABLE tombstones ADD COLUMN updated_us BIGINT"))
+    conn.execute(sa.text("ALTER TABLE deleted_tasks ADD COLUMN last_us BIGINT"))
+
+
 # (version, description, function(conn)); applied in order, each once, never edited once released
 MIGRATIONS: tuple[tuple[int, str, Callable[[Connection], None]], ...] = (
     (1, "initial tables", _migration_1_initial),
     (2, "per-task change marks and a kept count of tasks changed since training", _migration_2_task_changes),
     (3, "tasks deleted in Label Studio", _migration_3_deleted_tasks),
+    (4, "Label Studio's times of deleted annotations and tasks (ids it gives again)", _migration_4_reused_ids),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -738,8 +755,13 @@ _MARK_MOVE = (
 _IDS_OF_TASKS = sa.select(annotations.c.annotation_id).where(
     annotations.c.project_key == sa.bindparam("key"), annotations.c.task_id.in_(sa.bindparam("tasks", expanding=True))
 )
-_DEAD_TASKS = sa.select(deleted_tasks.c.task_id, deleted_tasks.c.deleted_at).where(
+_DEAD_TASKS = sa.select(deleted_tasks.c.task_id, deleted_tasks.c.deleted_at, deleted_tasks.c.last_us).where(
     deleted_tasks.c.project_key == sa.bindparam("key"), deleted_tasks.c.task_id.in_(sa.bindparam("tasks", expanding=True))
+)
+_DEAD_TASK_AGAIN = (
+    deleted_tasks.update()
+    .where(deleted_tasks.c.project_key == sa.bindparam("k"), deleted_tasks.c.task_id == sa.bindparam("t"))
+    .values(deleted_at=sa.bindparam("d"), seq=sa.bindparam("s"), last_us=sa.bindparam("l"))
 )
 _PROJECT_BY_KEY = sa.select(projects).where(projects.c.key == sa.bindparam("key"))
 _CONFIG_BY_HASH = sa.select(label_configs.c.id).where(
@@ -758,7 +780,7 @@ _HELD = sa.union_all(
     sa.select(
         sa.literal("dead"),
         tombstones.c.annotation_id,
-        sa.cast(sa.null(), sa.BigInteger),
+        tombstones.c.updated_us,
         sa.cast(sa.null(), sa.String(64)),
         sa.cast(sa.null(), sa.Boolean),
         tombstones.c.task_id,
@@ -887,14 +909,27 @@ _ALL_COLUMNS = (
 class _Held:
     """One annotation inside a write transaction: what the database held, and what it will hold."""
 
-    __slots__ = ("start", "now", "dead", "columns", "tomb_task")
+    __slots__ = ("start", "now", "dead", "columns", "tomb_task", "tomb_us", "reused")
 
-    def __init__(self, start: str, now: dict | None):
+    def __init__(self, start: str, now: dict | None, tomb_task: int | None = None, tomb_us: int | None = None):
         self.start = start  # "live", "dead" (tombstone) or "none"
         self.now = now  # its columns as they stand (None: no live row)
         self.dead = start == "dead"
         self.columns: set[str] = set()  # columns to write
-        self.tomb_task: int | None = None
+        self.tomb_task = tomb_task  # the buried annotation's task, and its last updated_at held
+        self.tomb_us = tomb_us
+        self.reused = False  # a tombstone's id given to a new annotation: the tombstone row goes
+
+    def bury(self, task_id: int | None, updated_us: int | None) -> None:
+        self.dead, self.tomb_task, self.tomb_us, self.now = True, task_id, updated_us, None
+
+    def given_again(self, record: "AnnotationRecord") -> bool:
+        """Whether ``record``, under this buried id, is a new annotation Label Studio gave the id
+        to: on another task, or made after the buried one's last change; a late event of the
+        buried annotation is neither."""
+        if self.tomb_task is not None and record.task_id != self.tomb_task:
+            return True
+        return self.tomb_us is not None and record.created_us is not None and record.created_us > self.tomb_us
 
 
 class _ProjectWork:
@@ -916,7 +951,8 @@ class _ProjectWork:
         self.touched: set[int] = set()
         self.triggers: list[dict] = []
         self.tasks_known: set[int] = set()  # task ids whose deletion state has been read
-        self.dead_tasks: dict[int, float] = {}  # of those, the deleted ones, and when they were
+        # of those, the deleted ones: when (this machine's clock), and their labels' newest updated_at
+        self.dead_tasks: dict[int, tuple[float, int | None]] = {}
         self.buried_tasks: list[int] = []  # deleted by this transaction
         self.reburied_tasks: list[int] = []  # deleted again by it (a new task under a deleted id: ``upsert``)
 
@@ -984,7 +1020,7 @@ class _ProjectWork:
             found: dict[int, _Held] = {}
             for row in self.conn.execute(_HELD, {"key": self.key, "ids": list(chunk)}):
                 if row.kind == "dead":
-                    found[row.annotation_id] = _Held("dead", None)
+                    found[row.annotation_id] = _Held("dead", None, row.task_id, row.updated_us)
                 elif row.annotation_id not in found:
                     found[row.annotation_id] = _Held("live", {
                         "updated_us": row.updated_us, "content_hash": row.content_hash,
@@ -997,21 +1033,28 @@ class _ProjectWork:
         """Read which of these tasks were deleted in Label Studio, for those not in hand yet."""
         missing = sorted({int(t) for t in task_ids} - self.tasks_known)
         for chunk in _chunks(missing, 500):
-            for task_id, deleted_at in self.conn.execute(_DEAD_TASKS, {"key": self.key, "tasks": list(chunk)}):
-                self.dead_tasks[int(task_id)] = float(deleted_at)
+            for task_id, deleted_at, last_us in self.conn.execute(_DEAD_TASKS, {"key": self.key, "tasks": list(chunk)}):
+                self.dead_tasks[int(task_id)] = (float(deleted_at), last_us)
         self.tasks_known.update(missing)
 
     def delete_tasks(self, task_ids: Sequence[int]) -> int:
         """Tasks deleted in Label Studio: their annotations are deleted (tombstoned) and the tasks
         remembered, so that a late event for one of them is not stored; the annotations deleted."""
         self.load_tasks(task_ids)
+        ids = self.ids_of_tasks(task_ids)
+        newest: dict[int, int] = {}  # per task, the newest updated_at of its labels (Label Studio's clock)
+        for annotation_id in ids:
+            now = self.held[annotation_id].now
+            newest[now["task_id"]] = max(newest.get(now["task_id"], now["updated_us"]), now["updated_us"])
         for task_id in dict.fromkeys(int(t) for t in task_ids):
-            if task_id not in self.dead_tasks:
+            before = self.dead_tasks.get(task_id)
+            if before is None:
                 self.buried_tasks.append(task_id)
             elif task_id not in self.buried_tasks and task_id not in self.reburied_tasks:
                 self.reburied_tasks.append(task_id)
-            self.dead_tasks[task_id] = self.now
-        return sum(self.delete(i) for i in self.ids_of_tasks(task_ids))
+            last = [us for us in (before[1] if before else None, newest.get(task_id)) if us is not None]
+            self.dead_tasks[task_id] = (self.now, max(last) if last else None)
+        return sum(self.delete(i) for i in ids)
 
     def ids_of_tasks(self, task_ids: Iterable[int]) -> list[int]:
         """Live annotation ids on these tasks, in the database or added in this transaction."""
@@ -1026,14 +1069,16 @@ class _ProjectWork:
     def upsert(self, record: AnnotationRecord, config_id: int | None, seq: int, source: str) -> str:
         held = self.held[record.annotation_id]
         if held.dead:
-            return BURIED
-        deleted_at = self.dead_tasks.get(record.task_id)
+            if not held.given_again(record):
+                return BURIED
+            held.dead, held.reused = False, True  # a new annotation under a deleted one's id
+        dead_task = self.dead_tasks.get(record.task_id)
         # an annotation made after its task was deleted is on a new task under that id (Label Studio
         # on SQLite gives the next task the id of the last one deleted): its labels count
-        if deleted_at is not None and not (record.created_us is not None and record.created_us > deleted_at * 1_000_000):
+        if dead_task is not None and not _made_after(record, *dead_task):
             # a late event for an annotation of a deleted task: deleted too
             if held.now is None:
-                held.dead, held.tomb_task = True, record.task_id
+                held.bury(record.task_id, record.updated_us)
             else:
                 self.delete(record.annotation_id)
             return BURIED
@@ -1083,33 +1128,37 @@ class _ProjectWork:
         held = self.held[annotation_id]
         if held.dead:
             return 0
-        held.dead = True
-        if held.now is None:
+        now = held.now
+        held.bury(now["task_id"] if now else None, now["updated_us"] if now else None)
+        if now is None:
             return 0
-        held.tomb_task = held.now["task_id"]
-        if not held.now["was_cancelled"]:
+        if not now["was_cancelled"]:
             self.live -= 1
-            self.touched.add(held.now["task_id"])
-        held.now = None
+            self.touched.add(now["task_id"])
         return 1
 
     def flush(self, seq: int) -> None:
         """Write everything this transaction changed for the project."""
         conn, key = self.conn, self.key
-        inserts, updates, removed, buried = [], defaultdict(list), [], []
+        inserts, updates, removed, buried, unburied = [], defaultdict(list), [], [], []
         for annotation_id, held in self.held.items():
+            if held.reused:  # the tombstone of the id Label Studio gave again goes (a new one below if deleted again)
+                unburied.append(annotation_id)
             if held.dead:
                 if held.start == "live":
                     removed.append(annotation_id)
-                if held.start != "dead":
+                if held.start != "dead" or held.reused:
                     buried.append({"project_key": key, "annotation_id": annotation_id, "task_id": held.tomb_task,
-                                   "deleted_at": self.now, "seq": seq})
+                                   "deleted_at": self.now, "seq": seq, "updated_us": held.tomb_us})
             elif held.columns and held.now is not None:
-                if held.start == "none":
+                if held.start != "live":
                     inserts.append({"project_key": key, "annotation_id": annotation_id, **held.now})
                 else:
                     columns = tuple(sorted(held.columns))
                     updates[columns].append({"k": key, "a": annotation_id, **{f"v_{c}": held.now[c] for c in columns}})
+        for chunk in _chunks(unburied, 500):
+            conn.execute(tombstones.delete().where(tombstones.c.project_key == key,
+                                                   tombstones.c.annotation_id.in_(list(chunk))))
         if inserts:
             conn.execute(annotations.insert(), inserts)
         for columns, rows in updates.items():
@@ -1120,11 +1169,11 @@ class _ProjectWork:
         if buried:
             conn.execute(tombstones.insert(), buried)
         if self.buried_tasks:
-            conn.execute(deleted_tasks.insert(), [{"project_key": key, "task_id": t, "deleted_at": self.now, "seq": seq}
-                                                  for t in self.buried_tasks])
-        for chunk in _chunks(self.reburied_tasks, 500):
-            conn.execute(deleted_tasks.update().where(deleted_tasks.c.project_key == key,
-                                                      deleted_tasks.c.task_id.in_(list(chunk))).values(deleted_at=self.now, seq=seq))
+            conn.execute(deleted_tasks.insert(), [{"project_key": key, "task_id": t, "deleted_at": self.now, "seq": seq,
+                                                   "last_us": self.dead_tasks[t][1]} for t in self.buried_tasks])
+        if self.reburied_tasks:
+            conn.execute(_DEAD_TASK_AGAIN, [{"k": key, "t": t, "d": self.now, "s": seq, "l": self.dead_tasks[t][1]}
+                                            for t in self.reburied_tasks])
         if self.touched:
             self.pending += self.store._mark_tasks(conn, key, self.touched, seq, self.state["trained_seq"])
             self.set(last_seq=seq, pending_tasks=self.pending)
@@ -1133,6 +1182,16 @@ class _ProjectWork:
             conn.execute(projects.update().where(projects.c.key == key).values(**self.values))
         if self.triggers:
             conn.execute(triggers.insert(), self.triggers)
+
+
+def _made_after(record: AnnotationRecord, deleted_at: float, last_us: int | None) -> bool:
+    """Whether ``record`` was made after its task (under this id) was deleted: after the newest label
+    held on the deleted task (Label Studio's clock, where one was held), or after the deletion
+    (this machine's clock); either way it is on a new task Label Studio gave the id to."""
+    created = record.created_us
+    if created is None:
+        return False
+    return created > deleted_at * 1_000_000 or (last_us is not None and created > last_us)
 
 
 def _annotation_update(columns: tuple[str, ...]) -> Any:

@@ -21,6 +21,7 @@ from tests.support.events import (
     key_of,
     project,
     span,
+    stamp,
 )
 from tests.support.stores import BACKENDS, store_url
 
@@ -124,6 +125,51 @@ def test_a_new_task_under_the_id_of_a_deleted_one_keeps_its_labels(store):
     time.sleep(1.1)
     assert store.record_event({"action": "TASKS_DELETED", "tasks": [{"id": 10}], "project": project()}).changed == 1
     assert store.record_event(fresh).changed == 0 and labels_of(store) == {}
+
+
+def test_an_annotation_id_label_studio_gives_again_is_a_new_annotation(store):
+    """Label Studio on SQLite (its default) numbers imported annotations from the newest one there
+    (``latest('id') + 1``), so the id of a deleted newest annotation comes back on the next import.
+    The tombstone was final, and the imported label was refused for good, by webhooks and syncs."""
+    from ls_backend.store import AnnotationRecord, ProjectInfo
+
+    store.record_event(annotation_event(1, 10, choices("World")))
+    store.record_event(annotation_event(2, 11, choices("Sports"), updated=30))
+    store.record_event(deleted_event(2))
+    # a late event of the deleted annotation, even one stamped later, stays out
+    assert store.record_event(annotation_event(2, 11, choices("Business"), action="ANNOTATION_UPDATED",
+                                               updated=90)).changed == 0
+    imported = annotation_event(2, 12, choices("Business"), updated=60)  # the import: another task
+    imported["annotation"]["created_at"] = stamp(60)
+    outcome = store.record_event(imported)
+    assert outcome.changed == 1 and outcome.stored_annotations == 2
+    assert labels_of(store) == {10: ("World",), 12: ("Business",)}
+    assert store.project_summary(KEY).deleted == 0
+    # the old annotation's late events still lose: ordered behind the new one's updated_at
+    assert store.record_event(annotation_event(2, 11, choices("World"), updated=30)).changed == 0
+    # deleted in turn, its id is buried again, and a replay of it stays out
+    assert store.record_event(deleted_event(2)).changed == 1
+    assert store.record_event(imported).changed == 0 and labels_of(store) == {10: ("World",)}
+    # a sync reads the same rule: an id given again on the same task, made after the deleted one's last change
+    again = annotation_event(2, 12, choices("World"), updated=120)
+    again["annotation"]["created_at"] = stamp(120)
+    counts = store.ingest(ProjectInfo.from_payload(project()),
+                          [AnnotationRecord.from_payload(again["annotation"], again["task"], 3)])
+    assert (counts.inserted, counts.tombstoned) == (1, 0) and labels_of(store) == {10: ("World",), 12: ("World",)}
+
+
+def test_a_deleted_task_and_annotation_given_again_keep_their_label_whichever_clock_runs_ahead(store):
+    """Tasks deleted, then pre-annotated tasks imported: Label Studio on SQLite gives both ids again.
+    The new label was kept only where Label Studio's clock stamped it later than this machine's
+    clock stamped the deletion; with Label Studio's clock behind, it was dropped for good."""
+    store.record_event(annotation_event(1, 10, choices("World"), updated=30))
+    store.record_event({"action": "TASKS_DELETED", "tasks": [{"id": 10}], "project": project()})
+    # (the test's Label Studio clock reads 2026-11-27 01:00, well behind this machine's)
+    assert store.record_event(annotation_event(1, 10, choices("World"), updated=40)).changed == 0  # late: stays out
+    imported = annotation_event(1, 10, choices("Sports"), updated=45)
+    imported["annotation"]["created_at"] = stamp(45)  # after the deleted label's last change
+    assert store.record_event(imported).changed == 1
+    assert labels_of(store) == {10: ("Sports",)}
 
 
 def test_bulk_created_annotations_are_stored(store):
@@ -466,6 +512,26 @@ def test_a_version_1_store_is_migrated_with_its_data(url, monkeypatch):
         assert migrated.labels_since_training(KEY) == 3  # tasks 11, 12, 13
         outcome = migrated.record_event(annotation_event(1, 14, choices("World")))
         assert outcome.labels_since_training == 4 and migrated.project_summary(KEY).title == "topics"
+    finally:
+        migrated.close()
+
+
+def test_a_version_3_stores_tombstones_stay_final_for_their_task_after_the_migration(url, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:3])
+        patch.setattr(store_module, "SCHEMA_VERSION", 3)
+        old = CorrectionStore(url)
+    with old.engine.begin() as conn:  # what version 3 wrote for a deleted annotation: no time of Label Studio's
+        conn.execute(sa.text("INSERT INTO tombstones (project_key, annotation_id, task_id, deleted_at, seq) "
+                             f"VALUES ('{KEY}', 1, 10, 0, 99)"))
+    old.close()
+    migrated = CorrectionStore(url)
+    try:
+        late = annotation_event(1, 10, choices("Sports"), updated=60)
+        late["annotation"]["created_at"] = stamp(60)
+        assert migrated.record_event(late).changed == 0  # its task's events: as final as before
+        assert migrated.record_event(annotation_event(1, 12, choices("Sports"))).changed == 1  # another task: new
+        assert labels_of(migrated) == {12: ("Sports",)}
     finally:
         migrated.close()
 
