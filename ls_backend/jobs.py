@@ -184,14 +184,40 @@ def _prune_embedding_cache(settings: Settings) -> None:
                  sum(r.rows for r in capped), settings.cache_max_rows)
 
 
-def _sync_before_training(settings: Settings, store, project_key: str) -> None:
-    """Bring the store level with Label Studio first, where its API is reachable."""
-    from .sync import sync_project
+#: how long a job waits for a sync of its project that another process runs (the web worker's, on
+#: the same START_TRAINING) before it lists Label Studio itself all the same
+SYNC_WAIT_S = 300.0
 
+
+def _sync_before_training(settings: Settings, store, project_key: str) -> None:
+    """Bring the store level with Label Studio first, where its API is reachable.  Under the
+    project's sync lease: the button that queued this job also started a sync in a web worker,
+    and two full listings at once only load Label Studio; where that sync ends while the job waits
+    for the lease, its result is the job's (it listed Label Studio after the button was pressed)."""
+    from .sync import LEASE_S, sync_project
+
+    asked = time.time()
+    deadline = time.monotonic() + SYNC_WAIT_S
+    claimed = store.claim_sync(project_key, LEASE_S)
+    while not claimed and time.monotonic() < deadline:
+        time.sleep(0.5)
+        claimed = store.claim_sync(project_key, LEASE_S)
     try:
+        if claimed:
+            last = store.last_sync(project_key)
+            if last and float(last.get("finished_at") or 0) >= asked:
+                log.info("project %s: a sync that ended while the job waited (%s) is the job's", project_key,
+                         last.get("reason"))
+                return
+        else:
+            log.warning("project %s: a sync has held the project for over %.0f s; syncing all the same",
+                        project_key, SYNC_WAIT_S)
         sync_project(store, settings, project_key, reason="START_TRAINING")
     except Exception as exc:  # the labels we hold are still worth training on
         log.warning("project %s: sync before training failed: %s", project_key, exc)
+    finally:
+        if claimed:
+            store.finish_sync(project_key)
 
 
 class Throttled:

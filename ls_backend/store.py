@@ -1594,6 +1594,12 @@ class CorrectionStore:
                 projects.update().where(projects.c.key == project_key).values(last_sync=canonical_json(report))
             )
 
+    def last_sync(self, project_key: str) -> dict | None:
+        """The report of the project's last sync (None: none yet, or no such project)."""
+        with self._read() as conn:
+            raw = conn.execute(sa.select(projects.c.last_sync).where(projects.c.key == project_key)).scalar()
+        return json.loads(raw) if raw else None
+
     def finish_sync(self, project_key: str, report: dict | None = None) -> None:
         """Release the sync lease and keep the report for the operator view."""
         with self._write() as (conn, _seq):

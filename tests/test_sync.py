@@ -412,3 +412,43 @@ def test_labels_a_sync_brings_in_queue_training_as_labels_from_webhooks_do(tmp_p
     # a sync that changes nothing queues nothing more
     services.sync._sync(key, "behind Label Studio", source=studio)
     assert len(services.queue.jobs(key)) == 1
+
+
+def test_a_start_training_job_waits_for_the_sync_a_web_worker_runs_and_takes_its_result(store, monkeypatch):
+    """The button queues a job and starts a sync in a web worker; the job's own sync listed Label
+    Studio a second time, at the same moment, outside the project's sync lease."""
+    import threading
+    import time
+
+    from ls_backend import jobs
+    from ls_backend import sync as sync_module
+
+    studio = FakeLabelStudio({10: [api_annotation(1, 10, "World")], 11: [api_annotation(2, 11, "Sports")]})
+    listings = []
+    listed = studio.tasks
+
+    def counted(*args, **kwargs):
+        listings.append(time.monotonic())
+        return listed(*args, **kwargs)
+
+    studio.tasks = counted
+    monkeypatch.setattr(sync_module, "source_for", lambda settings, store_, key: studio)
+    store.record_event(annotation_event(1, 10, choices("World")))
+    assert store.claim_sync(KEY, 60)  # the web worker's sync, under way
+
+    def web_worker_sync():
+        time.sleep(0.5)
+        sync_project(store, Settings(), KEY, reason="START_TRAINING")
+        store.finish_sync(KEY)
+
+    worker = threading.Thread(target=web_worker_sync)
+    worker.start()
+    jobs._sync_before_training(Settings(), store, KEY)
+    worker.join(30)
+    assert len(listings) == 1  # Label Studio listed once, not twice
+    assert store.stored_annotations(KEY) == 2 and store.last_sync(KEY)["reason"] == "START_TRAINING"
+    assert store.claim_sync(KEY, 60)  # and the job let the lease go
+    store.finish_sync(KEY)
+    # with no sync of another process to wait for, the job lists Label Studio itself
+    jobs._sync_before_training(Settings(), store, KEY)
+    assert len(listings) == 2 and store.claim_sync(KEY, 60)
