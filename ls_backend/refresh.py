@@ -159,7 +159,11 @@ class LabelStudioPredictions:
         from label_studio_sdk import PredictionRequest
 
         try:
-            answer = self.client.projects.import_predictions(id=self.ls_id, request=[PredictionRequest(**row) for row in rows])
+            # never re-sent by the client: Label Studio may have committed an import its answer never
+            # brought back (a proxy's 502, a dropped connection), and a second one writes every
+            # prediction twice; the refresh looks at what was written before it sends again
+            answer = self.client.projects.import_predictions(id=self.ls_id, request=[PredictionRequest(**row) for row in rows],
+                                                             request_options={"max_retries": 0})
         except Exception as exc:
             raise RefreshError(f"Label Studio at {self.url}: importing {len(rows)} predictions ({_reason(exc)})",
                                getattr(exc, "status_code", None)) from None
@@ -254,29 +258,37 @@ class PredictionRefresh:
                 f"Label Studio project {api.ls_id} at {api.url} has key {ls_key}, not {project_key}: "
                 "another Label Studio instance, or the project was re-created"
             )
-        # what serves: the current version, or the one standing in for a missing or unreadable one
-        # (as the web workers serve it); a cold start only for a project without any version
-        loaded = self.registry.readable_current(project_key)
-        if loaded is None:
-            version = self._cold_start(project_key, ls_config)
-            if version is None:
-                why = ("no readable version (see the log)" if self.registry.versions(project_key)
-                       else "no version yet, and no label config we can serve")
-                return RefreshReport(project_key, None, "skipped", why)
-            loaded = self.registry.load(project_key, version)
-        loaded = self._past_another_install(project_key, api, loaded, chosen)
-        version = loaded.version
-        config = loaded.meta.get("label_config") or self.store.latest_label_config(project_key) or ls_config
+        # the version /setup and /predict answer for the label config in force (Label Studio's own,
+        # else the store's): what serves (or stands in for a missing or unreadable current version),
+        # re-shaped where the config changed since it was made, a cold start for a project without
+        # any version or after BASE_MODEL changed, exactly as a web worker decides it.  Predictions of
+        # a version made for an earlier config name controls Label Studio no longer has (it drops them
+        # and answers 201), and a version /setup no longer answers would sort nothing.
+        held = self.registry.readable_current(project_key)
+        config = (ls_config or (self.store.latest_label_config(project_key) if self.store is not None else None)
+                  or (held.meta.get("label_config") if held is not None else None))
+        if not config:
+            return RefreshReport(project_key, held.version if held else None, "skipped",
+                                 "no version yet, and no label config we can serve")
         try:
-            plan = plan_for(config or "")
+            plan = plan_for(config)
         except UnsupportedConfig as exc:
-            return RefreshReport(project_key, version, "skipped", f"label config: {exc}")
+            return RefreshReport(project_key, held.version if held else None, "skipped", f"label config: {exc}")
+        from .predictor import Serving
+
+        predictor = self._predictor()
+        serving = predictor.ensure_serving(project_key, plan)
+        loaded = self.registry.load(project_key, serving.version)
+        renumbered = self._past_another_install(project_key, api, loaded, chosen)
+        if renumbered.version != loaded.version:
+            loaded = renumbered
+            serving = Serving(loaded.version, loaded.heads, serving.encoder, loaded.meta.get("plan_signature"))
+        version = loaded.version
         primary = next(
             (c for c in plan.controls if c.kind == CHOICES and isinstance(loaded.heads.get(c.name), ClassifierHead)), None
         )
         embed_control = primary or (plan.controls[0] if plan.controls else None)
         report = RefreshReport(project_key, version)
-        predictor, serving = self._serving(project_key, loaded)
         if cursor.get("version") == version and cursor.get("state") == "running":
             report.resumed_after = int(cursor.get("after_id", 0))
             report.top_up_after = cursor.get("top_up_after")
@@ -409,23 +421,6 @@ class PredictionRefresh:
             return
         self.pools.add_labeled(project_key, version, [task_id for task_id, _ in labeled], vectors)
 
-    def _cold_start(self, project_key: str, ls_config: str | None) -> str | None:
-        """The zero-shot ``v0`` for a project that has no version yet (as ``/setup`` would make it)."""
-        config = (self.store.latest_label_config(project_key) if self.store is not None else None) or ls_config
-        if not config:
-            return None
-        try:
-            plan = plan_for(config)
-        except UnsupportedConfig:
-            return None
-        with self.registry.lock(project_key):
-            current = self.registry.readable_current(project_key)
-            if current is not None:
-                return current.version
-            if self.registry.versions(project_key):
-                return None  # versions, none readable: no cold start over them
-            return self.registry.write_plan_version(project_key, plan, None, self._base_encoder(), self.settings).version
-
     def _base_encoder(self) -> Encoder:
         if self._encoder is None:
             self._encoder = Encoder(
@@ -436,15 +431,10 @@ class PredictionRefresh:
             )
         return self._encoder
 
-    def _serving(self, project_key: str, loaded):
-        from .predictor import Predictor, Serving
+    def _predictor(self):
+        from .predictor import Predictor
 
-        encoder = self._base_encoder() if loaded.encoder_path is None else Encoder(
-            loaded.encoder_path, resolve_device(self.settings.device), self.settings.max_length, self.settings.inference_precision
-        )
-        predictor = Predictor(self.settings, self.registry, encoder=encoder)
-        serving = Serving(loaded.version, loaded.heads, encoder, loaded.meta.get("plan_signature"))
-        return predictor, serving
+        return Predictor(self.settings, self.registry, encoder=self._base_encoder())
 
     def _page(self, project_key, version, plan, predictor, serving, embed_control, primary, tasks, report) -> int:
         """Predict ``tasks``, write what is new to Label Studio and add them to the pool; how many
@@ -454,18 +444,20 @@ class PredictionRefresh:
         rows, ids, rows_of_embedding, probabilities, scores, unreadable = [], [], [], [], [], []
         for i, (task, result) in enumerate(zip(tasks, results)):
             slot = keep["slot"].get((embed_control.field, i)) if embed_control is not None else None
-            if slot is None:  # no text to read; a text with nothing found (no entity) still has its score
+            if slot is None and not keep["scored"][i]:
+                # no text to read; a text with nothing found (no entity) still has its score
                 report.unreadable += 1
                 unreadable.append(task["id"])
                 continue
-            ids.append(task["id"])
-            rows_of_embedding.append(slot)
-            scores.append(result["score"])
-            if primary is not None:
-                row = keep["probabilities"][primary.name][i]
-                if row is None:  # not finite (a half-precision overflow): kept as such, /next ranks it first
-                    row = np.full(len(serving.heads[primary.name].labels), np.nan, dtype=np.float32)
-                probabilities.append(row)
+            if slot is not None:  # the pool reads the first control's text; another control's may be all there is
+                ids.append(task["id"])
+                rows_of_embedding.append(slot)
+                scores.append(result["score"])
+                if primary is not None:
+                    row = keep["probabilities"][primary.name][i]
+                    if row is None:  # not finite (a half-precision overflow): kept as such, /next ranks it first
+                        row = np.full(len(serving.heads[primary.name].labels), np.nan, dtype=np.float32)
+                    probabilities.append(row)
             if not keep["scored"][i]:  # nothing trained reads it yet (an untrained entity head): pool only
                 report.pooled_only += 1
                 continue
@@ -500,7 +492,15 @@ class PredictionRefresh:
         raised)."""
         api = self.api_for(project_key)
         try:
-            report.written += api.create(rows)
+            try:
+                report.written += self._created(project_key, rows, api.create(rows))
+            except RefreshError as exc:
+                if not rows or not _maybe_committed(exc):
+                    raise
+                rows = self._unwritten(project_key, rows)  # what Label Studio holds now decides what to send again
+                log.warning("project %s: importing predictions failed (%s); sending the %d not written again",
+                            project_key, exc, len(rows))
+                report.written += self._created(project_key, rows, api.create(rows)) if rows else 0
             return set()
         except RefreshError as exc:
             if exc.status != 400 or not rows:
@@ -525,6 +525,23 @@ class PredictionRefresh:
                         project_key, sorted(refused)[:20], exc)
             return refused
 
+    @staticmethod
+    def _created(project_key: str, rows: list[dict], created: int) -> int:
+        if created < len(rows):  # Label Studio 1.23 skips a prediction it finds invalid, and answers 201
+            log.warning("project %s: Label Studio created %d of %d predictions (the others did not fit its label "
+                        "config)", project_key, created, len(rows))
+        return created
+
+    def _unwritten(self, project_key: str, rows: list[dict]) -> list[dict]:
+        """Of ``rows``, those whose task Label Studio still lists unlabeled without a prediction of the
+        row's version (an import whose answer was lost may have been written)."""
+        version = rows[0]["model_version"]
+        ids = [int(row["task"]) for row in rows]
+        listed, _ = self.api_for(project_key).unlabeled_after(
+            min(ids) - 1, 2 * max(len(rows), self.settings.refresh_page_size), up_to=max(ids))
+        waiting = {task["id"] for task in listed if version not in task["versions"]}
+        return [row for row in rows if int(row["task"]) in waiting]
+
     def _follow(self, project_key: str, version: str, api: LabelStudioPredictions, report: RefreshReport,
                 predicted_before: int = 0) -> bool:
         """Move the project's ``model_version`` to ``version`` when it names another of our versions
@@ -541,6 +558,12 @@ class PredictionRefresh:
         except RefreshError as exc:
             log.warning("project %s: could not move Label Studio's model_version to %s: %s", project_key, version, exc)
             return False
+
+
+def _maybe_committed(exc: RefreshError) -> bool:
+    """Whether a failed import may still have been written: no answer (a dropped connection, a
+    timeout) or a server error (a proxy's 502 after Label Studio committed)."""
+    return exc.status is None or exc.status >= 500 or exc.status in (408, 429)
 
 
 def unfinished_refresh(settings: Settings, project_key: str) -> str | None:

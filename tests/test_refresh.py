@@ -114,3 +114,105 @@ def test_rank_answers_from_the_pool_there_is_when_label_studio_is_out_of_reach(t
             rank_project(settings, store, key, 3, refresh=True)
     finally:
         store.close()
+
+
+# -- the refresh against a Label Studio that answers as told ----------------------------------------
+TWO_FIELDS = """<View>
+  <Text name="title" value="$title"/>
+  <Choices name="topic" toName="title"><Choice value="World"/><Choice value="Sports"/></Choices>
+  <Text name="body" value="$body"/>
+  <Choices name="sentiment" toName="body"><Choice value="Positive"/><Choice value="Negative"/></Choices>
+</View>"""
+
+
+class ScriptedLabelStudio:
+    """The calls of a refresh (``LabelStudioPredictions``), over tasks in memory; ``lose_answer``:
+    how many imports to write and then fail as a proxy's 502 would; ``fail_before``: how many to
+    fail without writing."""
+
+    ls_id, url = 5, "http://label-studio.test"
+
+    def __init__(self, tasks, config, lose_answer=0, fail_before=0):
+        self.tasks, self.config = tasks, config
+        self.lose_answer, self.fail_before = lose_answer, fail_before
+        self.predictions: list[dict] = []
+        self.imports = 0
+
+    def project(self):
+        return PROJECT, "", self.config
+
+    def unlabeled_after(self, after_id, size, up_to=None):
+        listed = [dict(t, versions={p["model_version"] for p in self.predictions if p["task"] == t["id"]})
+                  for t in self.tasks if t["id"] > after_id and (up_to is None or t["id"] <= up_to)]
+        return listed[:size], len(listed)
+
+    def create(self, rows):
+        from ls_backend.refresh import RefreshError
+
+        self.imports += 1
+        if self.fail_before:
+            self.fail_before -= 1
+            raise RefreshError("502 Bad Gateway", 502)
+        self.predictions.extend(rows)
+        if self.lose_answer:
+            self.lose_answer -= 1
+            raise RefreshError("502 Bad Gateway (written, answer lost)", 502)
+        return len(rows)
+
+    def set_model_version(self, version):
+        pass
+
+
+def scripted_refresh(tmp_path, encoder, studio):
+    from ls_backend.refresh import PredictionRefresh
+    from ls_backend.registry import ModelRegistry
+
+    settings = Settings(model_dir=tmp_path / "models", max_length=128, refresh_page_size=50)
+    return PredictionRefresh(settings, None, ModelRegistry(settings.model_dir), api=studio, encoder=encoder).run(PROJECT)
+
+
+def test_a_task_whose_first_controls_field_is_empty_still_gets_the_other_controls_prediction(tmp_path, encoder):
+    studio = ScriptedLabelStudio([{"id": 1, "data": {"title": "Team wins the cup", "body": "A great day for fans"}},
+                                  {"id": 2, "data": {"title": "", "body": "A terrible, sad defeat"}},
+                                  {"id": 3, "data": {"title": "", "body": ""}}], TWO_FIELDS)
+    report = scripted_refresh(tmp_path, encoder, studio)
+    assert (report.written, report.unreadable) == (2, 1)
+    second = next(p for p in studio.predictions if p["task"] == 2)
+    assert [r["from_name"] for r in second["result"]] == ["sentiment"] and second["score"] > 0
+
+
+def test_an_import_whose_answer_was_lost_is_not_written_twice(tmp_path, encoder):
+    """The client re-sent a failed import (a 5xx, a dropped connection) whatever Label Studio had
+    committed: a proxy's 502 after the write gave every task of the page two predictions."""
+    from collections import Counter
+
+    from tests.support.events import TOPIC_CONFIG
+
+    texts = ["Stocks fell", "The striker scored", "A faster chip", "Rebels seize a town"]
+    tasks = [{"id": i + 1, "data": {"text": t}} for i, t in enumerate(texts)]
+    lost = ScriptedLabelStudio(tasks, TOPIC_CONFIG, lose_answer=1)
+    report = scripted_refresh(tmp_path / "lost", encoder, lost)
+    assert Counter(p["task"] for p in lost.predictions) == Counter({1: 1, 2: 1, 3: 1, 4: 1})
+    assert report.state == "finished" and lost.imports == 1
+    # an import that failed before Label Studio wrote it is sent again, once
+    failed = ScriptedLabelStudio(tasks, TOPIC_CONFIG, fail_before=1)
+    report = scripted_refresh(tmp_path / "failed", encoder, failed)
+    assert Counter(p["task"] for p in failed.predictions) == Counter({1: 1, 2: 1, 3: 1, 4: 1})
+    assert report.written == 4 and failed.imports == 2
+
+
+def test_the_import_of_predictions_is_never_re_sent_by_the_client():
+    """label-studio-sdk re-sends a POST on a 5xx or a dropped connection, committed or not."""
+    from types import SimpleNamespace
+
+    from ls_backend.refresh import LabelStudioPredictions
+
+    calls = []
+
+    def import_predictions(**kwargs):
+        calls.append(kwargs)
+        return SimpleNamespace(created=len(kwargs["request"]))
+
+    client = SimpleNamespace(projects=SimpleNamespace(import_predictions=import_predictions))
+    written = LabelStudioPredictions(client, 5).create([{"task": 1, "result": [], "score": 0.5, "model_version": "p5-v1"}])
+    assert written == 1 and calls[0]["request_options"] == {"max_retries": 0}

@@ -175,6 +175,22 @@ def test_bounded_by_refresh_max_tasks(project, encoder):
     assert sorted(p["ls"].versions_by_task(p["id"])) == sorted(p["tasks"])[:5]  # the lowest task ids first
 
 
+def test_after_a_label_config_change_the_refresh_writes_the_version_setup_answers_for_it(project, encoder):
+    """The control renamed in Label Studio after the version was made: the refresh wrote predictions
+    naming the old control under the old version; Label Studio dropped every one (answering 201), and
+    the refresh reported them written."""
+    p = project
+    renamed = TOPIC_CONFIG.replace('name="topic"', 'name="category"')
+    p["ls"].request("PATCH", f"/api/projects/{p['id']}", json={"label_config": renamed})
+    report = refresh(p, encoder)
+    answered = Predictor(p["settings"], p["registry"], encoder=encoder).setup(p["key"], renamed)
+    assert report.version == answered != p["version"], report
+    assert p["registry"].meta(p["key"], answered)["kind"] == "config-change"
+    assert report.written == len(TEXTS)
+    assert p["ls"].versions_by_task(p["id"]) == {t: Counter({answered: 1}) for t in p["tasks"]}
+    assert {r["from_name"] for pred in p["ls"].predictions(p["id"]) for r in pred["result"]} == {"category"}
+
+
 def test_a_task_whose_probabilities_are_not_finite_does_not_stop_the_refresh(project, encoder, monkeypatch):
     """A half-precision overflow gives one task of each page a row of NaN: the refresh still
     finishes (it stopped at that page on every try, and /next stayed stale), that task gets no
