@@ -54,7 +54,7 @@ import numpy as np
 
 from .embeddings import EmbeddingCache, encoder_id
 from .labeling import CHOICES, UnsupportedConfig, plan_for
-from .model import ClassifierHead, Encoder, resolve_device
+from .model import ClassifierHead, Encoder, clip_visible, resolve_device
 from .ner import TokenHead
 from .registry import ModelRegistry, version_prefix, write_atomic
 from .sampling import NoPool, PoolPart, PoolStore, next_batch
@@ -362,13 +362,15 @@ class PredictionRefresh:
         pool = self.pools.load(project_key, version)
         passed = set(pool.task_ids.tolist()) if pool is not None else set()
         passed |= self.pools.unreadable(project_key, version)
+        pooled = dict(zip(pool.task_ids.tolist(), pool.texts)) if pool is not None and pool.texts is not None else {}
         api, after_id = self.api_for(project_key), 0
         while report.tasks < limit:
             tasks, _ = api.unlabeled_after(after_id, self.settings.refresh_page_size, up_to=report.top_up_after)
             if not tasks:
                 break
             after_id = tasks[-1]["id"]
-            fresh = [task for task in tasks if task["id"] not in passed][: limit - report.tasks]
+            fresh = [task for task in tasks if task["id"] not in passed
+                     or self._another_task(task, pooled.get(task["id"]), embed_control)][: limit - report.tasks]
             if fresh:
                 report.returned += self._page(project_key, version, plan, predictor, serving, embed_control, primary,
                                               fresh, report)
@@ -430,6 +432,20 @@ class PredictionRefresh:
                 self.settings.inference_precision,
             )
         return self._encoder
+
+    def _another_task(self, task: dict, pooled: str | None, control) -> bool:
+        """Whether ``task`` is not the task the pool holds under its id: Label Studio on SQLite gives
+        imported tasks the ids after the newest one there, so tasks deleted and imported again come
+        back under the same ids, with other texts and no prediction of the version."""
+        if pooled is None or control is None:
+            return False
+        from .predictor import read_text
+
+        read = read_text(task, control.field)
+        if read.text is None:
+            return True
+        text = clip_visible(read.text, self.settings.max_text_chars, whole_words=True)
+        return text[: POOL_TEXT_CHARS_PER_TOKEN * self.settings.max_length] != pooled
 
     def _predictor(self):
         from .predictor import Predictor

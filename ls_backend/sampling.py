@@ -556,9 +556,11 @@ class PoolStore:
         pool_texts = None
         if ids:
             task_ids = np.concatenate(ids)
-            order = np.argsort(task_ids, kind="stable")
-            task_ids, first = np.unique(task_ids[order], return_index=True)  # a page redone after a crash
-            keep = order[first]
+            # one row per task, the last written: a page redone after a crash, or a task id Label Studio
+            # gave again to a new task (its top-up row replaces the deleted task's)
+            order = np.argsort(task_ids[::-1], kind="stable")
+            task_ids, first = np.unique(task_ids[::-1][order], return_index=True)
+            keep = len(order) - 1 - order[first]
             emb = np.concatenate(embeddings)[keep]
             sc = np.concatenate(scores)[keep]
             probs = np.concatenate(probabilities)[keep] if len(probabilities) == len(ids) else None

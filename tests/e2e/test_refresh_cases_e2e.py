@@ -130,6 +130,26 @@ def test_a_top_up_predicts_tasks_unlabeled_again_below_where_the_refresh_had_gon
     assert again.returned == again.written == again.tasks == 0, again
 
 
+def test_a_top_up_predicts_new_tasks_under_the_ids_of_deleted_ones(project, encoder):
+    """Label Studio on SQLite numbers imported tasks from the newest one there: tasks deleted and
+    imported again come back under the same ids. A top-up took them for the pool's tasks: no
+    prediction, and /next ranked them by the deleted tasks' texts."""
+    p, ls = project, project["ls"]
+    refresh(p, encoder)
+    last = sorted(p["tasks"])[-2:]
+    ls.request("POST", f"/api/dm/actions?id=delete_tasks&project={p['id']}",
+               json={"selectedItems": {"all": False, "included": last}})
+    again = ls.import_tasks(p["id"], [{"text": "The goalkeeper saved a penalty"}, {"text": "A chip maker cuts jobs"}])
+    assert again == last  # the ids given again
+    topped = refresh(p, encoder)
+    assert topped.returned == 2 and topped.written == 2, topped
+    assert all(ls.versions_by_task(p["id"])[t] == Counter({p["version"]: 1}) for t in last)
+    pool = PoolStore(p["registry"]).load(p["key"], p["version"])
+    texts = dict(zip(pool.task_ids.tolist(), pool.texts))
+    assert [texts[t] for t in last] == ["The goalkeeper saved a penalty", "A chip maker cuts jobs"]
+    assert refresh(p, encoder).returned == 0  # read once
+
+
 def test_a_task_deleted_while_its_page_is_predicted_costs_only_its_own_prediction(project, encoder, monkeypatch):
     """Label Studio refuses a whole import (400) for one task deleted since its page was listed: the
     refresh failed there, and no task after it got a prediction."""
