@@ -216,3 +216,27 @@ def test_the_import_of_predictions_is_never_re_sent_by_the_client():
     client = SimpleNamespace(projects=SimpleNamespace(import_predictions=import_predictions))
     written = LabelStudioPredictions(client, 5).create([{"task": 1, "result": [], "score": 0.5, "model_version": "p5-v1"}])
     assert written == 1 and calls[0]["request_options"] == {"max_retries": 0}
+
+
+def test_after_base_model_changes_the_refresh_writes_the_cold_start_setup_answers(tmp_path, encoder):
+    """The refresh wrote the old base model's version, whose heads read the new encoder's embeddings,
+    while /setup answered a cold start on the new one."""
+    from ls_backend.model import Encoder
+    from ls_backend.predictor import Predictor
+    from ls_backend.refresh import PredictionRefresh
+    from ls_backend.registry import ModelRegistry
+
+    from tests.support.events import TOPIC_CONFIG
+
+    from .test_serving_encoders import tiny_bert
+
+    tiny = tiny_bert(tmp_path / "tiny")
+    models = tmp_path / "models"
+    assert Predictor(Settings(model_dir=models, max_length=128), encoder=encoder).setup(PROJECT, TOPIC_CONFIG) == "p5-v0"
+    settings = Settings(model_dir=models, max_length=64, base_model=str(tiny), refresh_page_size=50)
+    studio = ScriptedLabelStudio([{"id": 1, "data": {"text": "Stocks fell"}}], TOPIC_CONFIG)
+    registry = ModelRegistry(models)
+    # the first thing after the change: a job's refresh, before any /setup
+    report = PredictionRefresh(settings, None, registry, api=studio, encoder=Encoder(tiny, "cpu", 64)).run(PROJECT)
+    answered = Predictor(settings).setup(PROJECT, TOPIC_CONFIG)
+    assert report.version == answered == "p5-v1" and [p["model_version"] for p in studio.predictions] == ["p5-v1"]
