@@ -5,7 +5,8 @@ frozen embeddings), ``self-train`` (the fast head refit with its surest guesses 
 unlabeled tasks, ``self_train_head``; here ``--unlabeled`` texts of the pool stand for the tasks a
 refresh of predictions embeds), ``full`` (``fine_tune``, warm-started from the self-trained head,
 on the labels plus the texts of its ``--pseudo`` surest guesses, as a job does where the
-refresh's pool kept texts; ``--pseudo 0``: labels only), optionally ``contrastive``; and
+refresh's pool kept texts; ``--pseudo 0``: labels only), with ``--full-rounds 2`` ``full-2`` (the
+second round) and ``soup`` (the two rounds' weight average), optionally ``contrastive``; and
 ``auto``, what a job promotes: every candidate a job would train (full from 50 labels on a
 CPU), trained outside the evaluation slice (20% of the labels, by task id as in a job; nor does
 it guess the unlabeled tasks of the slice) and the best on the slice served (figures within one example of the slice count as ties, and ties go as
@@ -52,6 +53,7 @@ from ls_backend.settings import Settings, bundled_encoder_path  # noqa: E402
 from ls_backend.trainer import (  # noqa: E402
     ControlData,
     TrainingArguments,
+    average_students,
     contrastive_tune,
     fine_tune,
     fit_head,
@@ -183,6 +185,9 @@ def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool):
             taught, _ = with_pseudo_labels(labels_only, heads["c"], student.encode(unlabeled[1]), unlabeled[1], rounds)
             second, second_heads, _ = fine_tune(encoder, {"c": warm}, [taught], tuning, validation=[valid])
             out["full-2"] = (second, second_heads["c"], time.perf_counter() - t0 + out["full"][2])
+            t0 = time.perf_counter()  # as a job: the two rounds' weight average
+            soup, soup_heads = average_students(student, second, heads, second_heads, [valid])
+            out["soup"] = (soup, soup_heads["c"], time.perf_counter() - t0 + out["full-2"][2])
     if args.contrastive:
         t0 = time.perf_counter()
         tuned, _ = contrastive_tune(
@@ -196,7 +201,7 @@ def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool):
 EVAL_SHARE = Settings().eval_share  # the job's evaluation slice (20%)
 # the job's names for the bench's columns (ls_backend.finetune.tie_preference ranks ties on the slice)
 JOB_NAMES = {"fast head": "frozen"}
-COLUMNS = ["fast head", "self-train", "full", "full-2", "contrastive"]
+COLUMNS = ["fast head", "self-train", "full", "full-2", "soup", "contrastive"]
 
 
 def main() -> int:

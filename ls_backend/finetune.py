@@ -29,6 +29,7 @@ from .embeddings import EmbeddingCache, encoder_id, weights_stamp
 from .trainer import (
     ControlData,
     TrainingArguments,
+    average_students,
     contrastive_tune,
     evaluate,
     fine_tune,
@@ -59,9 +60,9 @@ FAST_RECIPES = ("frozen", "self-train")
 # candidate there), self-training (ahead of the plain fast head at every size), the plain fast head;
 # then the other recipes that change the encoder (a new encoder to load and cached embeddings to redo,
 # for a gain the slice did not show)
-TIE_PREFERENCE = {"full-2": 4, "full+pool": 3, "self-train": 2, "frozen": 1}
+TIE_PREFERENCE = {"soup": 5, "full-2": 4, "full+pool": 3, "self-train": 2, "frozen": 1}
 # the candidates that fine-tune the encoder
-ENCODER_RECIPES = ("full", "full-2", "contrastive")
+ENCODER_RECIPES = ("full", "full-2", "soup", "contrastive")
 SELF_TRAIN_MIN_POOL = 50  # fewer unlabeled tasks than this: no self-training
 
 
@@ -480,6 +481,9 @@ class FineTuneJob:
                                             merged, pseudo_report)
                 candidates["full-2"] = second[0]
                 figures["full-2"] = second[1]
+                # candidate 2c: the two rounds' weight average (no training: seconds)
+                candidates["soup"], figures["soup"] = self._soup(base_encoder, candidates["full"], second[0], valid,
+                                                                 splits)
             # candidate 3: contrastive pairs tune the encoder, then fast heads on its embeddings
             tuned, contrastive_report = contrastive_tune(
                 base_encoder, [s.train for s in splits.values()], self.args, self.progress
@@ -694,6 +698,21 @@ class FineTuneJob:
         held_embed = {name: (None, served.encode(split.held.texts, self.settings.batch_size))
                       for name, split in splits.items()}
         return (merged, student, full_report), self._measure({n: merged[n] for n in splits}, splits, held_embed)
+
+    def _soup(self, base_encoder, first, second, valid, splits) -> tuple[tuple, dict]:
+        """The mean of the two rounds' students (``average_students``): the candidate
+        ``(heads, encoder, report)`` and its slice figures."""
+        (first_heads, first_student, _), (second_heads, second_student, _) = first, second
+        self.progress({"stage": "soup"})
+        encoder, heads = average_students(first_student, second_student, {n: first_heads[n] for n in splits},
+                                          {n: second_heads[n] for n in splits}, valid)
+        merged = {**first_heads, **heads}
+        served = encoder.reading_as(base_encoder)
+        held_embed = {name: (None, served.encode(split.held.texts, self.settings.batch_size))
+                      for name, split in splits.items()}
+        report = {"of": ["full", "full-2"], "weight": 0.5,
+                  "temperature": {name: round(head.temperature, 4) for name, head in heads.items()}}
+        return (merged, encoder, report), self._measure({n: merged[n] for n in splits}, splits, held_embed)
 
     def _measure_version(
         self,

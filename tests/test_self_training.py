@@ -301,13 +301,41 @@ def test_a_second_round_learns_from_the_fine_tuned_models_guesses(tmp_path, enco
         meta = registry.meta(key, result["version"])
     finally:
         store.close()
-    assert {"full", "full-2"} <= set(meta["training"]) and "full-2" in meta["metrics"]
+    assert {"full", "full-2", "soup"} <= set(meta["training"]) and {"full-2", "soup"} <= set(meta["metrics"])
+    assert meta["training"]["soup"]["of"] == ["full", "full-2"]
     second = meta["training"]["full-2"]
     guesses = second["pseudo_labels"]["topic"]["pseudo_labels"]
     guessable = _guessable(pool, settings)
     assert 64 < guesses <= guessable // 2  # half the pool's surest guesses, not the first round's 64
     assert second["examples_seen"] == meta["data"]["topic"]["train"] + guesses  # one epoch: labels and guesses
-    scores = {n: meta["metrics"][n]["score"] for n in ("frozen", "self-train", "full", "full-2")}
+    scores = {n: meta["metrics"][n]["score"] for n in ("frozen", "self-train", "full", "full-2", "soup")}
     tolerance = slice_tolerance(settings, meta["data"]["topic"]["eval"])
     assert result["recipe"] == choose_candidate(scores, lambda n: tie_preference(n, n == "full"), tolerance)
-    assert tie_preference("full-2") > tie_preference("full", True)
+    assert tie_preference("soup") > tie_preference("full-2") > tie_preference("full", True)
+
+
+def test_the_soup_is_the_mean_of_the_two_rounds_weights_and_heads(encoder):
+    """``average_students``: every encoder weight and head row the mean of the two students', from
+    one start; the temperature fitted anew on the validation split."""
+    import torch
+
+    from ls_backend.model import ClassifierHead
+    from ls_backend.trainer import ControlData, average_students, training_copy
+
+    first, second = training_copy(encoder), training_copy(encoder)
+    with torch.no_grad():
+        for p in second.model.parameters():
+            p.add_(0.01)
+    labels = ["World", "Sports"]
+    head = ClassifierHead(labels, np.ones((2, encoder.dim), np.float32), np.zeros(2, np.float32), temperature=0.5)
+    other = ClassifierHead(labels, np.zeros((2, encoder.dim), np.float32), np.ones(2, np.float32), temperature=2.0)
+    texts = ["The striker scored twice", "Rebels seize a town", "Tennis star wins", "Parliament passes the budget"] * 3
+    held = ControlData("topic", labels, False, texts, [("Sports",), ("World",)] * 6)
+    soup, heads = average_students(first, second, {"topic": head}, {"topic": other}, [held])
+    a, b, mixed = first.model.state_dict(), second.model.state_dict(), soup.model.state_dict()
+    name = next(n for n, t in a.items() if t.is_floating_point() and t.ndim == 2)
+    assert torch.allclose(mixed[name], (a[name] + b[name]) / 2)
+    assert not torch.allclose(mixed[name], a[name])
+    assert np.allclose(heads["topic"].weight, 0.5) and np.allclose(heads["topic"].bias, 0.5)
+    assert heads["topic"].temperature not in (0.5, 2.0)  # fitted anew on the split
+    assert soup.model is not first.model and soup.model is not second.model
