@@ -478,7 +478,11 @@ def train_project(project_key: str, trigger: str = "manual", lane: str = FULL) -
                     job.meta["retried_as"] = successor.id
                 job.save_meta()
             raise
-    queue.requeue_if_behind(project_key, lane, result)
+    try:
+        queue.requeue_if_behind(project_key, lane, result)
+    except Exception:  # the job trained and its version is live: a failed look ahead must not fail it (a retry)
+        log.exception("project %s: after job %s, could not check for labels past its cut-off", project_key,
+                      job.id if job is not None else "-")
     return result
 
 
@@ -687,7 +691,9 @@ class RedisTrainingQueue(TrainingQueue):
 
         try:
             return self._info(Job.fetch(job_id, connection=self.connection))
-        except NoSuchJobError:  # only that: Redis not answering is no answer about the job (a 503)
+        # only these: Redis not answering is no answer about the job (a 503); rq refuses an id with
+        # other characters than letters, digits, "_" and "-" (ValueError), which names no job of ours
+        except (NoSuchJobError, ValueError):
             return None
 
     def jobs(self, project_key: str | None = None, limit: int = 50) -> list[JobInfo]:
@@ -938,8 +944,8 @@ class EmbeddedTrainingQueue(TrainingQueue):
             ).fetchone()
             if row is None:
                 return None
-            db.execute(
-                "UPDATE jobs SET state = ?, started_at = ?, attempts = attempts + 1 WHERE id = ?",
+            db.execute(  # (a retry starts with no progress: the failed attempt's is not this one's)
+                "UPDATE jobs SET state = ?, started_at = ?, attempts = attempts + 1, progress = '{}' WHERE id = ?",
                 (RUNNING, time.time(), row["id"]),
             )
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
@@ -973,7 +979,7 @@ class EmbeddedTrainingQueue(TrainingQueue):
                 # a job that failed goes behind the jobs queued since (one that crashes again does not
                 # hold them up); one stopped by a deploy keeps its place
                 db.execute(
-                    "UPDATE jobs SET state = ?, started_at = NULL, error = ?, enqueued_at = ? WHERE id = ?",
+                    "UPDATE jobs SET state = ?, started_at = NULL, progress = '{}', error = ?, enqueued_at = ? WHERE id = ?",
                     (QUEUED, f"attempt {row['attempts']} failed: {error}",
                      row["enqueued_at"] if refund else time.time(), job_id),
                 )

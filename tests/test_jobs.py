@@ -1260,3 +1260,43 @@ def test_a_job_runner_asked_to_stop_is_not_restarted(tmp_path):
         time.sleep(4.0)  # past the supervisor's check (every second)
         assert _runner_of(server) == [], "a runner asked to stop was started again"
         assert requests.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
+def test_a_retried_job_shows_no_progress_of_the_attempt_that_died(tmp_path):
+    queue = EmbeddedTrainingQueue(Settings(model_dir=tmp_path, job_retries=1))
+    job, _ = queue.enqueue("5.1", "labels")
+    assert queue.claim().id == job.id
+    queue.set_progress(job.id, {"stage": "fine-tune", "step": 480, "steps": 500})
+    queue.fail(job.id, "the job process died (exit code -9)", retry=True)
+    assert (queue.get(job.id).state, queue.get(job.id).progress) == ("queued", {})  # as rq shows a retry
+    queue.set_progress(job.id, {"stage": "fine-tune", "step": 480, "steps": 500})  # (a write that came late)
+    assert queue.claim().progress == {}
+
+
+def test_an_rq_job_that_trained_stays_finished_when_the_look_ahead_fails(redis_url, queue_name, tmp_path, monkeypatch):
+    """After the job, the check for labels past its cut-off reads the store; where that failed, rq
+    failed the job and retried it: a second training of a version already live."""
+    from rq import SimpleWorker
+
+    from ls_backend import jobs
+
+    env = {"REDIS_URL": redis_url, "QUEUE_NAME": queue_name, "MODEL_DIR": str(tmp_path), "JOB_RETRIES": "2",
+           "TRAIN_EVERY": "10", "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none"}  # nothing listens on port 1
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    runs = []
+
+    def trained(settings, project_key, trigger, progress=None, lane="full"):
+        runs.append(project_key)
+        return {"project": project_key, "version": "p5-v2", "promoted": True, "cutoff_seq": 5}
+
+    monkeypatch.setattr(jobs, "execute_training", trained)
+    queue = RedisTrainingQueue(Settings.from_env())
+    try:
+        job, _ = queue.enqueue("5.1", "api")
+        SimpleWorker([queue.queues["full"]], connection=queue.connection).work(burst=True, with_scheduler=False)
+        done = queue.get(job.id)
+        assert runs == ["5.1"] and done.state == "finished" and done.result["version"] == "p5-v2", done
+        assert queue.get("not an id") is None and queue.get("é") is None  # rq refuses such ids: no job, not a 500
+    finally:
+        _clear(queue)
