@@ -251,7 +251,8 @@ class FineTuneJob:
         self.registry = registry or ModelRegistry(settings.model_dir)
         self.progress = progress or (lambda update: None)
         self.args = training_arguments(settings)
-        if mode is not None:  # the fast lane runs "frozen" whatever TRAIN_MODE says
+        self.full_lane = mode is None  # the fast lane runs "frozen" whatever TRAIN_MODE says
+        if mode is not None:
             self.args = replace(self.args, mode=mode)
         self.device = resolve_device(settings.device)
 
@@ -326,7 +327,7 @@ class FineTuneJob:
             from .store import UnknownProject
 
             with contextlib.suppress(UnknownProject):
-                self.store.mark_trained(project_key, cutoff)
+                self.store.mark_trained(project_key, cutoff, self.full_lane)
             exc.cutoff_seq = cutoff
             raise
 
@@ -365,7 +366,7 @@ class FineTuneJob:
         splits, slice_only = self._data(project_key, plan, start_heads, base_encoder)
         token_splits = token_data(self.store, project_key, plan, start_heads, self.settings, self.args, base_encoder)
         if not splits and not token_splits:
-            self.store.mark_trained(project_key, cutoff)
+            self.store.mark_trained(project_key, cutoff, self.full_lane)
             if slice_only:  # labels there are, but the slice holds them all: say so, and what helps
                 raise NothingToTrain(
                     f"all {slice_only} labeled task(s) are in the evaluation slice (EVAL_SHARE="
@@ -394,13 +395,13 @@ class FineTuneJob:
                      and current.version in (v.name, v.meta.get("parent"))]
             if tried:
                 if self.args.mode == "full":
-                    self.store.mark_trained(project_key, cutoff)
+                    self.store.mark_trained(project_key, cutoff, self.full_lane)
                     raise NothingToTrain(f"full fine-tuning on these labels was tried in {tried[-1]}")
                 log.info("project %s: full fine-tuning on these labels was tried in %s", project_key, tried[-1])
                 wants_full = False
         if digest and current.meta.get("data_digest") == digest and not wants_full:
             # nothing new to learn: the same labels would give the same candidates again
-            self.store.mark_trained(project_key, cutoff)
+            self.store.mark_trained(project_key, cutoff, self.full_lane)
             raise NothingToTrain(f"no label changed since {current.version}, which was trained on these labels")
         self.progress({"stage": "embedding", "labels": n_train})
 
@@ -567,7 +568,7 @@ class FineTuneJob:
                 for name in FAST_RECIPES:
                     candidates.pop(name, None)
                 if not candidates:
-                    self.store.mark_trained(project_key, cutoff)
+                    self.store.mark_trained(project_key, cutoff, self.full_lane)
                     raise NothingToTrain(f"no label changed since {serving.version}, which was trained on these labels")
                 best = choose()
             gated = bool(gated_sizes)
@@ -634,7 +635,7 @@ class FineTuneJob:
             if promote:
                 self.registry.promote(project_key, version, reason=f"{best}: {reason}")
         if not config_moved:  # (else these labels still count towards the next job's trigger)
-            self.store.mark_trained(project_key, cutoff)
+            self.store.mark_trained(project_key, cutoff, self.full_lane)
         log.info("project %s: job made %s (%s); %s", project_key, version, best, reason)
         return {
             "project": project_key,

@@ -287,13 +287,15 @@ class TrainingQueue(ABC):
             time.sleep(poll)
 
     @staticmethod
-    def labels_behind(store, project_key: str, result) -> int:
-        """Labels changed past the cut-off of the job that ``result`` ended (past the project's
-        training mark where it has none).  A lane's own cut-off, not the project's mark: the fast
-        lane's jobs beside a full-lane one move the mark past labels the full lane never saw."""
+    def labels_behind(store, project_key: str, result, lane: str = FULL) -> int:
+        """Labels changed past the cut-off of the job that ``result`` ended; where it has none (a
+        refresh-only job), past the lane's mark: the full lane's own, the project's for the fast
+        lane.  A lane's own cut-off, not the project's mark: the fast lane's jobs beside a full-lane
+        one move the mark past labels the full lane never saw (and a refresh-only job in the full
+        lane, which label triggers wait behind, would then queue nothing for them)."""
         cutoff = result.get("cutoff_seq") if isinstance(result, dict) else None
         if cutoff is None:
-            return store.labels_since_training(project_key)
+            return store.labels_since_full_training(project_key) if lane == FULL else store.labels_since_training(project_key)
         return store.changes_since(project_key, int(cutoff))
 
     def requeue_if_behind(self, project_key: str, lane: str = FULL, result: dict | None = None) -> None:
@@ -306,7 +308,7 @@ class TrainingQueue(ABC):
 
         store = CorrectionStore.from_settings(self.settings)
         try:
-            if self.labels_behind(store, project_key, result) >= every and lane in self.label_lanes(store, project_key):
+            if self.labels_behind(store, project_key, result, lane) >= every and lane in self.label_lanes(store, project_key):
                 self.enqueue(project_key, "labels", lane)
         finally:
             store.close()
@@ -363,7 +365,8 @@ def queue_from_settings(settings: Settings) -> TrainingQueue:
 
 
 def scheduled_training(project_keys: list[str] | None = None) -> list[str]:
-    """The scheduled trigger: queue a job for every project with labels not yet trained on."""
+    """The scheduled trigger: queue a full-lane job for every project with labels no full-lane job
+    has trained on (the fast lane's refits do not count: they never fine-tune)."""
     from .store import CorrectionStore
 
     settings = Settings.from_env()
@@ -373,7 +376,7 @@ def scheduled_training(project_keys: list[str] | None = None) -> list[str]:
     try:
         keys = project_keys or [p.key for p in store.projects()]
         for key in keys:
-            if store.labels_since_training(key) > 0:
+            if store.labels_since_full_training(key) > 0:
                 queue.enqueue(key, "schedule", FULL)
                 queued.append(key)
     finally:

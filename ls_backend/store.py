@@ -499,6 +499,7 @@ projects = sa.Table(
     sa.Column("last_event_at", sa.Float),
     sa.Column("last_seq", sa.BigInteger, nullable=False),
     sa.Column("trained_seq", sa.BigInteger, nullable=False),
+    sa.Column("full_trained_seq", sa.BigInteger),  # v5: the full lane's own mark (None: as trained_seq)
     sa.Column("live_annotations", sa.BigInteger, nullable=False),
     sa.Column("pending_tasks", sa.BigInteger, nullable=False, server_default="0"),  # v2
     sa.Column("ls_annotations", sa.BigInteger),
@@ -733,12 +734,21 @@ def _migration_4_reused_ids(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE deleted_tasks ADD COLUMN last_us BIGINT"))
 
 
+def _migration_5_full_lane_mark(conn: Connection) -> None:
+    """Version 5: the full lane's own training mark.  The fast lane's refits move ``trained_seq``
+    past labels no full-lane job has seen; the schedule and a full-lane job's look ahead read this
+    one.  It starts at the project's mark (what earlier versions took as trained)."""
+    conn.execute(sa.text("ALTER TABLE projects ADD COLUMN full_trained_seq BIGINT"))
+    conn.execute(sa.text("UPDATE projects SET full_trained_seq = trained_seq"))
+
+
 # (version, description, function(conn)); applied in order, each once, never edited once released
 MIGRATIONS: tuple[tuple[int, str, Callable[[Connection], None]], ...] = (
     (1, "initial tables", _migration_1_initial),
     (2, "per-task change marks and a kept count of tasks changed since training", _migration_2_task_changes),
     (3, "tasks deleted in Label Studio", _migration_3_deleted_tasks),
     (4, "Label Studio's times of deleted annotations and tasks (ids it gives again)", _migration_4_reused_ids),
+    (5, "the full lane's own training mark", _migration_5_full_lane_mark),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -1554,12 +1564,15 @@ class CorrectionStore:
                 work.snapshot(label_config, None)
                 conn.execute(projects.update().where(projects.c.key == key).values(**work.values))
 
-    def mark_trained(self, project_key: str, seq: int) -> None:
-        """Training used every change up to ``seq`` (the mark only moves forward)."""
+    def mark_trained(self, project_key: str, seq: int, full_lane: bool = True) -> None:
+        """Training used every change up to ``seq`` (the marks only move forward): the project's
+        mark, and where a full-lane job trained (``full_lane``) the full lane's own too."""
         with self._write() as (conn, _seq):
             row = self._project_row(conn, project_key)
             if row is None:
                 raise UnknownProject(f"no project {project_key!r} in the store")
+            if full_lane and seq > (row.full_trained_seq if row.full_trained_seq is not None else -1):
+                conn.execute(projects.update().where(projects.c.key == project_key).values(full_trained_seq=seq))
             if seq > row.trained_seq:
                 pending = conn.execute(
                     sa.select(sa.func.count()).where(
@@ -1637,6 +1650,13 @@ class CorrectionStore:
                 )
             ).scalar_one()
         )
+
+    def labels_since_full_training(self, project_key: str) -> int:
+        """Tasks changed past the full lane's own mark (every labeled task where no full-lane job has
+        trained yet): what the full lane has not seen, whatever the fast lane refitted on."""
+        with self._read() as conn:
+            mark = conn.execute(sa.select(projects.c.full_trained_seq).where(projects.c.key == project_key)).scalar()
+            return self._changes_since(conn, project_key, int(mark or 0))
 
     def labels_since_training(self, project_key: str) -> int:
         """``changes_since(trained_seq)``, kept as a count: one row read, cheap enough for every webhook."""

@@ -1300,3 +1300,74 @@ def test_an_rq_job_that_trained_stays_finished_when_the_look_ahead_fails(redis_u
         assert queue.get("not an id") is None and queue.get("é") is None  # rq refuses such ids: no job, not a 500
     finally:
         _clear(queue)
+
+
+def test_labels_only_the_fast_lane_refitted_on_still_reach_the_full_lane(tmp_path, monkeypatch):
+    """The fast lane's refits move the project's training mark. A refresh-only job (GET /next) in the
+    full lane held off the label trigger while it ran, then, having no cut-off of its own, read that
+    mark and queued nothing; the schedule read it too, and never fired under TRAIN_MODE=auto."""
+    from ls_backend.jobs import FAST, FULL, REFRESH_TRIGGER, scheduled_training
+    from ls_backend.store import CorrectionStore
+
+    from .support.events import annotation_event, choices, key_of
+
+    for name, value in {"MODEL_DIR": str(tmp_path), "REDIS_URL": "", "TRAIN_EVERY": "3", "TRAIN_MODE": "auto",
+                        "FULL_MIN_LABELS": "3"}.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings.from_env()
+    queue, store = EmbeddedTrainingQueue(settings), CorrectionStore.from_settings(settings)
+    key = key_of(3)
+
+    def label(n):
+        queue.maybe_enqueue(store, store.record_event(annotation_event(n, n, choices("World"))))
+
+    def end(job, result):  # what a job and its runner do at its end
+        if "cutoff_seq" in result:
+            store.mark_trained(key, result["cutoff_seq"], full_lane=job.lane == FULL)
+        queue.finish(job.id, result)
+        queue.requeue_if_behind(key, job.lane, result)
+
+    try:
+        for n in (1, 2, 3):
+            label(n)
+        for lane in (FAST, FULL):
+            end(queue.claim(lane), {"cutoff_seq": store.current_seq(key)})
+        assert store.labels_since_full_training(key) == 0 and scheduled_training([key]) == []
+        queue.enqueue(key, REFRESH_TRIGGER)
+        refresh = queue.claim(FULL)
+        for n in (4, 5, 6):  # while the refresh runs: the fast lane only
+            label(n)
+        end(queue.claim(FAST), {"cutoff_seq": store.current_seq(key)})
+        assert store.labels_since_training(key) == 0 and store.labels_since_full_training(key) == 3
+        end(refresh, {"project": key, "state": "finished"})  # a refresh's result: no cut-off
+        assert [(j.lane, j.trigger) for j in queue.jobs(key) if j.state == "queued"] == [(FULL, "labels")]
+        queue.finish(queue.claim(FULL).id, {})  # (that job, run elsewhere)
+        assert scheduled_training([key]) == [key]  # the schedule sees them too
+    finally:
+        store.close()
+
+
+def test_a_fast_lane_job_moves_the_projects_mark_and_not_the_full_lanes(tmp_path):
+    from ls_backend.finetune import FineTuneJob, NothingToTrain
+    from ls_backend.store import CorrectionStore
+
+    from .support.events import annotation_event, choices, key_of
+
+    settings = Settings(model_dir=tmp_path, max_length=64, eval_min=1000)
+    store = CorrectionStore.from_settings(settings)
+    key = key_of(3)
+    try:
+        labeled = [("Stocks fell as oil rose", "Business"), ("The striker scored twice", "Sports"),
+                   ("Intel unveils a faster chip", "Sci/Tech"), ("Rebels seize a town", "World"),
+                   ("The bank holds its rates", "Business"), ("Coach sacked after the defeat", "Sports"),
+                   ("NASA probe reaches Mars", "Sci/Tech"), ("Parliament passes the budget", "World")]
+        for n, (text, label) in enumerate(labeled):
+            store.record_event(annotation_event(n + 1, n + 1, choices(label), text=text))
+        FineTuneJob(settings, store, mode="frozen").run(key)
+        assert (store.labels_since_training(key), store.labels_since_full_training(key)) == (0, 8)
+        # a full-lane job (below FULL_MIN_LABELS on a CPU: heads only, as the fast lane fitted them)
+        with pytest.raises(NothingToTrain):
+            FineTuneJob(settings, store).run(key)
+        assert store.labels_since_full_training(key) == 0  # seen all the same
+    finally:
+        store.close()

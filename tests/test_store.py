@@ -510,6 +510,7 @@ def test_a_version_1_store_is_migrated_with_its_data(url, monkeypatch):
     try:
         assert (migrated.changes_since(KEY, 0), migrated.changes_since(KEY, 3)) == (4, 2)
         assert migrated.labels_since_training(KEY) == 3  # tasks 11, 12, 13
+        assert migrated.labels_since_full_training(KEY) == 3  # the full lane's mark starts at the project's
         outcome = migrated.record_event(annotation_event(1, 14, choices("World")))
         assert outcome.labels_since_training == 4 and migrated.project_summary(KEY).title == "topics"
     finally:
