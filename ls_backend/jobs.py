@@ -440,11 +440,29 @@ def restart_job_clock(seconds: int) -> bool:
     return True
 
 
+#: set by ``run_rq_worker`` to its pid, for the work horses it forks
+RQ_WORKER_PID = "LS_BACKEND_RQ_WORKER_PID"
+
+
+def watch_rq_worker() -> bool:
+    """In an rq work horse that ``run_rq_worker`` forked: end the horse once its worker is gone.
+    rq puts each horse in a process group of its own, so a worker killed hard (SIGKILL, a
+    supervisor's killasgroup, the OOM killer) leaves it training and renewing the project's lock
+    while rq retries the job it finds abandoned: the retry trained a second time after it.  False
+    where this process is no such horse (a job run in the worker's own process)."""
+    worker = os.environ.get(RQ_WORKER_PID, "")
+    if not worker.isdigit() or int(worker) == os.getpid() or os.getppid() != int(worker):
+        return False
+    exit_with_parent(int(worker))
+    return True
+
+
 def train_project(project_key: str, trigger: str = "manual", lane: str = FULL) -> dict:
     """The rq job function (``ls_backend.jobs.train_project``)."""
     from redis import Redis
     from rq import get_current_job
 
+    watch_rq_worker()
     settings = Settings.from_env()
     connection = Redis.from_url(settings.redis_url)
     queue = RedisTrainingQueue(settings, connection)
@@ -724,6 +742,7 @@ def run_rq_worker(settings: Settings, burst: bool = False, lanes: tuple[str, ...
     connection = Redis.from_url(settings.redis_url)
     # rq forks a work horse per job from this process: import what the jobs need once, here
     log.info("job imports warmed in %.1f s", warm_imports(settings))
+    os.environ[RQ_WORKER_PID] = str(os.getpid())  # the horses it forks watch it (``watch_rq_worker``)
     # a worker that dies (SIGKILL, lost machine) stops heartbeating; its job is found
     # abandoned within about a minute and retried (JOB_RETRIES) or failed with the reason
     worker = Worker(

@@ -1371,3 +1371,42 @@ def test_a_fast_lane_job_moves_the_projects_mark_and_not_the_full_lanes(tmp_path
         assert store.labels_since_full_training(key) == 0  # seen all the same
     finally:
         store.close()
+
+
+def test_an_rq_work_horse_ends_when_its_worker_is_killed_hard(tmp_path):
+    """rq puts each work horse in a process group of its own: a worker killed with SIGKILL left its
+    horse training, and renewing the project's lock, while rq retried the job it found abandoned."""
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from ls_backend import jobs\n"
+        "os.environ[jobs.RQ_WORKER_PID] = str(os.getpid())  # as run_rq_worker does\n"
+        "horse = os.fork()\n"
+        "if horse == 0:\n"
+        "    os.setpgrp()  # as rq does\n"
+        "    print('watching' if jobs.watch_rq_worker() else 'not watching', flush=True)\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print(horse, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    worker = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        lines = [worker.stdout.readline().strip() for _ in range(2)]
+        horse = int(next(line for line in lines if line.isdigit()))
+        assert "watching" in lines
+        worker.kill()
+        worker.wait(10)
+
+        def horse_gone():
+            try:
+                return Path(f"/proc/{horse}/status").read_text().split("State:")[1].split()[0] in ("Z", "X")
+            except (FileNotFoundError, IndexError):
+                return True
+
+        wait_for(horse_gone, 10, "the horse to end with its worker")
+    finally:
+        worker.kill()
