@@ -446,12 +446,29 @@ def test_a_probability_row_that_is_not_finite_suggests_nothing_and_the_json_stay
     assert second["result"] and 0 <= second["score"] <= 1
 
 
+def serve_a_head_that_tags_every_token(predictor, key: str) -> None:
+    """Promote, for an NER_CONFIG project, a token head that reads every token as the beginning of a
+    PER, and make ``predictor`` serve it at its next request."""
+    from ls_backend.ner import TokenHead
+
+    from .support.events import NER_CONFIG
+
+    predictor.setup(key, NER_CONFIG)
+    registry = predictor.registry
+    loaded = registry.load(key, registry.current(key))
+    untrained = loaded.heads["ner"]
+    bias = np.zeros_like(untrained.bias)
+    bias[1] = 5.0
+    heads = {"ner": TokenHead(untrained.labels, np.zeros_like(untrained.weight), bias, trained=True, source="trained")}
+    registry.promote(key, registry.create_version(key, heads, dict(loaded.meta, parent=loaded.version, kind="test")))
+    predictor._serving[key].checked_at = -1e9
+
+
 def test_tag_probabilities_that_are_not_finite_suggest_no_regions_and_the_json_stays_valid(tmp_path, encoder, monkeypatch):
     import json
 
     from ls_backend import ner
     from ls_backend.api import create_app
-    from ls_backend.ner import TokenHead
     from ls_backend.predictor import Predictor
     from ls_backend.settings import Settings
 
@@ -460,15 +477,7 @@ def test_tag_probabilities_that_are_not_finite_suggest_no_regions_and_the_json_s
     settings = Settings(model_dir=tmp_path / "models", max_length=128)
     predictor = Predictor(settings, encoder=encoder)
     key = "13.1"
-    predictor.setup(key, NER_CONFIG)
-    registry = predictor.registry
-    loaded = registry.load(key, registry.current(key))
-    untrained = loaded.heads["ner"]
-    bias = np.zeros_like(untrained.bias)
-    bias[1] = 5.0  # every token the beginning of a PER
-    heads = {"ner": TokenHead(untrained.labels, np.zeros_like(untrained.weight), bias, trained=True, source="trained")}
-    registry.promote(key, registry.create_version(key, heads, dict(loaded.meta, parent=loaded.version, kind="test")))
-    predictor._serving[key].checked_at = -1e9
+    serve_a_head_that_tags_every_token(predictor, key)
     real = ner.run_windows
 
     def overflowed(*args, **kwargs):
@@ -504,7 +513,6 @@ def test_a_project_whose_versions_are_all_gone_starts_over_at_zero_shot(client, 
 
 # -- MAX_TEXT_CHARS ---------------------------------------------------------------------------------
 def test_long_texts_are_read_up_to_max_text_chars(tmp_path, encoder):
-    from ls_backend.ner import TokenHead
     from ls_backend.predictor import Predictor
     from ls_backend.settings import Settings, SettingsError
 
@@ -516,15 +524,7 @@ def test_long_texts_are_read_up_to_max_text_chars(tmp_path, encoder):
         Settings.from_env({"MAX_TEXT_CHARS": "0"})
     predictor = Predictor(settings, encoder=encoder)
     key = "12.1"
-    predictor.setup(key, NER_CONFIG)
-    registry = predictor.registry
-    loaded = registry.load(key, registry.current(key))
-    untrained = loaded.heads["ner"]
-    bias = np.zeros_like(untrained.bias)
-    bias[1] = 5.0  # every token the beginning of a PER: spans all along the text
-    heads = {"ner": TokenHead(untrained.labels, np.zeros_like(untrained.weight), bias, trained=True, source="trained")}
-    registry.promote(key, registry.create_version(key, heads, dict(loaded.meta, parent=loaded.version, kind="test")))
-    predictor._serving[key].checked_at = -1e9
+    serve_a_head_that_tags_every_token(predictor, key)  # spans all along the text
     text = "Angela Merkel met Barack Obama in Berlin. " * 500  # 21,000 characters
     (entry,) = predictor.predict(key, NER_CONFIG, [{"id": 1, "data": {"text": text}}])
     spans = [item["value"] for item in entry["result"]]
