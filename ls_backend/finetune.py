@@ -60,7 +60,7 @@ FAST_RECIPES = ("frozen", "self-train")
 # candidate there), self-training (ahead of the plain fast head at every size), the plain fast head;
 # then the other recipes that change the encoder (a new encoder to load and cached embeddings to redo,
 # for a gain the slice did not show)
-TIE_PREFERENCE = {"soup": 5, "full-2": 4, "full+pool": 3, "self-train": 2, "frozen": 1}
+TIE_PREFERENCE = {"full-2": 5, "soup": 4, "full+pool": 3, "self-train": 2, "frozen": 1}
 # the candidates that fine-tune the encoder
 ENCODER_RECIPES = ("full", "full-2", "soup", "contrastive")
 SELF_TRAIN_MIN_POOL = 50  # fewer unlabeled tasks than this: no self-training
