@@ -444,8 +444,12 @@ class PredictionRefresh:
         read = read_text(task, control.field)
         if read.text is None:
             return True
-        text = clip_visible(read.text, self.settings.max_text_chars, whole_words=True)
-        return text[: POOL_TEXT_CHARS_PER_TOKEN * self.settings.max_length] != pooled
+        return self._pool_text(clip_visible(read.text, self.settings.max_text_chars, whole_words=True)) != pooled
+
+    def _pool_text(self, text: str) -> str:
+        """What the pool keeps of a text a prediction read: a job re-embeds it with the encoder it
+        tunes, which reads MAX_LENGTH tokens at most."""
+        return text[: POOL_TEXT_CHARS_PER_TOKEN * self.settings.max_length]
 
     def _predictor(self):
         from .predictor import Predictor
@@ -494,8 +498,7 @@ class PredictionRefresh:
             embeddings=keep["embeddings"][rows_of_embedding] if ids else np.zeros((0, 0), dtype=np.float32),
             probabilities=np.asarray(probabilities, dtype=np.float32) if primary is not None and ids else None,
             scores=scores,
-            # a job re-embeds these with the encoder it tunes; the encoder reads MAX_LENGTH tokens at most
-            texts=[keep["texts"][row][: POOL_TEXT_CHARS_PER_TOKEN * self.settings.max_length] for row in rows_of_embedding],
+            texts=[self._pool_text(keep["texts"][row]) for row in rows_of_embedding],
         ))
         self.pools.add_unreadable(project_key, version, unreadable)
         return len(ids)

@@ -499,7 +499,7 @@ projects = sa.Table(
     sa.Column("last_event_at", sa.Float),
     sa.Column("last_seq", sa.BigInteger, nullable=False),
     sa.Column("trained_seq", sa.BigInteger, nullable=False),
-    sa.Column("full_trained_seq", sa.BigInteger),  # v5: the full lane's own mark (None: as trained_seq)
+    sa.Column("full_trained_seq", sa.BigInteger),  # v5: the full lane's own mark (None: no full-lane job yet)
     sa.Column("live_annotations", sa.BigInteger, nullable=False),
     sa.Column("pending_tasks", sa.BigInteger, nullable=False, server_default="0"),  # v2
     sa.Column("ls_annotations", sa.BigInteger),
