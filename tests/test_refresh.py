@@ -171,16 +171,6 @@ def scripted_refresh(tmp_path, encoder, studio):
     return PredictionRefresh(settings, None, ModelRegistry(settings.model_dir), api=studio, encoder=encoder).run(PROJECT)
 
 
-def test_a_task_whose_first_controls_field_is_empty_still_gets_the_other_controls_prediction(tmp_path, encoder):
-    studio = ScriptedLabelStudio([{"id": 1, "data": {"title": "Team wins the cup", "body": "A great day for fans"}},
-                                  {"id": 2, "data": {"title": "", "body": "A terrible, sad defeat"}},
-                                  {"id": 3, "data": {"title": "", "body": ""}}], TWO_FIELDS)
-    report = scripted_refresh(tmp_path, encoder, studio)
-    assert (report.written, report.unreadable) == (2, 1)
-    second = next(p for p in studio.predictions if p["task"] == 2)
-    assert [r["from_name"] for r in second["result"]] == ["sentiment"] and second["score"] > 0
-
-
 def test_an_import_whose_answer_was_lost_is_not_written_twice(tmp_path, encoder):
     """The client re-sent a failed import (a 5xx, a dropped connection) whatever Label Studio had
     committed: a proxy's 502 after the write gave every task of the page two predictions."""

@@ -375,6 +375,42 @@ def test_cold_start_refresh_makes_v0_and_the_first_batch_is_chosen_for_coverage(
         store.close()
 
 
+TWO_FIELDS = """<View>
+  <Text name="title" value="$title"/>
+  <Choices name="topic" toName="title"><Choice value="World"/><Choice value="Sports"/></Choices>
+  <Text name="body" value="$body"/>
+  <Choices name="sentiment" toName="body"><Choice value="Positive"/><Choice value="Negative"/></Choices>
+</View>"""
+
+
+def test_a_task_whose_first_controls_field_is_empty_still_gets_the_other_controls_prediction(label_studio, tmp_path,
+                                                                                           encoder):
+    """A task whose first control reads an empty field got no prediction at all: its other controls'
+    predictions were dropped with it."""
+    ls = label_studio
+    created = ls.create_project("refresh two fields (e2e)", TWO_FIELDS)
+    both, body_only, neither = ls.import_tasks(created["id"], [
+        {"title": "Team wins the cup", "body": "A great day for fans"},
+        {"title": "", "body": "A terrible, sad defeat"},
+        {"title": "", "body": ""},
+    ])
+    settings = Settings(model_dir=tmp_path / "models", max_length=128, label_studio_url=ls.url,
+                        label_studio_api_key=ls.token, refresh_page_size=50, sync_check_interval=0)
+    store = CorrectionStore.from_settings(settings)
+    try:
+        report = PredictionRefresh(settings, store, ModelRegistry(settings.model_dir), encoder=encoder).run(
+            project_key(created))
+        assert (report.written, report.unreadable) == (2, 1), report
+        written = {p["task"]: p for p in ls.predictions(created["id"])}
+        assert set(written) == {both, body_only}
+        assert sorted(r["from_name"] for r in written[both]["result"]) == ["sentiment", "topic"]
+        assert [r["from_name"] for r in written[body_only]["result"]] == ["sentiment"]
+        assert written[body_only]["result"][0]["value"]["choices"][0] in ("Positive", "Negative")
+        assert 0 < written[body_only]["score"] <= 1
+    finally:
+        store.close()
+
+
 def test_a_task_where_a_trained_ner_head_finds_nothing_still_gets_its_prediction_and_score(label_studio, tmp_path,
                                                                                          encoder):
     """An empty result is a prediction too: a text with no entity found has a score (the lowest probability of
