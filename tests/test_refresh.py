@@ -117,14 +117,6 @@ def test_rank_answers_from_the_pool_there_is_when_label_studio_is_out_of_reach(t
 
 
 # -- the refresh against a Label Studio that answers as told ----------------------------------------
-TWO_FIELDS = """<View>
-  <Text name="title" value="$title"/>
-  <Choices name="topic" toName="title"><Choice value="World"/><Choice value="Sports"/></Choices>
-  <Text name="body" value="$body"/>
-  <Choices name="sentiment" toName="body"><Choice value="Positive"/><Choice value="Negative"/></Choices>
-</View>"""
-
-
 class ScriptedLabelStudio:
     """The calls of a refresh (``LabelStudioPredictions``), over tasks in memory; ``lose_answer``:
     how many imports to write and then fail as a proxy's 502 would; ``fail_before``: how many to
