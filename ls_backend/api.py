@@ -283,7 +283,7 @@ def list_projects():
     return jsonify({"store": store.describe(), "projects": [p.to_dict() for p in store.projects()]})
 
 
-@operator.get("/projects/<path:key>")
+@operator.get("/projects/<key>")
 def project_detail(key: str):
     store = services().store
     try:
@@ -314,19 +314,27 @@ def _project_key(key: str) -> str:
         raise BadRequest(exc.message, 400 if exc.ambiguous else 404) from None
 
 
-@operator.get("/projects/<path:key>/versions")
+@operator.get("/projects/<key>/versions")
 def project_versions(key: str):
     from .commands import version_rows
 
     project = _project_key(key)
     return jsonify({"project": project, "current": services().registry.current(project),
+                    "pinned": services().registry.pinned(project),
                     "versions": version_rows(services().settings, project)})
 
 
-@operator.post("/projects/<path:key>/train")
+@operator.post("/projects/<key>/train")
 def project_train(key: str):
+    from .jobs import FULL, LANES
+
     project = _project_key(key)
-    job, created = services().queue.enqueue(project, "api")
+    payload = json_body() if has_body() else {}
+    _known_fields(payload, ("lane",))
+    lane = payload.get("lane", FULL)
+    if lane not in LANES:
+        raise BadRequest(f"'lane' must be one of {', '.join(repr(name) for name in LANES)}")
+    job, created = services().queue.enqueue(project, "api", lane)
     return jsonify({"queued": created, "job": job.to_dict()}), 202 if created else 200
 
 
@@ -353,31 +361,56 @@ def _version_name(name: str, field: str) -> None:
         raise BadRequest(f"'{field}': bad version name {name[:80]!r}: expected a name such as p3-v2")
 
 
-@operator.post("/projects/<path:key>/rollback")
+def _known_fields(payload: dict, allowed: tuple[str, ...]) -> None:
+    """400 for a field the route does not read: a mistyped one would otherwise be dropped, and the
+    route would do something else than asked (``{"version": ...}`` on rollback rolled back one step)."""
+    unknown = sorted(set(payload) - set(allowed))
+    if unknown:
+        expected = ", ".join(f"'{name}'" for name in allowed) or "no field (an empty body or {})"
+        raise BadRequest(f"unknown field(s) {', '.join(repr(n)[:80] for n in unknown[:5])}: this route reads {expected}")
+
+
+def _refresh_after_switch(project: str, before: str | None, body: dict) -> dict:
+    from .commands import refresh_after_switch
+
+    svc = services()
+    return refresh_after_switch(svc.settings, svc.registry, project, before, body, svc.queue)
+
+
+@operator.post("/projects/<key>/rollback")
 def project_rollback(key: str):
     project = _project_key(key)
     payload = json_body() if has_body() else {}
+    _known_fields(payload, ("to", "pin"))
     target = payload.get("to")
     if target is not None and not isinstance(target, str):
         raise BadRequest("'to' must be a version name such as p3-v2")
     if target:  # (empty: one step back, as no name)
         _version_name(target, "to")
+    pin = payload.get("pin", False)
+    if not isinstance(pin, bool):
+        raise BadRequest("'pin' must be true or false")
+    registry = services().registry
+    before = registry.served_version(project)
     try:
-        version = services().registry.rollback(project, target)
+        version = registry.rollback(project, target, pin=pin)
     except (RegistryError, OSError, ValueError) as exc:  # (a version's meta.json unreadable: ValueError)
         _unless_a_server_fault(exc)
         raise BadRequest(str(exc), 409 if not target else 404) from None
-    return jsonify({"project": project, "current": version, "pinned": services().registry.pinned(project)})
+    return jsonify(_refresh_after_switch(project, before, {"project": project, "current": version,
+                                                           "pinned": registry.pinned(project)}))
 
 
-@operator.route("/projects/<path:key>/pin", methods=["POST", "DELETE"])
+@operator.route("/projects/<key>/pin", methods=["POST", "DELETE"])
 def project_pin(key: str):
     project = _project_key(key)
     registry = services().registry
+    before = registry.served_version(project)
     if request.method == "DELETE":
         registry.unpin(project)
     else:
         payload = json_body() if has_body() else {}
+        _known_fields(payload, ("version",))
         version = payload.get("version")
         if version is not None and not isinstance(version, str):
             raise BadRequest("'version' must be a version name such as p3-v2")
@@ -388,21 +421,22 @@ def project_pin(key: str):
         except (RegistryError, OSError, ValueError) as exc:
             _unless_a_server_fault(exc)
             raise BadRequest(str(exc), 404) from None
-    return jsonify({"project": project, "current": registry.current(project), "pinned": registry.pinned(project)})
+    return jsonify(_refresh_after_switch(project, before, {"project": project, "current": registry.current(project),
+                                                           "pinned": registry.pinned(project)}))
 
 
-@operator.get("/projects/<path:key>/learning-curve")
+@operator.get("/projects/<key>/learning-curve")
 def project_learning_curve(key: str):
     return jsonify(learning_curve(services().registry, _project_key(key)))
 
 
-@operator.get("/projects/<path:key>/learning-curve.png")
+@operator.get("/projects/<key>/learning-curve.png")
 def project_learning_curve_png(key: str):
     png = learning_curve_png(learning_curve(services().registry, _project_key(key)))
     return current_app.response_class(png, mimetype="image/png")
 
 
-@operator.get("/projects/<path:key>/next")
+@operator.get("/projects/<key>/next")
 def project_next(key: str):
     """The next batch of unlabeled task ids to label, ranked from the last refresh's pool (files only)."""
     from .jobs import REFRESH_TRIGGER
@@ -467,10 +501,18 @@ def _credentials_ok(settings: Settings) -> bool:
     except (binascii.Error, ValueError):  # ValueError: a header with non-ASCII characters
         return False
     user, _, password = decoded.partition(b":")
-    # compared as UTF-8 bytes: compare_digest refuses str with non-ASCII characters
-    return hmac.compare_digest(user, settings.basic_auth_user.encode("utf-8")) & hmac.compare_digest(
-        password, settings.basic_auth_pass.encode("utf-8")
-    )
+    # compared as bytes (compare_digest refuses str with non-ASCII characters), in either encoding a
+    # client may send: UTF-8 (curl, browsers) or Latin-1 (requests' HTTPBasicAuth, which Label Studio
+    # uses for its calls to an ML backend)
+    ok = False
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            expected_user = settings.basic_auth_user.encode(encoding)
+            expected_pass = settings.basic_auth_pass.encode(encoding)
+        except UnicodeEncodeError:
+            continue
+        ok |= hmac.compare_digest(user, expected_user) & hmac.compare_digest(password, expected_pass)
+    return ok
 
 
 def _error_name(status: int) -> str:

@@ -16,21 +16,26 @@ def resolve_key(store, registry, key_or_id: str) -> str:
     never one of them picked for the operator."""
     from .store import UnknownProject
 
+    text = str(key_or_id).strip()
     try:
-        return store.resolve_project(key_or_id)
+        found = store.resolve_project(key_or_id)
     except UnknownProject as exc:
         if exc.ambiguous:
             raise
-        text = str(key_or_id).strip()
-        matches = sorted(k for k in registry.projects() if text in (k, k.split(".")[0]))
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1:
-            raise UnknownProject(
-                f"Label Studio project id {text} is ambiguous here: it names {', '.join(matches)} "
-                "(projects of several Label Studio instances); pass the full key", ambiguous=True,
-            ) from None
-        raise
+        found, unknown = None, exc
+    if found is not None and found == text:  # a full key
+        return found
+    # a bare id: the store's project and the registry's (one that reached the registry by /predict
+    # alone, or a store moved to a new DATABASE_URL) must be one and the same
+    matches = sorted({k for k in registry.projects() if text in (k, k.split(".")[0])} | ({found} if found else set()))
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise UnknownProject(
+            f"Label Studio project id {text} is ambiguous here: it names {', '.join(matches)} "
+            "(projects of several Label Studio instances); pass the full key", ambiguous=True,
+        )
+    raise unknown
 
 
 def _resolve(settings: Settings, key_or_id: str) -> str:
@@ -102,7 +107,12 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command in ("rollback", "pin", "curve"):
         return _registry_command(args, settings)
     if args.command == "versions":
-        print(json.dumps({"project": _resolve(settings, args.project), "versions": version_rows(settings, _resolve(settings, args.project))}, indent=2))
+        from .registry import ModelRegistry
+
+        project = _resolve(settings, args.project)
+        registry = ModelRegistry(settings.model_dir)
+        print(json.dumps({"project": project, "current": registry.current(project), "pinned": registry.pinned(project),
+                          "versions": version_rows(settings, project)}, indent=2))
         return 0
     queue = queue_from_settings(settings)
     try:
@@ -132,6 +142,7 @@ def _registry_command(args: argparse.Namespace, settings: Settings) -> int:
 
     registry = ModelRegistry(settings.model_dir)
     project = _resolve(settings, args.project)
+    before = registry.served_version(project) if args.command in ("rollback", "pin") else None
     try:
         if args.command == "rollback":
             registry.rollback(project, args.to, pin=args.pin)
@@ -154,5 +165,29 @@ def _registry_command(args: argparse.Namespace, settings: Settings) -> int:
     except (RegistryError, ValueError) as exc:  # (ValueError: a version's meta.json unreadable)
         print(f"ls-backend: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"project": project, "current": registry.current(project), "pinned": registry.pinned(project)}, indent=2))
+    answer = {"project": project, "current": registry.current(project), "pinned": registry.pinned(project)}
+    print(json.dumps(refresh_after_switch(settings, registry, project, before, answer), indent=2))
     return 0
+
+
+def refresh_after_switch(settings: Settings, registry, project: str, before: str | None, answer: dict, queue=None) -> dict:
+    """Where a rollback or a pin changed the version that serves, queue a refresh of its predictions
+    in Label Studio, which would otherwise show (and order tasks by) the version left until a job
+    promotes another: ``refresh_job`` in ``answer``, or ``refresh_error`` where the queue is down (the
+    switch stands)."""
+    from .jobs import REFRESH_TRIGGER, queue_from_settings, redis_unreachable
+
+    if settings.refresh_max_tasks <= 0 or registry.served_version(project) == before:
+        return answer
+    own = queue is None
+    try:
+        queue = queue or queue_from_settings(settings)
+        answer["refresh_job"] = queue.enqueue(project, REFRESH_TRIGGER)[0].id
+    except redis_unreachable() as exc:
+        answer["refresh_job"] = None
+        answer["refresh_error"] = (f"the job queue is unreachable ({type(exc).__name__}); queue a refresh later with "
+                                   f"GET /projects/{project}/next or ls-backend rank --project {project} --refresh")
+    finally:
+        if own and queue is not None:
+            queue.close()
+    return answer

@@ -99,6 +99,9 @@ class RefreshReport:
     bounded: bool = False  # stopped at REFRESH_MAX_TASKS with unlabeled tasks left
     label_studio_model_version: str | None = None  # the project's model_version when done
     followed: bool = False  # whether this refresh moved it to the new version
+    # the version that served when the refresh ended, where it was no longer this one (a rollback or
+    # a pin meanwhile): Label Studio's model_version was left alone, and that version's pool kept
+    superseded_by: str | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -347,8 +350,15 @@ class PredictionRefresh:
         # Label Studio's model_version moves last; until it has, the next job runs a top-up that tries again
         cursor.update(state="finished", bounded=report.bounded, finished_at=time.time(), follow_pending=True)
         self._save_cursor(project_key, cursor)
-        self.pools.finish(project_key, version, report.to_dict())
-        if self._follow(project_key, version, api, report, int(cursor.get("predicted_before", 0))):
+        # a rollback or a pin while this ran: the version it refreshed serves no more, so Label Studio is not
+        # moved to it, and the pool of the version that serves now is kept (the rollback queued its refresh)
+        served = self.registry.served_version(project_key)
+        if served != version:
+            report.superseded_by = served
+            log.warning("project %s: %s no longer serves (%s does: a rollback or a pin while the refresh ran); "
+                        "Label Studio's model_version left as it was", project_key, version, served)
+        self.pools.finish(project_key, version, report.to_dict(), keep=served)
+        if served == version and self._follow(project_key, version, api, report, int(cursor.get("predicted_before", 0))):
             cursor.update(follow_pending=False)
             self._save_cursor(project_key, cursor)
         return report

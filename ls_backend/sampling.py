@@ -521,14 +521,14 @@ class PoolStore:
         np.savez(buffer, **arrays)
         write_atomic(path, buffer.getvalue())
 
-    def finish(self, project_key: str, version: str, report: dict) -> None:
-        """Mark ``version``'s pool complete and drop the pools of other versions."""
+    def finish(self, project_key: str, version: str, report: dict, keep: str | None = None) -> None:
+        """Mark ``version``'s pool complete and drop the pools of other versions (but ``keep``'s)."""
         folder = self.folder(project_key, version)
         meta = self._meta(folder) or {}
         meta.update(complete=True, finished_at=time.time(), report=report)
         write_atomic(folder / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
         for other in self.root(project_key).iterdir():
-            if other.is_dir() and other.name != version:
+            if other.is_dir() and other.name not in (version, keep):
                 shutil.rmtree(other, ignore_errors=True)
 
     @staticmethod

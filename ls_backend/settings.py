@@ -434,6 +434,8 @@ class Settings:
             raise SettingsError("INFERENCE_PRECISION=float16 needs CUDA; with DEVICE=cpu use bfloat16 or float32")
         if bool(get("BASIC_AUTH_USER")) != bool(get("BASIC_AUTH_PASS")):
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if ":" in get("BASIC_AUTH_USER", ""):  # (RFC 7617: the user ends at the first colon)
+            raise SettingsError("BASIC_AUTH_USER: a user name cannot hold ':' (HTTP basic auth splits there)")
         return cls(**values)  # type: ignore[arg-type]
 
     def describe(self) -> dict[str, object]:

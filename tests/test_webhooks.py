@@ -108,7 +108,7 @@ def test_request_errors_name_their_status_and_what_to_fix(client):
     assert (many.status_code, many.get_json()["error"]) == (413, "request_entity_too_large")
 
 
-def test_a_bare_id_naming_two_projects_is_a_400_asking_for_the_full_key(client):
+def test_a_bare_id_naming_two_projects_is_a_400_asking_for_the_full_key(client, app):
     for created in ("2026-11-27T00:54:22.448107Z", "2025-01-02T03:04:05Z"):
         event = annotation_event(1, 10, choices("World"), proj=project(3, created_at=created))
         assert client.post("/webhook", json=event).status_code == 200
@@ -127,6 +127,15 @@ def test_a_bare_id_naming_two_projects_is_a_400_asking_for_the_full_key(client):
     response = client.get("/projects/4/versions")
     assert response.status_code == 400 and "pass the full key" in response.get_json()["message"]
     assert client.get(f"/projects/{first}/versions").get_json()["current"] == "p3-v0"
+    # the store knows one project of the id and the registry another (it reached the registry by /predict
+    # alone, or the store moved to a new DATABASE_URL): ambiguous, not the store's picked
+    stored, unstored = key_of(5, "2026-11-27T00:54:22.448107Z"), key_of(5, "2025-01-02T03:04:05Z")
+    assert client.post("/webhook", json=annotation_event(2, 20, choices("World"), proj=project(5))).status_code == 200
+    app.extensions["ls_backend"].predictor.setup(unstored, TOPIC_CONFIG)
+    response = client.post("/projects/5/pin", json={})
+    assert response.status_code == 400 and "pass the full key" in response.get_json()["message"]
+    assert app.extensions["ls_backend"].registry.pinned(unstored) is None
+    assert client.get(f"/projects/{stored}").get_json()["key"] == stored
 
 
 def test_a_bulk_event_with_a_malformed_entry_stores_the_others_and_answers_400_naming_it(client, app):
@@ -394,3 +403,72 @@ def test_a_full_disk_while_pinning_is_the_servers_fault_not_an_unknown_version(c
     monkeypatch.setattr(registry_module, "write_atomic", full)
     response = client.post(f"/projects/{KEY}/pin", json={})
     assert response.status_code == 500 and "No space left" in response.get_json()["message"]
+
+
+def _two_versions(client, app) -> tuple[str, str]:
+    """The project's cold start v0 and a copy promoted over it (v1)."""
+    assert client.post("/setup", json={"project": KEY, "schema": TOPIC_CONFIG}).status_code == 200
+    registry = app.extensions["ls_backend"].registry
+    v0 = registry.current(KEY)
+    loaded = registry.load(KEY, v0)
+    v1 = registry.create_version(KEY, loaded.heads, dict(loaded.meta, parent=v0))
+    registry.promote(KEY, v1)
+    return v0, v1
+
+
+def test_operator_routes_refuse_fields_they_do_not_read(client, app):
+    """A mistyped field was dropped and the route did something else: ``{"version": ...}`` on rollback
+    (pin's field) rolled back one step, ``{"to": ...}`` on pin pinned the current version, and
+    ``{"lane": "fast"}`` on train queued a full-lane job."""
+    v0, v1 = _two_versions(client, app)
+    registry = app.extensions["ls_backend"].registry
+    for path, body, named in (("rollback", {"version": v0}, "'to', 'pin'"), ("pin", {"to": v0}, "'version'"),
+                              ("train", {"lanes": "fast"}, "'lane'")):
+        response = client.post(f"/projects/{KEY}/{path}", json=body)
+        assert response.status_code == 400, (path, response.get_json())
+        assert "unknown field" in response.get_json()["message"] and named in response.get_json()["message"]
+    assert (registry.current(KEY), registry.pinned(KEY)) == (v1, None)
+    assert client.post(f"/projects/{KEY}/rollback", json={"pin": "yes"}).status_code == 400
+    assert client.post(f"/projects/{KEY}/train", json={"lane": "slow"}).status_code == 400
+    response = client.post(f"/projects/{KEY}/train", json={"lane": "fast"})
+    assert response.status_code == 202 and response.get_json()["job"]["lane"] == "fast"
+    # a GET on a POST route is a 405, not "no project '3/pin'"
+    for path in ("pin", "rollback", "train"):
+        assert client.get(f"/projects/{KEY}/{path}").status_code == 405, path
+
+
+def test_a_rollback_or_a_pin_that_switches_versions_queues_a_refresh_for_label_studio(client, app):
+    """Label Studio went on showing, and ordering tasks by, the version rolled away from until a job
+    promoted another: nothing refreshed its predictions."""
+    v0, v1 = _two_versions(client, app)
+    queue = app.extensions["ls_backend"].queue
+    response = client.post(f"/projects/{KEY}/rollback", json={"to": v0, "pin": True})
+    body = response.get_json()
+    assert response.status_code == 200 and (body["current"], body["pinned"]) == (v0, v0), body
+    job = queue.get(body["refresh_job"])
+    assert job.trigger == "refresh" and job.project == KEY
+    versions = client.get(f"/projects/{KEY}/versions").get_json()
+    assert (versions["current"], versions["pinned"]) == (v0, v0)
+    # pinning the version that serves switches nothing: no refresh
+    again = client.post(f"/projects/{KEY}/pin", json={}).get_json()
+    assert again["pinned"] == v0 and "refresh_job" not in again
+    assert client.delete(f"/projects/{KEY}/pin").get_json()["pinned"] is None
+    switched = client.post(f"/projects/{KEY}/pin", json={"version": v1}).get_json()
+    assert switched["current"] == v1 and switched["refresh_job"] == body["refresh_job"]  # joins the queued one
+
+
+def test_basic_auth_takes_credentials_encoded_as_label_studio_sends_them(tmp_path, encoder):
+    """Label Studio calls an ML backend through requests' HTTPBasicAuth, which encodes a password as
+    Latin-1; curl and browsers send UTF-8. Only UTF-8 was accepted: /setup and /predict got 401."""
+    from ls_backend.settings import Settings, SettingsError
+
+    settings = Settings(model_dir=tmp_path / "models", max_length=128, basic_auth_user="ops", basic_auth_pass="päss")
+    client = create_app(settings, Predictor(settings, encoder=encoder)).test_client()
+    for encoding in ("latin-1", "utf-8"):
+        token = base64.b64encode("ops:päss".encode(encoding)).decode()
+        assert client.get("/health", headers={"Authorization": f"Basic {token}"}).status_code == 200, encoding
+    wrong = base64.b64encode("ops:pass".encode()).decode()
+    assert client.get("/health", headers={"Authorization": f"Basic {wrong}"}).status_code == 401
+    # a user name with a colon can never match (the header splits at the first one): a bad setting
+    with pytest.raises(SettingsError, match="BASIC_AUTH_USER"):
+        Settings.from_env({"BASIC_AUTH_USER": "ops:team", "BASIC_AUTH_PASS": "x"})

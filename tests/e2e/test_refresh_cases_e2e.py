@@ -331,6 +331,36 @@ def test_label_studios_model_version_follows_at_the_next_job_when_it_could_not_b
     assert unfinished_refresh(p["settings"], p["key"]) is None
 
 
+def test_a_rollback_while_a_refresh_runs_is_not_undone_in_label_studio(project, encoder, monkeypatch):
+    """A rollback (or a pin) takes the registry's lock, not the refresh's: the refresh of the version
+    rolled away from went on, then moved Label Studio's model_version to it and dropped the pool of
+    the version serving now; the rollback queued no refresh of its own."""
+    p, ls, registry = project, project["ls"], project["registry"]
+    v1 = p["version"]
+    refresh(p, encoder)
+    ls.request("PATCH", f"/api/projects/{p['id']}", json={"model_version": v1})
+    loaded = registry.load(p["key"], v1)
+    v2 = registry.create_version(p["key"], loaded.heads, dict(loaded.meta, parent=v1))
+    registry.promote(p["key"], v2)
+    pages = []
+    page = PredictionRefresh._page
+
+    def rolled_back_after_the_first_page(self, *args, **kwargs):
+        written = page(self, *args, **kwargs)
+        if not pages:
+            registry.rollback(p["key"], v1)
+        pages.append(written)
+        return written
+
+    monkeypatch.setattr(PredictionRefresh, "_page", rolled_back_after_the_first_page)
+    report = refresh(p, encoder)
+    assert ls.project(p["id"])["model_version"] == v1  # not moved to the version rolled away from
+    assert sorted(path.name for path in PoolStore(registry).root(p["key"]).iterdir()) == sorted([v1, v2])
+    assert len(pages) == 3 and report.version == v2 and report.superseded_by == v1 and not report.followed
+    batch = next_batch(p["settings"], registry, p["store"], p["key"], 3)
+    assert batch.pool_version == v1 and not batch.stale, batch  # the serving version's pool is still there
+
+
 def test_versions_another_install_left_in_label_studio_are_not_taken_for_ours(project, encoder):
     """A backend whose MODEL_DIR was lost (a container recreated without its volume) names versions
     from v0 again: Label Studio's predictions of the old p<id>-v1 were taken for the new v1's
