@@ -347,6 +347,14 @@ def _queue_unreachable(exc: Exception) -> bool:
     return isinstance(exc, redis_unreachable())
 
 
+def _store_unreachable(exc: Exception) -> bool:
+    """A database the corrections store cannot reach or read now (SQLAlchemy's OperationalError:
+    the server down or restarting, a connection dropped, SQLite's file locked)."""
+    import sqlalchemy as sa
+
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
+
+
 def _unless_a_server_fault(exc: Exception) -> None:
     """Re-raise an ``OSError`` that is the server's (a full disk, a lost share): a 500, not a 404;
     errors of the name asked for (too long, invalid, no such version) are the client's."""
@@ -572,6 +580,10 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             log.warning("%s %s -> 503: %s", request.method, request.path, exc)
             return _error(503, "queue_unavailable", f"the job queue (Redis, REDIS_URL) does not answer "
                           f"({type(exc).__name__}: {exc}); try again once it answers")
+        if _store_unreachable(exc):  # the corrections store's database, down, restarting or locked
+            log.warning("%s %s -> 503: %s", request.method, request.path, exc)
+            return _error(503, "store_unavailable", f"the corrections store (DATABASE_URL) cannot be read "
+                          f"({type(exc).__name__}: {str(exc)[:300]}); try again once it answers")
         log.exception("%s %s failed", request.method, request.path)
         return _error(500, "internal_error", f"{type(exc).__name__}: {exc}; see the backend log for the traceback")
 

@@ -42,10 +42,12 @@ The candidate pool
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from abc import ABC, abstractmethod
@@ -259,6 +261,7 @@ class TypicalCoverage(QueryStrategy):
 
     name = "typical"
     needs_model = False
+    BLOCK = 1024  # candidates whose distances to the cluster's mates are held at once
 
     def __init__(self, labeled: np.ndarray | None = None, neighbours: int = 20, max_clusters: int = 500,
                  max_points: int = 20_000, max_mates: int = 2_000, min_cluster: int = 5):
@@ -307,15 +310,23 @@ class TypicalCoverage(QueryStrategy):
     def typicality(self, points: np.ndarray, members: np.ndarray, which: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """1 / mean Euclidean distance of each of ``which`` to its nearest ``neighbours`` in ``members``."""
         mates = members if len(members) <= self.max_mates else rng.choice(members, self.max_mates, replace=False)
-        a, b = points[which].astype(np.float64), points[mates].astype(np.float64)
-        squared = (a**2).sum(axis=1)[:, None] - 2.0 * a @ b.T + (b**2).sum(axis=1)[None, :]
-        distance = np.sqrt(np.maximum(squared, 0.0))
-        distance[which[:, None] == mates[None, :]] = np.inf  # not its own neighbour
+        b = points[mates].astype(np.float64)
+        b_squared = (b**2).sum(axis=1)[None, :]
         k = min(self.neighbours, max(1, len(mates) - 1))
-        nearest = np.partition(distance, k - 1, axis=1)[:, :k]
-        finite = np.isfinite(nearest)
-        mean = np.where(finite, nearest, 0.0).sum(axis=1) / np.maximum(finite.sum(axis=1), 1)
-        return np.where(finite.any(axis=1), 1.0 / (mean + 1e-9), 0.0)  # alone in its cluster: least typical
+        out = np.empty(len(which))
+        # in blocks of rows: one cluster may hold all of a 20,000-task pool, and a whole matrix of its
+        # distances to 2,000 mates took 320 MB a copy
+        for start in range(0, len(which), self.BLOCK):
+            rows = which[start : start + self.BLOCK]
+            a = points[rows].astype(np.float64)
+            distance = (a**2).sum(axis=1)[:, None] - 2.0 * a @ b.T + b_squared
+            np.sqrt(np.maximum(distance, 0.0, out=distance), out=distance)
+            distance[rows[:, None] == mates[None, :]] = np.inf  # not its own neighbour
+            nearest = np.partition(distance, k - 1, axis=1)[:, :k]
+            finite = np.isfinite(nearest)
+            mean = np.where(finite, nearest, 0.0).sum(axis=1) / np.maximum(finite.sum(axis=1), 1)
+            out[start : start + len(rows)] = np.where(finite.any(axis=1), 1.0 / (mean + 1e-9), 0.0)  # alone: least typical
+        return out
 
     def __repr__(self) -> str:
         return f"TypicalCoverage(labeled={len(self.labeled)}, neighbours={self.neighbours})"
@@ -525,11 +536,16 @@ class PoolStore:
         """Mark ``version``'s pool complete and drop the pools of other versions (but ``keep``'s)."""
         folder = self.folder(project_key, version)
         meta = self._meta(folder) or {}
-        meta.update(complete=True, finished_at=time.time(), report=report)
+        meta.update(complete=True, finished_at=time.time(), report=report, parts=len(list(folder.glob("part-*.npz"))))
         write_atomic(folder / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
         for other in self.root(project_key).iterdir():
             if other.is_dir() and other.name not in (version, keep):
-                shutil.rmtree(other, ignore_errors=True)
+                # out of readers' sight in one rename, then removed: never seen half gone
+                gone = other
+                if not other.name.startswith("."):
+                    with contextlib.suppress(OSError):
+                        gone = other.rename(other.with_name(f".gone-{other.name}-{os.getpid()}"))
+                shutil.rmtree(gone, ignore_errors=True)
 
     @staticmethod
     def _meta(folder: Path) -> dict | None:
@@ -539,12 +555,17 @@ class PoolStore:
             return None
 
     def load(self, project_key: str, version: str) -> Pool | None:
+        """``version``'s pool; FileNotFoundError where a refresh removed it (or began it again) while
+        it was read: its parts went one by one, and a complete pool with parts missing is no pool."""
         folder = self.folder(project_key, version)
         meta = self._meta(folder)
         if meta is None:
             return None
+        parts = sorted(folder.glob("part-*.npz"))
+        if len(parts) < int(meta.get("parts", 0)):  # (a top-up adds parts; none is ever taken away)
+            raise FileNotFoundError(f"pool {version}: {len(parts)} of its {meta['parts']} parts left (removed meanwhile)")
         ids, embeddings, probabilities, scores, texts = [], [], [], [], []
-        for path in sorted(folder.glob("part-*.npz")):
+        for path in parts:
             with np.load(path) as part:
                 ids.append(part["task_ids"])
                 embeddings.append(part["embeddings"].astype(np.float32))
@@ -578,12 +599,12 @@ class PoolStore:
         return Pool(version, meta, task_ids, emb, probs, sc, complete=bool(meta.get("complete")), texts=pool_texts,
                     labeled_ids=labeled_ids, labeled_embeddings=labeled_embeddings)
 
-    def best(self, project_key: str, current: str | None) -> Pool | None:
+    def best(self, project_key: str, current: str | None, tries: int = 3) -> Pool | None:
         """The current version's pool when complete; else the newest complete one; else whatever exists."""
         root = self.root(project_key)
         if not root.is_dir():
             return None
-        metas = {p.name: self._meta(p) for p in root.iterdir() if p.is_dir()}
+        metas = {p.name: self._meta(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
         metas = {name: meta for name, meta in metas.items() if meta is not None}
         if not metas:
             return None
@@ -592,7 +613,12 @@ class PoolStore:
             meta = metas[name]
             return (bool(meta.get("complete")), name == current, meta.get("started_at", 0.0))
 
-        return self.load(project_key, max(metas, key=rank))
+        try:
+            return self.load(project_key, max(metas, key=rank))
+        except FileNotFoundError:  # a refresh finishing now removed that pool: choose again
+            if tries <= 1:
+                raise
+            return self.best(project_key, current, tries - 1)
 
 
 # -- ranking ----------------------------------------------------------------------------
@@ -641,11 +667,8 @@ def skipped_task_ids(store, project_key: str, since: float | None = None) -> set
     refresh listed them (none where the store cannot tell)."""
     if store is None:
         return set()
-    try:
-        return store.skipped_task_ids(project_key) | store.deleted_task_ids(project_key, since)
-    except Exception:
-        log.debug("project %s: skipped tasks unknown", project_key, exc_info=True)
-        return set()
+    # a store that cannot be read raises: a batch of tasks already labeled is no answer
+    return store.skipped_task_ids(project_key) | store.deleted_task_ids(project_key, since)
 
 
 def labeled_task_ids(store, project_key: str) -> set[int]:
@@ -653,11 +676,7 @@ def labeled_task_ids(store, project_key: str) -> set[int]:
     whichever controls it answers: a pool of an entities-only config has no classification control."""
     if store is None:
         return set()
-    try:
-        return store.annotated_task_ids(project_key)
-    except Exception:  # an unknown project, a store that cannot be read: rank what the pool holds
-        log.debug("project %s: labeled tasks unknown", project_key, exc_info=True)
-        return set()
+    return store.annotated_task_ids(project_key)  # (none for a project the store does not know)
 
 
 def covered_embeddings(pool: Pool, labeled_since: np.ndarray) -> np.ndarray:
@@ -671,7 +690,8 @@ def covered_embeddings(pool: Pool, labeled_since: np.ndarray) -> np.ndarray:
         if pool.labeled_ids is not None:
             since = since & ~np.isin(pool.task_ids, pool.labeled_ids)
     parts.append(pool.embeddings[since])
-    return np.concatenate(parts)
+    # a row that is not finite (a half-precision overflow) would turn every k-means distance into NaN
+    return np.nan_to_num(np.concatenate(parts), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def next_batch(settings, registry: ModelRegistry, store, project_key: str, n: int, strategy: str | None = None,
@@ -693,23 +713,25 @@ def next_batch(settings, registry: ModelRegistry, store, project_key: str, n: in
     # 500 or a NaN in the answer's JSON
     embeddings = np.nan_to_num(pool.embeddings[keep], nan=0.0, posinf=0.0, neginf=0.0)
     probabilities = pool.probabilities[keep] if pool.probabilities is not None else None
-    if probabilities is not None and probabilities.size:
-        broken = ~np.isfinite(probabilities).all(axis=1)
-        if broken.any():  # the most uncertain row there is: even odds over the labels, or for each label
-            probabilities = probabilities.copy()
-            probabilities[broken] = 0.5 if pool.meta.get("multiple") else 1.0 / probabilities.shape[1]
     scores = np.where(np.isfinite(pool.scores[keep]), pool.scores[keep], 0.0)
+    multiple, threshold = bool(pool.meta.get("multiple")), float(pool.meta.get("threshold", 0.5))
+    if probabilities is not None and probabilities.ndim == 2 and probabilities.shape[1]:
+        # the first classification control's scores under this SCORE_MODE: what the batch is ranked by,
+        # and what it shows (the scores the refresh wrote are the lowest over every control, in the mode
+        # of that time); a row that is not finite scores 0, below any other
+        broken = ~np.isfinite(probabilities).all(axis=1)
+        scores = mode_scores(np.nan_to_num(probabilities, nan=0.0, posinf=1.0, neginf=0.0), settings.score_mode,
+                             multiple, threshold)
+        scores[broken] = 0.0
     name = strategy or "uncertainty"
     if name not in ("random", "typical") and not pool.trained:
         name = "coverage"
-    # a pool without a classification control (entities only) ranks by the task scores its
-    # refresh wrote to Label Studio: the least sure span, or the least sure "no entity"
-    given = name in ("uncertainty", "diverse") and probabilities is None
-    if given:
-        probabilities = scores
+    # ranked by those scores; a pool without a classification control (entities only) by the task
+    # scores its refresh wrote to Label Studio: the least sure span, or the least sure "no entity"
+    given = name in ("uncertainty", "diverse")
+    probabilities = scores if given else probabilities
     covered = covered_embeddings(pool, was_labeled) if name == "typical" else None
-    chooser = strategy_for(name, settings.score_mode, bool(pool.meta.get("multiple")), float(pool.meta.get("threshold", 0.5)),
-                           labeled=covered, given=given)
+    chooser = strategy_for(name, settings.score_mode, multiple, threshold, labeled=covered, given=given)
     rng = np.random.default_rng(settings.seed if seed is None else seed)
     picked = chooser.query(probabilities, embeddings, n, rng) if len(ids) else np.zeros(0, dtype=np.int64)
     return NextBatch(
