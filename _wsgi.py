@@ -23,4 +23,8 @@ if not settings.redis_url:
 
 from ls_backend.api import create_app  # noqa: E402  (logging first, then torch)
 
+if settings.torch_threads:  # TORCH_THREADS: torch threads per web worker (without it, torch's own default)
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
 app = create_app(settings)

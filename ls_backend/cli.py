@@ -46,6 +46,10 @@ def serve(settings: Settings, host: str, port: int) -> int:
                 "accesslog": "-" if settings.log_level == "DEBUG" else None,
                 "post_worker_init": lambda worker: _limit_threads(threads),
             }
+            # gunicorn 27 opens a control socket at one path per user (~/.gunicorn/gunicorn.ctl): a second
+            # backend on the machine took it over, and stopping that one removed the first one's
+            if "control_socket_disable" in self.cfg.settings:
+                config["control_socket_disable"] = True
             for key, value in config.items():
                 if value is not None:
                     self.cfg.set(key, value)

@@ -35,7 +35,22 @@ else
     fi
   done
 fi
-[ -n "$python" ] || { echo "bootstrap: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+# a bare Debian or Ubuntu machine: Python 3.11 and its venv module are packages of their own
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null; then sudo "$@"
+  else echo "bootstrap: needs root to install $* (run as root, or install sudo)" >&2; return 1; fi
+}
+apt_install() {
+  command -v apt-get >/dev/null || return 1
+  echo "bootstrap: installing $* with apt-get"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+if [ -z "$python" ] && [ -z "${PYTHON:-}" ] && apt_install python3.11 python3.11-venv; then
+  python=python3.11
+fi
+[ -n "$python" ] || { echo "bootstrap: Python 3.11 is required (set PYTHON=/path/to/python3.11; on Debian or Ubuntu: apt-get install python3.11 python3.11-venv)" >&2; exit 1; }
 
 # A .venv left half-made (an interrupted `python -m venv`, or one created without pip because
 # python3.11-venv was missing) or made with another Python is rebuilt rather than reused.
@@ -55,7 +70,8 @@ if [ -e .venv ] || [ -L .venv ]; then
 fi
 if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv with $python"
-  if ! "$python" -m venv .venv; then
+  if ! "$python" -m venv .venv && ! { rm -rf .venv && [ -z "${PYTHON:-}" ] && apt_install python3.11-venv &&
+                                       "$python" -m venv .venv; }; then
     rm -rf .venv
     echo "bootstrap: '$python -m venv .venv' failed; on Debian or Ubuntu install python3.11-venv (apt-get install python3.11-venv) and run this again" >&2
     exit 1

@@ -45,6 +45,19 @@ exec 9>"$CACHE/.ensure-label-studio.lock"
 if command -v flock >/dev/null 2>&1; then
     flock -w 1800 9 || die "timed out waiting for another ensure-label-studio.sh (lock $CACHE/.ensure-label-studio.lock)"
 fi
+# With the lock held, any build folder left is a killed builder's (SIGKILL runs no trap): stop the
+# Label Studio it started, if it still runs, and remove the folder.
+for stale in "$CACHE"/label-studio-template.build.*; do
+    [[ -d "$stale" ]] || continue
+    old_pid="$(cat "$stale/.label-studio.pid" 2>/dev/null || true)"
+    if [[ "$old_pid" =~ ^[0-9]+$ ]] && kill -0 "$old_pid" 2>/dev/null; then
+        say "stopping the Label Studio (pid $old_pid) a killed build left running"
+        kill -TERM -- "-$old_pid" 2>/dev/null || kill -TERM "$old_pid" 2>/dev/null || true
+        for _ in $(seq 1 40); do kill -0 "$old_pid" 2>/dev/null || break; sleep 0.25; done
+        kill -KILL -- "-$old_pid" 2>/dev/null || true
+    fi
+    rm -rf "$stale"
+done
 
 # Does Label Studio answer $1 with the admin token? Python's urllib, as minimal images have no curl;
 # no proxy, as the server is on 127.0.0.1.
@@ -127,9 +140,11 @@ started=$(date +%s)
         LABEL_STUDIO_LATEST_VERSION_CHECK=false \
         PYTHONUNBUFFERED=1
     cd "$BUILD"
-    exec setsid "$VENV/bin/label-studio" start --no-browser --internal-host 127.0.0.1 -p "$LS_PORT" </dev/null
+    # (9>&-: the server must not hold the builders' lock, or a builder killed hard leaves it held)
+    exec setsid "$VENV/bin/label-studio" start --no-browser --internal-host 127.0.0.1 -p "$LS_PORT" </dev/null 9>&-
 ) >"$LOG" 2>&1 &
 LS_PID=$!
+echo "$LS_PID" >"$BUILD/.label-studio.pid"
 say "started Label Studio (pid $LS_PID) on 127.0.0.1:$LS_PORT, log $LOG"
 
 ok=""
@@ -154,6 +169,7 @@ for _ in $(seq 1 60); do kill -0 "$LS_PID" 2>/dev/null || break; sleep 0.25; don
 kill -0 "$LS_PID" 2>/dev/null && { kill -KILL -- "-$LS_PID" 2>/dev/null || true; sleep 1; }
 wait "$LS_PID" 2>/dev/null || true
 LS_PID=""
+rm -f "$BUILD/.label-studio.pid"
 
 [[ -s "$BUILD/label_studio.sqlite3" ]] || die "no database in $BUILD after the first start; see $LOG"
 cat >"$BUILD/$MARKER_NAME" <<EOF

@@ -4,10 +4,12 @@
 # BIND_HOST and BIND_PORT (or --host / --port) choose where it listens.
 # Any setting from the README's table can be set in the environment.
 set -euo pipefail
-# a MODEL_DIR given relative to where the command was typed stays there (made absolute before the cd)
-if [ -n "${MODEL_DIR:-}" ]; then
-  case "$MODEL_DIR" in /*) ;; *) MODEL_DIR="$PWD/$MODEL_DIR" ;; esac
-fi
+# paths given relative to where the command was typed stay there (made absolute before the cd);
+# a path starting with ~ is left for the settings to expand
+for name in MODEL_DIR CACHE_DIR BASE_MODEL; do
+  value="${!name:-}"
+  case "$value" in ""|/*|"~"*) ;; *) printf -v "$name" '%s' "$PWD/$value"; export "${name?}" ;; esac
+done
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export MODEL_DIR="${MODEL_DIR:-$PWD/models}"
