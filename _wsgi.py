@@ -5,6 +5,9 @@ gunicorn's workers, threads and timeouts from the settings and, without ``REDIS_
 job runner beside the web workers. Under ``gunicorn _wsgi:app`` nothing runs the training jobs but an
 ``ls-backend worker`` you start yourself: beside it with the same ``MODEL_DIR`` (no ``REDIS_URL``), or on
 any machine that shares the Redis (``REDIS_URL``). Without one, jobs stay queued.
+
+Do not run it with ``--preload`` on a GPU machine: the app loads its model at import, and a CUDA context
+made in gunicorn's master does not survive the fork into its workers.
 """
 
 import logging
