@@ -11,9 +11,9 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Sequence
+from typing import Any, Sequence
 
 from label_studio_sdk.label_interface import LabelInterface
 
@@ -63,6 +63,10 @@ class ControlSpec:
         (control name -> the values and names chosen); a condition on a control not predicted
         cannot be judged, and holds."""
         for mode, tag, values in self.visible_when:
+            if mode == _ANY_CHOSEN:  # shown while one of the controls holding the value has it chosen
+                if not any(name in chosen and values[0] in chosen[name] for name in tag.split(",")):
+                    return False
+                continue
             if tag not in chosen:
                 continue
             hit = bool(chosen[tag] & set(values)) if values else bool(chosen[tag])
@@ -118,6 +122,25 @@ class LabelingPlan:
         raise KeyError(name)
 
 
+def field_value(data: Any, name: str) -> Any:
+    """A task's data field as Label Studio reads ``value="$name"``: the key ``name`` itself, else
+    the dotted path through nested objects (``$meta.text`` is ``data["meta"]["text"]``, and
+    ``$items.0`` a list's first item, as lodash's ``get`` takes them); ``None`` where there is none."""
+    if not isinstance(data, dict):
+        return None
+    if name in data:
+        return data[name]
+    value: Any = data
+    for step in name.split("."):
+        if isinstance(value, dict) and step in value:
+            value = value[step]
+        elif isinstance(value, list) and step.isdigit() and int(step) < len(value):
+            value = value[int(step)]
+        else:
+            return None
+    return value
+
+
 def _object_field(value: str) -> str | None:
     value = (value or "").strip()
     if value.startswith("$") and len(value) > 1:
@@ -125,12 +148,31 @@ def _object_field(value: str) -> str | None:
     return None
 
 
-def _labels_of(control) -> tuple[LabelSpec, ...]:
+def _nested_choices(interface: LabelInterface, name: str) -> set[str]:
+    """The values of the ``<Choice>``s inside another ``<Choice>`` of control ``name``: Label Studio
+    neither shows nor selects them unless the control allows nesting."""
+    tree = getattr(interface, "_tree", None)
+    element = next((e for e in tree.iter() if e.get("name") == name and e.get("toName") is not None), None) \
+        if tree is not None else None
+    nested = set()
+    for choice in element.iter("Choice") if element is not None else ():
+        for parent in choice.iterancestors():
+            if parent is element:
+                break
+            if parent.tag == "Choice":
+                nested.update(v for v in (choice.get("alias"), choice.get("value")) if v)
+                break
+    return nested
+
+
+def _labels_of(control, leave_out: set[str] = frozenset()) -> tuple[LabelSpec, ...]:
     specs = []
     seen = set()
     for value, label in (control.labels_attrs or {}).items():
         attr = getattr(label, "attr", None) or {}
         if value in seen or not str(value).strip():  # an empty value: nothing Label Studio can show as chosen
+            continue
+        if value in leave_out:
             continue
         seen.add(value)
         specs.append(LabelSpec(value=value, name=attr.get("value", value), hint=attr.get("hint", "") or ""))
@@ -147,24 +189,57 @@ _XML_DECLARATION = re.compile(r"^\ufeff?\s*<\?xml\b[^>]*\?>")
 
 
 _CONDITIONS = ("choice-selected", "choice-unselected")
+_ANY_CHOSEN = "any-chosen"  # whenChoiceValue without visibleWhen
 
 
-def _visible_when(interface: LabelInterface, name: str) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
-    """The choice conditions on a control and on every tag around it (``visibleWhen`` with
-    ``whenTagName`` and ``whenChoiceValue``, a comma-separated list)."""
+def _visible_when(interface: LabelInterface, name: str, kind: str, to_name: str) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """The choice conditions Label Studio applies to a control (``visibleWhen`` with ``whenTagName``
+    and ``whenChoiceValue``, a comma-separated list; or, the older form, ``whenChoiceValue`` alone:
+    shown while any control has that value chosen).  A ``<Choices>`` is hidden by its own and every
+    ``<View>`` around it; Label Studio reads no condition on ``<Labels>`` (its regions are drawn on the
+    ``<Text>``), so entities are hidden by the ``<View>``s around that text only."""
     tree = getattr(interface, "_tree", None)
     if tree is None:
         return ()
+    if kind == LABELS:
+        element = next((e for e in tree.iter() if e.get("name") == to_name and e.get("toName") is None), None)
+        tags = list(element.iterancestors()) if element is not None else []
+    else:
+        element = next((e for e in tree.iter() if e.get("name") == name and e.get("toName") is not None), None)
+        tags = [element, *element.iterancestors()] if element is not None else []
     found = []
-    for element in tree.iter():
-        if element.get("name") == name and element.get("toName") is not None:
-            for tag in [element, *element.iterancestors()]:
-                mode = (tag.get("visibleWhen") or "").strip()
-                if mode in _CONDITIONS and (tag.get("whenTagName") or "").strip():
-                    values = tuple(v.strip() for v in (tag.get("whenChoiceValue") or "").split(",") if v.strip())
-                    found.append((mode, tag.get("whenTagName").strip(), values))
-            break
+    for tag in tags:
+        mode = (tag.get("visibleWhen") or "").strip()
+        if mode in _CONDITIONS and (tag.get("whenTagName") or "").strip():
+            values = tuple(v.strip() for v in (tag.get("whenChoiceValue") or "").split(",") if v.strip())
+            found.append((mode, tag.get("whenTagName").strip(), values))
+        elif not mode and (tag.get("whenChoiceValue") or "").strip():
+            found.append((_ANY_CHOSEN, "", (tag.get("whenChoiceValue").strip(),)))  # (the whole value: no list)
     return tuple(found)
+
+
+def _judge_any_chosen(controls: list[ControlSpec]) -> list[ControlSpec]:
+    """The older conditions (``whenChoiceValue`` alone) name a value, not a control: each becomes a
+    condition on the predicted ``<Choices>`` that hold that value, or none where no predicted control
+    does (a choice only annotators make cannot be judged, and the control stays shown)."""
+    holders: dict[str, list[str]] = {}
+    for control in controls:
+        if control.kind == CHOICES:
+            for label in control.labels:
+                for text in {label.value, label.name}:
+                    holders.setdefault(text, []).append(control.name)
+    out = []
+    for control in controls:
+        conditions = []
+        for mode, tag, values in control.visible_when:
+            if mode == _ANY_CHOSEN:
+                names = holders.get(values[0])
+                if not names:
+                    continue
+                tag = ",".join(dict.fromkeys(names))
+            conditions.append((mode, tag, values))
+        out.append(replace(control, visible_when=tuple(conditions)))
+    return out
 
 
 def _plan(config: str) -> LabelingPlan:
@@ -214,7 +289,12 @@ def _plan(config: str) -> LabelingPlan:
             skipped.append((control.name, f"object {obj.name!r} reads {obj.value!r}, a field of each item of a "
                                           "<Repeater>, which is not predicted"))
             continue
-        labels = _labels_of(control)
+        nested = _nested_choices(interface, control.name) if tag == CHOICES else set()
+        if nested and _true(control.attr.get("allowNested")):
+            skipped.append((control.name, "nested choices (allowNested=\"true\"), whose results are paths, are not "
+                                          "predicted"))
+            continue
+        labels = _labels_of(control, nested)  # (nested ones, without allowNested: never shown, never chosen)
         multiple = tag == CHOICES and (control.attr.get("choice") or "single") == "multiple"
         if len(labels) < (2 if tag == CHOICES and not multiple else 1):
             skipped.append((control.name, f"too few labels to predict ({len(labels)})"))
@@ -227,9 +307,10 @@ def _plan(config: str) -> LabelingPlan:
                 field=data_field,
                 labels=labels,
                 multiple=multiple,
-                visible_when=_visible_when(interface, control.name),
+                visible_when=_visible_when(interface, control.name, tag, obj.name),
             )
         )
+    controls = _judge_any_chosen(controls)
     return LabelingPlan(controls=tuple(controls), skipped=tuple(skipped), interface=interface, config=config)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .labeling import CHOICES, LABELS, LabelingPlan, UnsupportedConfig, plan_for, shown_controls
+from .labeling import CHOICES, LABELS, LabelingPlan, UnsupportedConfig, field_value, plan_for, shown_controls
 from .model import ClassifierHead, Encoder, clip_visible, reads_nothing, resolve_device
 from .ner import TokenHead, encode_with_tokens
 from .registry import LoadedHeads, ModelRegistry, built_on_other_base, version_prefix
@@ -53,9 +53,9 @@ def read_text(task: Any, data_field: str) -> TaskText:
     data = task.get("data")
     if not isinstance(data, dict):
         return TaskText(None, "task has no 'data' object")
-    if data_field not in data:
+    value = field_value(data, data_field)
+    if value is None and data.get(data_field, 0) is not None:
         return TaskText(None, f"task data has no field {data_field!r}")
-    value = data[data_field]
     if not isinstance(value, str):
         return TaskText(None, f"task data field {data_field!r} is not a string")
     if not value.strip():

@@ -84,7 +84,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from .labeling import CHOICES, LABELS, ControlSpec, UnsupportedConfig, plan_for
+from .labeling import CHOICES, LABELS, ControlSpec, UnsupportedConfig, field_value, plan_for
 from .spans import region_labels
 from .text import utf8_safe
 
@@ -1774,7 +1774,7 @@ class CorrectionStore:
         for task_id, entries in by_task.items():
             labels = {row.annotation_id: kept for row, kept in entries}
             chosen_row = resolve_task([row for row, _ in entries], lambda row: labels[row.annotation_id])
-            text = json.loads(chosen_row.task_data).get(control.field)
+            text = field_value(json.loads(chosen_row.task_data), control.field)
             if not isinstance(text, str):
                 no_text += 1
                 continue
@@ -1878,7 +1878,7 @@ class CorrectionStore:
         for task_id, entries in sorted(by_task.items()):
             truth = [entry for entry in entries if entry[0].ground_truth]
             row, items = max(truth or entries, key=lambda entry: (entry[0].updated_us, entry[0].annotation_id))
-            text = json.loads(row.task_data).get(field) if field else None
+            text = field_value(json.loads(row.task_data), field) if field else None
             out.append((task_id, text if isinstance(text, str) else "", items))
         return out
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
+from ls_backend.labeling import UnsupportedConfig, plan_for
 from ls_backend.registry import ModelRegistry
 
 from .conftest import TOPIC_CONFIG
@@ -446,20 +447,22 @@ def test_a_probability_row_that_is_not_finite_suggests_nothing_and_the_json_stay
     assert second["result"] and 0 <= second["score"] <= 1
 
 
-def serve_a_head_that_tags_every_token(predictor, key: str) -> None:
-    """Promote, for an NER_CONFIG project, a token head that reads every token as the beginning of a
-    PER, and make ``predictor`` serve it at its next request."""
+def serve_a_head_that_tags_every_token(predictor, key: str, config: str | None = None) -> None:
+    """Promote, for a project of ``config`` (NER_CONFIG by default) whose entity control is ``ner``, a
+    token head that reads every token as the beginning of a PER, and make ``predictor`` serve it at
+    its next request."""
     from ls_backend.ner import TokenHead
 
     from .support.events import NER_CONFIG
 
-    predictor.setup(key, NER_CONFIG)
+    predictor.setup(key, config or NER_CONFIG)
     registry = predictor.registry
     loaded = registry.load(key, registry.current(key))
     untrained = loaded.heads["ner"]
     bias = np.zeros_like(untrained.bias)
     bias[1] = 5.0
-    heads = {"ner": TokenHead(untrained.labels, np.zeros_like(untrained.weight), bias, trained=True, source="trained")}
+    heads = dict(loaded.heads)
+    heads["ner"] = TokenHead(untrained.labels, np.zeros_like(untrained.weight), bias, trained=True, source="trained")
     registry.promote(key, registry.create_version(key, heads, dict(loaded.meta, parent=loaded.version, kind="test")))
     predictor._serving[key].checked_at = -1e9
 
@@ -587,3 +590,83 @@ def test_a_current_version_whose_encoder_will_not_load_does_not_fail_a_fresh_wor
     assert worker.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).json["model_version"] == "p7-v0"
     predictor = worker.application.extensions["ls_backend"].predictor
     assert (PROJECT, tuned) in predictor._broken
+
+
+# -- label configs as Label Studio reads them -----------------------------------------------------
+def test_a_text_in_a_nested_data_field_is_read_as_label_studio_reads_it(client):
+    """``value="$meta.text"`` names ``data["meta"]["text"]`` in Label Studio (lodash's get); it was
+    looked up as a key "meta.text", and every task got an empty prediction."""
+    config = TOPIC_CONFIG.replace('value="$text"', 'value="$meta.text"')
+    tasks = [{"id": 1, "data": {"meta": {"text": "The Lakers won the NBA title"}}},
+             {"id": 2, "data": {"meta.text": "The senate passed the election bill"}},  # the key itself comes first
+             {"id": 3, "data": {"meta": {"title": "no text here"}}}]
+    nested, literal, missing = predict(client, tasks, config)
+    assert nested["result"][0]["value"]["choices"] == ["Sports"] and nested["score"] > 0
+    assert literal["result"] and literal["score"] > 0
+    assert missing["result"] == [] and missing["score"] == 0.0
+
+
+def test_training_reads_a_nested_data_field_too(tmp_path):
+    from ls_backend.store import CorrectionStore
+
+    from .support.events import annotation_event, choices, project
+
+    config = TOPIC_CONFIG.replace('value="$text"', 'value="$meta.text"')
+    store = CorrectionStore(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    try:
+        event = annotation_event(1, 10, choices("Sports"), proj=project(7, config=config))
+        event["task"]["data"] = {"meta": {"text": "The Lakers won the NBA title"}}
+        store.record_event(event)
+        key = store.projects()[0].key
+        plan = plan_for(config)
+        (examples,) = [store.training_examples(key, c) for c in plan.controls]
+        assert [(e.text, e.labels) for e in examples] == [("The Lakers won the NBA title", ("Sports",))]
+    finally:
+        store.close()
+
+
+def test_nested_choices_label_studio_never_shows_are_not_labels():
+    """Without allowNested a <Choice> inside another is neither shown nor selectable in Label Studio;
+    they were labels of their own, and a prediction of one showed nothing chosen."""
+    config = ('<View><Text name="t" value="$text"/><Choices name="c" toName="t">'
+              '<Choice value="Sports"><Choice value="Football"/><Choice value="Tennis"/></Choice>'
+              '<Choice value="Politics"/></Choices></View>')
+    assert plan_for(config).controls[0].values == ("Sports", "Politics")
+    nested = config.replace('toName="t">', 'toName="t" allowNested="true">')
+    with pytest.raises(UnsupportedConfig, match="allowNested"):
+        plan_for(nested)
+
+
+def test_visibility_as_label_studio_applies_it_to_entities_and_to_the_older_form(client, settings, encoder):
+    """Label Studio reads no visibleWhen on <Labels> (its regions show on the <Text>), and shows a
+    control with whenChoiceValue alone while any control has that value chosen."""
+    from ls_backend.predictor import Predictor
+
+    from .support.events import NER_AND_TOPIC_CONFIG
+
+    task = [{"id": 1, "data": {"text": "Stocks fell on Wall Street as oil prices rose"}}]
+    older = TOPIC_CONFIG.replace("</View>", '<Choices name="sport" toName="text" whenChoiceValue="Sports">'
+                                            '<Choice value="Football"/><Choice value="Tennis"/></Choices></View>')
+    got = predict(client, task, older)[0]
+    assert {r["from_name"] for r in got["result"]} == {"topic"}, got  # not Sports: the sport question stays hidden
+    sports = predict(client, [{"id": 2, "data": {"text": "The Lakers won the NBA title"}}], older)[0]
+    assert {r["from_name"] for r in sports["result"]} == {"topic", "sport"}
+    # a value no predicted control holds cannot be judged: the control shows
+    unknown = older.replace('whenChoiceValue="Sports"', 'whenChoiceValue="Cricket"')
+    assert {r["from_name"] for r in predict(client, task, unknown)[0]["result"]} == {"topic", "sport"}
+    # entities under a condition on their own <Labels> (a World text, the condition asks for Sports):
+    # shown all the same; under one on a <View> around their <Text>, hidden
+    predictor = Predictor(settings, encoder=encoder)
+    serve_a_head_that_tags_every_token(predictor, "14.1", NER_AND_TOPIC_CONFIG)
+    (plain,) = predictor.predict("14.1", NER_AND_TOPIC_CONFIG, task)
+    topic = next(r["value"]["choices"][0] for r in plain["result"] if r["from_name"] == "topic")
+    other = "World" if topic == "Sports" else "Sports"  # a condition the predicted topic does not meet
+    condition = f'visibleWhen="choice-selected" whenTagName="topic" whenChoiceValue="{other}"'
+    on_labels = NER_AND_TOPIC_CONFIG.replace('<Labels name="ner"', f'<Labels {condition} name="ner"')
+    serve_a_head_that_tags_every_token(predictor, "15.1", on_labels)
+    (entry,) = predictor.predict("15.1", on_labels, task)
+    assert "ner" in {r["from_name"] for r in entry["result"]}, entry["result"]
+    around_text = NER_AND_TOPIC_CONFIG.replace('<Text name="text" value="$text"/>',
+                                               f'<View {condition}><Text name="text" value="$text"/></View>')
+    assert plan_for(around_text).control("ner").visible_when == (("choice-selected", "topic", (other,)),)
+    assert plan_for(around_text).control("topic").visible_when == ()
