@@ -431,7 +431,8 @@ class FineTuneJob:
         figures["frozen"] = self._measure({n: fast_heads[n] for n in splits}, splits, embed)
 
         # candidate 1b: the fast head self-trained on the project's unlabeled tasks (seconds)
-        unlabeled = self._unlabeled(project_key, current.version, embedded_with, splits)
+        unlabeled = self._unlabeled(project_key, current.version, embedded_with, splits,
+                                    {name: pair[1] for name, pair in embed.items()})
         taught = fast_heads
         if unlabeled:
             taught = dict(fast_heads)
@@ -649,7 +650,8 @@ class FineTuneJob:
             "seconds": meta["seconds"],
         }
 
-    def _unlabeled(self, project_key: str, version: str, embedded_with: str, splits: dict[str, Split]) -> dict[str, Unlabeled]:
+    def _unlabeled(self, project_key: str, version: str, embedded_with: str, splits: dict[str, Split],
+                   held_embeddings: dict[str, np.ndarray] | None = None) -> dict[str, Unlabeled]:
         """The project's unlabeled tasks for self-training, by control: the pool the last refresh of
         predictions kept (``sampling.PoolStore``), when it was embedded exactly as this job embeds
         (same encoder, same precision) for a single-label control this job trains; tasks labeled,
@@ -664,6 +666,7 @@ class FineTuneJob:
         split = splits.get(name)
         if split is None or split.train.multiple:
             return {}
+        held_embeddings = (held_embeddings or {}).get(name)
         # labeled since the refresh, skipped, or deleted in Label Studio: not the project's unlabeled tasks
         gone = set(split.task_ids) | skipped_task_ids(self.store, project_key, pool.meta.get("started_at"))
         rows = np.flatnonzero(~np.isin(pool.task_ids, np.fromiter(gone, dtype=np.int64)))
@@ -671,6 +674,17 @@ class FineTuneJob:
         # the model that fitted its own guess would later be judged on that very task's label
         share = self.settings.eval_share
         rows = rows[np.array([not in_eval_slice(int(t), share) for t in pool.task_ids[rows]], dtype=bool)]
+        # nor on a slice text under another task's id (a duplicate task), as for labeled copies
+        judged = set(split.held.texts)
+        if judged and pool.texts is not None:
+            rows = rows[np.array([pool.texts[r] not in judged for r in rows], dtype=bool)]
+        elif judged and held_embeddings is not None and len(held_embeddings) and len(rows):
+            # a pool kept without its texts: the same text is the same embedding (up to the pool's float16)
+            x = pool.embeddings[rows].astype(np.float32)
+            h = np.asarray(held_embeddings, dtype=np.float32)
+            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-9)
+            h = h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-9)
+            rows = rows[(x @ h.T).max(axis=1) < 0.999]
         if len(rows) < SELF_TRAIN_MIN_POOL:
             return {}
         if len(rows) > self.args.self_train_max_pool:

@@ -155,9 +155,20 @@ def _fit_linear(
     return weight, bias
 
 
-def _score(logits: torch.Tensor, y: torch.Tensor, multiple: bool) -> float:
+def _score(logits: torch.Tensor, y: torch.Tensor, multiple: bool, threshold: float = 0.5) -> float:
+    """The figure the gate compares (``evaluate``'s primary): accuracy, or for several labels per task
+    micro-F1 of the labels suggested as served (those at ``threshold``, else the likeliest alone)."""
     if multiple:
-        return float(((logits > 0).float() == y).all(dim=1).float().mean())
+        if not len(y):
+            return 0.0
+        cut = math.log(threshold / (1.0 - threshold)) if 0.0 < threshold < 1.0 else (-math.inf if threshold <= 0 else math.inf)
+        predicted = logits >= cut
+        empty = ~predicted.any(dim=1)
+        predicted[empty, logits[empty].argmax(dim=1)] = True
+        truth = y > 0.5
+        tp = float((predicted & truth).sum())
+        wrong = float((predicted ^ truth).sum())
+        return 2 * tp / (2 * tp + wrong) if tp + wrong else 1.0
     return float((logits.argmax(dim=1) == y).float().mean())
 
 
@@ -218,7 +229,10 @@ def prior_logits(prior: ClassifierHead, x: torch.Tensor) -> torch.Tensor:
 def _fewest_per_label(y: torch.Tensor, k: int, multiple: bool) -> int:
     """The fewest examples any label has (positives, for several labels per task)."""
     counts = y.sum(dim=0) if multiple else torch.bincount(y, minlength=k)
-    return int(counts.min()) if len(counts) else 0
+    # a label no example has is never the answer, so no fold misses it (an unused "Other" kept every
+    # head at temperature 1)
+    used = counts[counts > 0]
+    return int(used.min()) if len(used) else 0
 
 
 def fit_head(
@@ -246,6 +260,7 @@ def fit_head(
     n, dim = x.shape
     k = len(data.labels)
     priors = {"zero-shot": _prior_rows(prior, k, dim), "none": torch.zeros(k, dim)}
+    threshold = prior.threshold if prior is not None else 0.5  # (several labels per task: as served)
     fold_of = _fold_of(n, folds, seed)
     scores = {}
     out_of_fold: dict[tuple[str, float], torch.Tensor] = {}
@@ -259,8 +274,8 @@ def fit_head(
             break
         logits = _out_of_fold_logits(x, y, fold_of, priors[name], strength / n, data.multiple)
         out_of_fold[(name, strength)] = logits
-        scores[(name, strength)] = _score(logits, y, data.multiple)
-    kept = _score(prior_logits(prior, x), y, data.multiple) if keepable and n else 0.0
+        scores[(name, strength)] = _score(logits, y, data.multiple, threshold)
+    kept = _score(prior_logits(prior, x), y, data.multiple, threshold) if keepable and n else 0.0
     if keepable and (not scores or kept >= max(scores.values())):
         return prior, {
             "temperature": round(float(prior.temperature), 4), "prior": "kept", "l2": None,
@@ -461,6 +476,10 @@ def evaluate(probs: np.ndarray, data: ControlData, head: ClassifierHead) -> dict
     """
     y = data.target_array()
     k = len(data.labels)
+    broken = int((~np.isfinite(probs)).any(axis=1).sum()) if len(probs) else 0
+    if broken:  # a model whose numbers are not finite (diverged) is no candidate: argmax read NaN as label 0
+        key = "micro_f1" if data.multiple else "accuracy"
+        return {"n": int(len(y)), key: 0.0, "macro_f1": 0.0, "non_finite": broken, "primary": 0.0}
     if data.multiple:
         predicted = probs >= head.threshold
         # as served: a row with no label at the threshold still gets its likeliest one suggested
@@ -662,7 +681,8 @@ def fine_tune(
             with torch.no_grad():
                 logits = head_module.layers[control.name](emb).float().cpu().numpy()
             y = held.target_array()
-            scores.append(_score(torch.from_numpy(logits), torch.from_numpy(y), control.multiple))
+            scores.append(_score(torch.from_numpy(logits), torch.from_numpy(y), control.multiple,
+                                 heads[control.name].threshold))
         student.model.train()
         return float(np.mean(scores))
 
@@ -676,6 +696,7 @@ def fine_tune(
     started = time.perf_counter()
     losses: list[float] = []
     seen = 0
+    diverged = None
     for step in range(steps):
         if not batches:
             refill()
@@ -689,6 +710,10 @@ def fine_tune(
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
         else:
             loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
+        if not torch.isfinite(loss.detach()):  # diverged: what it has learned so far is all it will give
+            log.warning("fine-tuning stopped at step %d: the loss is not finite", step + 1)
+            diverged = step + 1
+            break
         train_step(loss)
         scheduler.step()
         losses.append(float(loss.detach()))
@@ -742,6 +767,8 @@ def fine_tune(
         "temperature": {name: round(t, 4) for name, t in temperatures.items()},
         "balanced": sorted(name for name, w in weights.items() if w is not None),
     }
+    if diverged is not None:
+        report["diverged_at_step"] = diverged
     return student, new_heads, report
 
 
@@ -834,6 +861,7 @@ def contrastive_tune(
 
     started = time.perf_counter()
     losses: list[float] = []
+    diverged = None
     for step in range(steps):
         chunk = pairs[step * args.batch_size : (step + 1) * args.batch_size]
         left = pad_batch([ids[c.name][i] for c, (i, _, _) in chunk], pad, device)
@@ -842,6 +870,10 @@ def contrastive_tune(
         with train_step.autocast():
             similarity = (student.pooled(*left) * student.pooled(*right)).sum(dim=-1).float()
         loss = torch.nn.functional.mse_loss(similarity, target)
+        if not torch.isfinite(loss.detach()):  # diverged: what it has learned so far is all it will give
+            log.warning("contrastive tuning stopped at step %d: the loss is not finite", step + 1)
+            diverged = step + 1
+            break
         train_step(loss)
         scheduler.step()
         losses.append(float(loss.detach()))
@@ -855,6 +887,7 @@ def contrastive_tune(
         "seconds": round(elapsed, 2),
         "pairs_per_second": round(len(pairs) / elapsed, 1) if elapsed else None,
         "final_loss": round(float(np.mean(losses[-10:])), 4) if losses else None,
+        **({"diverged_at_step": diverged} if diverged is not None else {}),
     }
 
 

@@ -265,3 +265,60 @@ def test_the_bias_is_pulled_towards_the_prior_and_a_flawless_fit_leaves_the_temp
     logits = np.eye(3)[[0, 1, 2] * 4] * 3.0  # every prediction right
     assert fit_temperature(logits, np.array([0, 1, 2] * 4), False) == 1.0
     assert fit_temperature(logits, np.array([0, 1, 2] * 3 + [1, 2, 0]), False) != 1.0  # three wrong: fitted
+
+
+# -- what training and the gate measure ----------------------------------------------------------
+def test_the_fast_heads_own_figure_for_several_labels_is_the_gates_micro_f1_as_served():
+    """Cross-validation, the kept-prior check and early stopping scored several labels per task by
+    exact match at p >= 0.5 (a row without any label: wrong), while the gate and annotators see
+    micro-F1 at the head's threshold with the likeliest label where none reaches it: the head's
+    setting was chosen by another figure than the one served (0.775 micro-F1 against 0.843)."""
+    from ls_backend.model import ClassifierHead
+    from ls_backend.trainer import _score, evaluate
+
+    rng = np.random.default_rng(0)
+    for threshold in (0.3, 0.5, 0.7):
+        logits = rng.normal(-1.0, 2.0, size=(40, 5)).astype(np.float32)
+        y = (rng.random((40, 5)) < 0.3).astype(np.float32)
+        y[np.flatnonzero(~y.any(axis=1)), 0] = 1.0
+        labels = list("abcde")
+        data = ControlData("tags", labels, True, ["t"] * 40,
+                           [tuple(labels[j] for j in np.flatnonzero(row)) for row in y])
+        head = ClassifierHead(labels=labels, weight=np.zeros((5, 2), np.float32), bias=np.zeros(5, np.float32),
+                              multiple=True, threshold=threshold)
+        served = evaluate(1 / (1 + np.exp(-logits)), data, head)["primary"]
+        assert _score(torch.from_numpy(logits), torch.from_numpy(y), True, threshold) == pytest.approx(served, abs=1e-6)
+    single = rng.normal(size=(30, 3)).astype(np.float32)
+    truth = rng.integers(0, 3, 30)
+    assert _score(torch.from_numpy(single), torch.from_numpy(truth), False) == pytest.approx((single.argmax(1) == truth).mean())
+
+
+def test_a_configured_label_nobody_used_does_not_keep_the_fast_head_uncalibrated(encoder):
+    """The temperature is fitted out-of-fold only where every label has an example in each fold; an
+    "Other" no annotator ever picked counted, and every head stayed at temperature 1."""
+    rows = agnews("dev", 200)
+    x = encoder.encode([t for t, _ in rows])
+    plain = ControlData("topic", AGNEWS_LABELS, False, [t for t, _ in rows], [(g,) for _, g in rows])
+    with_other = replace(plain, labels=AGNEWS_LABELS + ["Other"])
+    _, fitted = fit_head(x, plain, None, 13)
+    _, other = fit_head(x, with_other, None, 13)
+    assert fitted["temperature"] != 1.0
+    assert other["temperature"] != 1.0 and abs(other["temperature"] - fitted["temperature"]) < 0.2, (fitted, other)
+
+
+def test_a_model_whose_numbers_are_not_finite_scores_nothing_and_training_stops_where_the_loss_does(encoder):
+    """argmax reads NaN as the first label: a NaN head scored the share of that label on the slice and
+    passed the gate against a current model no better; and fine-tuning went on past a loss of NaN."""
+    from ls_backend.model import ClassifierHead
+    from ls_backend.trainer import evaluate
+
+    data = ControlData("c", ["pos", "neg"], False, ["a", "b", "c", "d"], [("pos",)] * 4)
+    head = ClassifierHead(labels=["pos", "neg"], weight=np.zeros((2, 2), np.float32), bias=np.zeros(2, np.float32))
+    figures = evaluate(np.full((4, 2), np.nan), data, head)
+    assert figures["primary"] == 0.0 and figures["non_finite"] == 4
+    texts = ["good movie", "bad movie", "great film", "awful film"] * 4
+    sentiment = ControlData("c", ["pos", "neg"], False, texts, [("pos",), ("neg",)] * 8)
+    start, _ = fit_head(encoder.encode(texts), sentiment, None)
+    args = TrainingArguments(learning_rate=1e8, head_learning_rate=1e8, min_steps=20, max_length=64)
+    _, heads, report = fine_tune(encoder, {"c": start}, [sentiment], args)
+    assert report["diverged_at_step"] < 20 and np.isfinite(heads["c"].weight).all()

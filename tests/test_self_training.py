@@ -339,3 +339,33 @@ def test_the_soup_is_the_mean_of_the_two_rounds_weights_and_heads(encoder):
     assert np.allclose(heads["topic"].weight, 0.5) and np.allclose(heads["topic"].bias, 0.5)
     assert heads["topic"].temperature not in (0.5, 2.0)  # fitted anew on the split
     assert soup.model is not first.model and soup.model is not second.model
+
+
+def test_unlabeled_copies_of_slice_texts_are_not_guessed(tmp_path, encoder, agnews_embeddings):
+    """A slice text under another task's id (a duplicate task, unlabeled) was guessed and fitted by
+    self-training and the full recipe, and the model was then judged on that very text."""
+    x, y, _, _, texts = agnews_embeddings
+    settings = Settings(model_dir=tmp_path / "models", max_length=128, inference_precision="float32",
+                        train_mode="frozen", eval_min=10)
+    share = settings.eval_share
+    store = _store_with_labels(settings, [(i + 1, texts[i], AGNEWS_LABELS[y[i]]) for i in range(60)])
+    registry = ModelRegistry(settings.model_dir)
+    key = key_of(3)
+    try:
+        FineTuneJob(settings, store, registry).run(key)
+        name = encoder_id(registry.load(key, registry.current(key)).meta, settings.encoder_path, encoder)
+        in_slice = [i for i in range(60) if in_eval_slice(i + 1, share)]  # rows whose task is in the slice
+        copies = [t for t in range(5000, 6000) if not in_eval_slice(t, share)][: len(in_slice)]
+        others = [t for t in range(100, 400) if not in_eval_slice(t, share)]
+        assert len(in_slice) >= 5
+        for round_, kept_texts in enumerate((True, False)):  # a pool with its texts, and one without (older)
+            pool_texts = [texts[t] for t in others] + [texts[i] for i in in_slice]
+            _write_pool(registry, key, registry.current(key), others + copies,
+                        np.concatenate([x[others], x[in_slice]]), name, pool_texts if kept_texts else None)
+            store.record_event(annotation_event(61 + round_, 61 + round_, choices(AGNEWS_LABELS[y[60 + round_]]),
+                                                text=texts[60 + round_]))
+            result = FineTuneJob(settings, store, registry).run(key)
+            report = registry.meta(key, result["version"])["training"]["self-train"]["topic"]
+            assert report["pool"] == len(others), (kept_texts, report["pool"], len(others), len(copies))
+    finally:
+        store.close()
