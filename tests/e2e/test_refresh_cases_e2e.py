@@ -302,19 +302,25 @@ def test_label_studios_model_version_follows_ours_but_not_another_models(project
     assert [path.name for path in PoolStore(registry).root(p["key"]).iterdir()] == [v3]  # older pools dropped
 
 
+def chosen_then_superseded(p, encoder) -> tuple[str, str]:
+    """The project's version v1 refreshed and chosen in Label Studio, then a copy v2 promoted over it."""
+    registry, v1 = p["registry"], p["version"]
+    refresh(p, encoder)
+    p["ls"].request("PATCH", f"/api/projects/{p['id']}", json={"model_version": v1})
+    loaded = registry.load(p["key"], v1)
+    v2 = registry.create_version(p["key"], loaded.heads, dict(loaded.meta, parent=v1))
+    registry.promote(p["key"], v2)
+    return v1, v2
+
+
 def test_label_studios_model_version_follows_at_the_next_job_when_it_could_not_be_moved(project, encoder,
                                                                                         monkeypatch):
     """Label Studio failing the PATCH that moves its model_version once left it on the older version
     until the next promotion: the refresh had finished, and its top-ups wrote nothing new."""
     from ls_backend.refresh import LabelStudioPredictions, RefreshError, unfinished_refresh
 
-    p, ls, registry = project, project["ls"], project["registry"]
-    v1 = p["version"]
-    refresh(p, encoder)
-    ls.request("PATCH", f"/api/projects/{p['id']}", json={"model_version": v1})
-    loaded = registry.load(p["key"], v1)
-    v2 = registry.create_version(p["key"], loaded.heads, dict(loaded.meta, parent=v1))
-    registry.promote(p["key"], v2)
+    p, ls = project, project["ls"]
+    v1, v2 = chosen_then_superseded(p, encoder)
     moved = LabelStudioPredictions.set_model_version
 
     def failing(self, version):
@@ -336,12 +342,7 @@ def test_a_rollback_while_a_refresh_runs_is_not_undone_in_label_studio(project, 
     rolled away from went on, then moved Label Studio's model_version to it and dropped the pool of
     the version serving now; the rollback queued no refresh of its own."""
     p, ls, registry = project, project["ls"], project["registry"]
-    v1 = p["version"]
-    refresh(p, encoder)
-    ls.request("PATCH", f"/api/projects/{p['id']}", json={"model_version": v1})
-    loaded = registry.load(p["key"], v1)
-    v2 = registry.create_version(p["key"], loaded.heads, dict(loaded.meta, parent=v1))
-    registry.promote(p["key"], v2)
+    v1, v2 = chosen_then_superseded(p, encoder)
     pages = []
     page = PredictionRefresh._page
 
