@@ -316,12 +316,10 @@ def _project_key(key: str) -> str:
 
 @operator.get("/projects/<key>/versions")
 def project_versions(key: str):
-    from .commands import version_rows
+    from .commands import versions_answer
 
     project = _project_key(key)
-    return jsonify({"project": project, "current": services().registry.current(project),
-                    "pinned": services().registry.pinned(project),
-                    "versions": version_rows(services().settings, project)})
+    return jsonify(versions_answer(services().settings, services().registry, project))
 
 
 @operator.post("/projects/<key>/train")

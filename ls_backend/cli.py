@@ -201,11 +201,22 @@ def _device_problem(settings: Settings) -> str | None:
 
 _BASE_MODEL_PROBE = """
 import sys
+from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 path = sys.argv[1]
 AutoConfig.from_pretrained(path)
-if not getattr(AutoTokenizer.from_pretrained(path), "is_fast", False):
+tokenizer = AutoTokenizer.from_pretrained(path)
+if not getattr(tokenizer, "is_fast", False):
     raise SystemExit("its tokenizer is not a fast one (character offsets need one)")
+# without its vocabulary files, transformers builds a tokenizer of a few tokens that reads every word
+# as unknown: every text would get the same embedding
+unknown = tokenizer.unk_token_id
+words = tokenizer("the model reads these words", add_special_tokens=False)["input_ids"]
+if len(tokenizer) < 100 or not words or (unknown is not None and all(i == unknown for i in words)):
+    raise SystemExit(f"its tokenizer knows {len(tokenizer)} tokens and reads plain English words as unknown "
+                     "(its vocabulary files are missing)")
+if not any(next(Path(path).glob(pattern), None) for pattern in ("*.safetensors", "pytorch_model*.bin")):
+    raise SystemExit("it has no weights file (*.safetensors or pytorch_model.bin)")
 """
 
 
@@ -271,9 +282,10 @@ def _unreachable(exc: BaseException) -> str | None:
         return f"Redis (REDIS_URL) cannot be reached: {str(exc).splitlines()[0]}"
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
-    if kind == "sqlite3":  # the embedding cache (the store goes through SQLAlchemy)
-        return (f"the embedding cache cannot be read ({exc}): it is only a cache; delete its file "
-                "(embeddings.sqlite under CACHE_DIR) and the next job embeds anew")
+    if kind == "sqlite3":  # the embedding cache or the embedded job queue (the store goes through SQLAlchemy)
+        return (f"a SQLite file cannot be read ({exc}): the embedding cache (embeddings.sqlite under CACHE_DIR, "
+                "only a cache: delete it and the next job embeds anew) or the embedded job queue "
+                "(jobs.sqlite under MODEL_DIR)")
     return None
 
 
@@ -344,7 +356,7 @@ def _main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"ls-backend: bad setting: {exc}", file=sys.stderr)
         return 2
-    if args.command in ("serve", "worker"):
+    if args.command in ("serve", "worker", "rank"):  # (rank predicts in its own process when it refreshes)
         asked = False
         if args.command == "worker":  # (not in serve: the jobs module imports torch, which its master need not)
             from .jobs import RUNNER_PARENT_ENV
@@ -461,12 +473,19 @@ def sync(settings: Settings, project: str) -> int:
         report = sync_project(store, settings, project, reason="ls-backend sync")
         body = report.to_dict()
         if report.changed:  # labels brought in queue training as labels from webhooks do
-            queue = queue_from_settings(settings)
+            from .jobs import redis_unreachable
+
             try:
-                job = queue.maybe_enqueue(store, synced_outcome(report))
-            finally:
-                queue.close()
-            body["queued_job"] = job.id if job is not None else None
+                queue = queue_from_settings(settings)
+                try:
+                    job = queue.maybe_enqueue(store, synced_outcome(report))
+                finally:
+                    queue.close()
+                body["queued_job"] = job.id if job is not None else None
+            except redis_unreachable() as exc:  # the sync is done and stored: say so, and what did not follow
+                body["queued_job"] = None
+                body["queue_error"] = (f"the job queue (REDIS_URL) cannot be reached ({type(exc).__name__}); "
+                                       "the labels are stored, and the next label or the schedule queues their training")
     except (SyncError, UnknownProject) as exc:
         print(f"ls-backend: sync failed: {exc}", file=sys.stderr)
         return 1

@@ -49,12 +49,23 @@ def _resolve(settings: Settings, key_or_id: str) -> str:
         store.close()
 
 
+def versions_answer(settings: Settings, registry, project_key: str) -> dict:
+    """``ls-backend versions`` and ``GET /projects/<key>/versions``: the version that serves as
+    ``current`` (and the pointer file's own where it names another: missing, or not loadable)."""
+    served, pointer = registry.served_version(project_key), registry.current(project_key)
+    answer = {"project": project_key, "current": served, "pinned": registry.pinned(project_key),
+              "versions": version_rows(settings, project_key)}
+    if pointer != served:
+        answer["current_pointer"] = pointer
+    return answer
+
+
 def version_rows(settings: Settings, project_key: str) -> list[dict]:
     """A project's versions, oldest first, with what an operator wants to see."""
     from .registry import ModelRegistry
 
     registry = ModelRegistry(settings.model_dir)
-    current = registry.current(project_key)
+    current = registry.served_version(project_key)  # (the stand-in where the pointer names no loadable version)
     rows = []
     for info in registry.versions(project_key):
         meta = info.meta
@@ -111,8 +122,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
         project = _resolve(settings, args.project)
         registry = ModelRegistry(settings.model_dir)
-        print(json.dumps({"project": project, "current": registry.current(project), "pinned": registry.pinned(project),
-                          "versions": version_rows(settings, project)}, indent=2))
+        print(json.dumps(versions_answer(settings, registry, project), indent=2))
         return 0
     queue = queue_from_settings(settings)
     try:
@@ -125,7 +135,12 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             job, created = queue.enqueue(project, "manual", args.lane)
             print(f"{'queued' if created else 'already queued'}: job {job.id} for project {project}", file=sys.stderr)
             if args.wait:
-                job = queue.wait(job.id, args.timeout)
+                try:
+                    job = queue.wait(job.id, args.timeout)
+                except LookupError as exc:  # gone from the queue (a Redis restarted without its data)
+                    print(f"ls-backend: {exc}: the queue no longer knows it (was its Redis restarted without its "
+                          "data?); queue it again with ls-backend train", file=sys.stderr)
+                    return 1
             print(json.dumps(job.to_dict(), indent=2))
             if args.wait and job.state not in ("finished", "failed"):
                 print(f"ls-backend: job {job.id} is still {job.state} after {args.timeout:g} s (--timeout)", file=sys.stderr)

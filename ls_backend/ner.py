@@ -550,6 +550,7 @@ def fine_tune_tokens(
     started = time.perf_counter()
     losses: list[float] = []
     seen = 0
+    diverged = None
     for step in range(steps):
         if not batches:
             refill()
@@ -564,6 +565,10 @@ def fine_tune_tokens(
             hidden = student.model(input_ids=ids, attention_mask=mask).last_hidden_state
             logits = layers.layers[name](hidden).float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
+        if not torch.isfinite(loss.detach()):  # diverged (and a NaN in the job's progress is no JSON)
+            log.warning("entity fine-tuning stopped at step %d: the loss is not finite", step + 1)
+            diverged = step + 1
+            break
         train_step(loss)
         scheduler.step()
         losses.append(float(loss.detach()))
@@ -591,6 +596,7 @@ def fine_tune_tokens(
         "windows_per_second": round(seen / elapsed, 1) if elapsed else None,
         "final_loss": round(float(np.mean(losses[-10:])), 4) if losses else None,
         "tagging": tagging,
+        **({"diverged_at_step": diverged} if diverged is not None else {}),
     }
     return student, new_heads, report
 

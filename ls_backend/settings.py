@@ -142,6 +142,8 @@ def _queue_name(raw: str) -> str:
 
 
 def _path(name: str, raw: str) -> Path:
+    if not raw.strip():  # (blanks would be the current folder)
+        raise SettingsError(f"{name}={raw!r}: a path of blanks; give a folder, or unset it for the default")
     try:
         return Path(raw.strip()).expanduser()
     except RuntimeError as exc:  # ~someone with no such user
@@ -410,7 +412,8 @@ class Settings:
             "REFRESH_MAX_TASKS": 0,
             "REFRESH_PAGE_SIZE": 1,
         }
-        maxima = {"SEED": 2**32 - 1}  # numpy's seeds are 32-bit
+        # numpy's seeds are 32-bit; rq's alarm for a job is 2 x JOB_TIMEOUT seconds, in a C int
+        maxima = {"SEED": 2**32 - 1, "JOB_TIMEOUT": 10**9}
         for name, minimum in ints.items():
             if get(name):
                 values[name.lower()] = _int(name, get(name, ""), minimum, maxima.get(name))

@@ -225,3 +225,76 @@ def test_the_log_follows_stderr_when_it_is_swapped_and_closed(capsys):
         root.setLevel(level)
     err = capsys.readouterr().err
     assert "after it was closed" in err and "Logging error" not in err
+
+
+@pytest.mark.parametrize("left_out", ["vocabulary", "weights"])
+def test_a_half_copied_base_model_folder_is_refused_where_it_would_read_every_text_alike(left_out, tmp_path):
+    """Without its vocabulary files, transformers builds a tokenizer of a few tokens that reads every word
+    as unknown: the folder passed the start check, and every text got one embedding. Without weights,
+    the encoder would be random."""
+    import shutil
+    from pathlib import Path
+
+    from ls_backend import cli
+    from ls_backend.settings import bundled_encoder_path
+
+    half = tmp_path / "model"
+    shutil.copytree(bundled_encoder_path(), half)
+    patterns = (("tokenizer*", "vocab.txt", "special_tokens_map.json") if left_out == "vocabulary"
+                else ("*.safetensors", "pytorch_model*.bin"))
+    for pattern in patterns:
+        for path in Path(half).glob(pattern):
+            path.unlink()
+    problem = cli._base_model_problem(Settings(base_model=str(half)))
+    assert problem is not None and f"BASE_MODEL={half}" in problem
+    assert ("unknown" if left_out == "vocabulary" else "no weights file") in problem, problem
+
+
+def test_settings_refuse_a_blank_folder_and_a_job_timeout_rq_cannot_keep(tmp_path):
+    from ls_backend.settings import SettingsError
+
+    for name in ("MODEL_DIR", "CACHE_DIR"):
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env({name: "   "})  # it was the current folder
+    with pytest.raises(SettingsError, match="JOB_TIMEOUT"):
+        Settings.from_env({"JOB_TIMEOUT": "2000000000"})  # rq's alarm of 2x that overflowed: every job failed
+    assert Settings.from_env({"JOB_TIMEOUT": "1000000000"}).job_timeout == 10**9
+
+
+def test_the_cli_names_the_file_and_refuses_rank_on_a_device_it_lacks(tmp_path, monkeypatch, capsys):
+    from ls_backend import cli
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "jobs.sqlite").write_text("not a database")
+    monkeypatch.setenv("MODEL_DIR", str(models))
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path / "cache"))
+    assert cli.main(["jobs"]) == 1
+    said = capsys.readouterr().err
+    assert "jobs.sqlite under MODEL_DIR" in said  # it blamed the embedding cache alone
+    # rank predicts in its own process (a refresh): the device check applies to it too
+    import torch
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("DEVICE", "cuda")
+        assert cli.main(["rank", "--project", "3"]) == 2
+        assert "bad setting: DEVICE=cuda" in capsys.readouterr().err
+
+
+def test_versions_name_the_version_that_serves_where_the_pointer_names_one_that_does_not_load(tmp_path):
+    import numpy as np
+
+    from ls_backend.commands import versions_answer
+    from ls_backend.model import ClassifierHead
+    from ls_backend.registry import ModelRegistry
+
+    settings = Settings(model_dir=tmp_path / "models")
+    registry = ModelRegistry(settings.model_dir)
+    key = "3.1732665262"
+    head = {"topic": ClassifierHead(labels=["a", "b"], weight=np.zeros((2, 4), np.float32), bias=np.zeros(2, np.float32))}
+    version = registry.create_version(key, head, {"kind": "cold-start"})
+    registry.promote(key, version)
+    (registry.project_dir(key) / "current").write_text("p3-v9\n")  # names no version
+    answer = versions_answer(settings, registry, key)
+    assert (answer["current"], answer["current_pointer"]) == (version, "p3-v9")
+    assert [row["version"] for row in answer["versions"] if row["current"]] == [version]

@@ -133,6 +133,21 @@ def test_annotations_reach_the_store_live_and_after_downtime(label_studio, tmp_p
         assert all(labels[offline[i]] == (LABELS[i % 4],) for i in range(30))
         assert summary(backend, key)["last_sync"]["reason"] == "ls-backend sync"
 
+        # a sync whose labels cannot queue their training (the queue's Redis down) reports what it stored
+        # (it failed with the Redis error alone, though the labels were in the store)
+        label_studio.request("PATCH", f"/api/webhooks/{hook['id']}", json={"is_active": False})
+        unheard = label_studio.create_annotation(task_ids[41], choices("Sports"))["id"]
+        label_studio.request("PATCH", f"/api/webhooks/{hook['id']}", json={"is_active": True})
+        down = subprocess.run(
+            console_script() + ["sync", "--project", str(project_id)],
+            env={**backend.env, "REDIS_URL": "redis://127.0.0.1:9/0", "TRAIN_EVERY": "1"}, capture_output=True,
+            text=True, timeout=300,
+        )
+        assert down.returncode == 0, down.stderr
+        report = json.loads(down.stdout)
+        assert report["inserted"] == 1 and report["queued_job"] is None and "REDIS_URL" in report["queue_error"]
+        assert unheard in stored_labels(backend, key)
+
         # START_TRAINING: changes the backend did not hear about are fetched in the background
         label_studio.request("PATCH", f"/api/webhooks/{hook['id']}", json={"is_active": False})
         late = label_studio.create_annotation(task_ids[40], choices("Business"))["id"]
