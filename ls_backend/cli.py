@@ -208,12 +208,10 @@ AutoConfig.from_pretrained(path)
 tokenizer = AutoTokenizer.from_pretrained(path)
 if not getattr(tokenizer, "is_fast", False):
     raise SystemExit("its tokenizer is not a fast one (character offsets need one)")
-# without its vocabulary files, transformers builds a tokenizer of a few tokens that reads every word
-# as unknown: every text would get the same embedding
-unknown = tokenizer.unk_token_id
-words = tokenizer("the model reads these words", add_special_tokens=False)["input_ids"]
-if len(tokenizer) < 100 or not words or (unknown is not None and all(i == unknown for i in words)):
-    raise SystemExit(f"its tokenizer knows {len(tokenizer)} tokens and reads plain English words as unknown "
+# without its vocabulary files, transformers builds a tokenizer of its few special tokens that reads
+# every word as unknown: every text would get the same embedding
+if len(tokenizer) < 100:
+    raise SystemExit(f"its tokenizer knows {len(tokenizer)} tokens, so it reads every word as unknown "
                      "(its vocabulary files are missing)")
 if not any(next(Path(path).glob(pattern), None) for pattern in ("*.safetensors", "pytorch_model*.bin")):
     raise SystemExit("it has no weights file (*.safetensors or pytorch_model.bin)")
