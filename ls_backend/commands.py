@@ -54,18 +54,19 @@ def versions_answer(settings: Settings, registry, project_key: str) -> dict:
     ``current`` (and the pointer file's own where it names another: missing, or not loadable)."""
     served, pointer = registry.served_version(project_key), registry.current(project_key)
     answer = {"project": project_key, "current": served, "pinned": registry.pinned(project_key),
-              "versions": version_rows(settings, project_key)}
+              "versions": version_rows(settings, project_key, served)}
     if pointer != served:
         answer["current_pointer"] = pointer
     return answer
 
 
-def version_rows(settings: Settings, project_key: str) -> list[dict]:
-    """A project's versions, oldest first, with what an operator wants to see."""
+def version_rows(settings: Settings, project_key: str, served: str | None = None) -> list[dict]:
+    """A project's versions, oldest first, with what an operator wants to see; ``served``: the version
+    that serves, where the caller has read it (the stand-in where the pointer names no loadable version)."""
     from .registry import ModelRegistry
 
     registry = ModelRegistry(settings.model_dir)
-    current = registry.served_version(project_key)  # (the stand-in where the pointer names no loadable version)
+    current = served if served is not None else registry.served_version(project_key)
     rows = []
     for info in registry.versions(project_key):
         meta = info.meta

@@ -148,12 +148,19 @@ def _object_field(value: str) -> str | None:
     return None
 
 
+def _element(interface: LabelInterface, name: str, control: bool):
+    """The element of the config's tag called ``name``: a control (it has ``toName``) or an object;
+    None where the parsed tree is not at hand."""
+    tree = getattr(interface, "_tree", None)
+    if tree is None:
+        return None
+    return next((e for e in tree.iter() if e.get("name") == name and (e.get("toName") is not None) == control), None)
+
+
 def _nested_choices(interface: LabelInterface, name: str) -> set[str]:
     """The values of the ``<Choice>``s inside another ``<Choice>`` of control ``name``: Label Studio
     neither shows nor selects them unless the control allows nesting."""
-    tree = getattr(interface, "_tree", None)
-    element = next((e for e in tree.iter() if e.get("name") == name and e.get("toName") is not None), None) \
-        if tree is not None else None
+    element = _element(interface, name, control=True)
     nested = set()
     for choice in element.iter("Choice") if element is not None else ():
         for parent in choice.iterancestors():
@@ -170,9 +177,8 @@ def _labels_of(control, leave_out: set[str] = frozenset()) -> tuple[LabelSpec, .
     seen = set()
     for value, label in (control.labels_attrs or {}).items():
         attr = getattr(label, "attr", None) or {}
-        if value in seen or not str(value).strip():  # an empty value: nothing Label Studio can show as chosen
-            continue
-        if value in leave_out:
+        # an empty value: nothing Label Studio can show as chosen
+        if value in seen or value in leave_out or not str(value).strip():
             continue
         seen.add(value)
         specs.append(LabelSpec(value=value, name=attr.get("value", value), hint=attr.get("hint", "") or ""))
@@ -198,14 +204,11 @@ def _visible_when(interface: LabelInterface, name: str, kind: str, to_name: str)
     shown while any control has that value chosen).  A ``<Choices>`` is hidden by its own and every
     ``<View>`` around it; Label Studio reads no condition on ``<Labels>`` (its regions are drawn on the
     ``<Text>``), so entities are hidden by the ``<View>``s around that text only."""
-    tree = getattr(interface, "_tree", None)
-    if tree is None:
-        return ()
     if kind == LABELS:
-        element = next((e for e in tree.iter() if e.get("name") == to_name and e.get("toName") is None), None)
+        element = _element(interface, to_name, control=False)
         tags = list(element.iterancestors()) if element is not None else []
     else:
-        element = next((e for e in tree.iter() if e.get("name") == name and e.get("toName") is not None), None)
+        element = _element(interface, name, control=True)
         tags = [element, *element.iterancestors()] if element is not None else []
     found = []
     for tag in tags:

@@ -54,7 +54,7 @@ def read_text(task: Any, data_field: str) -> TaskText:
     if not isinstance(data, dict):
         return TaskText(None, "task has no 'data' object")
     value = field_value(data, data_field)
-    if value is None and data.get(data_field, 0) is not None:
+    if value is None and data_field not in data:  # (a field set to null is "not a string", below)
         return TaskText(None, f"task data has no field {data_field!r}")
     if not isinstance(value, str):
         return TaskText(None, f"task data field {data_field!r} is not a string")

@@ -161,14 +161,8 @@ def _score(logits: torch.Tensor, y: torch.Tensor, multiple: bool, threshold: flo
     if multiple:
         if not len(y):
             return 0.0
-        cut = math.log(threshold / (1.0 - threshold)) if 0.0 < threshold < 1.0 else (-math.inf if threshold <= 0 else math.inf)
-        predicted = logits >= cut
-        empty = ~predicted.any(dim=1)
-        predicted[empty, logits[empty].argmax(dim=1)] = True
-        truth = y > 0.5
-        tp = float((predicted & truth).sum())
-        wrong = float((predicted ^ truth).sum())
-        return 2 * tp / (2 * tp + wrong) if tp + wrong else 1.0
+        predicted = suggested_labels(torch.sigmoid(logits.float()).numpy(), threshold)
+        return _micro_f1(predicted, y.numpy() > 0.5)
     return float((logits.argmax(dim=1) == y).float().mean())
 
 
@@ -469,6 +463,20 @@ def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 1.0)
 
 
+def suggested_labels(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """The labels suggested for each row of several-labels-per-task probabilities, as served
+    (``predictor.choices_result``): those at ``threshold``, else the likeliest one alone."""
+    predicted = probs >= threshold
+    empty = np.flatnonzero(~predicted.any(axis=1))
+    predicted[empty, probs[empty].argmax(axis=1)] = True
+    return predicted
+
+
+def _micro_f1(predicted: np.ndarray, truth: np.ndarray) -> float:
+    tp, fp, fn = (predicted & truth).sum(), (predicted & ~truth).sum(), (~predicted & truth).sum()
+    return float(_f1(np.array([tp]), np.array([fp]), np.array([fn]))[0])
+
+
 def evaluate(probs: np.ndarray, data: ControlData, head: ClassifierHead) -> dict:
     """Slice metrics of one control: accuracy and macro-F1 (single), micro/macro-F1 (multiple).
 
@@ -481,16 +489,14 @@ def evaluate(probs: np.ndarray, data: ControlData, head: ClassifierHead) -> dict
         key = "micro_f1" if data.multiple else "accuracy"
         return {"n": int(len(y)), key: 0.0, "macro_f1": 0.0, "non_finite": broken, "primary": 0.0}
     if data.multiple:
-        predicted = probs >= head.threshold
-        # as served: a row with no label at the threshold still gets its likeliest one suggested
-        # (``predictor.choices_result``), so the gate judges what annotators are shown
-        empty = np.flatnonzero(~predicted.any(axis=1))
-        predicted[empty, probs[empty].argmax(axis=1)] = True
+        # as served: a row with no label at the threshold still gets its likeliest one suggested, so the
+        # gate judges what annotators are shown
+        predicted = suggested_labels(probs, head.threshold)
         truth = y.astype(bool)
         tp = (predicted & truth).sum(axis=0)
         fp = (predicted & ~truth).sum(axis=0)
         fn = (~predicted & truth).sum(axis=0)
-        micro = float(_f1(tp.sum(keepdims=True), fp.sum(keepdims=True), fn.sum(keepdims=True))[0])
+        micro = _micro_f1(predicted, truth)
         present = truth.any(axis=0) | predicted.any(axis=0)  # a label neither true nor suggested: no figure
         return {
             "n": int(len(y)),
