@@ -30,7 +30,7 @@ def _bool(name: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in {"1", "true", "yes", "on"}:
         return True
-    if value in {"0", "false", "no", "off", ""}:
+    if value in {"0", "false", "no", "off"}:
         return False
     raise SettingsError(f"{name}={raw!r}: expected true or false")
 
@@ -131,6 +131,13 @@ def _label_studio_url(raw: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise SettingsError(f"LABEL_STUDIO_URL={_mask_password(value)!r}: expected Label Studio's address, "
                             "http://host:8080 or https://host")
+    try:
+        parts.port  # noqa: B018 -- raises for a port that is not a number from 0 to 65535
+    except ValueError:
+        raise SettingsError(f"LABEL_STUDIO_URL={_mask_password(value)!r}: the port after the host is a number "
+                            "from 1 to 65535 (http://host:8080)") from None
+    if parts.port == 0:
+        raise SettingsError(f"LABEL_STUDIO_URL={_mask_password(value)!r}: port 0 is no server's port")
     return value
 
 
@@ -374,9 +381,9 @@ class Settings:
         for name, low, high in (("EVAL_SHARE", 0.0, 0.9), ("PROMOTION_TOLERANCE", 0.0, 1.0), ("SELF_TRAIN_SHARE", 0.0, 1.0)):
             if get(name):
                 values[name.lower()] = _float(name, get(name, ""), low, high)
-        if get("FORCE_PROMOTE"):
+        if get("FORCE_PROMOTE", "").strip():  # blank: unset, as an empty value is
             values["force_promote"] = _bool("FORCE_PROMOTE", get("FORCE_PROMOTE", ""))
-        if get("JOB_STANDBY"):
+        if get("JOB_STANDBY", "").strip():
             values["job_standby"] = _bool("JOB_STANDBY", get("JOB_STANDBY", ""))
         if get("DEVICE"):
             values["device"] = _choice("DEVICE", get("DEVICE", ""), ("auto", "cpu", "cuda"))

@@ -63,12 +63,24 @@ def test_a_zero_shot_template_with_literal_braces_makes_the_prompts():
     ({"DATABASE_URL": "sqlite://"}, "SQLite needs an absolute file path"),
     ({"DATABASE_URL": "sqlite:///relative.sqlite"}, "SQLite needs an absolute file path"),
     ({"LABEL_STUDIO_URL": "localhost:8080"}, "http://host:8080"),
+    # a port that is no port: every refresh and sync failed later with urllib3's words
+    ({"LABEL_STUDIO_URL": "http://ls:80x80"}, "the port after the host is a number"),
+    ({"LABEL_STUDIO_URL": "http://ls:99999"}, "the port after the host is a number"),
+    ({"LABEL_STUDIO_URL": "http://ls:0"}, "port 0 is no server's port"),
     ({"QUEUE_NAME": "  "}, "QUEUE_NAME is blank"),
     ({"MODEL_DIR": "~nosuchuser/models"}, "MODEL_DIR='~nosuchuser/models': .*write the path out in full"),
 ])
 def test_settings_that_would_fail_every_job_or_the_first_request_are_refused_at_start(env, fix):
     with pytest.raises(SettingsError, match=fix.replace("(", r"\(").replace("/", "/")):
         Settings.from_env(env)
+
+
+def test_a_blank_switch_keeps_its_default():
+    # "  " (a template that filled nothing in) turned the job standby off, where "" leaves it on
+    assert Settings.from_env({"JOB_STANDBY": "  ", "FORCE_PROMOTE": " "}).job_standby is True
+    assert Settings.from_env({"JOB_STANDBY": " off "}).job_standby is False
+    assert Settings.from_env({"FORCE_PROMOTE": " "}).force_promote is False
+    assert Settings.from_env({"LABEL_STUDIO_URL": "https://ls.example:8443/"}).label_studio_url == "https://ls.example:8443"
 
 
 def test_base_model_expands_the_home_folder(tmp_path, monkeypatch):
