@@ -295,15 +295,30 @@ class Predictor:
         if serving is not None and now - serving.checked_at < self.settings.version_check_interval:
             return serving
         current = self.registry.current(project_key)
+        removed = False
         if serving is not None:
             serving.checked_at = now
-            if current is None or serving.version == current or serving.loading == current:
+            if current is None or serving.loading == current:
                 return serving  # (no pointer at all: keep what this process serves)
+            if serving.version == current:
+                if self.registry.has_meta(project_key, current):
+                    return serving
+                # its folder removed by hand: a worker started now serves a stand-in, and so must
+                # this one, or Label Studio gets two model_versions for one project
+                removed = True
         loaded = self._readable_version(project_key, serving)
         if loaded is None:
             return serving
-        if serving is not None and loaded.version != current:
+        if serving is not None and loaded.version != current and not removed:
             return serving  # current is unreadable (or did not load lately): keep what this process serves
+        if removed:
+            log.warning("project %s: the folder of %s, which this worker served, is gone; %s serves",
+                        project_key, current, loaded.version)
+            try:
+                return self._install_loadable(project_key, loaded, serving)
+            except Exception:  # no stand-in loads either: what this worker holds answers still
+                log.exception("project %s: no stand-in for %s loads", project_key, current)
+                return serving
         if serving is None or loaded.encoder_path is None or loaded.encoder_path in self._encoders:
             return self._install_loadable(project_key, loaded, serving)  # heads only: milliseconds
         serving.loading = current

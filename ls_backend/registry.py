@@ -126,6 +126,38 @@ def built_on_other_base(loaded: LoadedHeads, base_path: str, base_dim: int) -> s
     return None
 
 
+ABANDONED_AFTER_S = 3600  # a version being written where no file changed for this long has no writer left
+
+
+def abandoned_write(folder: Path, now: float | None = None) -> bool:
+    """Whether ``folder`` (a ``.tmp-*`` version being written) was left by a writer that is gone:
+    no file in it changed for ``ABANDONED_AFTER_S`` (a writer saves its encoder without a pause,
+    and the rest takes milliseconds; its process id would not tell, as containers sharing the
+    folder each number their own)."""
+    newest = 0.0
+    try:
+        for root, _dirs, files in os.walk(folder):
+            for name in [".", *files]:
+                newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
+    except OSError:
+        return False  # renamed into place or removed meanwhile
+    return (now or time.time()) - newest > ABANDONED_AFTER_S
+
+
+ENCODER_FILES = (("config.json",), ("*.safetensors", "pytorch_model*.bin"), ("tokenizer_config.json",))
+
+
+def encoder_folder_problem(folder: Path) -> str | None:
+    """What a fine-tuned encoder's folder lacks of what ``save_encoder`` writes (its config, a
+    weights file, its tokenizer's config), or None; a few file-system lookups, no loading."""
+    if not folder.is_dir():
+        return "is missing"
+    for patterns in ENCODER_FILES:
+        if not any(next(folder.glob(pattern), None) for pattern in patterns):
+            return f"has no {' or '.join(patterns)}"
+    return None
+
+
 class ModelRegistry:
     def __init__(self, model_dir: Path | str):
         self.root = Path(model_dir)
@@ -168,6 +200,13 @@ class ModelRegistry:
         except FileNotFoundError:
             return None
         return name or None
+
+    def has_meta(self, project_key: str, version: str) -> bool:
+        """Whether ``version``'s folder still holds its meta.json (one lookup, no reading)."""
+        try:
+            return (self.version_dir(project_key, version) / "meta.json").is_file()
+        except RegistryError:
+            return False
 
     def meta(self, project_key: str, version: str) -> dict:
         path = self.version_dir(project_key, version) / "meta.json"
@@ -215,6 +254,10 @@ class ModelRegistry:
         encoder_path = None
         if meta.get("encoder"):
             encoder_path = str(self.version_dir(project_key, meta["encoder"]) / "encoder")
+            problem = encoder_folder_problem(Path(encoder_path))
+            if problem is not None:  # removed or half-copied by hand: no job, worker or rollback can use it
+                raise RegistryError(f"version {version} of project {project_key}: its encoder folder "
+                                    f"{encoder_path} {problem}")
         return LoadedHeads(version=version, meta=meta, heads=heads, encoder_path=encoder_path)
 
     # -- writing -------------------------------------------------------------------
@@ -271,6 +314,7 @@ class ModelRegistry:
         """
         versions = self.versions_dir(project_key)
         versions.mkdir(parents=True, exist_ok=True)
+        self.sweep_abandoned(project_key)
         tmp = versions / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
@@ -316,6 +360,20 @@ class ModelRegistry:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def sweep_abandoned(self, project_key: str) -> list[str]:
+        """Remove the half-written versions whose writer is gone (killed mid-write: a lost machine,
+        SIGKILL, a container stopped; each holds a whole encoder), and return their names."""
+        removed = []
+        directory = self.versions_dir(project_key)
+        for folder in directory.glob(".tmp-*") if directory.is_dir() else ():
+            if abandoned_write(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder.name)
+        if removed:
+            log.warning("project %s: removed %d version(s) whose writer died mid-write: %s", project_key,
+                        len(removed), ", ".join(removed))
+        return removed
 
     def promote(self, project_key: str, version: str, reason: str = "promoted", away_from: str | None = None) -> None:
         """Make ``version`` the served one (an atomic pointer switch), and note it in the history;

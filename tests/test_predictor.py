@@ -569,6 +569,30 @@ def test_a_body_over_max_request_mb_gets_413_with_the_setting_to_change(settings
     assert small.status_code == 200 and len(small.json["results"]) == 10
 
 
+def test_a_worker_serving_a_version_whose_folder_was_removed_moves_to_the_stand_in(settings, encoder):
+    """The current version's folder removed by hand, the pointer left naming it: a worker that had
+    it loaded kept answering with it, while a worker started since served the stand-in, so Label
+    Studio saw two model_versions for one project."""
+    from dataclasses import replace
+    import shutil
+
+    settings = replace(settings, version_check_interval=0.0)
+    worker = fresh_client(settings, encoder)
+    assert worker.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).json["model_version"] == "p7-v0"
+    registry = ModelRegistry(settings.model_dir)
+    loaded = registry.load(PROJECT, "p7-v0")
+    tuned = registry.create_version(PROJECT, loaded.heads, dict(loaded.meta, parent="p7-v0", kind="fine-tune"))
+    registry.promote(PROJECT, tuned)
+    task = [{"id": 1, "data": {"text": "The Lakers won"}}]
+    assert predict(worker, task)[0]["model_version"] == tuned
+    shutil.rmtree(registry.version_dir(PROJECT, tuned))
+    started_since = fresh_client(settings, encoder)
+    for client in (worker, started_since):
+        assert predict(client, task)[0]["model_version"] == "p7-v0"
+        assert client.post("/setup", json={"project": PROJECT, "schema": TOPIC_CONFIG}).json["model_version"] == "p7-v0"
+    assert registry.served_version(PROJECT) == "p7-v0"
+
+
 def test_a_current_version_whose_encoder_will_not_load_does_not_fail_a_fresh_workers_requests(client, settings, encoder):
     """An incomplete encoder/ folder (a copy cut short): a worker started now serves the version
     that served before it, and answers every request; it tries the broken one again later, not on
@@ -577,9 +601,11 @@ def test_a_current_version_whose_encoder_will_not_load_does_not_fail_a_fresh_wor
     registry = ModelRegistry(settings.model_dir)
     loaded = registry.load(PROJECT, "p7-v0")
 
-    def broken_encoder(folder):
+    def broken_encoder(folder):  # every file there, but the weights are no safetensors file
         folder.mkdir()
-        (folder / "config.json").write_text("{}")  # no weights, no tokenizer
+        (folder / "config.json").write_text("{}")
+        (folder / "tokenizer_config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"cut short")
 
     tuned = registry.create_version(PROJECT, loaded.heads, dict(loaded.meta, parent="p7-v0", kind="fine-tune"),
                                     write_encoder=broken_encoder)

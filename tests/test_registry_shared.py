@@ -89,8 +89,8 @@ def _writer(model_dir: str, writer: int, count: int, lag: float, start, out) -> 
             meta["payload"] = hashlib.sha256(payload).hexdigest()
 
             def writer_fn(folder: Path, data: bytes = payload) -> None:
-                folder.mkdir()
-                with open(folder / "weights.bin", "wb") as handle:
+                _encoder_folder(folder)
+                with open(folder / "model.safetensors", "wb") as handle:
                     for i in range(0, len(data), 32768):  # in pieces, as save_pretrained writes
                         handle.write(data[i : i + 32768])
                         handle.flush()
@@ -101,13 +101,22 @@ def _writer(model_dir: str, writer: int, count: int, lag: float, start, out) -> 
     out.put((writer, names))
 
 
+def _encoder_folder(folder: Path) -> None:
+    """An encoder folder with the files the registry looks for (a config, weights, a tokenizer's
+    config); these tests write the weights' bytes themselves and never load them."""
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "tokenizer_config.json").write_text("{}")
+    (folder / "model.safetensors").touch()
+
+
 def _stuck_writer(model_dir: str, ready) -> None:
     """Starts a version with a big encoder and never finishes it (killed by the test)."""
     registry = ModelRegistry(model_dir)
 
     def write_encoder(folder: Path) -> None:
-        folder.mkdir()
-        (folder / "weights.bin").write_bytes(b"\0" * 100_000)
+        _encoder_folder(folder)
+        (folder / "model.safetensors").write_bytes(b"\0" * 100_000)
         ready.set()
         time.sleep(600)
 
@@ -125,7 +134,7 @@ def assert_complete(registry: ModelRegistry, name: str) -> dict:
         assert _digest(loaded.heads) == meta["digest"], f"{name}: heads differ from what was written"
     if meta.get("payload"):
         assert meta["encoder"] == name
-        data = (registry.version_dir(PROJECT, name) / "encoder" / "weights.bin").read_bytes()
+        data = (registry.version_dir(PROJECT, name) / "encoder" / "model.safetensors").read_bytes()
         assert hashlib.sha256(data).hexdigest() == meta["payload"], f"{name}: encoder files incomplete"
     return meta
 
@@ -194,20 +203,29 @@ def test_a_writer_killed_mid_write_leaves_nothing_listed_or_served(tmp_path):
     try:
         assert ready.wait(120), "the stuck writer never started writing"
         temporary = [p for p in registry.versions_dir(PROJECT).iterdir() if p.name.startswith(".")]
-        assert len(temporary) == 1 and (temporary[0] / "encoder" / "weights.bin").exists()
+        assert len(temporary) == 1 and (temporary[0] / "encoder" / "model.safetensors").exists()
         # mid-write: not listed, not current, its would-be number not taken
         assert [v.name for v in registry.versions(PROJECT)] == [first]
         assert registry.current(PROJECT) == first
     finally:
         stuck.kill()
         stuck.join(30)
-    # after the crash the half-written folder stays (nobody renames it into place) and stays invisible
+    # after the crash the half-written folder stays for now (nobody renames it into place), invisible
     assert any(p.name.startswith(".tmp-") for p in registry.versions_dir(PROJECT).iterdir())
     assert [v.name for v in registry.versions(PROJECT)] == [first]
     assert registry.projects() == [PROJECT]
     second = registry.create_version(PROJECT, _heads(0, 1), {"kind": "test", "digest": _digest(_heads(0, 1))})
     assert second == "p7-v1"
     assert_complete(registry, second)
+    # a write nothing has touched for an hour has no writer left: the next write removes it (each
+    # killed attempt of a job left a whole encoder behind, until the disk was full)
+    (left,) = [p for p in registry.versions_dir(PROJECT).iterdir() if p.name.startswith(".tmp-")]
+    assert registry.sweep_abandoned(PROJECT) == []  # written a moment ago: it may be a live writer's
+    hour_ago = time.time() - 3700
+    for path in [left, *left.rglob("*")]:
+        os.utime(path, (hour_ago, hour_ago))
+    registry.create_version(PROJECT, _heads(0, 2), {"kind": "test"})
+    assert not left.exists() and [v.name for v in registry.versions(PROJECT)] == [first, second, "p7-v2"]
 
 
 def test_a_version_folder_without_meta_is_never_listed_nor_its_number_reused(tmp_path):
@@ -334,6 +352,28 @@ def test_rollback_and_pin_never_land_on_a_version_whose_heads_do_not_load(tmp_pa
     assert [(e["event"], e["version"]) for e in registry.history(PROJECT)[-2:]] == [("current", v[2]), ("pin", v[2])]
 
 
+def test_a_version_whose_encoder_folder_is_incomplete_is_no_version_to_serve_train_or_pin(tmp_path):
+    """An encoder folder removed or cut short by hand: its heads read, so the registry called the
+    version current while every web worker served a stand-in, and every training job failed on it."""
+    registry = ModelRegistry(tmp_path)
+    v1 = registry.create_version(PROJECT, _heads(0, 1), {"kind": "test"}, write_encoder=_encoder_folder)
+    v2 = registry.create_version(PROJECT, _heads(0, 2), {"kind": "test"}, write_encoder=_encoder_folder)
+    v3 = registry.create_version(PROJECT, _heads(0, 3), {"kind": "test", "encoder": v2})  # shares v2's
+    for version in (v1, v2, v3):
+        registry.promote(PROJECT, version)
+    assert registry.load(PROJECT, v3).encoder_path.endswith(f"{v2}/encoder")
+    (registry.version_dir(PROJECT, v2) / "encoder" / "model.safetensors").unlink()
+    with pytest.raises(RegistryError, match=r"has no \*\.safetensors or pytorch_model"):
+        registry.load(PROJECT, v3)
+    assert registry.readable_current(PROJECT).version == v1 == registry.served_version(PROJECT)
+    for refused in (lambda: registry.pin(PROJECT, v2), lambda: registry.rollback(PROJECT, v3)):
+        with pytest.raises(RegistryError, match="does not load"):
+            refused()
+    shutil.rmtree(registry.version_dir(PROJECT, v1) / "encoder")
+    with pytest.raises(RegistryError, match="encoder folder .* is missing"):
+        registry.load(PROJECT, v1)
+
+
 def test_with_the_current_pointer_missing_rollback_and_pin_start_from_the_version_that_serves(tmp_path):
     registry = ModelRegistry(tmp_path)
     v = [registry.create_version(PROJECT, _heads(0, n), {"kind": "test"}) for n in range(3)]
@@ -375,7 +415,7 @@ def test_fine_tuned_encoders_of_projects_with_one_label_studio_id_have_distinct_
     fp32 = SimpleNamespace(precision_tag="fp32")
 
     def tuned(registry, key):
-        name = registry.create_version(key, _heads(0, 1), {"kind": "test"}, write_encoder=lambda folder: folder.mkdir())
+        name = registry.create_version(key, _heads(0, 1), {"kind": "test"}, write_encoder=_encoder_folder)
         return registry.meta(key, name)
 
     registry = ModelRegistry(tmp_path)
