@@ -318,8 +318,13 @@ class AnnotationRecord:
     @cached_property
     def content_hash(self) -> str:
         """What makes two versions the same label (task data aside: it is not part of the label)."""
-        body = canonical_json([self.task_id, self.result, self.annotator, self.was_cancelled, self.ground_truth])
-        return hashlib.sha256(body.encode()).hexdigest()
+        return label_hash(self.task_id, self.result, self.annotator, self.was_cancelled, self.ground_truth)
+
+
+def label_hash(task_id: int, result: Any, annotator: str, was_cancelled: bool, ground_truth: bool) -> str:
+    """An annotation version's ``content_hash``."""
+    body = canonical_json([task_id, result, annotator, was_cancelled, ground_truth])
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 @dataclass
@@ -765,7 +770,7 @@ _MARK_MOVE = (
 _IDS_OF_TASKS = sa.select(annotations.c.annotation_id).where(
     annotations.c.project_key == sa.bindparam("key"), annotations.c.task_id.in_(sa.bindparam("tasks", expanding=True))
 )
-_DEAD_TASKS = sa.select(deleted_tasks.c.task_id, deleted_tasks.c.deleted_at, deleted_tasks.c.last_us).where(
+_DEAD_TASKS = sa.select(deleted_tasks.c.task_id, deleted_tasks.c.deleted_at, deleted_tasks.c.last_us, deleted_tasks.c.seq).where(
     deleted_tasks.c.project_key == sa.bindparam("key"), deleted_tasks.c.task_id.in_(sa.bindparam("tasks", expanding=True))
 )
 _DEAD_TASK_AGAIN = (
@@ -786,6 +791,8 @@ _HELD = sa.union_all(
         annotations.c.was_cancelled,
         annotations.c.task_id,
         annotations.c.task_data,
+        sa.cast(sa.null(), sa.Float).label("deleted_at"),
+        sa.cast(sa.null(), sa.BigInteger).label("tomb_seq"),
     ).where(annotations.c.project_key == sa.bindparam("key"), annotations.c.annotation_id.in_(sa.bindparam("ids", expanding=True))),
     sa.select(
         sa.literal("dead"),
@@ -795,6 +802,8 @@ _HELD = sa.union_all(
         sa.cast(sa.null(), sa.Boolean),
         tombstones.c.task_id,
         sa.cast(sa.null(), sa.Text),
+        tombstones.c.deleted_at,
+        tombstones.c.seq,
     ).where(tombstones.c.project_key == sa.bindparam("key"), tombstones.c.annotation_id.in_(sa.bindparam("ids", expanding=True))),
 )
 
@@ -919,27 +928,42 @@ _ALL_COLUMNS = (
 class _Held:
     """One annotation inside a write transaction: what the database held, and what it will hold."""
 
-    __slots__ = ("start", "now", "dead", "columns", "tomb_task", "tomb_us", "reused")
+    __slots__ = ("start", "now", "dead", "columns", "tomb_task", "tomb_us", "tomb_at", "tomb_seq", "reused")
 
-    def __init__(self, start: str, now: dict | None, tomb_task: int | None = None, tomb_us: int | None = None):
+    def __init__(self, start: str, now: dict | None, tomb_task: int | None = None, tomb_us: int | None = None,
+                 tomb_at: float | None = None, tomb_seq: int | None = None):
         self.start = start  # "live", "dead" (tombstone) or "none"
         self.now = now  # its columns as they stand (None: no live row)
         self.dead = start == "dead"
         self.columns: set[str] = set()  # columns to write
         self.tomb_task = tomb_task  # the buried annotation's task, and its last updated_at held
         self.tomb_us = tomb_us
+        self.tomb_at = tomb_at  # a stored tombstone's deletion (this machine's clock) and its write's seq
+        self.tomb_seq = tomb_seq
         self.reused = False  # a tombstone's id given to a new annotation: the tombstone row goes
 
     def bury(self, task_id: int | None, updated_us: int | None) -> None:
         self.dead, self.tomb_task, self.tomb_us, self.now = True, task_id, updated_us, None
+        self.tomb_at = self.tomb_seq = None
 
-    def given_again(self, record: "AnnotationRecord") -> bool:
+    def given_again(self, record: "AnnotationRecord", listed_at_seq: int | None = None) -> bool:
         """Whether ``record``, under this buried id, is a new annotation Label Studio gave the id
-        to: on another task, or made after the buried one's last change; a late event of the
-        buried annotation is neither."""
+        to: on another task, or made after the buried one's last change (Label Studio's clock), or,
+        where the store never held the buried one (its deletion was all it heard of it), made after
+        the deletion (this machine's clock); a late event of the buried annotation is none of these.
+        ``listed_at_seq``: the record is in Label Studio's listing read by a sync that began after
+        the store's write ``listed_at_seq``; a deletion stored by then is of an annotation Label
+        Studio no longer had, so the one it lists under the id is a new one."""
         if self.tomb_task is not None and record.task_id != self.tomb_task:
             return True
-        return self.tomb_us is not None and record.created_us is not None and record.created_us > self.tomb_us
+        if listed_at_seq is not None and self.tomb_seq is not None and self.tomb_seq <= listed_at_seq:
+            return True
+        if record.created_us is None:
+            return False
+        if self.tomb_us is not None:
+            return record.created_us > self.tomb_us
+        # never held (no task known; a store of schema 3 kept no stamp for the ones it held)
+        return self.tomb_task is None and self.tomb_at is not None and record.created_us > self.tomb_at * 1_000_000
 
 
 class _ProjectWork:
@@ -963,8 +987,10 @@ class _ProjectWork:
         self.tasks_known: set[int] = set()  # task ids whose deletion state has been read
         # of those, the deleted ones: when (this machine's clock), and their labels' newest updated_at
         self.dead_tasks: dict[int, tuple[float, int | None]] = {}
+        self.dead_task_seq: dict[int, int] = {}  # of those stored before this transaction, the write's seq
         self.buried_tasks: list[int] = []  # deleted by this transaction
         self.reburied_tasks: list[int] = []  # deleted again by it (a new task under a deleted id: ``upsert``)
+        self.ground_truths: dict[int, int] = {}  # task -> the annotation this transaction made its ground truth
 
     def set(self, **values: Any) -> None:
         for name, value in values.items():
@@ -1030,7 +1056,8 @@ class _ProjectWork:
             found: dict[int, _Held] = {}
             for row in self.conn.execute(_HELD, {"key": self.key, "ids": list(chunk)}):
                 if row.kind == "dead":
-                    found[row.annotation_id] = _Held("dead", None, row.task_id, row.updated_us)
+                    found[row.annotation_id] = _Held("dead", None, row.task_id, row.updated_us, row.deleted_at,
+                                                     row.tomb_seq)
                 elif row.annotation_id not in found:
                     found[row.annotation_id] = _Held("live", {
                         "updated_us": row.updated_us, "content_hash": row.content_hash,
@@ -1043,8 +1070,9 @@ class _ProjectWork:
         """Read which of these tasks were deleted in Label Studio, for those not in hand yet."""
         missing = sorted({int(t) for t in task_ids} - self.tasks_known)
         for chunk in _chunks(missing, 500):
-            for task_id, deleted_at, last_us in self.conn.execute(_DEAD_TASKS, {"key": self.key, "tasks": list(chunk)}):
+            for task_id, deleted_at, last_us, seq in self.conn.execute(_DEAD_TASKS, {"key": self.key, "tasks": list(chunk)}):
                 self.dead_tasks[int(task_id)] = (float(deleted_at), last_us)
+                self.dead_task_seq[int(task_id)] = int(seq)
         self.tasks_known.update(missing)
 
     def delete_tasks(self, task_ids: Sequence[int]) -> int:
@@ -1064,6 +1092,7 @@ class _ProjectWork:
                 self.reburied_tasks.append(task_id)
             last = [us for us in (before[1] if before else None, newest.get(task_id)) if us is not None]
             self.dead_tasks[task_id] = (self.now, max(last) if last else None)
+            self.dead_task_seq.pop(task_id, None)
         return sum(self.delete(i) for i in ids)
 
     def ids_of_tasks(self, task_ids: Iterable[int]) -> list[int]:
@@ -1076,16 +1105,22 @@ class _ProjectWork:
         self.load(ids)
         return sorted(i for i in ids if not self.held[i].dead)
 
-    def upsert(self, record: AnnotationRecord, config_id: int | None, seq: int, source: str) -> str:
+    def upsert(self, record: AnnotationRecord, config_id: int | None, seq: int, source: str,
+               listed_at_seq: int | None = None) -> str:
+        """Apply one annotation version; ``listed_at_seq``: it comes from Label Studio's listing,
+        read by a sync that began after the store's write ``listed_at_seq`` (see ``given_again``)."""
         held = self.held[record.annotation_id]
         if held.dead:
-            if not held.given_again(record):
+            if not held.given_again(record, listed_at_seq):
                 return BURIED
             held.dead, held.reused = False, True  # a new annotation under a deleted one's id
         dead_task = self.dead_tasks.get(record.task_id)
         # an annotation made after its task was deleted is on a new task under that id (Label Studio
-        # on SQLite gives the next task the id of the last one deleted): its labels count
-        if dead_task is not None and not _made_after(record, *dead_task):
+        # on SQLite gives the next task the id of the last one deleted): its labels count; so do the
+        # labels a sync finds on a task deleted before it began reading (Label Studio lists it: a new task)
+        task_seq = self.dead_task_seq.get(record.task_id)
+        listed_anew = listed_at_seq is not None and task_seq is not None and task_seq <= listed_at_seq
+        if dead_task is not None and not listed_anew and not _made_after(record, *dead_task):
             # a late event for an annotation of a deleted task: deleted too
             if held.now is None:
                 held.bury(record.task_id, record.updated_us)
@@ -1100,13 +1135,22 @@ class _ProjectWork:
             if not record.was_cancelled:
                 self.live += 1
                 self.touched.add(record.task_id)
+            self._note_ground_truth(record)
             return INSERTED
-        if (record.updated_us, record.content_hash) <= (now["updated_us"], now["content_hash"]):
+        # Label Studio changes some fields without a new updated_at (a ground truth moved to another
+        # annotation clears the old one's flag, with no webhook): what a sync lists is how things
+        # stand, so at an equal stamp the listing's version replaces the one held
+        restamped = (listed_at_seq is not None and record.updated_us == now["updated_us"]
+                     and record.content_hash != now["content_hash"])
+        if not restamped and (record.updated_us, record.content_hash) <= (now["updated_us"], now["content_hash"]):
             if record.content_hash == now["content_hash"] and record.updated_us == now["updated_us"] and data != now["task_data"]:
                 now["task_data"] = data  # the same label on edited task data: keep the text current
                 held.columns.add("task_data")
+                self._text_changed(record)
             return UNCHANGED
         if record.content_hash == now["content_hash"]:
+            if data != now["task_data"]:
+                self._text_changed(record)
             now.update(updated_us=record.updated_us, task_data=data)  # a newer stamp on the same label
             held.columns.update(("updated_us", "task_data"))
             return UNCHANGED
@@ -1115,7 +1159,24 @@ class _ProjectWork:
             self.touched.update((record.task_id, now["task_id"]))
         held.now = self._columns(record, data, config_id, seq, source)
         held.columns.update(_ALL_COLUMNS)
+        self._note_ground_truth(record)
         return UPDATED
+
+    def _text_changed(self, record: AnnotationRecord) -> None:
+        """The same label on edited task data: what the model learns from the task changed, so it
+        counts towards the next training as a changed label does."""
+        if not record.was_cancelled:
+            self.touched.add(record.task_id)
+
+    def _note_ground_truth(self, record: AnnotationRecord) -> None:
+        """A version marked ground truth: Label Studio keeps one per task and clears the flag of the
+        task's other annotations (``Task.ensure_unique_groundtruth``: a plain update, no webhook, no
+        new updated_at), so ``flush`` clears theirs here too; else, once the new one was unmarked,
+        the old one would speak for the task again, over the annotators' votes."""
+        if record.ground_truth:
+            self.ground_truths[record.task_id] = record.annotation_id
+        elif self.ground_truths.get(record.task_id) == record.annotation_id:
+            del self.ground_truths[record.task_id]
 
     @staticmethod
     def _columns(record: AnnotationRecord, data: str, config_id: int | None, seq: int, source: str) -> dict:
@@ -1146,6 +1207,21 @@ class _ProjectWork:
             self.live -= 1
             self.touched.add(now["task_id"])
         return 1
+
+    def _clear_other_ground_truths(self, seq: int) -> None:
+        """(``flush``, after the versions are written) The flag off every other annotation of the
+        tasks a version made ground truth, each one's content hash made anew to match."""
+        cleared = []
+        for chunk in _chunks(sorted(self.ground_truths), 500):
+            for row in self.conn.execute(_OTHER_GROUND_TRUTHS, {"key": self.key, "tasks": list(chunk)}):
+                if row.annotation_id == self.ground_truths[int(row.task_id)]:
+                    continue
+                digest = label_hash(int(row.task_id), json.loads(row.result), row.annotator, bool(row.was_cancelled), False)
+                cleared.append({"k": self.key, "a": row.annotation_id, "s": seq, "h": digest})
+        if cleared:
+            self.conn.execute(_CLEAR_GROUND_TRUTH, cleared)
+            log.info("project %s: ground truth cleared on %d other annotation(s) of its task(s), as Label Studio "
+                     "does", self.key, len(cleared))
 
     def flush(self, seq: int) -> None:
         """Write everything this transaction changed for the project."""
@@ -1184,6 +1260,8 @@ class _ProjectWork:
         if self.reburied_tasks:
             conn.execute(_DEAD_TASK_AGAIN, [{"k": key, "t": t, "d": self.now, "s": seq, "l": self.dead_tasks[t][1]}
                                             for t in self.reburied_tasks])
+        if self.ground_truths:
+            self._clear_other_ground_truths(seq)
         if self.touched:
             self.pending += self.store._mark_tasks(conn, key, self.touched, seq, self.state["trained_seq"])
             self.set(last_seq=seq, pending_tasks=self.pending)
@@ -1192,6 +1270,18 @@ class _ProjectWork:
             conn.execute(projects.update().where(projects.c.key == key).values(**self.values))
         if self.triggers:
             conn.execute(triggers.insert(), self.triggers)
+
+
+_OTHER_GROUND_TRUTHS = sa.select(
+    annotations.c.annotation_id, annotations.c.task_id, annotations.c.result, annotations.c.annotator,
+    annotations.c.was_cancelled,
+).where(annotations.c.project_key == sa.bindparam("key"), annotations.c.task_id.in_(sa.bindparam("tasks", expanding=True)),
+        annotations.c.ground_truth == sa.true())
+_CLEAR_GROUND_TRUTH = (
+    annotations.update()
+    .where(annotations.c.project_key == sa.bindparam("k"), annotations.c.annotation_id == sa.bindparam("a"))
+    .values(ground_truth=False, content_hash=sa.bindparam("h"), seq=sa.bindparam("s"))
+)
 
 
 def _made_after(record: AnnotationRecord, deleted_at: float, last_us: int | None) -> bool:
@@ -1502,8 +1592,11 @@ class CorrectionStore:
             stored_annotations=stored,
         )
 
-    def ingest(self, info: ProjectInfo, records: Sequence[AnnotationRecord], source: str = "sync") -> ApplyCounts:
-        """Upsert annotation versions fetched from Label Studio, in one transaction."""
+    def ingest(self, info: ProjectInfo, records: Sequence[AnnotationRecord], source: str = "sync",
+               listed_at_seq: int | None = None) -> ApplyCounts:
+        """Upsert annotation versions fetched from Label Studio, in one transaction; ``listed_at_seq``:
+        they are Label Studio's listing, read after the store's write ``listed_at_seq`` (a deletion
+        stored by then does not hold against an annotation the listing has: it is a new one)."""
         now = time.time()
         outcomes: Counter[str] = Counter()
         with self._write() as (conn, seq):
@@ -1512,7 +1605,7 @@ class CorrectionStore:
             work.load(record.annotation_id for record in records)
             work.load_tasks(record.task_id for record in records)
             for record in records:
-                outcomes[work.upsert(record, config_id, seq, source)] += 1
+                outcomes[work.upsert(record, config_id, seq, source, listed_at_seq)] += 1
             work.flush(seq)
         return ApplyCounts(
             inserted=outcomes[INSERTED], updated=outcomes[UPDATED], unchanged=outcomes[UNCHANGED],

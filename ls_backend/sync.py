@@ -264,7 +264,7 @@ def sync_project(
     batch: list[AnnotationRecord] = []
 
     def flush() -> None:
-        counts = store.ingest(later, batch)
+        counts = store.ingest(later, batch, listed_at_seq=start_seq)
         report.inserted += counts.inserted
         report.updated += counts.updated
         report.unchanged += counts.unchanged
