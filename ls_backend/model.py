@@ -106,18 +106,23 @@ _VISIBLE = re.compile(r"\S+")
 def clip_visible(text: str, visible: int, whole_words: bool = False) -> str:
     """``text`` up to its first ``visible`` non-whitespace characters: whitespace, however long its
     runs, does not count (a text of 9,000 newlines and then a sentence keeps its sentence).  With
-    ``whole_words``, a word the limit falls inside is left out whole (unless it is the first), so
-    no entity is found in half a word."""
+    ``whole_words``, a word the limit falls inside is left out whole, so no entity is found in half
+    a word, unless nothing visible comes before it or it is longer than ``LONG_WORD`` characters
+    (text written without spaces, as Chinese or Japanese is: the text would be lost whole)."""
     if len(text) <= visible:
         return text
     seen = 0
     for match in _VISIBLE.finditer(text):
-        seen += match.end() - match.start()
+        width = match.end() - match.start()
+        seen += width
         if seen >= visible:
-            if whole_words and seen > visible and match.start() > 0:
+            if whole_words and seen > visible and seen - width > 0 and width <= LONG_WORD:
                 return text[: match.start()]
             return text[: match.end() - (seen - visible)]
     return text
+
+
+LONG_WORD = 100  # characters: longer "words" are cut at a limit, not left out whole
 
 
 def _gives_a_token(word: str) -> bool:

@@ -113,6 +113,12 @@ def test_whitespace_runs_do_not_push_a_long_texts_words_out_of_what_is_read():
     assert clip_visible("abc  def ghi", 5, whole_words=True) == "abc  "
     assert clip_visible("abc  def ghi", 6, whole_words=True) == "abc  def"
     assert clip_visible("abcdefgh ij", 5, whole_words=True) == "abcde"
+    # ... nor after nothing visible, nor for a text written without spaces: a Chinese text over the
+    # limit after a newline, or after a short title line, kept nothing but those
+    assert clip_visible("\n  abcdefgh ij", 5, whole_words=True) == "\n  abcde"
+    chinese = "新闻\n" + "经济增长" * 40
+    assert clip_visible(chinese, 50, whole_words=True) == chinese[:51]
+    assert clip_visible("ab " + "c" * 100 + " d", 50, whole_words=True) == "ab "  # a word of 100 is still a word
 
 
 def test_texts_of_long_words_are_read_as_far_as_the_tokenizers_own_truncation(encoder):
