@@ -331,7 +331,7 @@ class PredictionRefresh:
         if report.top_up_after is not None:
             self._returned(project_key, version, plan, predictor, serving, embed_control, primary, report, limit, cursor)
         after_id = int(cursor.get("after_id", 0))
-        while report.tasks < limit:
+        while report.tasks < limit and not self._superseded(project_key, version):
             size = min(self.settings.refresh_page_size, limit - report.tasks)
             tasks, left = api.unlabeled_after(after_id, size)
             if not tasks:
@@ -374,7 +374,7 @@ class PredictionRefresh:
         passed |= self.pools.unreadable(project_key, version)
         pooled = dict(zip(pool.task_ids.tolist(), pool.texts)) if pool is not None and pool.texts is not None else {}
         api, after_id = self.api_for(project_key), 0
-        while report.tasks < limit:
+        while report.tasks < limit and not self._superseded(project_key, version):
             tasks, _ = api.unlabeled_after(after_id, self.settings.refresh_page_size, up_to=report.top_up_after)
             if not tasks:
                 break
@@ -388,6 +388,16 @@ class PredictionRefresh:
                 passed.update(task["id"] for task in fresh)
                 cursor.update(**{name: getattr(report, name) for name in CURSOR_COUNTS})
                 self._save_cursor(project_key, cursor)
+
+    def _superseded(self, project_key: str, version: str) -> bool:
+        """Whether another version serves now (the other lane promoted one, or an operator rolled
+        back): the pages left are not worth predicting with ``version``, which Label Studio will not
+        show; the refresh of the version that serves (queued with it) writes them."""
+        served = self.registry.served_version(project_key)
+        if served == version:
+            return False
+        log.info("project %s: %s serves now; the refresh of %s stops at this page", project_key, served, version)
+        return True
 
     def _past_another_install(self, project_key: str, api: LabelStudioPredictions, loaded, chosen: str | None):
         """Where Label Studio holds predictions under names of ours that this registry never gave
@@ -514,11 +524,12 @@ class PredictionRefresh:
         return len(ids)
 
     def _create(self, project_key: str, rows: list[dict], report: RefreshReport) -> set[int]:
-        """Import ``rows``; the tasks among them that Label Studio no longer has.  Label Studio
-        refuses a whole import (400) for one task deleted since its page was listed: the rows are
-        then sent one by one, and the refused ones are taken as gone.  Where every one is refused,
-        they are gone only if Label Studio no longer lists them (else the rows are at fault:
-        raised)."""
+        """Import ``rows``; the tasks among them that Label Studio no longer has (or no longer lists
+        unlabeled).  Label Studio refuses a whole import (400) for one task deleted since its page
+        was listed: the page is listed again, and the rows of the tasks still listed are sent at
+        once; where that changes nothing (or is refused too), the rows are sent one by one, and the
+        refused ones are taken as gone.  Where every one is refused, they are gone only if Label
+        Studio no longer lists them (else the rows are at fault: raised)."""
         api = self.api_for(project_key)
         try:
             try:
@@ -535,6 +546,22 @@ class PredictionRefresh:
             if exc.status != 400 or not rows:
                 raise
             refused, written = set(), 0
+            if len(rows) > 1:
+                # one task deleted since the page was listed refuses the whole import: list the page
+                # again and send the rows of the tasks still there at once (each import call makes
+                # Label Studio recount every task of the project: row by row, one recount per row)
+                ids = [int(row["task"]) for row in rows]
+                listed, _ = api.unlabeled_after(min(ids) - 1, 2 * max(len(rows), self.settings.refresh_page_size),
+                                                up_to=max(ids))
+                still = {task["id"] for task in listed}
+                left = [row for row in rows if int(row["task"]) in still]
+                try:
+                    if len(left) < len(rows):
+                        written = self._created(project_key, left, api.create(left)) if left else 0
+                        refused, rows = {i for i in ids if i not in still}, []
+                except RefreshError as again:
+                    if again.status != 400:
+                        raise
             for row in rows if len(rows) > 1 else []:
                 try:
                     written += api.create([row])
@@ -542,7 +569,7 @@ class PredictionRefresh:
                     if one.status != 400:
                         raise
                     refused.add(int(row["task"]))
-            if len(rows) == 1 or len(refused) == len(rows):
+            if len(rows) == 1 or (rows and len(refused) == len(rows)):
                 refused = {int(row["task"]) for row in rows}
                 # (the page listed every unlabeled task between them, so one page covers them again)
                 listed, _ = api.unlabeled_after(min(refused) - 1, self.settings.refresh_page_size, up_to=max(refused))
@@ -550,7 +577,8 @@ class PredictionRefresh:
                     raise exc
             report.written += written
             report.gone += len(refused)
-            log.warning("project %s: tasks %s are no longer in Label Studio (%s); no prediction written for them",
+            log.warning("project %s: tasks %s are no longer in Label Studio, or labeled since (%s); no prediction "
+                        "written for them",
                         project_key, sorted(refused)[:20], exc)
             return refused
 
