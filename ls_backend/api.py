@@ -134,6 +134,10 @@ def json_body() -> dict:
     except RecursionError:  # silent=True covers ValueError only
         raise BadRequest("the body's JSON is nested too deeply") from None
     if payload is None:
+        encoding = (request.headers.get("Content-Encoding") or "").strip().lower()
+        if encoding not in ("", "identity"):
+            raise BadRequest(f"the body is sent with Content-Encoding {encoding[:40]!r}, which is not read here: "
+                             "send it uncompressed")
         if request.get_data(cache=True).strip() == b"null":
             raise BadRequest("the body must be a JSON object, not null")
         raise BadRequest("the body is not valid JSON")

@@ -341,13 +341,16 @@ class Predictor:
         version's name, with its encoder loading in the background.  Label Studio gives ``/setup``
         3 s and marks the backend "Error" past them, and a fine-tuned encoder takes seconds to load
         from a cold disk; ``/predict`` then waits for the one load under way rather than starting its
-        own.  None where :meth:`ensure_version` answers at once (heads only, or a version to write)."""
+        own.  Where the label config changed since that version was made, the version re-shaped to it
+        is written in the background as well (embedding the new labels needs the encoder), and until
+        then ``/setup`` names the version it is made from.  None where :meth:`ensure_version` answers
+        at once (heads only, or a cold start on the base encoder)."""
         with self._lock:
             if project_key in self._serving:
                 return None
         loaded = self._readable_version(project_key, None)
-        if loaded is None or loaded.meta.get("plan_signature") != plan.signature:
-            return None  # a cold start or a re-shaped version to write: the usual path, under the lock
+        if loaded is None:
+            return None  # a cold start: the usual path, under the lock
         with self._lock:
             if loaded.encoder_path is None or loaded.encoder_path in self._encoders:
                 return None

@@ -61,6 +61,10 @@ def test_malformed_json_over_http_is_a_json_400(backend):
     assert response.status_code == 400
     assert response.headers["Content-Type"].startswith("application/json")
     assert "not valid JSON" in response.json()["message"]
+    import gzip  # a proxy or a client that compresses: said so, not "not valid JSON"
+    packed = requests.post(backend.url + "/predict", data=gzip.compress(b'{"tasks": []}'),
+                           headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}, timeout=5)
+    assert packed.status_code == 400 and "Content-Encoding 'gzip'" in packed.json()["message"], packed.text
     missing = requests.get(backend.url + "/no-such-route", timeout=5)
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
 

@@ -321,3 +321,40 @@ def test_setup_in_a_fresh_worker_answers_while_a_fine_tuned_encoder_loads(tmp_pa
     request.join(30)
     assert predicted and predicted[0][0]["model_version"] == name
     assert built == [writer.registry.load(PROJECT, name).encoder_path]  # loaded once, for all three calls
+
+
+def test_setup_after_a_label_config_change_answers_while_the_encoder_loads(tmp_path, tiny, monkeypatch):
+    """A label added: the served version is re-shaped to the new config, which embeds the new label
+    with its fine-tuned encoder; a fresh worker loaded that encoder inside /setup, past Label
+    Studio's 3 s on a cold disk. It now names the version it is made from, and writes the new one
+    in the background."""
+    settings = Settings(model_dir=tmp_path / "models", max_length=64)
+    writer = Predictor(settings, encoder=Encoder(tiny, "cpu", 64))
+    assert writer.setup(PROJECT, TOPIC_CONFIG) == "p7-v0"
+    name = promote_own_encoder(writer.registry, PROJECT, tiny)
+    changed = TOPIC_CONFIG.replace("</Choices>", '<Choice value="Health"/></Choices>')
+    assert changed != TOPIC_CONFIG
+    fresh = Predictor(settings, encoder=Encoder(tiny, "cpu", 64))
+    started, release = threading.Event(), threading.Event()
+
+    def slow_encoder(*args, **kwargs):
+        started.set()
+        assert release.wait(30)
+        return Encoder(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "Encoder", slow_encoder)
+    answers, predicted = [], []
+    try:
+        setup = threading.Thread(target=lambda: answers.append(fresh.setup(PROJECT, changed)))
+        setup.start()
+        setup.join(10)
+        assert answers == [name] and started.wait(30)  # at once, the re-shape waiting for the encoder
+        request = threading.Thread(target=lambda: predicted.append(fresh.predict(PROJECT, changed, TASKS)))
+        request.start()
+    finally:
+        release.set()
+    request.join(30)
+    reshaped = predicted[0][0]["model_version"]
+    assert reshaped != name and writer.registry.meta(PROJECT, reshaped)["parent"] == name
+    assert "Health" in writer.registry.load(PROJECT, reshaped).heads["topic"].labels
+    assert fresh.setup(PROJECT, changed) == reshaped
