@@ -313,6 +313,33 @@ class TrainingQueue(ABC):
         finally:
             store.close()
 
+    def seq_now(self, project_key: str) -> int | None:
+        """The project's last write in the store now (a job's start, for :meth:`requeue_after_failure`);
+        None where the store cannot be read."""
+        from .store import CorrectionStore
+
+        try:
+            store = CorrectionStore.from_settings(self.settings)
+            try:
+                return store.current_seq(project_key)
+            finally:
+                store.close()
+        except Exception:
+            log.warning("project %s: could not read the store's position", project_key, exc_info=True)
+            return None
+
+    def requeue_after_failure(self, project_key: str, lane: str, started_seq: int | None) -> None:
+        """At the end of a job that failed for good: the labels that came while it ran queued nothing
+        (they waited for it), so queue the lane's next job where ``TRAIN_EVERY`` of them came (the
+        labels from before it do not count: a job that fails every time is not run again and again
+        for them alone)."""
+        if started_seq is None:
+            return
+        try:
+            self.requeue_if_behind(project_key, lane, {"cutoff_seq": started_seq})
+        except Exception:
+            log.exception("project %s: after a failed job, could not check for labels that came meanwhile", project_key)
+
     def label_lanes(self, store, project_key: str) -> list[str]:
         """The lanes a label trigger feeds: the fast lane, and the full lane under TRAIN_MODE=full
         or, under auto, once the project holds FULL_MIN_LABELS labels (coalesced like any job)."""
@@ -473,6 +500,7 @@ def train_project(project_key: str, trigger: str = "manual", lane: str = FULL) -
         restart_job_clock(settings.job_timeout)
         # from here on, new labels queue the next job instead of joining this one
         queue.release_queued(project_key, job.id if job else None, lane)
+        started_seq = queue.seq_now(project_key)
         if job is not None:
             job.meta["started_at"] = time.time()
             job.save_meta()
@@ -495,9 +523,13 @@ def train_project(project_key: str, trigger: str = "manual", lane: str = FULL) -
                     # retry, and takes this job's trigger (Start Training's sync, say); rq does not
                     # retry this one, which would train a second time after it
                     successor, _ = queue.enqueue(project_key, trigger, lane)
+                    # the attempts it used, before rq is told to use no more (its status counts them)
+                    job.meta["attempts_used"] = job.meta.get("retries", settings.job_retries) - job.retries_left + 1
                     job.retries_left = 0
                     job.meta["retried_as"] = successor.id
                 job.save_meta()
+            else:  # failed for good
+                queue.requeue_after_failure(project_key, lane, started_seq)
             raise
     try:
         queue.requeue_if_behind(project_key, lane, result)
@@ -678,6 +710,8 @@ class RedisTrainingQueue(TrainingQueue):
         # attempts started, as the embedded queue counts them: rq counts the retries it used
         used = meta.get("retries", self.settings.job_retries) - job.retries_left if job.retries_left is not None else 0
         attempts = used if state == QUEUED else used + 1
+        if meta.get("attempts_used"):  # handed over to a job queued while it ran (see ``train_project``)
+            attempts = int(meta["attempts_used"])
         progress = meta.get("progress", {})
         if state == QUEUED:  # not started, or waiting for a retry: no start time, progress or duration of its own
             started, progress = None, {}
@@ -984,15 +1018,16 @@ class EmbeddedTrainingQueue(TrainingQueue):
                 (FINISHED, time.time(), json.dumps(result), job_id),
             )
 
-    def fail(self, job_id: str, error: str, retry: bool, refund: bool = False) -> None:
+    def fail(self, job_id: str, error: str, retry: bool, refund: bool = False) -> bool:
         """Mark a job failed, or queue it again (it keeps its id and attempt count); ``refund``: the
-        attempt is not counted (the runner was asked to stop: a deploy is no failure of the job)."""
+        attempt is not counted (the runner was asked to stop: a deploy is no failure of the job).
+        True where it failed for good (no retry of its own, nor a queued job that retries it)."""
         with self._transaction() as db:
             if refund:
                 db.execute("UPDATE jobs SET attempts = MAX(0, attempts - 1) WHERE id = ?", (job_id,))
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
-                return
+                return False
             queued = db.execute(
                 "SELECT id, trigger FROM jobs WHERE project = ? AND state = ? AND lane = ? AND id != ?",
                 (row["project"], QUEUED, row["lane"], job_id),
@@ -1019,6 +1054,8 @@ class EmbeddedTrainingQueue(TrainingQueue):
                     "UPDATE jobs SET state = ?, ended_at = ?, error = ? WHERE id = ?",
                     (FAILED, time.time(), error, job_id),
                 )
+                return True
+        return False
 
     def orphans(self) -> list[JobInfo]:
         with self._connect() as db:
@@ -1081,6 +1118,9 @@ def _job_process(settings: Settings, conn, ahead: bool, parent: int | None = Non
         return
     if job is None:  # the runner stops: not needed
         return
+    # the runner stopping ends this process with SIGTERM: as an exit, so that what the job holds is
+    # let go on the way out (the sync lease of Start Training, else held 15 minutes by no one)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     queue = EmbeddedTrainingQueue(settings)
     try:
         result = execute_training(
@@ -1095,7 +1135,7 @@ def _job_process(settings: Settings, conn, ahead: bool, parent: int | None = Non
         conn.send(("ok", result))
     except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C reached the whole group: retried, like a stop
         with contextlib.suppress(OSError, ValueError):
-            conn.send(("crash", f"the job process was interrupted ({type(exc).__name__})"))
+            conn.send(("interrupted", f"the job process was interrupted ({type(exc).__name__})"))
     except BaseException as exc:  # report everything, the runner decides
         log.exception("job %s failed", job.id)
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -1302,6 +1342,7 @@ class JobRunner:
         log.info(
             "job %s: training project %s (%s, %s lane, attempt %d)", job.id, job.project, job.trigger, job.lane, job.attempts
         )
+        started_seq = self.queue.seq_now(job.project)
         child, receiver = self._process_for(job.lane, job)
         deadline = time.monotonic() + self.settings.job_timeout
         outcome = None
@@ -1330,12 +1371,17 @@ class JobRunner:
         child.join(10)
         receiver.close()
         kind, body = outcome
+        if kind == "interrupted":
+            # Ctrl-C in a terminal reaches the runner and its job process together: the runner is
+            # stopping, and the job goes back in its place without using a retry (else a crash)
+            kind = "stopped" if self.stopping.wait(2.0) else "crash"
         if kind == "ok":
             self.queue.finish(job.id, body)
             self.queue.requeue_if_behind(job.project, job.lane, body)
         else:
             log.error("job %s: %s", job.id, body)
-            self.queue.fail(job.id, body, retry=kind in ("crash", "timeout", "stopped"), refund=kind == "stopped")
+            if self.queue.fail(job.id, body, retry=kind in ("crash", "timeout", "stopped"), refund=kind == "stopped"):
+                self.queue.requeue_after_failure(job.project, job.lane, started_seq)
 
 
 #: set by ``ls-backend serve`` for the runner it starts: the pid of the server, and a pipe the

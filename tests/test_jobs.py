@@ -887,7 +887,85 @@ def test_an_interrupted_job_process_reports_a_crash_so_the_job_is_retried(tmp_pa
     ours.send(job)
     jobs._job_process(settings, theirs, ahead=False)
     kind, reason = ours.recv()
-    assert kind == "crash" and "KeyboardInterrupt" in reason  # run_one retries a crash
+    assert kind == "interrupted" and "KeyboardInterrupt" in reason  # run_one: a stop, else a crash (retried)
+
+
+def test_ctrl_c_during_a_job_puts_it_back_in_its_place_without_using_a_retry(tmp_path, monkeypatch):
+    """Ctrl-C reaches the runner and its job process together: the job process's report came first,
+    and the job was handled as a crash (a retry used; with JOB_RETRIES=0 failed for good)."""
+    from ls_backend.jobs import FULL, JobRunner
+
+    class Child:
+        exitcode = 0
+
+        def is_alive(self):
+            return False
+
+        def join(self, timeout=None):
+            pass
+
+    class Interrupted:  # what the job process sends on KeyboardInterrupt (above)
+        def poll(self, timeout):
+            return True
+
+        def recv(self):
+            return ("interrupted", "the job process was interrupted (KeyboardInterrupt)")
+
+        def close(self):
+            pass
+
+    for stopping in (True, False):
+        runner = JobRunner(Settings(model_dir=tmp_path / str(stopping), job_standby=False, job_retries=0))
+        monkeypatch.setattr(runner, "_process_for", lambda lane, job: (Child(), Interrupted()))
+        job, _ = runner.queue.enqueue("8.1", "labels", FULL)
+        if stopping:  # the runner's own SIGINT handler
+            threading.Timer(0.2, runner.stop).start()
+        runner.run_one(runner.queue.claim(FULL))
+        after = runner.queue.get(job.id)
+        # with the runner stopping: queued again, the attempt refunded; the job process alone: a crash
+        assert (after.state, after.attempts) == (("queued", 0) if stopping else ("failed", 1)), after
+        runner.queue.close()
+
+
+def test_a_job_process_stopped_by_its_runner_lets_go_of_the_projects_sync_lease(tmp_path, monkeypatch):
+    """The runner stops its job process with SIGTERM: in Start Training's sync, the process died
+    holding the project's sync lease, so the job's rerun after the restart waited 5 minutes for it,
+    and Start Training meanwhile synced nothing."""
+    import multiprocessing
+
+    from ls_backend import jobs, sync
+    from ls_backend.store import CorrectionStore
+
+    from .support.events import annotation_event, choices, key_of, project
+
+    monkeypatch.setattr(jobs, "warm_imports", lambda settings: 0.0)
+    syncing = multiprocessing.get_context("fork").Event()
+
+    def slow_sync(*args, **kwargs):
+        syncing.set()
+        time.sleep(60)
+
+    monkeypatch.setattr(sync, "sync_project", slow_sync)
+    settings = Settings(model_dir=tmp_path, label_studio_url="http://127.0.0.1:9", label_studio_api_key="k")
+    key = key_of(3)
+    store = CorrectionStore.from_settings(settings)
+    store.record_event(annotation_event(1, 1, choices("World"), proj=project(3)))
+    job, _ = jobs.EmbeddedTrainingQueue(settings).enqueue(key, "START_TRAINING")
+    context = multiprocessing.get_context("fork")
+    ours, theirs = context.Pipe()
+    child = context.Process(target=jobs._job_process, args=(settings, theirs, False))
+    child.start()
+    try:
+        ours.send(job)
+        assert syncing.wait(60), "the job never reached its sync"
+        assert not store.claim_sync(key, 900)  # the job holds the lease
+        child.terminate()  # as the runner stops it
+        child.join(30)
+        assert store.claim_sync(key, 900)  # let go: the next sync (the rerun's) takes it at once
+    finally:
+        if child.is_alive():
+            child.kill()
+        store.close()
 
 
 def test_the_train_command_says_what_went_wrong_in_its_exit_code(tmp_path, monkeypatch, capsys):
@@ -1140,6 +1218,7 @@ def test_an_rq_job_that_fails_while_a_newer_one_waits_hands_it_its_trigger_inste
         newer = next(job for job in by_id.values() if job.id != first.id)
         assert newer.state == "finished" and newer.trigger == "START_TRAINING"
         assert "CUDA out of memory" in by_id[first.id].error and f"retried as {newer.id}" in by_id[first.id].error
+        assert by_id[first.id].attempts == 1  # it ran once (the status said 3: rq's retries zeroed)
         assert not queue.queue.scheduled_job_registry.get_job_ids()  # no retry of the failed one waits
     finally:
         _clear(queue)
@@ -1410,3 +1489,92 @@ def test_an_rq_work_horse_ends_when_its_worker_is_killed_hard(tmp_path):
         wait_for(horse_gone, 10, "the horse to end with its worker")
     finally:
         worker.kill()
+
+
+def test_labels_that_came_while_a_job_failed_for_good_get_a_job_of_their_own(tmp_path):
+    """Labels that come while a lane's job runs queue nothing: the job queues their job as it ends.
+    It did so only when it succeeded: a refresh-only job (``GET /next``) that failed because Label
+    Studio answered 503 left the session's last labels untrained until someone labeled again."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from ls_backend.jobs import FULL, REFRESH_TRIGGER, JobRunner
+    from ls_backend.store import CorrectionStore
+
+    from .support.events import annotation_event, choices, key_of, project
+
+    asked, answer = threading.Event(), threading.Event()
+
+    class Unavailable(BaseHTTPRequestHandler):  # Label Studio, busy, then down
+        def do_GET(self):
+            asked.set()
+            answer.wait(60)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_PATCH = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = Settings(model_dir=tmp_path, train_mode="full", train_every=5, job_standby=False,
+                        label_studio_url=f"http://127.0.0.1:{server.server_port}", label_studio_api_key="k")
+    store, runner = CorrectionStore.from_settings(settings), JobRunner(settings)
+    key = key_of(3)
+    try:
+        store.record_event(annotation_event(1, 1, choices("World"), proj=project(3)))
+        store.mark_trained(key, store.current_seq(key))
+        job, _ = runner.queue.enqueue(key, REFRESH_TRIGGER)
+        running = threading.Thread(target=runner.run_one, args=(runner.queue.claim(FULL),))
+        running.start()
+        assert asked.wait(60), "the job never asked Label Studio"
+        for n in range(2, 10):  # 8 labels while it runs (TRAIN_EVERY=5): each joins the running job
+            assert runner.queue.maybe_enqueue(store, store.record_event(
+                annotation_event(n, n, choices("Sports"), proj=project(3)))) is None
+        answer.set()
+        running.join(120)
+        assert runner.queue.get(job.id).state == "failed"
+        queued = [(j.lane, j.trigger) for j in runner.queue.jobs(key) if j.state == "queued"]
+        assert queued == [(FULL, "labels")], queued
+    finally:
+        answer.set()
+        server.shutdown()
+        store.close()
+        runner.queue.close()
+
+
+def test_labels_that_came_while_an_rq_job_failed_for_good_get_a_job_of_their_own(
+        redis_url, queue_name, tmp_path, monkeypatch):
+    from rq import SimpleWorker
+
+    from ls_backend import jobs
+    from ls_backend.store import CorrectionStore
+
+    from .support.events import annotation_event, choices, key_of, project
+
+    for name, value in {"REDIS_URL": redis_url, "QUEUE_NAME": queue_name, "MODEL_DIR": str(tmp_path),
+                        "JOB_RETRIES": "0", "TRAIN_EVERY": "2", "TRAIN_MODE": "full"}.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings.from_env()
+    queue, store, key = RedisTrainingQueue(settings), CorrectionStore.from_settings(settings), key_of(3)
+    runs = []
+
+    def training(settings, project_key, trigger, progress=None, lane="full"):
+        runs.append(trigger)
+        if len(runs) == 1:
+            for n in (1, 2, 3):  # labels while it runs: they wait for it
+                assert queue.maybe_enqueue(store, store.record_event(
+                    annotation_event(n, n, choices("World"), proj=project(3)))) is None
+            raise RuntimeError("Label Studio answered 503")
+        return {"version": "p3-v1", "promoted": True, "cutoff_seq": store.current_seq(project_key)}
+
+    monkeypatch.setattr(jobs, "execute_training", training)
+    try:
+        queue.enqueue(key, "refresh")
+        SimpleWorker([queue.queues["full"]], connection=queue.connection).work(burst=True)
+        assert runs == ["refresh", "labels"]  # the labels' job, queued as the failed one ended
+    finally:
+        store.close()
+        _clear(queue)
