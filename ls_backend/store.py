@@ -1135,7 +1135,8 @@ class _ProjectWork:
             if not record.was_cancelled:
                 self.live += 1
                 self.touched.add(record.task_id)
-            self._note_ground_truth(record)
+            if listed_at_seq is None:  # (a sync's listing holds each flag as it stands)
+                self._note_ground_truth(record)
             return INSERTED
         # Label Studio changes some fields without a new updated_at (a ground truth moved to another
         # annotation clears the old one's flag, with no webhook): what a sync lists is how things
@@ -1159,7 +1160,8 @@ class _ProjectWork:
             self.touched.update((record.task_id, now["task_id"]))
         held.now = self._columns(record, data, config_id, seq, source)
         held.columns.update(_ALL_COLUMNS)
-        self._note_ground_truth(record)
+        if listed_at_seq is None:
+            self._note_ground_truth(record)
         return UPDATED
 
     def _text_changed(self, record: AnnotationRecord) -> None:

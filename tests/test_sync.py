@@ -551,3 +551,16 @@ def test_the_same_label_on_edited_task_text_counts_towards_the_next_training(sto
     assert store.labels_since_training(KEY) == 1
     store.record_event(annotation_event(1, 10, choices("World"), updated=5, action="ANNOTATION_UPDATED"))  # a replay
     assert store.labels_since_training(KEY) == 1
+
+
+def test_a_sync_keeps_each_ground_truth_flag_as_label_studio_lists_it(store):
+    """Two annotations flagged ground truth on one task (as an import can leave them): the sync's
+    listing is how things stand, so it clears neither (clearing one, it read it back at the next
+    sync and cleared the other: each sync counted a change and queued training)."""
+    flagged = [annotation_event(i, 10, choices(label), annotator=i, ground_truth=True)["annotation"]
+               for i, label in ((1, "World"), (2, "Sports"))]
+    studio = FakeLabelStudio({10: flagged})
+    assert sync_project(store, SETTINGS, KEY, source=studio).inserted == 2
+    for _ in range(2):
+        report = sync_project(store, SETTINGS, KEY, source=studio)
+        assert (report.updated, report.unchanged) == (0, 2)
