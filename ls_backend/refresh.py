@@ -550,18 +550,15 @@ class PredictionRefresh:
                 # one task deleted since the page was listed refuses the whole import: list the page
                 # again and send the rows of the tasks still there at once (each import call makes
                 # Label Studio recount every task of the project: row by row, one recount per row)
-                ids = [int(row["task"]) for row in rows]
-                listed, _ = api.unlabeled_after(min(ids) - 1, 2 * max(len(rows), self.settings.refresh_page_size),
-                                                up_to=max(ids))
-                still = {task["id"] for task in listed}
+                still = self._listed(project_key, rows)
                 left = [row for row in rows if int(row["task"]) in still]
-                try:
-                    if len(left) < len(rows):
+                if len(left) < len(rows):
+                    try:
                         written = self._created(project_key, left, api.create(left)) if left else 0
-                        refused, rows = {i for i in ids if i not in still}, []
-                except RefreshError as again:
-                    if again.status != 400:
-                        raise
+                        refused, rows = {int(row["task"]) for row in rows} - still.keys(), []
+                    except RefreshError as again:  # refused too: row by row, below
+                        if again.status != 400:
+                            raise
             for row in rows if len(rows) > 1 else []:
                 try:
                     written += api.create([row])
@@ -571,9 +568,7 @@ class PredictionRefresh:
                     refused.add(int(row["task"]))
             if len(rows) == 1 or (rows and len(refused) == len(rows)):
                 refused = {int(row["task"]) for row in rows}
-                # (the page listed every unlabeled task between them, so one page covers them again)
-                listed, _ = api.unlabeled_after(min(refused) - 1, self.settings.refresh_page_size, up_to=max(refused))
-                if refused & {task["id"] for task in listed}:
+                if refused & self._listed(project_key, rows).keys():
                     raise exc
             report.written += written
             report.gone += len(refused)
@@ -589,15 +584,21 @@ class PredictionRefresh:
                         "config)", project_key, created, len(rows))
         return created
 
+    def _listed(self, project_key: str, rows: list[dict]) -> dict[int, dict]:
+        """The tasks of ``rows`` that Label Studio lists unlabeled now, by id (one listing of the
+        stretch of ids they span)."""
+        ids = [int(row["task"]) for row in rows]
+        listed, _ = self.api_for(project_key).unlabeled_after(
+            min(ids) - 1, 2 * max(len(rows), self.settings.refresh_page_size), up_to=max(ids))
+        return {task["id"]: task for task in listed}
+
     def _unwritten(self, project_key: str, rows: list[dict]) -> list[dict]:
         """Of ``rows``, those whose task Label Studio still lists unlabeled without a prediction of the
         row's version (an import whose answer was lost may have been written)."""
         version = rows[0]["model_version"]
-        ids = [int(row["task"]) for row in rows]
-        listed, _ = self.api_for(project_key).unlabeled_after(
-            min(ids) - 1, 2 * max(len(rows), self.settings.refresh_page_size), up_to=max(ids))
-        waiting = {task["id"] for task in listed if version not in task["versions"]}
-        return [row for row in rows if int(row["task"]) in waiting]
+        listed = self._listed(project_key, rows)
+        return [row for row in rows if int(row["task"]) in listed
+                and version not in listed[int(row["task"])]["versions"]]
 
     def _follow(self, project_key: str, version: str, api: LabelStudioPredictions, report: RefreshReport,
                 predicted_before: int = 0) -> bool:
