@@ -7,8 +7,9 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
-from .settings import Settings, SettingsError
+from .settings import Settings, SettingsError, has_weights
 
 
 def web_workers(settings: Settings) -> int:
@@ -201,7 +202,6 @@ def _device_problem(settings: Settings) -> str | None:
 
 _BASE_MODEL_PROBE = """
 import sys
-from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 path = sys.argv[1]
 AutoConfig.from_pretrained(path)
@@ -213,8 +213,6 @@ if not getattr(tokenizer, "is_fast", False):
 if len(tokenizer) < 100:
     raise SystemExit(f"its tokenizer knows {len(tokenizer)} tokens, so it reads every word as unknown "
                      "(its vocabulary files are missing)")
-if not any(next(Path(path).glob(pattern), None) for pattern in ("*.safetensors", "pytorch_model*.bin")):
-    raise SystemExit("it has no weights file (*.safetensors or pytorch_model.bin)")
 """
 
 
@@ -228,8 +226,12 @@ def _base_model_problem(settings: Settings) -> str | None:
     if probe is None:
         return f"BASE_MODEL={settings.base_model}: its config and tokenizer did not load within 300 s"
     if probe.returncode == 0:
-        return None
-    return (f"BASE_MODEL={settings.base_model}: not a model folder this backend can load ({probe.last_error}); "
+        if has_weights(Path(settings.base_model)):
+            return None
+        reason = "it has no weights file (*.safetensors or pytorch_model.bin)"
+    else:
+        reason = probe.last_error
+    return (f"BASE_MODEL={settings.base_model}: not a model folder this backend can load ({reason}); "
             "give a local Hugging Face model folder with its config, tokenizer and weights, or unset it for the bundled encoder")
 
 

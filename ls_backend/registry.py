@@ -40,6 +40,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from .embeddings import weights_stamp
+from .settings import WEIGHT_FILES, has_weights
 from .model import ClassifierHead, Encoder, heads_for_plan
 from .ner import TokenHead
 
@@ -144,17 +145,17 @@ def abandoned_write(folder: Path, now: float | None = None) -> bool:
     return (now or time.time()) - newest > ABANDONED_AFTER_S
 
 
-ENCODER_FILES = (("config.json",), ("*.safetensors", "pytorch_model*.bin"), ("tokenizer_config.json",))
-
-
 def encoder_folder_problem(folder: Path) -> str | None:
     """What a fine-tuned encoder's folder lacks of what ``save_encoder`` writes (its config, a
     weights file, its tokenizer's config), or None; a few file-system lookups, no loading."""
     if not folder.is_dir():
         return "is missing"
-    for patterns in ENCODER_FILES:
-        if not any(next(folder.glob(pattern), None) for pattern in patterns):
-            return f"has no {' or '.join(patterns)}"
+    if not (folder / "config.json").is_file():
+        return "has no config.json"
+    if not has_weights(folder):
+        return f"has no {' or '.join(WEIGHT_FILES)}"
+    if not (folder / "tokenizer_config.json").is_file():
+        return "has no tokenizer_config.json"
     return None
 
 

@@ -194,6 +194,14 @@ def _mask_database_url(url: str) -> str:
     return _mask_password(url)
 
 
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")  # a Hugging Face model folder's weights
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether a model folder holds a weights file (a few file-system lookups, no loading)."""
+    return any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES)
+
+
 def _base_model(raw: str) -> str:
     """A local Hugging Face model folder (``~`` expanded: a docker ``.env`` file does not)."""
     path = _path("BASE_MODEL", raw)
