@@ -289,9 +289,10 @@ def test_a_job_after_base_model_changes_trains_the_new_encoder_from_a_cold_start
         store.close()
 
 
-def test_setup_in_a_fresh_worker_answers_while_a_fine_tuned_encoder_loads(tmp_path, tiny, monkeypatch):
-    """Label Studio gives /setup 3 s: a worker started after a promotion names the version at once
-    and loads its encoder in the background; /predict waits for that one load."""
+def _fresh_worker_with_held_encoder_loads(tmp_path, tiny, monkeypatch):
+    """A project served by a version with an encoder of its own, a worker started since, and that
+    worker's encoder loads held until ``release`` is set (as a cold disk holds them); returns the
+    writer, the version's name, the fresh worker, the loads' event and the paths they load."""
     settings = Settings(model_dir=tmp_path / "models", max_length=64)
     writer = Predictor(settings, encoder=Encoder(tiny, "cpu", 64))
     assert writer.setup(PROJECT, TOPIC_CONFIG) == "p7-v0"
@@ -306,6 +307,13 @@ def test_setup_in_a_fresh_worker_answers_while_a_fine_tuned_encoder_loads(tmp_pa
         return Encoder(*args, **kwargs)
 
     monkeypatch.setattr(predictor_module, "Encoder", slow_encoder)
+    return writer, name, fresh, started, release, built
+
+
+def test_setup_in_a_fresh_worker_answers_while_a_fine_tuned_encoder_loads(tmp_path, tiny, monkeypatch):
+    """Label Studio gives /setup 3 s: a worker started after a promotion names the version at once
+    and loads its encoder in the background; /predict waits for that one load."""
+    writer, name, fresh, started, release, built = _fresh_worker_with_held_encoder_loads(tmp_path, tiny, monkeypatch)
     answers, predicted = [], []
     try:
         setup = threading.Thread(target=lambda: answers.append(fresh.setup(PROJECT, TOPIC_CONFIG)))
@@ -328,21 +336,9 @@ def test_setup_after_a_label_config_change_answers_while_the_encoder_loads(tmp_p
     with its fine-tuned encoder; a fresh worker loaded that encoder inside /setup, past Label
     Studio's 3 s on a cold disk. It now names the version it is made from, and writes the new one
     in the background."""
-    settings = Settings(model_dir=tmp_path / "models", max_length=64)
-    writer = Predictor(settings, encoder=Encoder(tiny, "cpu", 64))
-    assert writer.setup(PROJECT, TOPIC_CONFIG) == "p7-v0"
-    name = promote_own_encoder(writer.registry, PROJECT, tiny)
+    writer, name, fresh, started, release, _ = _fresh_worker_with_held_encoder_loads(tmp_path, tiny, monkeypatch)
     changed = TOPIC_CONFIG.replace("</Choices>", '<Choice value="Health"/></Choices>')
     assert changed != TOPIC_CONFIG
-    fresh = Predictor(settings, encoder=Encoder(tiny, "cpu", 64))
-    started, release = threading.Event(), threading.Event()
-
-    def slow_encoder(*args, **kwargs):
-        started.set()
-        assert release.wait(30)
-        return Encoder(*args, **kwargs)
-
-    monkeypatch.setattr(predictor_module, "Encoder", slow_encoder)
     answers, predicted = [], []
     try:
         setup = threading.Thread(target=lambda: answers.append(fresh.setup(PROJECT, changed)))
