@@ -985,9 +985,9 @@ class _ProjectWork:
         self.touched: set[int] = set()
         self.triggers: list[dict] = []
         self.tasks_known: set[int] = set()  # task ids whose deletion state has been read
-        # of those, the deleted ones: when (this machine's clock), and their labels' newest updated_at
-        self.dead_tasks: dict[int, tuple[float, int | None]] = {}
-        self.dead_task_seq: dict[int, int] = {}  # of those stored before this transaction, the write's seq
+        # of those, the deleted ones: when (this machine's clock), their labels' newest updated_at, and
+        # the seq of the write that stored the deletion (None: deleted by this transaction)
+        self.dead_tasks: dict[int, tuple[float, int | None, int | None]] = {}
         self.buried_tasks: list[int] = []  # deleted by this transaction
         self.reburied_tasks: list[int] = []  # deleted again by it (a new task under a deleted id: ``upsert``)
         self.ground_truths: dict[int, int] = {}  # task -> the annotation this transaction made its ground truth
@@ -1071,8 +1071,7 @@ class _ProjectWork:
         missing = sorted({int(t) for t in task_ids} - self.tasks_known)
         for chunk in _chunks(missing, 500):
             for task_id, deleted_at, last_us, seq in self.conn.execute(_DEAD_TASKS, {"key": self.key, "tasks": list(chunk)}):
-                self.dead_tasks[int(task_id)] = (float(deleted_at), last_us)
-                self.dead_task_seq[int(task_id)] = int(seq)
+                self.dead_tasks[int(task_id)] = (float(deleted_at), last_us, int(seq))
         self.tasks_known.update(missing)
 
     def delete_tasks(self, task_ids: Sequence[int]) -> int:
@@ -1091,8 +1090,7 @@ class _ProjectWork:
             elif task_id not in self.buried_tasks and task_id not in self.reburied_tasks:
                 self.reburied_tasks.append(task_id)
             last = [us for us in (before[1] if before else None, newest.get(task_id)) if us is not None]
-            self.dead_tasks[task_id] = (self.now, max(last) if last else None)
-            self.dead_task_seq.pop(task_id, None)
+            self.dead_tasks[task_id] = (self.now, max(last) if last else None, None)
         return sum(self.delete(i) for i in ids)
 
     def ids_of_tasks(self, task_ids: Iterable[int]) -> list[int]:
@@ -1118,9 +1116,9 @@ class _ProjectWork:
         # an annotation made after its task was deleted is on a new task under that id (Label Studio
         # on SQLite gives the next task the id of the last one deleted): its labels count; so do the
         # labels a sync finds on a task deleted before it began reading (Label Studio lists it: a new task)
-        task_seq = self.dead_task_seq.get(record.task_id)
-        listed_anew = listed_at_seq is not None and task_seq is not None and task_seq <= listed_at_seq
-        if dead_task is not None and not listed_anew and not _made_after(record, *dead_task):
+        listed_anew = (listed_at_seq is not None and dead_task is not None and dead_task[2] is not None
+                       and dead_task[2] <= listed_at_seq)
+        if dead_task is not None and not listed_anew and not _made_after(record, *dead_task[:2]):
             # a late event for an annotation of a deleted task: deleted too
             if held.now is None:
                 held.bury(record.task_id, record.updated_us)
