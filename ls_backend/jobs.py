@@ -198,8 +198,8 @@ def _sync_before_training(settings: Settings, store, project_key: str) -> None:
 
     asked = time.time()
     deadline = time.monotonic() + SYNC_WAIT_S
-    claimed = store.claim_sync(project_key, LEASE_S)
-    while not claimed and time.monotonic() < deadline:
+    claimed = store.claim_sync(project_key, LEASE_S)  # (its holder; free at once where the holder died)
+    while claimed is None and time.monotonic() < deadline:
         time.sleep(0.5)
         claimed = store.claim_sync(project_key, LEASE_S)
     try:
@@ -217,7 +217,7 @@ def _sync_before_training(settings: Settings, store, project_key: str) -> None:
         log.warning("project %s: sync before training failed: %s", project_key, exc)
     finally:
         if claimed:
-            store.finish_sync(project_key)
+            store.finish_sync(project_key, holder=claimed)
 
 
 class Throttled:

@@ -514,6 +514,7 @@ projects = sa.Table(
     sa.Column("ls_url", sa.Text),
     sa.Column("ls_token", sa.Text),
     sa.Column("sync_lease_until", sa.Float),
+    sa.Column("sync_lease_holder", sa.Text),  # v6: who holds the lease (``lease_holder``); None: unknown
     sa.Column("last_sync", sa.Text),
 )
 label_configs = sa.Table(
@@ -747,6 +748,13 @@ def _migration_5_full_lane_mark(conn: Connection) -> None:
     conn.execute(sa.text("UPDATE projects SET full_trained_seq = trained_seq"))
 
 
+def _migration_6_lease_holder(conn: Connection) -> None:
+    """Version 6: who holds a project's sync lease, so that a lease whose holder died (a job process
+    killed by ``JOB_TIMEOUT`` or the OOM killer during Start Training's sync) is taken at once by
+    the next sync instead of held by no one until it runs out."""
+    conn.execute(sa.text("ALTER TABLE projects ADD COLUMN sync_lease_holder TEXT"))
+
+
 # (version, description, function(conn)); applied in order, each once, never edited once released
 MIGRATIONS: tuple[tuple[int, str, Callable[[Connection], None]], ...] = (
     (1, "initial tables", _migration_1_initial),
@@ -754,6 +762,7 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[Connection], None]], ...] = (
     (3, "tasks deleted in Label Studio", _migration_3_deleted_tasks),
     (4, "Label Studio's times of deleted annotations and tasks (ids it gives again)", _migration_4_reused_ids),
     (5, "the full lane's own training mark", _migration_5_full_lane_mark),
+    (6, "who holds a project's sync lease", _migration_6_lease_holder),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -806,6 +815,56 @@ _HELD = sa.union_all(
         tombstones.c.seq,
     ).where(tombstones.c.project_key == sa.bindparam("key"), tombstones.c.annotation_id.in_(sa.bindparam("ids", expanding=True))),
 )
+
+
+# -- who holds a sync lease ------------------------------------------------------------
+def _proc_stat(pid: int | str) -> tuple[str, str] | None:
+    """A Linux process's state letter and start time (clock ticks after boot), or None where it
+    does not exist (or this is not Linux)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()  # after "pid (comm) ": comm may hold spaces
+    return fields[0], fields[19]
+
+
+def _this_process() -> tuple[str, str, str, int, str]:
+    """This machine's name and boot (two machines may share a name), its pid namespace (processes
+    of another container number their own), this process's pid and its start time: what tells it
+    from a later process given its pid."""
+    import socket
+
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        boot = namespace = ""
+    stat = _proc_stat("self")
+    return socket.gethostname().replace("|", "_"), boot, namespace, os.getpid(), stat[1] if stat else ""
+
+
+def lease_holder() -> str:
+    """A holder for a sync lease: this process, and a token of its own per claim (two threads of
+    one process never release each other's lease)."""
+    host, boot, namespace, pid, started = _this_process()
+    return f"{host}|{boot}|{namespace}|{pid}|{started}|{os.urandom(4).hex()}"
+
+
+def holder_gone(holder: str) -> bool:
+    """Whether a lease's holder is a process that is gone: one of this machine's boot and pid
+    namespace, no longer running (or a zombie no one has reaped), or its pid now another process's.
+    A holder on another machine or in another container cannot be told: it holds until its lease
+    runs out."""
+    parts = holder.split("|")
+    if len(parts) != 6:
+        return False
+    _host, boot, namespace, pid, started, _token = parts
+    here = _this_process()
+    if not boot or not namespace or (boot, namespace) != here[1:3] or not pid.isdigit():
+        return False
+    stat = _proc_stat(pid)
+    return stat is None or stat[0] in ("Z", "X") or stat[1] != started
 
 
 # -- engines ---------------------------------------------------------------------------
@@ -1676,22 +1735,36 @@ class CorrectionStore:
                     projects.update().where(projects.c.key == project_key).values(trained_seq=seq, pending_tasks=pending)
                 )
 
-    def claim_sync(self, project_key: str, lease_s: float) -> bool:
-        """Take the project's sync lease unless another process holds a live one."""
+    def claim_sync(self, project_key: str, lease_s: float) -> str | None:
+        """Take the project's sync lease unless another process holds a live one: the lease's
+        holder (``lease_holder``; pass it to ``finish_sync``), or None.  A lease runs out after
+        ``lease_s``; one whose holder is a process of this machine that is gone (killed with
+        SIGKILL, by the OOM killer) is free at once."""
         now = time.time()
+        holder = lease_holder()
         with self._write() as (conn, _seq):
+            free = sa.or_(projects.c.sync_lease_until.is_(None), projects.c.sync_lease_until < now)
             result = conn.execute(
-                projects.update()
-                .where(
-                    projects.c.key == project_key,
-                    sa.or_(projects.c.sync_lease_until.is_(None), projects.c.sync_lease_until < now),
-                )
-                .values(sync_lease_until=now + lease_s)
+                projects.update().where(projects.c.key == project_key, free)
+                .values(sync_lease_until=now + lease_s, sync_lease_holder=holder)
             )
             if result.rowcount == 1:
-                return True
-            # no such project yet: nothing to guard; else another process holds the lease
-            return self._project_row(conn, project_key) is None
+                return holder
+            row = self._project_row(conn, project_key)
+            if row is None:
+                return holder  # no such project yet: nothing to guard
+            held_by = row.sync_lease_holder
+            if held_by and holder_gone(held_by):
+                # taken from the dead holder only: another process may take it at the same moment
+                result = conn.execute(
+                    projects.update().where(projects.c.key == project_key, projects.c.sync_lease_holder == held_by)
+                    .values(sync_lease_until=now + lease_s, sync_lease_holder=holder)
+                )
+                if result.rowcount == 1:
+                    log.info("project %s: the sync lease of %s, a process that is gone, taken over", project_key,
+                             held_by)
+                    return holder
+            return None  # another process holds the lease
 
     def record_sync(self, project_key: str, report: dict) -> None:
         """Keep a sync's report for the operator view."""
@@ -1706,13 +1779,19 @@ class CorrectionStore:
             raw = conn.execute(sa.select(projects.c.last_sync).where(projects.c.key == project_key)).scalar()
         return json.loads(raw) if raw else None
 
-    def finish_sync(self, project_key: str, report: dict | None = None) -> None:
-        """Release the sync lease and keep the report for the operator view."""
+    def finish_sync(self, project_key: str, report: dict | None = None, holder: str | None = None) -> None:
+        """Release the sync lease and keep the report for the operator view.  With ``holder`` (what
+        ``claim_sync`` gave), only that holder's lease: one that ran out and was taken since by
+        another sync stays that sync's."""
         with self._write() as (conn, _seq):
-            values: dict[str, Any] = {"sync_lease_until": None}
             if report is not None:
-                values["last_sync"] = canonical_json(report)
-            conn.execute(projects.update().where(projects.c.key == project_key).values(**values))
+                conn.execute(
+                    projects.update().where(projects.c.key == project_key).values(last_sync=canonical_json(report))
+                )
+            mine = projects.c.key == project_key
+            if holder is not None:
+                mine = sa.and_(mine, projects.c.sync_lease_holder == holder)
+            conn.execute(projects.update().where(mine).values(sync_lease_until=None, sync_lease_holder=None))
 
     # -- reads ------------------------------------------------------------------------
     def global_seq(self) -> int:

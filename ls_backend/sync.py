@@ -417,7 +417,8 @@ class SyncScheduler:
 
     def _sync(self, project_key: str, reason: str, source: LabelStudioSource | None = None) -> None:
         store = self._store()
-        if not store.claim_sync(project_key, LEASE_S):
+        holder = store.claim_sync(project_key, LEASE_S)
+        if holder is None:
             log.info("project %s: a sync is already running (another worker); %s skipped", project_key, reason)
             return
         try:
@@ -425,7 +426,7 @@ class SyncScheduler:
             report = sync_project(store, self.settings, project_key, reason=reason, source=source)
             self.last_reports[project_key] = report
         finally:
-            store.finish_sync(project_key)
+            store.finish_sync(project_key, holder=holder)
         # (after START_TRAINING a job is queued already, and it syncs again before it trains)
         if self._on_synced is not None and report.changed and reason != "START_TRAINING":
             try:

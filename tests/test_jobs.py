@@ -927,10 +927,12 @@ def test_ctrl_c_during_a_job_puts_it_back_in_its_place_without_using_a_retry(tmp
         runner.queue.close()
 
 
-def test_a_job_process_stopped_by_its_runner_lets_go_of_the_projects_sync_lease(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", ["terminate", "kill"])
+def test_a_job_process_stopped_by_its_runner_lets_go_of_the_projects_sync_lease(tmp_path, monkeypatch, stop):
     """The runner stops its job process with SIGTERM: in Start Training's sync, the process died
     holding the project's sync lease, so the job's rerun after the restart waited 5 minutes for it,
-    and Start Training meanwhile synced nothing."""
+    and Start Training meanwhile synced nothing.  Killed (SIGKILL: ``JOB_TIMEOUT``, the OOM
+    killer), it cannot let go: its lease is free at once, as its holder is gone."""
     import multiprocessing
 
     from ls_backend import jobs, sync
@@ -959,7 +961,7 @@ def test_a_job_process_stopped_by_its_runner_lets_go_of_the_projects_sync_lease(
         ours.send(job)
         assert syncing.wait(60), "the job never reached its sync"
         assert not store.claim_sync(key, 900)  # the job holds the lease
-        child.terminate()  # as the runner stops it
+        getattr(child, stop)()  # as the runner stops it, or kills it
         child.join(30)
         assert store.claim_sync(key, 900)  # let go: the next sync (the rerun's) takes it at once
     finally:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -443,6 +445,59 @@ def test_sync_lease_is_exclusive_until_released(store):
     assert store.claim_sync(KEY, 60)
     store.finish_sync(KEY, None)
     assert store.project_summary(KEY).last_sync == {"inserted": 1}
+
+
+def _claimed_by_a_process_that_exits(url: str) -> int:
+    """A child process takes the project's sync lease and exits without letting go (as one killed
+    with SIGKILL does); its pid, not yet reaped."""
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            other = CorrectionStore(url)
+            code = 0 if other.claim_sync(KEY, 900) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until it exited, leaving it a zombie
+        state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "Z":
+            return child
+        time.sleep(0.05)
+    raise AssertionError("the child never exited")
+
+
+@pytest.mark.skipif(not Path("/proc/self/ns/pid").exists(), reason="process identity is read from Linux's /proc")
+def test_a_sync_lease_whose_holder_died_is_taken_at_once(store, url):
+    store.record_event(annotation_event(1, 10, choices("World")))
+    child = _claimed_by_a_process_that_exits(url)
+    try:
+        assert store.claim_sync(KEY, 60)  # its holder exited: a zombie no one reaped yet
+    finally:
+        _pid, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0  # the child did hold the lease
+    assert not store.claim_sync(KEY, 60)  # this process holds it now, and is alive
+    store.finish_sync(KEY)
+    child = _claimed_by_a_process_that_exits(url)
+    os.waitpid(child, 0)
+    assert store.claim_sync(KEY, 60)  # its holder is gone altogether
+
+
+def test_a_sync_lease_held_elsewhere_or_taken_over_stays_its_holders(store):
+    store.record_event(annotation_event(1, 10, choices("World")))
+    ours = store.claim_sync(KEY, 60)
+    with store.engine.begin() as conn:  # a process of another machine (or container) holds it
+        conn.execute(store_module.projects.update().values(sync_lease_holder="other-host|0b1d|pid:[1]|7|1|ab"))
+    assert not store_module.holder_gone("other-host|0b1d|pid:[1]|7|1|ab")
+    assert not store.claim_sync(KEY, 60)  # it cannot be told dead: it holds until the lease runs out
+    store.finish_sync(KEY, holder=ours)  # ours ran out and was taken: letting go of it keeps theirs
+    assert not store.claim_sync(KEY, 60)
+    with store.engine.begin() as conn:
+        conn.execute(store_module.projects.update().values(sync_lease_until=time.time() - 1))
+    again = store.claim_sync(KEY, 60)  # run out: free
+    assert again and not store_module.holder_gone(again)  # (this process: alive)
+    store.finish_sync(KEY, holder=again)
+    assert store.claim_sync(KEY, 60)
 
 
 def test_ingest_and_delete_keep_the_same_rules(store):
