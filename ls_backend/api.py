@@ -219,6 +219,7 @@ def setup():
 
 @protocol.post("/predict")
 def predict():
+    received = time.perf_counter()
     payload = json_body()
     tasks = payload.get("tasks")
     if tasks is None:
@@ -231,7 +232,8 @@ def predict():
     project = project_key_of(require_str(payload, "project"))
     config = label_config_of(payload)
     started = time.perf_counter()
-    results = services().predictor.predict(project, config, tasks)
+    budget = services().settings.predict_time_budget  # counted from the request's arrival
+    results = services().predictor.predict(project, config, tasks, received + budget if budget > 0 else None)
     response = jsonify({"results": results})
     # what the request cost inside this worker (browsers' dev tools and bench/predict.py show it
     # beside the round trip, so time on the wire and in the server can be told apart)

@@ -371,7 +371,9 @@ class Predictor:
         log.info("project %s: answering /setup with %s while its encoder loads", project_key, loaded.version)
         return loaded.version
 
-    def predict(self, project_key: str, label_config: str, tasks: Sequence[Any]) -> list[dict]:
+    def predict(self, project_key: str, label_config: str, tasks: Sequence[Any], deadline: float | None = None) -> list[dict]:
+        """One entry per task; with ``deadline`` (a ``time.perf_counter()`` value), the tasks not
+        reached by then get entries without ``result`` (see ``_predict_within``)."""
         try:
             plan = plan_for(label_config)
         except UnsupportedConfig as exc:
@@ -379,7 +381,33 @@ class Predictor:
             version = self.unsupported_version(project_key)
             return [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
         serving = self.ensure_serving(project_key, plan)
-        return self.predict_with(serving, plan, tasks, project_key)
+        if deadline is None or len(tasks) <= self.settings.batch_size:
+            return self.predict_with(serving, plan, tasks, project_key)
+        return self._predict_within(serving, plan, tasks, project_key, deadline)
+
+    def _predict_within(
+        self, serving: Serving, plan: LabelingPlan, tasks: Sequence[Any], project_key: str, deadline: float
+    ) -> list[dict]:
+        """Results for as many of ``tasks`` as there is time for until ``deadline``, in runs sized
+        by the pace so far (the first, ``BATCH_SIZE`` tasks, always runs); each task past it gets
+        an entry without ``result``, which Label Studio skips without storing anything, so the
+        next "Retrieve predictions" asks for those tasks again (a batch that cannot finish within
+        Label Studio's 100 s stores nothing at all)."""
+        started = time.perf_counter()
+        out: list[dict] = []
+        size = self.settings.batch_size
+        while size > 0 and len(out) < len(tasks):
+            out.extend(self.predict_with(serving, plan, tasks[len(out):len(out) + size], project_key))
+            now = time.perf_counter()
+            # the next run may take half of what is left at the pace so far (later texts may be longer)
+            size = int(len(out) / max(now - started, 1e-6) * (deadline - now) * 0.5)
+        left = len(tasks) - len(out)
+        if left:
+            message = (f"not predicted within PREDICT_TIME_BUDGET ({self.settings.predict_time_budget:g} s; "
+                       f"{len(out)} of {len(tasks)} tasks were): retrieve predictions again for the rest")
+            log.warning("project %s: %d of %d tasks %s", project_key, left, len(tasks), message)
+            out.extend({"model_version": serving.version, "error": message} for _ in range(left))
+        return out
 
     def predict_with(
         self, serving: Serving, plan: LabelingPlan, tasks: Sequence[Any], project_key: str = "", keep: dict | None = None

@@ -310,6 +310,9 @@ class Settings:
     web_workers: int = 0  # 0: one per core, at most 4
     web_timeout: int = 120
     max_tasks_per_request: int = 10_000
+    # seconds a /predict call may spend predicting before it answers for the rest of its tasks
+    # with entries Label Studio skips (0: no limit); Label Studio waits 100 s (ML_TIMEOUT_PREDICT)
+    predict_time_budget: float = 70.0
     # the largest request body a web worker reads (JSON of a /predict batch, a webhook), in MiB
     max_request_mb: int = 512
     max_text_chars: int = 100_000  # characters of a task's text read for prediction (the rest is ignored)
@@ -386,6 +389,8 @@ class Settings:
             values["learning_rate"] = _float("LEARNING_RATE", get("LEARNING_RATE", ""), 1e-7, 1.0)
         if get("LABEL_SMOOTHING"):
             values["label_smoothing"] = _float("LABEL_SMOOTHING", get("LABEL_SMOOTHING", ""), 0.0, 0.5)
+        if get("PREDICT_TIME_BUDGET"):
+            values["predict_time_budget"] = _float("PREDICT_TIME_BUDGET", get("PREDICT_TIME_BUDGET", ""), 0.0, 86400.0)
         for name, low, high in (("EVAL_SHARE", 0.0, 0.9), ("PROMOTION_TOLERANCE", 0.0, 1.0), ("SELF_TRAIN_SHARE", 0.0, 1.0)):
             if get(name):
                 values[name.lower()] = _float(name, get(name, ""), low, high)

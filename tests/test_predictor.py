@@ -569,6 +569,57 @@ def test_a_body_over_max_request_mb_gets_413_with_the_setting_to_change(settings
     assert small.status_code == 200 and len(small.json["results"]) == 10
 
 
+# -- PREDICT_TIME_BUDGET -----------------------------------------------------------------------------
+HEADLINES = ["The Lakers won the final", "Stocks fell on Wall Street", "A new chip doubles battery life",
+             "Peace talks resume in Geneva", "The striker signed a new contract", "Oil prices climb again",
+             "Scientists map a distant galaxy", "Elections are set for March", "The index closed higher"]
+
+
+def test_a_predict_call_answers_within_its_budget_and_leaves_the_rest_for_the_next_call(settings, encoder):
+    """A "Retrieve predictions" batch that cannot finish within Label Studio's 100 s stores
+    nothing at all; within the budget, the tasks reached get their predictions and the others an
+    entry without ``result``, which Label Studio skips (and asks for again next time)."""
+    tasks = [{"id": i, "data": {"text": text}} for i, text in enumerate(HEADLINES)]
+    whole = predict(fresh_client(settings.with_overrides(batch_size=2, predict_time_budget=0), encoder), tasks)
+    assert all(entry["result"] for entry in whole)
+    roomy = predict(fresh_client(settings.with_overrides(batch_size=2, predict_time_budget=600), encoder), tasks)
+    for ours, theirs in zip(roomy, whole):  # predicted in runs: the same suggestions
+        assert ours["result"][0]["value"] == theirs["result"][0]["value"]
+        assert ours["score"] == pytest.approx(theirs["score"], abs=1e-4)
+    tight = predict(fresh_client(settings.with_overrides(batch_size=2, predict_time_budget=1e-6), encoder), tasks)
+    assert len(tight) == len(tasks) and [bool(entry.get("result")) for entry in tight] == [True] * 2 + [False] * 7
+    for entry in tight[2:]:
+        assert "result" not in entry and entry["model_version"] == whole[0]["model_version"], entry
+        assert "PREDICT_TIME_BUDGET" in entry["error"] and "2 of 9 tasks" in entry["error"], entry
+
+
+def test_the_runs_of_a_budgeted_call_are_sized_by_its_pace(settings, encoder, monkeypatch):
+    """One second per task on a clock of the test's: a 20 s budget ends its runs by the deadline,
+    each run taking at most half of the time left."""
+    from ls_backend import predictor as predictor_module
+    from ls_backend.predictor import Predictor
+
+    clock = [0.0]
+    monkeypatch.setattr(predictor_module.time, "perf_counter", lambda: clock[0])
+    served = Predictor(settings.with_overrides(batch_size=2), encoder=encoder)
+    runs = []
+    real = served.predict_with
+
+    def paced(serving, plan, tasks, project_key="", keep=None):
+        runs.append((len(tasks), clock[0]))
+        clock[0] += len(tasks)
+        return real(serving, plan, tasks, project_key, keep)
+
+    monkeypatch.setattr(served, "predict_with", paced)
+    tasks = [{"id": i, "data": {"text": HEADLINES[i % len(HEADLINES)]}} for i in range(100)]
+    results = served.predict(PROJECT, TOPIC_CONFIG, tasks, deadline=20.0)
+    assert [size for size, _ in runs] == [2, 9, 4, 2, 1, 1]
+    for size, at in runs[1:]:
+        assert size <= (20.0 - at) / 2  # half of what is left, at one task a second
+    assert clock[0] <= 20.0 and sum(size for size, _ in runs) == 19
+    assert all(entry.get("result") for entry in results[:19]) and not any("result" in e for e in results[19:])
+
+
 def test_a_worker_serving_a_version_whose_folder_was_removed_moves_to_the_stand_in(settings, encoder):
     """The current version's folder removed by hand, the pointer left naming it: a worker that had
     it loaded kept answering with it, while a worker started since served the stand-in, so Label

@@ -68,6 +68,7 @@ def test_a_zero_shot_template_with_literal_braces_makes_the_prompts():
     ({"LABEL_STUDIO_URL": "http://ls:99999"}, "the port after the host is a number"),
     ({"LABEL_STUDIO_URL": "http://ls:0"}, "port 0 is no server's port"),
     ({"QUEUE_NAME": "  "}, "QUEUE_NAME is blank"),
+    ({"PREDICT_TIME_BUDGET": "-1"}, "PREDICT_TIME_BUDGET='-1': must lie in"),
     ({"MODEL_DIR": "~nosuchuser/models"}, "MODEL_DIR='~nosuchuser/models': .*write the path out in full"),
 ])
 def test_settings_that_would_fail_every_job_or_the_first_request_are_refused_at_start(env, fix):

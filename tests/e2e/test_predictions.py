@@ -110,3 +110,33 @@ def test_retrieve_predictions_stores_one_valid_prediction_per_task(label_studio,
 
     accuracy = correct / len(predictions)
     assert accuracy > 0.4, f"accuracy {accuracy:.2f} over {len(predictions)} AG News texts is not above chance"
+
+
+def test_retrieve_predictions_over_budget_stores_what_was_reached_and_asks_again_for_the_rest(
+    label_studio, tmp_path_factory
+):
+    """A backend that cannot predict a whole "Retrieve predictions" batch within its budget
+    answers for the tasks it reached; Label Studio keeps those, skips the rest without failing the
+    batch, and asks for the rest at the next press, until every task has its prediction."""
+    from tests.support.backend import BackendServer
+
+    server = BackendServer(tmp_path_factory.mktemp("budget") / "models",
+                           env={"PREDICT_TIME_BUDGET": "0.000001", "BATCH_SIZE": "2", "WEB_WORKERS": "1"})
+    server.start()
+    try:
+        ls = label_studio
+        project = ls.create_project("Retrieve predictions within a budget (e2e)", TOPIC_CONFIG)
+        task_ids = ls.import_tasks(project["id"], [{"text": text} for text, _ in agnews_sample(per_label=2)][:6])
+        ml_id = ls.connect_ml_backend(project["id"], server.url, title="ls-backend budget e2e")
+        assert ls.ml_backend(ml_id)["state"] == "CO", ls.log_tail()
+        stored = []
+        for _press in range(3):
+            ls.retrieve_predictions(project["id"])
+            stored.append(Counter(p["task"] for p in ls.predictions(project["id"])))
+        context = f"\nLabel Studio log:\n{ls.log_tail()}\nbackend log:\n{server.log()}"
+        # two tasks a press (the first run, BATCH_SIZE tasks, always runs), each predicted once
+        assert [len(found) for found in stored] == [2, 4, 6], [dict(found) for found in stored] + [context]
+        assert set(stored[-1]) == set(task_ids) and set(stored[-1].values()) == {1}, context
+        assert all(p["result"] for p in ls.predictions(project["id"])), context
+    finally:
+        server.stop()
