@@ -44,7 +44,8 @@ from ls_backend.finetune import (  # noqa: E402
     choose_candidate,
     in_eval_slice,
     learned_from_pool,
-    self_train_tune_rounds,
+    second_round_wanted,
+    training_arguments,
     slice_tolerance,
     tie_preference,
 )
@@ -156,9 +157,10 @@ def training_args(args, seed, **extra) -> TrainingArguments:
     return TrainingArguments(**{**fields, **args.overrides})
 
 
-def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool):
+def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool, rounds: int = 1):
     """Every recipe a job may train, on ``data``: {name: (encoder to read with, head, seconds)}.
-    ``unlabeled``: (embeddings, texts) of the project's unlabeled tasks, or None."""
+    ``unlabeled``: (embeddings, texts) of the project's unlabeled tasks, or None; ``rounds``: of
+    the full recipe with them."""
     out = {}
     t0 = time.perf_counter()
     embeddings = encoder.encode(data.texts)
@@ -178,7 +180,7 @@ def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool):
             fit, _ = with_pseudo_labels(fit, warm, unlabeled[0], unlabeled[1], tuning)
         student, heads, _ = fine_tune(encoder, {"c": warm}, [fit], tuning, validation=[valid])
         out["full"] = (student, heads["c"], time.perf_counter() - t0)
-        if unlabeled is not None and args.full_rounds >= 2:  # as a job's second round: the tuned model teaches
+        if unlabeled is not None and rounds >= 2:  # as a job's second round: the tuned model teaches
             t0 = time.perf_counter()
             rounds = training_args(args, seed, self_train_tune_share=tuning.second_round_share,
                                    self_train_tune_max=tuning.second_round_max)
@@ -218,7 +220,7 @@ def main() -> int:
                         help="the full recipe's pseudo-labelled texts (SELF_TRAIN_TUNE_MAX; 0: labels only)")
     parser.add_argument("--full-rounds", type=int, choices=[1, 2], default=None,
                         help="rounds of the full recipe with the pool (SELF_TRAIN_TUNE_ROUNDS; 2: also the second "
-                             "round; default: as a job, 2 on CUDA and 1 on a CPU)")
+                             "round; default: as a job, 2 on CUDA, and on a CPU 2 up to 512 labels, else 1)")
     parser.add_argument("--no-auto", action="store_true", help="skip the job's own choice (trains every candidate twice)")
     parser.add_argument("--no-trainer", action="store_true", help="skip the transformers.Trainer baseline")
     parser.add_argument("--auto-only", action="store_true",
@@ -232,8 +234,10 @@ def main() -> int:
                         help="override a TrainingArguments field for every candidate (repeatable)")
     args = parser.parse_args()
     args.overrides = overrides(args.set)
-    if args.full_rounds is None:
-        args.full_rounds = self_train_tune_rounds(Settings())
+    job_defaults = training_arguments(Settings())  # SELF_TRAIN_TUNE_ROUNDS unset: as a job on this device
+
+    def rounds_for(n: int) -> int:
+        return args.full_rounds or (2 if second_round_wanted(job_defaults, n) else 1)
     if args.overrides:
         print("TrainingArguments overrides: " + ", ".join(f"{k}={v}" for k, v in args.overrides.items()))
     if not DATA.exists():
@@ -280,7 +284,7 @@ def main() -> int:
 
             prior = zero_shot_head(encoder, labels)
             models = {} if args.auto_only else train_candidates(encoder, as_data(rows), prior, unlabeled, args, seed,
-                                                                 not args.no_full)
+                                                                 not args.no_full, rounds_for(n))
             figures = {name: test_accuracy(model) for name, model in models.items()}
             seconds = {name: model[2] for name, model in models.items()}
             auto, recipe = None, "-"
@@ -290,7 +294,8 @@ def main() -> int:
                 train = [pool[i] for i in picked if i not in held]
                 job_args = training_args(args, seed)
                 wants_full = not args.no_full and (len(picked) >= job_args.full_min_labels or device.type == "cuda")
-                job = train_candidates(encoder, as_data(train), prior, job_unlabeled, args, seed, wants_full)
+                job = train_candidates(encoder, as_data(train), prior, job_unlabeled, args, seed, wants_full,
+                                       rounds_for(n))
                 held_texts, held_gold = [pool[i][0] for i in held], [pool[i][1] for i in held]
 
                 def on_slice(name):

@@ -181,13 +181,33 @@ def contrastive_pairs(settings: Settings) -> int:
     return 2560 if resolve_device(settings.device).type == "cuda" else 0
 
 
+#: unset SELF_TRAIN_TUNE_ROUNDS on a CPU: the second round for projects of at most this many labels
+SECOND_ROUND_CPU_MAX_LABELS = 512
+
+
 def self_train_tune_rounds(settings: Settings) -> int:
-    """``SELF_TRAIN_TUNE_ROUNDS``, or where unset 2 on CUDA (seconds there) and 1 on a CPU (the second
-    round about doubles a full-lane job: 380-440 s instead of 210-270 s at 256 AG News labels on two
-    cores)."""
+    """``SELF_TRAIN_TUNE_ROUNDS``, or where unset 2 (on a CPU, for projects of at most
+    ``SECOND_ROUND_CPU_MAX_LABELS`` labels: see :func:`second_round_max_labels`)."""
     if settings.self_train_tune_rounds >= 1:
         return settings.self_train_tune_rounds
-    return 2 if resolve_device(settings.device).type == "cuda" else 1
+    return 2
+
+
+def second_round_max_labels(settings: Settings) -> int:
+    """The most labels a project may have for a job's second round (0: any): where
+    ``SELF_TRAIN_TUNE_ROUNDS`` is unset, ``SECOND_ROUND_CPU_MAX_LABELS`` on a CPU, where the second
+    round about doubles a full-lane job (on two cores at 64 and 256 AG News labels, 380-440 s beside
+    the first round's 185-270 s; what a job serves at 64 went from 0.845 to 0.859) and grows with the
+    labels past the pool's guesses; no limit on CUDA (seconds there) or where set."""
+    if settings.self_train_tune_rounds >= 1 or resolve_device(settings.device).type == "cuda":
+        return 0
+    return SECOND_ROUND_CPU_MAX_LABELS
+
+
+def second_round_wanted(args: TrainingArguments, n_labels: int) -> bool:
+    """Whether a job on a project of ``n_labels`` labels trains the second round."""
+    limit = args.second_round_max_labels
+    return args.self_train_tune_rounds >= 2 and (not limit or n_labels <= limit)
 
 
 def training_arguments(settings: Settings) -> TrainingArguments:
@@ -204,6 +224,7 @@ def training_arguments(settings: Settings) -> TrainingArguments:
         self_train_share=settings.self_train_share,
         self_train_tune_max=settings.self_train_tune_max,
         self_train_tune_rounds=self_train_tune_rounds(settings),
+        second_round_max_labels=second_round_max_labels(settings),
         max_train_examples=settings.max_train_examples,
         seed=settings.seed,
     )
@@ -478,7 +499,7 @@ class FineTuneJob:
             # candidate 2b: a second round, the fine-tuned model as teacher: it guesses the pool anew
             # (better than the fast head did) and a student from the same start learns from the
             # labels and its surest guesses
-            if self.args.self_train_tune_rounds >= 2 and pseudo_report:
+            if second_round_wanted(self.args, n_labels) and pseudo_report:
                 second = self._second_round(base_encoder, taught, labels_only, valid, splits, unlabeled, student,
                                             merged, pseudo_report)
                 candidates["full-2"] = second[0]

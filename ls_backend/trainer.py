@@ -67,6 +67,7 @@ class TrainingArguments:
     # anew, and a student fine-tuned from the same start learns from the labels and this share of its
     # surest guesses, at most this many
     self_train_tune_rounds: int = 1
+    second_round_max_labels: int = 0  # the second round only for projects of at most this many labels (0: any)
     second_round_share: float = 0.5
     second_round_max: int = 2048
     max_train_examples: int = 20_000  # bounded work per job: newest first, then a replay sample

@@ -230,7 +230,7 @@ def test_the_full_recipe_fine_tunes_on_the_pools_surest_guesses(tmp_path, encode
     x, y, _, _, texts = agnews_embeddings
     settings = Settings(model_dir=tmp_path / "models", max_length=128, inference_precision="float32",
                         train_mode="full", train_epochs=1, train_min_steps=1, train_max_length=32,
-                        self_train_tune_max=64, eval_min=10)
+                        self_train_tune_max=64, eval_min=10, self_train_tune_rounds=1)  # (the first round's test)
     assert Settings.from_env({"SELF_TRAIN_TUNE_MAX": "0"}).self_train_tune_max == 0
     labeled = [(i + 1, texts[i], AGNEWS_LABELS[y[i]]) for i in range(50)]
     store = _store_with_labels(settings, labeled[:40])
@@ -271,20 +271,38 @@ def test_the_full_recipe_fine_tunes_on_the_pools_surest_guesses(tmp_path, encode
         store.close()
 
 
-def test_a_second_round_learns_from_the_fine_tuned_models_guesses(tmp_path, encoder, agnews_embeddings):
-    """``SELF_TRAIN_TUNE_ROUNDS=2``: the first round's tuned model guesses the pool anew and a second
-    student trains on the labels and half the pool's surest guesses; both are candidates, and on
-    equal figures the second round wins."""
-    from ls_backend.finetune import self_train_tune_rounds
+def test_the_second_round_runs_by_default_on_a_cpu_up_to_its_label_limit():
+    from ls_backend.finetune import (SECOND_ROUND_CPU_MAX_LABELS, second_round_max_labels, second_round_wanted,
+                                     self_train_tune_rounds, training_arguments)
 
-    assert self_train_tune_rounds(Settings(device="cpu")) == 1  # unset: off on a CPU
-    assert self_train_tune_rounds(Settings.from_env({"SELF_TRAIN_TUNE_ROUNDS": "2"})) == 2
+    cpu = Settings(device="cpu")
+    assert (self_train_tune_rounds(cpu), second_round_max_labels(cpu)) == (2, SECOND_ROUND_CPU_MAX_LABELS)
+    args = training_arguments(cpu)
+    assert second_round_wanted(args, 64) and second_round_wanted(args, SECOND_ROUND_CPU_MAX_LABELS)
+    assert not second_round_wanted(args, SECOND_ROUND_CPU_MAX_LABELS + 1)
+    # set: as asked, at any size
+    assert second_round_wanted(training_arguments(Settings.from_env({"SELF_TRAIN_TUNE_ROUNDS": "2", "DEVICE": "cpu"})),
+                               10**6)
+    assert not second_round_wanted(training_arguments(Settings.from_env({"SELF_TRAIN_TUNE_ROUNDS": "1"})), 64)
     with pytest.raises(Exception, match="SELF_TRAIN_TUNE_ROUNDS"):
         Settings.from_env({"SELF_TRAIN_TUNE_ROUNDS": "3"})
+
+
+@pytest.mark.parametrize("cpu_limit", [None, 40])
+def test_a_second_round_learns_from_the_fine_tuned_models_guesses(tmp_path, encoder, agnews_embeddings, monkeypatch,
+                                                                     cpu_limit):
+    """The second round (``SELF_TRAIN_TUNE_ROUNDS`` unset, on a CPU): the first round's tuned model
+    guesses the pool anew and a second student trains on the labels and half the pool's surest
+    guesses; both are candidates, and on equal figures the second round wins.  A project past the
+    CPU's label limit gets the first round only."""
+    from ls_backend import finetune
+
+    if cpu_limit is not None:
+        monkeypatch.setattr(finetune, "SECOND_ROUND_CPU_MAX_LABELS", cpu_limit)
     x, y, _, _, texts = agnews_embeddings
     settings = Settings(model_dir=tmp_path / "models", max_length=128, inference_precision="float32",
                         train_mode="auto", train_epochs=1, train_min_steps=1, train_max_length=32,
-                        self_train_tune_max=64, self_train_tune_rounds=2, eval_min=10, full_min_labels=10)
+                        self_train_tune_max=64, eval_min=10, full_min_labels=10, device="cpu")
     labeled = [(i + 1, texts[i], AGNEWS_LABELS[y[i]]) for i in range(50)]
     store = _store_with_labels(settings, labeled[:40])
     registry = ModelRegistry(settings.model_dir)
@@ -301,6 +319,9 @@ def test_a_second_round_learns_from_the_fine_tuned_models_guesses(tmp_path, enco
         meta = registry.meta(key, result["version"])
     finally:
         store.close()
+    if cpu_limit is not None:  # 50 labels, past the limit
+        assert "full" in meta["training"] and not {"full-2", "soup"} & set(meta["training"]), sorted(meta["training"])
+        return
     assert {"full", "full-2", "soup"} <= set(meta["training"]) and {"full-2", "soup"} <= set(meta["metrics"])
     assert meta["training"]["soup"]["of"] == ["full", "full-2"]
     second = meta["training"]["full-2"]
