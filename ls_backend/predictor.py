@@ -381,7 +381,7 @@ class Predictor:
             version = self.unsupported_version(project_key)
             return [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
         serving = self.ensure_serving(project_key, plan)
-        if deadline is None or len(tasks) <= self.settings.batch_size:
+        if deadline is None or len(tasks) <= FIRST_RUN_BATCHES * self.settings.batch_size:
             return self.predict_with(serving, plan, tasks, project_key)
         return self._predict_within(serving, plan, tasks, project_key, deadline)
 
@@ -389,13 +389,13 @@ class Predictor:
         self, serving: Serving, plan: LabelingPlan, tasks: Sequence[Any], project_key: str, deadline: float
     ) -> list[dict]:
         """Results for as many of ``tasks`` as there is time for until ``deadline``, in runs sized
-        by the pace so far (the first, ``BATCH_SIZE`` tasks, always runs); each task past it gets
+        by the pace so far (the first, ``FIRST_RUN_BATCHES`` batches, always runs); each task past it gets
         an entry without ``result``, which Label Studio skips without storing anything, so the
         next "Retrieve predictions" asks for those tasks again (a batch that cannot finish within
         Label Studio's 100 s stores nothing at all)."""
         started = time.perf_counter()
         out: list[dict] = []
-        size = self.settings.batch_size
+        size = FIRST_RUN_BATCHES * self.settings.batch_size
         while size > 0 and len(out) < len(tasks):
             out.extend(self.predict_with(serving, plan, tasks[len(out):len(out) + size], project_key))
             now = time.perf_counter()
@@ -403,8 +403,9 @@ class Predictor:
             size = int(len(out) / max(now - started, 1e-6) * (deadline - now) * 0.5)
         left = len(tasks) - len(out)
         if left:
-            message = (f"not predicted within PREDICT_TIME_BUDGET ({self.settings.predict_time_budget:g} s; "
-                       f"{len(out)} of {len(tasks)} tasks were): retrieve predictions again for the rest")
+            message = (f"not predicted in time: {len(out)} of {len(tasks)} tasks were, in "
+                       f"{time.perf_counter() - started:.1f} s (PREDICT_TIME_BUDGET={self.settings.predict_time_budget:g}); "
+                       "retrieve predictions again for the rest")
             log.warning("project %s: %d of %d tasks %s", project_key, left, len(tasks), message)
             out.extend({"model_version": serving.version, "error": message} for _ in range(left))
         return out
@@ -508,6 +509,11 @@ class Predictor:
             (time.perf_counter() - started) * 1000,
         )
         return out
+
+
+#: the first run of a call under PREDICT_TIME_BUDGET, in batches: a run pads each batch to its longest
+#: text among texts sorted by length, so one of a single batch cost a 2,000-task call 0.3 s (8%)
+FIRST_RUN_BATCHES = 8
 
 
 def _task_id(task: Any) -> Any:

@@ -121,12 +121,12 @@ def test_retrieve_predictions_over_budget_stores_what_was_reached_and_asks_again
     from tests.support.backend import BackendServer
 
     server = BackendServer(tmp_path_factory.mktemp("budget") / "models",
-                           env={"PREDICT_TIME_BUDGET": "0.000001", "BATCH_SIZE": "2", "WEB_WORKERS": "1"})
+                           env={"PREDICT_TIME_BUDGET": "0.000001", "BATCH_SIZE": "1", "WEB_WORKERS": "1"})
     server.start()
     try:
         ls = label_studio
         project = ls.create_project("Retrieve predictions within a budget (e2e)", TOPIC_CONFIG)
-        task_ids = ls.import_tasks(project["id"], [{"text": text} for text, _ in agnews_sample(per_label=2)][:6])
+        task_ids = ls.import_tasks(project["id"], [{"text": text} for text, _ in agnews_sample()])  # 20
         ml_id = ls.connect_ml_backend(project["id"], server.url, title="ls-backend budget e2e")
         assert ls.ml_backend(ml_id)["state"] == "CO", ls.log_tail()
         stored = []
@@ -134,8 +134,8 @@ def test_retrieve_predictions_over_budget_stores_what_was_reached_and_asks_again
             ls.retrieve_predictions(project["id"])
             stored.append(Counter(p["task"] for p in ls.predictions(project["id"])))
         context = f"\nLabel Studio log:\n{ls.log_tail()}\nbackend log:\n{server.log()}"
-        # two tasks a press (the first run, BATCH_SIZE tasks, always runs), each predicted once
-        assert [len(found) for found in stored] == [2, 4, 6], [dict(found) for found in stored] + [context]
+        # eight tasks a press (the first run, 8 batches of BATCH_SIZE tasks, always runs), each predicted once
+        assert [len(found) for found in stored] == [8, 16, 20], [dict(found) for found in stored] + [context]
         assert set(stored[-1]) == set(task_ids) and set(stored[-1].values()) == {1}, context
         assert all(p["result"] for p in ls.predictions(project["id"])), context
     finally:
