@@ -157,10 +157,10 @@ def training_args(args, seed, **extra) -> TrainingArguments:
     return TrainingArguments(**{**fields, **args.overrides})
 
 
-def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool, rounds: int = 1):
+def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool, full_rounds: int = 1):
     """Every recipe a job may train, on ``data``: {name: (encoder to read with, head, seconds)}.
-    ``unlabeled``: (embeddings, texts) of the project's unlabeled tasks, or None; ``rounds``: of
-    the full recipe with them."""
+    ``unlabeled``: (embeddings, texts) of the project's unlabeled tasks, or None; ``full_rounds``:
+    of the full recipe with them."""
     out = {}
     t0 = time.perf_counter()
     embeddings = encoder.encode(data.texts)
@@ -180,7 +180,7 @@ def train_candidates(encoder, data, prior, unlabeled, args, seed, full: bool, ro
             fit, _ = with_pseudo_labels(fit, warm, unlabeled[0], unlabeled[1], tuning)
         student, heads, _ = fine_tune(encoder, {"c": warm}, [fit], tuning, validation=[valid])
         out["full"] = (student, heads["c"], time.perf_counter() - t0)
-        if unlabeled is not None and rounds >= 2:  # as a job's second round: the tuned model teaches
+        if unlabeled is not None and full_rounds >= 2:  # as a job's second round: the tuned model teaches
             t0 = time.perf_counter()
             rounds = training_args(args, seed, self_train_tune_share=tuning.second_round_share,
                                    self_train_tune_max=tuning.second_round_max)

@@ -381,7 +381,7 @@ class Predictor:
             version = self.unsupported_version(project_key)
             return [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
         serving = self.ensure_serving(project_key, plan)
-        if deadline is None or len(tasks) <= FIRST_RUN_BATCHES * self.settings.batch_size:
+        if deadline is None:
             return self.predict_with(serving, plan, tasks, project_key)
         return self._predict_within(serving, plan, tasks, project_key, deadline)
 

@@ -389,9 +389,8 @@ class Settings:
             values["learning_rate"] = _float("LEARNING_RATE", get("LEARNING_RATE", ""), 1e-7, 1.0)
         if get("LABEL_SMOOTHING"):
             values["label_smoothing"] = _float("LABEL_SMOOTHING", get("LABEL_SMOOTHING", ""), 0.0, 0.5)
-        if get("PREDICT_TIME_BUDGET"):
-            values["predict_time_budget"] = _float("PREDICT_TIME_BUDGET", get("PREDICT_TIME_BUDGET", ""), 0.0, 86400.0)
-        for name, low, high in (("EVAL_SHARE", 0.0, 0.9), ("PROMOTION_TOLERANCE", 0.0, 1.0), ("SELF_TRAIN_SHARE", 0.0, 1.0)):
+        for name, low, high in (("EVAL_SHARE", 0.0, 0.9), ("PROMOTION_TOLERANCE", 0.0, 1.0), ("SELF_TRAIN_SHARE", 0.0, 1.0),
+                                ("PREDICT_TIME_BUDGET", 0.0, 86400.0)):
             if get(name):
                 values[name.lower()] = _float(name, get(name, ""), low, high)
         if get("FORCE_PROMOTE", "").strip():  # blank: unset, as an empty value is
